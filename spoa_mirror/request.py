@@ -1,0 +1,26 @@
+"""The mirror request: what HAProxy told us about one client request, decoded once from the SPOP
+message and then only read (or copied) by the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class MirrorRequest:
+    method: str
+    path: str  # the request target as received: path plus query string
+    version: str  # "1.1", "2.0", ...
+    headers: list[tuple[str, str]] = field(default_factory=list)  # in order, duplicates kept
+    body: bytes = b""
+    body_len: int | None = None  # the client's declared body length, when HAProxy sent it
+    unique_id: str | None = None
+    src: str | None = None  # client address, for X-Forwarded-For
+
+    def header(self, name: str) -> str | None:
+        """First value of a header, case-insensitively."""
+        lname = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lname:
+                return value
+        return None

@@ -1,0 +1,198 @@
+"""SPOP frames and payloads (SPOE.txt section 3.2): the models and the hot-path codec.
+
+A frame on the wire is `<LENGTH:4 bytes BE><TYPE:1><FLAGS:4 BE><STREAM-ID:varint><FRAME-ID:varint>
+<PAYLOAD>`. `Frame` keeps the payload as raw bytes because a fragmented NOTIFY is reassembled at the
+byte level (HAProxy 2.x splits inside a value) before the message list is decoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from .data import (
+    UINT32_BE,
+    decode_data,
+    decode_string,
+    decode_varint,
+    encode_data,
+    encode_string,
+    encode_varint,
+)
+from .errors import InvalidFrame
+
+FLAG_FIN = 0x1
+FLAG_ABORT = 0x2
+LENGTH_PREFIX = 4
+MIN_FRAME_SIZE = 256  # SPOE.txt 3.2: "must be greater than or equal to 256 bytes"
+
+
+class FrameType(IntEnum):
+    UNSET = 0
+    HAPROXY_HELLO = 1
+    HAPROXY_DISCONNECT = 2
+    NOTIFY = 3
+    AGENT_HELLO = 101
+    AGENT_DISCONNECT = 102
+    ACK = 103
+
+
+class VarScope(IntEnum):
+    PROCESS = 0
+    SESSION = 1
+    TRANSACTION = 2
+    REQUEST = 3
+    RESPONSE = 4
+
+
+class ActionType(IntEnum):
+    SET_VAR = 1
+    UNSET_VAR = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: int
+    flags: int
+    stream_id: int
+    frame_id: int
+    payload: bytes
+
+    @property
+    def fin(self) -> bool:
+        return bool(self.flags & FLAG_FIN)
+
+    @property
+    def abort(self) -> bool:
+        return bool(self.flags & FLAG_ABORT)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One spoe-message: its name and its args by name (SPOE args are named in practice; when two
+    args share a name the last one wins)."""
+
+    name: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SetVar:
+    scope: VarScope
+    name: str
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class UnsetVar:
+    scope: VarScope
+    name: str
+
+
+Action = SetVar | UnsetVar
+
+
+def decode_frame(buf: bytes) -> Frame:
+    """One frame, without its 4-byte length prefix."""
+    if len(buf) < 7:
+        raise InvalidFrame(f"frame of {len(buf)} bytes is shorter than its header")
+    frame_type = buf[0]
+    flags = UINT32_BE.unpack_from(buf, 1)[0]
+    stream_id, pos = decode_varint(buf, 5)
+    frame_id, pos = decode_varint(buf, pos)
+    return Frame(frame_type, flags, stream_id, frame_id, buf[pos:])
+
+
+def encode_frame(frame_type: int, flags: int, stream_id: int, frame_id: int, payload: bytes) -> bytes:
+    """The whole packet, length prefix included, as one bytes object: it must go out in one write."""
+    body = (
+        bytes((frame_type,))
+        + UINT32_BE.pack(flags)
+        + encode_varint(stream_id)
+        + encode_varint(frame_id)
+        + payload
+    )
+    return UINT32_BE.pack(len(body)) + body
+
+
+def decode_kv_list(buf: bytes) -> dict[str, Any]:
+    items: dict[str, Any] = {}
+    pos, end = 0, len(buf)
+    while pos < end:
+        name, pos = decode_string(buf, pos)
+        items[name], pos = decode_data(buf, pos)
+    return items
+
+
+def encode_kv_list(items: dict[str, Any]) -> bytes:
+    return b"".join(encode_string(name) + encode_data(value) for name, value in items.items())
+
+
+def decode_messages(buf: bytes) -> list[Message]:
+    messages = []
+    pos, end = 0, len(buf)
+    while pos < end:
+        name, pos = decode_string(buf, pos)
+        if pos >= end:
+            raise InvalidFrame(f"message {name!r} has no argument count")
+        count = buf[pos]
+        pos += 1
+        args: dict[str, Any] = {}
+        for _ in range(count):
+            arg_name, pos = decode_string(buf, pos)
+            args[arg_name], pos = decode_data(buf, pos)
+        messages.append(Message(name, args))
+    return messages
+
+
+def encode_messages(messages: list[Message]) -> bytes:
+    """What HAProxy sends; the agent never does, but test peers and benchmarks need it."""
+    parts = []
+    for message in messages:
+        if len(message.args) > 255:
+            raise ValueError(f"message {message.name!r} has more than 255 args")
+        parts.append(encode_string(message.name) + bytes((len(message.args),)))
+        parts.extend(encode_string(name) + encode_data(value) for name, value in message.args.items())
+    return b"".join(parts)
+
+
+def encode_actions(actions: list[Action] | tuple[Action, ...]) -> bytes:
+    parts = []
+    for action in actions:
+        if type(action) is SetVar:
+            parts.append(
+                b"\x01\x03"
+                + bytes((VarScope(action.scope),))
+                + encode_string(action.name)
+                + encode_data(action.value)
+            )
+        elif type(action) is UnsetVar:
+            parts.append(b"\x02\x02" + bytes((VarScope(action.scope),)) + encode_string(action.name))
+        else:
+            raise TypeError(f"not an SPOP action: {action!r}")
+    return b"".join(parts)
+
+
+def decode_actions(buf: bytes) -> list[Action]:
+    """What HAProxy does with an ACK; used by test peers and to check our own output."""
+    actions: list[Action] = []
+    pos, end = 0, len(buf)
+    while pos < end:
+        if pos + 3 > end:
+            raise InvalidFrame("truncated action")
+        action_type, count, scope_byte = buf[pos], buf[pos + 1], buf[pos + 2]
+        pos += 3
+        try:
+            scope = VarScope(scope_byte)
+        except ValueError:
+            raise InvalidFrame(f"unknown variable scope {scope_byte}") from None
+        name, pos = decode_string(buf, pos)
+        if action_type == ActionType.SET_VAR and count == 3:
+            value, pos = decode_data(buf, pos)
+            actions.append(SetVar(scope, name, value))
+        elif action_type == ActionType.UNSET_VAR and count == 2:
+            actions.append(UnsetVar(scope, name))
+        else:
+            raise InvalidFrame(f"unknown action {action_type} with {count} args")
+    return actions
