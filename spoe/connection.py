@@ -1,0 +1,351 @@
+"""The SPOP connection state machine, sans I/O: bytes in (`receive_data`), events out
+(`next_event`), decisions in (`send_ack`, `close`), bytes out (`data_to_send`).
+
+Modelled on h11/h2: no sockets, no clocks, no tasks. Every protocol error the peer can cause is an
+`SpopError` carrying its SPOE.txt status; `_fail` is the one place that turns it into an
+AGENT-DISCONNECT frame. Nothing the peer sends can raise out of `next_event`, and memory is bounded:
+a frame longer than the negotiated max-frame-size is refused from its 4-byte length alone, and
+fragment reassembly has a byte cap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from enum import Enum
+from typing import Any
+
+from .data import UINT32_BE, Uint32
+from .errors import (
+    FragmentationNotSupported,
+    FrameIdNotFound,
+    FrameTooBig,
+    HelloError,
+    InterlacedFrames,
+    InvalidFrame,
+    LocalProtocolError,
+    ResourceExhausted,
+    SpopError,
+    Status,
+)
+from .events import NEED_DATA, Closed, Event, Hello, Notify, NotifyAborted, _NeedData
+from .frames import (
+    FLAG_FIN,
+    LENGTH_PREFIX,
+    MIN_FRAME_SIZE,
+    Action,
+    Frame,
+    FrameType,
+    decode_frame,
+    decode_kv_list,
+    decode_messages,
+    encode_actions,
+    encode_frame,
+    encode_kv_list,
+)
+
+SPOP_VERSION = "2.0"
+SUPPORTED_MAJOR = 2
+CAPABILITIES = frozenset({"pipelining", "async", "fragmentation"})
+# Fragmentation is asymmetric (SPOE.txt 3.2.1): announcing it says *we* can receive fragments, so
+# it does not depend on HAProxy offering it (HAProxy 2.x never does: it cannot receive fragments).
+ASYMMETRIC_CAPABILITIES = frozenset({"fragmentation"})
+_KNOWN_TYPES = frozenset(int(t) for t in FrameType)
+
+
+class State(Enum):
+    AWAIT_HELLO = "await-hello"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+def parse_list(value: str) -> list[str]:
+    """SPOP comma-separated lists; "spaces must be ignored"."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _supports_our_version(versions: str) -> bool:
+    """A major version announced by HAProxy covers all its minors, so "2.0" or "2.3" both admit our
+    2.0 reply; "1.5" or "3.0" do not."""
+    for version in parse_list(versions):
+        major, _, minor = version.partition(".")
+        if major.isdigit() and minor.isdigit() and int(major) == SUPPORTED_MAJOR:
+            return True
+    return False
+
+
+class Connection:
+    """One agent-side SPOP connection."""
+
+    def __init__(
+        self,
+        *,
+        max_frame_size: int = 16384,
+        capabilities: Iterable[str] = CAPABILITIES,
+        max_reassembly: int = 1 << 20,
+    ) -> None:
+        if max_frame_size < MIN_FRAME_SIZE:
+            raise ValueError(f"max_frame_size must be at least {MIN_FRAME_SIZE}, got {max_frame_size}")
+        unknown = set(capabilities) - CAPABILITIES
+        if unknown:
+            raise ValueError(f"unknown capabilities: {', '.join(sorted(unknown))}")
+        self.local_max_frame_size = max_frame_size
+        self.local_capabilities = frozenset(capabilities)
+        self.max_reassembly = max_reassembly
+        self.state = State.AWAIT_HELLO
+        self.hello: Hello | None = None
+        self.frame_limit = max_frame_size
+        self._in = bytearray()
+        self._in_pos = 0
+        self._eof = False
+        self._out: list[bytes] = []
+        self._events: list[Event] = []
+        self._unacked: dict[tuple[int, int], int] = {}
+        self._fragment: tuple[int, int] | None = None
+        self._fragment_parts: list[bytes] = []
+        self._fragment_size = 0
+        self._dispatch: dict[State, dict[int, Callable[[Frame], Any]]] = {
+            State.AWAIT_HELLO: {
+                FrameType.HAPROXY_HELLO: self._on_hello,
+                FrameType.HAPROXY_DISCONNECT: self._on_disconnect,
+            },
+            State.READY: {
+                FrameType.NOTIFY: self._on_notify,
+                FrameType.UNSET: self._on_fragment,
+                FrameType.HAPROXY_DISCONNECT: self._on_disconnect,
+            },
+        }
+
+    @property
+    def unacked(self) -> int:
+        """NOTIFY frames handed out and not acknowledged yet (the adapter's in-flight count)."""
+        return sum(self._unacked.values())
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the socket; `b""` means the peer closed its side."""
+        if self.state is State.CLOSED:
+            return
+        if data:
+            self._in += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Event | _NeedData:
+        while not self._events:
+            if self.state is State.CLOSED:
+                return NEED_DATA
+            try:
+                frame = self._next_frame()
+                if frame is None:
+                    return NEED_DATA
+                self._handle(frame)
+            except SpopError as error:
+                self._fail(error)
+        return self._events.pop(0)
+
+    def send_ack(self, stream_id: int, frame_id: int, actions: Iterable[Action] = ()) -> None:
+        key = (stream_id, frame_id)
+        count = self._unacked.get(key)
+        if count is None:
+            raise LocalProtocolError(f"ACK for stream {stream_id} frame {frame_id}, which is not pending")
+        if count == 1:
+            del self._unacked[key]
+        else:
+            self._unacked[key] = count - 1
+        if self.state is State.CLOSED:
+            return
+        payload = encode_actions(tuple(actions)) if actions else b""
+        if len(payload) + 30 > self.frame_limit:
+            raise LocalProtocolError(f"ACK of {len(payload)} bytes exceeds max-frame-size {self.frame_limit}")
+        self._out.append(encode_frame(FrameType.ACK, FLAG_FIN, stream_id, frame_id, payload))
+
+    def close(self, status: Status = Status.NORMAL, message: str = "normal") -> Closed | None:
+        """Close from our side (a stop, a timeout): queue AGENT-DISCONNECT. Returns the `Closed`
+        event, or None if the connection was already closed."""
+        if self.state is State.CLOSED:
+            return None
+        self._disconnect(status, message)
+        return Closed(status, message, by_peer=False)
+
+    def data_to_send(self) -> bytes:
+        """Everything queued, joined: the adapter writes it in one call (HAProxy 3.2+ resets a
+        connection whose AGENT-HELLO arrives split over several segments)."""
+        if not self._out:
+            return b""
+        out = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self._out.clear()
+        return out
+
+    def _next_frame(self) -> Frame | None:
+        buf, pos = self._in, self._in_pos
+        available = len(buf) - pos
+        if available >= LENGTH_PREFIX:
+            length = UINT32_BE.unpack_from(buf, pos)[0]
+            if length > self.frame_limit:
+                raise FrameTooBig(f"frame of {length} bytes exceeds max-frame-size {self.frame_limit}")
+            end = pos + LENGTH_PREFIX + length
+            if len(buf) >= end:
+                frame = decode_frame(bytes(buf[pos + LENGTH_PREFIX : end]))
+                if end == len(buf):
+                    buf.clear()
+                    self._in_pos = 0
+                else:
+                    self._in_pos = end
+                    if end > 65536:
+                        del buf[:end]
+                        self._in_pos = 0
+                return frame
+        if self._eof:
+            partial = " mid-frame" if available else ""
+            self._terminate(Closed(Status.NORMAL, f"peer closed the connection{partial}", by_peer=True))
+        return None
+
+    def _handle(self, frame: Frame) -> None:
+        handler = self._dispatch[self.state].get(frame.type)
+        if handler is not None:
+            handler(frame)
+        elif frame.type in _KNOWN_TYPES:
+            name = FrameType(frame.type).name.replace("_", "-")
+            raise InvalidFrame(f"unexpected {name} frame in state {self.state.value}")
+        # Unknown frame types "may be silently skipped" (SPOE.txt 3.2.2).
+
+    def _on_hello(self, frame: Frame) -> None:
+        items = decode_kv_list(frame.payload)
+        versions = _require(items, "supported-versions", str, Status.NO_VERSION)
+        remote_max = _require(items, "max-frame-size", int, Status.NO_MAX_FRAME_SIZE)
+        offered = _require(items, "capabilities", str, Status.NO_CAPABILITIES)
+        if not _supports_our_version(versions):
+            raise HelloError(f"no supported SPOP version in {versions!r}", Status.UNSUPPORTED_VERSION)
+        max_frame_size = min(self.local_max_frame_size, int(remote_max))
+        if max_frame_size < MIN_FRAME_SIZE:
+            raise HelloError(
+                f"max-frame-size {remote_max} is below the minimum of {MIN_FRAME_SIZE}",
+                Status.BAD_MAX_FRAME_SIZE,
+            )
+        remote_capabilities = set(parse_list(offered))
+        capabilities = frozenset(
+            cap
+            for cap in self.local_capabilities
+            if cap in remote_capabilities or cap in ASYMMETRIC_CAPABILITIES
+        )
+        engine_id = items.get("engine-id")
+        healthcheck = items.get("healthcheck") is True
+        self.hello = Hello(
+            SPOP_VERSION,
+            max_frame_size,
+            capabilities,
+            engine_id if isinstance(engine_id, str) else None,
+            healthcheck,
+        )
+        reply = {
+            "version": SPOP_VERSION,
+            "max-frame-size": Uint32(max_frame_size),
+            "capabilities": ",".join(sorted(capabilities)),
+        }
+        self._out.append(encode_frame(FrameType.AGENT_HELLO, FLAG_FIN, 0, 0, encode_kv_list(reply)))
+        self.frame_limit = max_frame_size
+        self._events.append(self.hello)
+        if healthcheck:
+            # "the agent can safely close the connection without DISCONNECT frame" (SPOE.txt 3.2.5).
+            self._terminate(Closed(Status.NORMAL, "health check answered", by_peer=False))
+        else:
+            self.state = State.READY
+
+    def _on_notify(self, frame: Frame) -> None:
+        if self._fragment is not None:
+            raise InterlacedFrames(
+                f"NOTIFY for stream {frame.stream_id} frame {frame.frame_id} while the fragmented "
+                f"frame {self._fragment} is incomplete"
+            )
+        if frame.fin:
+            self._deliver(frame.stream_id, frame.frame_id, frame.payload)
+            return
+        if frame.abort:
+            return
+        assert self.hello is not None
+        if "fragmentation" not in self.hello.capabilities:
+            raise FragmentationNotSupported("fragmented NOTIFY but fragmentation was not negotiated")
+        self._fragment = (frame.stream_id, frame.frame_id)
+        self._fragment_parts = []
+        self._fragment_size = 0
+        self._add_fragment(frame.payload)
+
+    def _on_fragment(self, frame: Frame) -> None:
+        key = (frame.stream_id, frame.frame_id)
+        if self._fragment is None:
+            raise FrameIdNotFound(f"fragment for stream {key[0]} frame {key[1]}, which was never started")
+        if key != self._fragment:
+            raise InterlacedFrames(f"fragment for {key} while the fragmented frame {self._fragment} is open")
+        if frame.abort:
+            self._fragment = None
+            self._fragment_parts = []
+            self._events.append(NotifyAborted(*key))
+            return
+        self._add_fragment(frame.payload)
+        if frame.fin:
+            payload = b"".join(self._fragment_parts)
+            self._fragment = None
+            self._fragment_parts = []
+            self._deliver(key[0], key[1], payload)
+
+    def _add_fragment(self, payload: bytes) -> None:
+        self._fragment_size += len(payload)
+        if self._fragment_size > self.max_reassembly:
+            raise ResourceExhausted(
+                f"fragmented NOTIFY exceeds the reassembly cap of {self.max_reassembly} bytes"
+            )
+        self._fragment_parts.append(payload)
+
+    def _deliver(self, stream_id: int, frame_id: int, payload: bytes) -> None:
+        messages = decode_messages(payload)
+        key = (stream_id, frame_id)
+        self._unacked[key] = self._unacked.get(key, 0) + 1
+        self._events.append(Notify(stream_id, frame_id, messages))
+
+    def _on_disconnect(self, frame: Frame) -> None:
+        items = decode_kv_list(frame.payload)
+        code = items.get("status-code")
+        message = items.get("message")
+        status = _to_status(code)
+        text = message if isinstance(message, str) else ""
+        # HAProxy 3.1+ waits for this reply to its own DISCONNECT before closing.
+        self._queue_disconnect(status, text or status.name.lower().replace("_", " "))
+        self._terminate(Closed(status, text, by_peer=True))
+
+    def _fail(self, error: SpopError) -> None:
+        self._disconnect(error.status, error.message)
+        self._events.append(Closed(error.status, error.message, by_peer=False))
+
+    def _disconnect(self, status: Status, message: str) -> None:
+        self._queue_disconnect(status, message)
+        self._terminate(None)
+
+    def _queue_disconnect(self, status: int, message: str) -> None:
+        payload = encode_kv_list({"status-code": Uint32(int(status)), "message": message[:200]})
+        self._out.append(encode_frame(FrameType.AGENT_DISCONNECT, FLAG_FIN, 0, 0, payload))
+
+    def _terminate(self, event: Closed | None) -> None:
+        self.state = State.CLOSED
+        self._in = bytearray()
+        self._in_pos = 0
+        self._fragment = None
+        self._fragment_parts = []
+        if event is not None:
+            self._events.append(event)
+
+
+def _require(items: dict[str, Any], key: str, kind: type, status: Status) -> Any:
+    value = items.get(key)
+    if value is None:
+        raise HelloError(f"HAPROXY-HELLO lacks {key!r}", status)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise HelloError(f"HAPROXY-HELLO {key!r} has the wrong type {type(value).__name__}", status)
+    return value
+
+
+def _to_status(code: object) -> Status:
+    if isinstance(code, int) and not isinstance(code, bool):
+        try:
+            return Status(code)
+        except ValueError:
+            return Status.UNKNOWN
+    return Status.UNKNOWN

@@ -1,0 +1,450 @@
+"""The asyncio edge: one `asyncio.Protocol` per SPOP connection around a sans-IO `Connection`.
+
+As in uvicorn's httptools protocol: callbacks at the edge, all output of one read joined and written
+once, idempotent pause/resume flow control, timers with `call_later`, background tasks kept in a set
+with `add_done_callback(discard)`. Handlers run synchronously inside `data_received`, so the ACK of
+a NOTIFY is written as soon as its handlers return; work that must not delay the ACK (mirroring) is
+handed to `Agent.spawn` or to the application's own queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ipaddress
+import socket
+import ssl as ssl_module
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from .connection import CAPABILITIES, Connection
+from .data import Uint32
+from .errors import Status
+from .events import NEED_DATA, Closed, Hello, Notify, NotifyAborted
+from .frames import Action, FrameType, Message, encode_frame, encode_kv_list
+from .log import LogThrottle
+
+Handler = Callable[[Message], Iterable[Action] | Awaitable[Iterable[Action] | None] | None]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+log = structlog.get_logger("spoe")
+
+
+@dataclass
+class AgentStats:
+    """Plain counters, read at scrape time by whoever exports metrics (no cost on the hot path)."""
+
+    connections_total: int = 0
+    connections_open: int = 0
+    connections_refused: int = 0
+    healthchecks: int = 0
+    notifies: int = 0
+    acks: int = 0
+    aborted: int = 0
+    handler_errors: int = 0
+    closed_by_status: dict[str, int] = field(default_factory=dict)
+
+
+class Agent:
+    """An SPOP agent: register handlers by message name, then `start()`.
+
+    A handler takes the `Message` and returns the actions for the ACK (or None). It may be a
+    coroutine function; the ACK then waits for it, and `max_inflight` bounds how many such NOTIFYs a
+    connection may have open before the agent stops reading from it.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_frame_size: int = 16384,
+        capabilities: Iterable[str] = CAPABILITIES,
+        max_connections: int = 1000,
+        hello_timeout: float = 5.0,
+        idle_timeout: float = 60.0,
+        max_inflight: int = 256,
+        max_reassembly: int = 1 << 20,
+        allow_networks: Iterable[str] = (),
+    ) -> None:
+        self.max_frame_size = max_frame_size
+        self.capabilities = frozenset(capabilities)
+        Connection(max_frame_size=max_frame_size, capabilities=self.capabilities)  # validate early
+        self.max_connections = max_connections
+        self.hello_timeout = hello_timeout
+        self.idle_timeout = idle_timeout
+        self.max_inflight = max_inflight
+        self.max_reassembly = max_reassembly
+        self.allow_networks: tuple[Network, ...] = tuple(
+            ipaddress.ip_network(net, strict=False) for net in allow_networks
+        )
+        self.stats = AgentStats()
+        self.log_throttle = LogThrottle()
+        self._handlers: dict[str, tuple[Handler, bool]] = {}
+        self._default: tuple[Handler, bool] | None = None
+        self._protocols: set[SpopProtocol] = set()
+        self._servers: list[asyncio.base_events.Server] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+
+    def handler(self, name: str) -> Callable[[Handler], Handler]:
+        """Decorator: `@agent.handler("check-request")`."""
+
+        def register(fn: Handler) -> Handler:
+            self.add_handler(name, fn)
+            return fn
+
+        return register
+
+    def add_handler(self, name: str, fn: Handler) -> None:
+        self._handlers[name] = (fn, inspect.iscoroutinefunction(fn))
+
+    def set_default_handler(self, fn: Handler | None) -> None:
+        """Called for messages that have no handler of their own."""
+        self._default = None if fn is None else (fn, inspect.iscoroutinefunction(fn))
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run work in the background, never delaying an ACK; the task is kept until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    @property
+    def connections(self) -> int:
+        return len(self._protocols)
+
+    async def start(
+        self,
+        host: str | list[str] | None = "127.0.0.1",
+        port: int = 12345,
+        *,
+        reuse_port: bool = False,
+        ssl: ssl_module.SSLContext | None = None,
+        sock: socket.socket | None = None,
+        backlog: int = 1024,
+    ) -> list[tuple[str, int]]:
+        """Listen; returns the bound (host, port) pairs (port 0 picks a free one)."""
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            server = await loop.create_server(self._new_protocol, sock=sock, ssl=ssl, backlog=backlog)
+        else:
+            server = await loop.create_server(
+                self._new_protocol, host, port, reuse_port=reuse_port or None, ssl=ssl, backlog=backlog
+            )
+        self._servers.append(server)
+        return [s.getsockname()[:2] for s in server.sockets]
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Graceful stop: stop accepting, AGENT-DISCONNECT (status 0) on every connection, close."""
+        self._stopping = True
+        for server in self._servers:
+            server.close()
+        for protocol in list(self._protocols):
+            protocol.shutdown(Status.NORMAL, "agent stopping")
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._protocols and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        for protocol in list(self._protocols):
+            protocol.abort()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    def _new_protocol(self) -> SpopProtocol:
+        return SpopProtocol(self)
+
+    def _admits(self, peer: Any) -> bool:
+        if not self.allow_networks:
+            return True
+        try:
+            address = ipaddress.ip_address(peer[0])
+        except (TypeError, ValueError, IndexError):
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.allow_networks)
+
+
+_next_connection_id = 0
+
+
+class SpopProtocol(asyncio.Protocol):
+    """The I/O edge of one connection."""
+
+    def __init__(self, agent: Agent) -> None:
+        global _next_connection_id
+        _next_connection_id += 1
+        self.agent = agent
+        self.id = _next_connection_id
+        self.conn = Connection(
+            max_frame_size=agent.max_frame_size,
+            capabilities=agent.capabilities,
+            max_reassembly=agent.max_reassembly,
+        )
+        self.transport: asyncio.Transport | None = None
+        self.log = log
+        self._loop = asyncio.get_event_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_activity = 0.0
+        self._reading_paused = False
+        self._writing_paused = False
+        self._pending: set[asyncio.Task[Any]] = set()
+        self._closed_event: Closed | None = None
+
+    # asyncio callbacks -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        agent = self.agent
+        peer = transport.get_extra_info("peername")
+        self.log = log.bind(conn=self.id, peer=_format_peer(peer))
+        refusal = None
+        if agent._stopping:
+            refusal = (Status.NORMAL, "agent stopping")
+        elif len(agent._protocols) >= agent.max_connections:
+            refusal = (Status.RESOURCE_ALLOCATION, "too many connections")
+        elif not agent._admits(peer):
+            refusal = (Status.UNKNOWN, "client address not allowed")
+        if refusal is not None:
+            agent.stats.connections_refused += 1
+            self._log_throttled("spop.connection.refused", "warning", reason=refusal[1])
+            transport.write(_disconnect_frame(*refusal))
+            transport.close()
+            return
+        agent._protocols.add(self)
+        agent.stats.connections_total += 1
+        agent.stats.connections_open += 1
+        self._last_activity = self._loop.time()
+        self._timer = self._loop.call_later(agent.hello_timeout, self._on_timer)
+        self.log.debug("spop.connection.open")
+
+    def data_received(self, data: bytes) -> None:
+        self._last_activity = self._loop.time()
+        self.conn.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        self.conn.receive_data(b"")
+        self._process()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        agent = self.agent
+        if self in agent._protocols:
+            agent._protocols.discard(self)
+            agent.stats.connections_open -= 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task in self._pending:
+            task.cancel()
+        if self._closed_event is None:
+            # HAProxy 3.x closes idle SPOP connections with a reset rather than a DISCONNECT: normal.
+            reason = "reset by peer" if isinstance(exc, ConnectionResetError) else "closed by peer"
+            if exc is not None and not isinstance(exc, ConnectionResetError):
+                reason = f"{type(exc).__name__}: {exc}"
+            self._count_close(Status.NORMAL)
+            self.log.debug("spop.connection.closed", reason=reason, by_peer=True)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._process()
+
+    # processing --------------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Pull every ready event, run the handlers, write all output once."""
+        conn = self.conn
+        agent = self.agent
+        while not self._writing_paused and conn.unacked < agent.max_inflight:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                break
+            if type(event) is Notify:
+                agent.stats.notifies += 1
+                self._on_notify(event)
+            elif type(event) is Hello:
+                self._on_hello(event)
+            elif type(event) is Closed:
+                self._on_closed(event)
+                return
+            elif type(event) is NotifyAborted:
+                agent.stats.aborted += 1
+        self._flush()
+        if self._writing_paused or conn.unacked >= agent.max_inflight:
+            self._pause_reading()
+        else:
+            self._resume_reading()
+
+    def _on_notify(self, event: Notify) -> None:
+        actions: list[Action] = []
+        awaiting: list[Awaitable[Any]] = []
+        handlers = self.agent._handlers
+        default = self.agent._default
+        for message in event.messages:
+            entry = handlers.get(message.name, default)
+            if entry is None:
+                continue
+            fn, is_async = entry
+            try:
+                result = fn(message)
+            except Exception:
+                self._handler_failed(message.name)
+                continue
+            if is_async or inspect.isawaitable(result):
+                awaiting.append(result)  # type: ignore[arg-type]
+            elif result:
+                actions.extend(result)
+        if awaiting:
+            task = self._loop.create_task(self._ack_later(event, actions, awaiting))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+        else:
+            self._ack(event, actions)
+
+    async def _ack_later(self, event: Notify, actions: list[Action], awaiting: list[Awaitable[Any]]) -> None:
+        for awaitable in awaiting:
+            try:
+                result = await awaitable
+            except Exception:
+                self._handler_failed("async")
+                continue
+            if result:
+                actions.extend(result)
+        self._ack(event, actions)
+        self._process()
+
+    def _ack(self, event: Notify, actions: list[Action]) -> None:
+        try:
+            self.conn.send_ack(event.stream_id, event.frame_id, actions)
+        except Exception as error:
+            self._handler_failed("ack", error=str(error))
+            self.conn.send_ack(event.stream_id, event.frame_id, ())
+        self.agent.stats.acks += 1
+
+    def _handler_failed(self, name: str, **fields: Any) -> None:
+        self.agent.stats.handler_errors += 1
+        self._log_throttled(
+            "spop.handler.error", "error", key=name, message_name=name, exc_info=True, **fields
+        )
+
+    def _on_hello(self, event: Hello) -> None:
+        if event.healthcheck:
+            self.agent.stats.healthchecks += 1
+        else:
+            self._timer_to_idle()
+        self.log.debug(
+            "spop.hello",
+            version=event.version,
+            max_frame_size=event.max_frame_size,
+            capabilities=sorted(event.capabilities),
+            engine_id=event.engine_id,
+            healthcheck=event.healthcheck,
+        )
+
+    def _on_closed(self, event: Closed) -> None:
+        self._closed_event = event
+        self._flush()
+        self._count_close(event.status)
+        if event.status is Status.NORMAL or event.by_peer:
+            self.log.debug(
+                "spop.connection.closed",
+                status=event.status.name,
+                reason=event.message,
+                by_peer=event.by_peer,
+            )
+        else:
+            self._log_throttled(
+                "spop.protocol_error",
+                "warning",
+                status=int(event.status),
+                status_name=event.status.name,
+                reason=event.message,
+            )
+        if self.transport is not None:
+            self.transport.close()
+
+    def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self.transport.is_closing():
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.transport.is_closing():
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    # timers and shutdown -----------------------------------------------------------------------
+
+    def _timer_to_idle(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(self.agent.idle_timeout, self._on_timer)
+
+    def _on_timer(self) -> None:
+        """Hello timeout before the handshake, idle timeout after it. The idle deadline is checked
+        against the last read rather than re-armed on every read, which would cost a timer per read."""
+        self._timer = None
+        if self.conn.hello is None:
+            self.shutdown(Status.TIMEOUT, "hello timeout")
+            return
+        idle_for = self._loop.time() - self._last_activity
+        remaining = self.agent.idle_timeout - idle_for
+        if remaining > 0 or self._pending:
+            self._timer = self._loop.call_later(max(remaining, 0.1), self._on_timer)
+            return
+        self.shutdown(Status.TIMEOUT, "idle timeout")
+
+    def shutdown(self, status: Status, message: str) -> None:
+        event = self.conn.close(status, message)
+        if event is not None:
+            self._on_closed(event)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _count_close(self, status: Status) -> None:
+        counts = self.agent.stats.closed_by_status
+        counts[status.name] = counts.get(status.name, 0) + 1
+
+    def _log_throttled(self, event: str, level: str, key: str = "", **fields: Any) -> None:
+        """At most one line a minute per event (and key): a flood must not flood the log."""
+        suppressed = self.agent.log_throttle.allow(f"{event}:{key}")
+        if suppressed is None:
+            return
+        if suppressed:
+            fields["suppressed"] = suppressed
+        getattr(self.log, level)(event, **fields)
+
+
+def _disconnect_frame(status: Status, message: str) -> bytes:
+    payload = encode_kv_list({"status-code": Uint32(int(status)), "message": message})
+    return encode_frame(FrameType.AGENT_DISCONNECT, 1, 0, 0, payload)
+
+
+def _format_peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
+def run(main: Coroutine[Any, Any, Any]) -> Any:
+    """`asyncio.run`, on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
