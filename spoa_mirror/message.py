@@ -1,0 +1,129 @@
+"""SPOP message -> MirrorRequest: the contract with HAProxy's `spoe-message`.
+
+Drop-in for the C agent's `args arg_method=method arg_path=url arg_ver=req.ver arg_hdrs=req.hdrs
+arg_body=req.body`, and the plain names too. `arg_hdrs` may be `req.hdrs` (a STRING header block
+ending in an empty line) or `req.hdrs_bin` (BINARY: varint-length-prefixed name/value pairs ending
+with two empty strings).
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any
+
+from spoe.data import decode_bytes
+from spoe.errors import InvalidFrame
+
+from .request import MirrorRequest
+
+METHOD_ARGS = ("arg_method", "method")
+PATH_ARGS = ("arg_path", "path", "url")
+VERSION_ARGS = ("arg_ver", "ver", "version")
+HEADER_ARGS = ("arg_hdrs", "hdrs", "headers")
+BODY_ARGS = ("arg_body", "body")
+BODY_LEN_ARGS = ("arg_body_len", "body_len")
+UNIQUE_ID_ARGS = ("arg_unique_id", "unique_id", "unique-id")
+SRC_ARGS = ("arg_src", "src")
+
+
+class BadMessage(ValueError):
+    """A message we cannot mirror; `reason` is a short metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def is_mirror_message(args: dict[str, Any]) -> bool:
+    """Any message carrying a method and a path is a mirror request by default."""
+    return _first(args, METHOD_ARGS) is not None and _first(args, PATH_ARGS) is not None
+
+
+def to_request(args: dict[str, Any]) -> MirrorRequest:
+    method = _text(args, METHOD_ARGS, "method", required=True)
+    path = _text(args, PATH_ARGS, "path", required=True)
+    version = _text(args, VERSION_ARGS, "version", required=False) or "1.1"
+    headers_arg = _first(args, HEADER_ARGS)
+    headers = parse_headers(headers_arg) if headers_arg is not None else []
+    body = _first(args, BODY_ARGS)
+    if body is None:
+        body = b""
+    elif isinstance(body, str):
+        body = body.encode("utf-8", "surrogateescape")
+    elif not isinstance(body, bytes):
+        raise BadMessage("bad_body", f"body must be BINARY, got {type(body).__name__}")
+    body_len = _first(args, BODY_LEN_ARGS)
+    if body_len is not None and (isinstance(body_len, bool) or not isinstance(body_len, int)):
+        raise BadMessage("bad_body_len", f"body_len must be an integer, got {type(body_len).__name__}")
+    src = _first(args, SRC_ARGS)
+    if src is not None and not isinstance(src, IPv4Address | IPv6Address | str):
+        raise BadMessage("bad_src", f"src must be an address, got {type(src).__name__}")
+    unique_id = _text(args, UNIQUE_ID_ARGS, "unique_id", required=False)
+    return MirrorRequest(
+        method=method,
+        path=path,
+        version=version,
+        headers=headers,
+        body=body,
+        body_len=None if body_len is None else int(body_len),
+        unique_id=unique_id,
+        src=None if src is None else str(src),
+    )
+
+
+def parse_headers(value: Any) -> list[tuple[str, str]]:
+    if isinstance(value, bytes):
+        try:
+            return parse_binary_headers(value)
+        except InvalidFrame:
+            return parse_text_headers(value.decode("latin-1"))
+    if isinstance(value, str):
+        return parse_text_headers(value)
+    raise BadMessage("bad_headers", f"headers must be STRING or BINARY, got {type(value).__name__}")
+
+
+def parse_binary_headers(raw: bytes) -> list[tuple[str, str]]:
+    """`req.hdrs_bin`: <str:name><str:value>... then two empty strings."""
+    headers = []
+    pos, end = 0, len(raw)
+    while pos < end:
+        name, pos = decode_bytes(raw, pos)
+        value, pos = decode_bytes(raw, pos)
+        if not name and not value:
+            return headers
+        headers.append((name.decode("latin-1"), value.decode("latin-1")))
+    raise InvalidFrame("binary header block without its end marker")
+
+
+def parse_text_headers(block: str) -> list[tuple[str, str]]:
+    """`req.hdrs`: "Name: value\\r\\n" lines ending with an empty line. Lines without a colon are
+    dropped rather than forwarded: the wire layer rebuilds every header line itself."""
+    headers = []
+    for line in block.split("\r\n"):
+        if not line:
+            break
+        name, sep, value = line.partition(":")
+        if sep:
+            headers.append((name.strip(), value.strip(" \t")))
+    return headers
+
+
+def _first(args: dict[str, Any], names: tuple[str, ...]) -> Any:
+    for name in names:
+        value = args.get(name)
+        if value is not None:
+            return value
+    return None
+
+
+def _text(args: dict[str, Any], names: tuple[str, ...], label: str, *, required: bool) -> str | None:
+    value = _first(args, names)
+    if value is None:
+        if required:
+            raise BadMessage(f"missing_{label}", f"no {label} argument (one of {', '.join(names)})")
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if not isinstance(value, str):
+        raise BadMessage(f"bad_{label}", f"{label} must be a string, got {type(value).__name__}")
+    return value

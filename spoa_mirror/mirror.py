@@ -1,0 +1,357 @@
+"""The mirror pipeline: SPOP message in, replays out, every request accounted for.
+
+The SPOP handler only appends the message to an intake and returns, so the ACK goes out before any
+replay work; the intake is processed right after, in the same loop iteration batch (`call_soon`).
+Per target, a chain of small checks built once from the config decides the request's fate in order:
+filtered, sampled_out, body_too_large / body_truncated, rate_limited, queue_full, circuit_open;
+what survives is redacted, rewritten and serialised, then queued for the target's senders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from spoe import Message
+from spoe.log import LogThrottle
+
+from .accounting import STATUS_OUTCOME, MessageStats, TargetStats
+from .filters import build_filter
+from .limits import build_circuit_breaker, build_rate_limiter
+from .message import BadMessage, is_mirror_message, to_request
+from .redact import build_redactor
+from .request import MirrorRequest
+from .sampling import build_sampler
+from .transport import Pool, TransportError
+from .wire import WireError, build_request
+
+log = structlog.get_logger("spoa_mirror")
+
+TRUNCATED_MARKER = ("X-Mirror-Truncated", "true")
+# Requests waiting between the SPOP handler and the targets; beyond this, HAProxy sends faster than
+# the pipeline drains and requests are dropped (counted as queue_full) instead of buffered.
+INTAKE_LIMIT = 10_000
+
+Check = Callable[[MirrorRequest], str | None]
+
+
+class Target:
+    """One shadow backend: its checks, its request builder, its queue and its senders."""
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        loop_header: str,
+        truncated_body: str,
+        hmac_key: bytes | None,
+        stats: TargetStats,
+    ) -> None:
+        self.config = config
+        self.name: str = config.name
+        self.stats = stats
+        self.queue: deque[tuple[bytes, bool]] = deque()
+        self.queue_size: int = config.queue_size
+        self.concurrency: int = config.concurrency
+        self.active = 0
+        self.pending = 0  # this target object's share of stats.pending (stats outlive reloads)
+        self.closing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.breaker = build_circuit_breaker(config.circuit_breaker, f"targets.{self.name}.circuit_breaker")
+        self.checks = self._build_checks(config, truncated_body)
+        self.rate_limit = build_rate_limiter(config.rate_limit, f"targets.{self.name}.rate_limit")
+        self.redact = build_redactor(
+            config.redact, f"targets.{self.name}.redact", hmac_key, stats.count_redaction
+        )
+        self.build = self._build_builder(config, loop_header)
+        self.pool = Pool(
+            config.host,
+            config.port,
+            ssl_context=_ssl_context(config) if config.scheme == "https" else None,
+            server_hostname=config.host if config.scheme == "https" else None,
+            max_connections=config.concurrency,
+            connect_timeout=config.connect_timeout,
+            timeout=config.timeout,
+        )
+        self.errors = LogThrottle()
+
+    def _build_checks(self, config: Any, truncated_body: str) -> list[Check]:
+        """Only the checks this target's config asks for, so the hot path has no config branches."""
+        checks: list[Check] = []
+        methods = config.methods
+        if methods:
+            checks.append(lambda req: None if req.method in methods else "filtered")
+        passes = build_filter(config.filters, f"targets.{self.name}.filters")
+        if passes is not None:
+            checks.append(lambda req: None if passes(req) else "filtered")
+        sample = build_sampler(config.sample_percentage, config.sample_key, f"targets.{self.name}")
+        checks.append(lambda req: None if sample(req) else "sampled_out")
+        max_body = config.max_body_size
+        checks.append(lambda req: "body_too_large" if len(req.body) > max_body else None)
+        if truncated_body == "drop":
+            checks.append(lambda req: "body_truncated" if is_truncated(req) else None)
+        return checks
+
+    def _build_builder(self, config: Any, loop_header: str) -> Callable[[MirrorRequest], bytes]:
+        base_path = config.base_path.rstrip("/")
+        rewrite = config.path_rewrite
+        add = [*config.headers.items(), (loop_header, "1")]
+        removed = {name.lower() for name in config.remove_headers} | {loop_header.lower()}
+        host_policy = config.host_policy
+        target_host = config.host if config.port in (80, 443) else f"{config.host}:{config.port}"
+        mirror_body = config.mirror_body
+        mirror_headers = config.mirror_headers
+        redact = self.redact
+        stats = self.stats
+
+        def build(req: MirrorRequest) -> bytes:
+            truncated = is_truncated(req)
+            req = redact(req)
+            path = req.path
+            if rewrite is not None:
+                path = rewrite[0].sub(rewrite[1], path, count=1)
+            if base_path:
+                path = base_path + path
+            original_host = req.header("host")
+            if host_policy == "original" and original_host:
+                host = original_host
+            elif host_policy == "suffix" and original_host:
+                name, colon, port = original_host.partition(":")
+                host = f"{name}-shadow{colon}{port}"
+            else:
+                host = target_host
+            headers = [h for h in req.headers if h[0].lower() not in removed] if mirror_headers else []
+            if req.src:
+                headers = _append_forwarded_for(headers, req.src)
+            headers.extend(add)
+            if truncated:
+                stats.truncated_sent += 1
+                headers.append(TRUNCATED_MARKER)
+            return build_request(req.method, path, headers, req.body if mirror_body else b"", host)
+
+        return build
+
+    def offer(self, req: MirrorRequest) -> None:
+        """Decide this request's fate for this target; runs inside the intake batch."""
+        stats = self.stats
+        stats.received += 1
+        outcome = self._admit(req)
+        if outcome is not None:
+            stats.outcomes[outcome] += 1
+            return
+        try:
+            payload = self.build(req)
+        except WireError as error:
+            self.breaker.release()
+            stats.outcomes["invalid"] += 1
+            self._log_error("mirror.invalid_request", error.reason, reason=error.reason)
+            return
+        stats.pending += 1
+        self.pending += 1
+        self.queue.append((payload, req.method == "HEAD"))
+        if self.active < self.concurrency:
+            self.active += 1
+            task = asyncio.get_running_loop().create_task(self._sender())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _admit(self, req: MirrorRequest) -> str | None:
+        for check in self.checks:
+            outcome = check(req)
+            if outcome is not None:
+                return outcome
+        if self.rate_limit is not None and not self.rate_limit(len(req.body)):
+            return "rate_limited"
+        if len(self.queue) >= self.queue_size or self.closing:
+            return "queue_full"
+        if not self.breaker.allow():
+            return "circuit_open"
+        return None
+
+    async def _sender(self) -> None:
+        """Sends queued requests until the queue is empty; at most `concurrency` of these run."""
+        stats = self.stats
+        queue = self.queue
+        loop = asyncio.get_running_loop()
+        try:
+            while queue:
+                payload, head = queue.popleft()
+                started = loop.time()
+                try:
+                    status = await self.pool.send(payload, head=head)
+                except TransportError as error:
+                    outcome = f"error_{error.reason}"
+                    if error.reason in ("connect", "timeout"):
+                        self.breaker.record_failure()
+                    else:
+                        self.breaker.record_success()
+                    self._log_error(
+                        "mirror.send_failed",
+                        error.reason,
+                        target=self.name,
+                        reason=error.reason,
+                        error=str(error),
+                    )
+                else:
+                    outcome = STATUS_OUTCOME.get(status, "error_protocol")
+                    self.breaker.record_success()
+                    stats.latency.observe(loop.time() - started)
+                stats.pending -= 1
+                self.pending -= 1
+                stats.outcomes[outcome] += 1
+        finally:
+            self.active -= 1
+
+    def _log_error(self, event: str, key: str, **fields: Any) -> None:
+        suppressed = self.errors.allow(key)
+        if suppressed is not None:
+            log.warning(event, target=self.name, suppressed=suppressed, **fields)
+
+    async def drain(self, deadline: float) -> int:
+        """Stop taking requests, let the senders finish until `deadline` (loop time), then count
+        what is left as `shutdown`. Returns how many were dropped."""
+        self.closing = True
+        loop = asyncio.get_running_loop()
+        while (self.queue or self.active) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        self.queue.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=1.0)
+        dropped = self.pending
+        self.pending = 0
+        self.stats.pending -= dropped
+        self.stats.outcomes["shutdown"] += dropped
+        await self.pool.close()
+        return dropped
+
+
+class Mirror:
+    """Intake, loop protection and fan-out to the targets; owns the per-target stats registry."""
+
+    def __init__(self, config: Any, hmac_key: bytes | None) -> None:
+        self.messages = MessageStats()
+        self.target_stats: dict[str, TargetStats] = {}
+        self.targets: list[Target] = []
+        self.retired: list[Target] = []
+        self._intake: deque[dict[str, Any]] = deque()
+        self._scheduled = False
+        self._log_throttle = LogThrottle()
+        self.apply(config, hmac_key)
+
+    def apply(self, config: Any, hmac_key: bytes | None) -> None:
+        """Build targets from a config (at start and on reload). Building everything first means a
+        bad config raises before anything is replaced."""
+        targets = [
+            Target(
+                target,
+                loop_header=config.loop_header,
+                truncated_body=config.truncated_body,
+                hmac_key=hmac_key,
+                stats=self.target_stats.setdefault(target.name, TargetStats()),
+            )
+            for target in config.targets
+        ]
+        old, self.targets = self.targets, targets
+        if old:
+            self._retire(old, config.drain_timeout)
+        self.loop_header = config.loop_header.lower()
+        self.message_names = frozenset(config.messages)
+
+    def _retire(self, targets: list[Target], timeout: float) -> None:
+        """Targets replaced by a reload finish their queues in the background, then close."""
+        self.retired.extend(targets)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for target in targets:
+            task = loop.create_task(target.drain(deadline))
+            task.add_done_callback(lambda _, target=target: self.retired.remove(target))
+
+    def handle(self, message: Message) -> None:
+        """The SPOP handler: no actions, no work before the ACK."""
+        if self.message_names and message.name not in self.message_names:
+            self.messages.not_mirror += 1
+            return
+        if len(self._intake) >= INTAKE_LIMIT:
+            self.messages.mirrored += 1
+            for target in self.targets:
+                target.stats.received += 1
+                target.stats.outcomes["queue_full"] += 1
+            return
+        self._intake.append(message.args)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._process_intake)
+
+    def _process_intake(self) -> None:
+        self._scheduled = False
+        intake = self._intake
+        while intake:
+            args = intake.popleft()
+            if not self.message_names and not is_mirror_message(args):
+                self.messages.not_mirror += 1
+                continue
+            try:
+                req = to_request(args)
+            except BadMessage as error:
+                self.messages.invalid[error.reason] = self.messages.invalid.get(error.reason, 0) + 1
+                suppressed = self._log_throttle.allow(error.reason)
+                if suppressed is not None:
+                    log.warning(
+                        "mirror.bad_message", reason=error.reason, error=str(error), suppressed=suppressed
+                    )
+                continue
+            self.messages.mirrored += 1
+            if req.header(self.loop_header) is not None:
+                for target in self.targets:
+                    target.stats.received += 1
+                    target.stats.outcomes["loop"] += 1
+                continue
+            for target in self.targets:
+                target.offer(req)
+
+    async def drain(self, timeout: float) -> tuple[int, int]:
+        """After the SPOP side stopped: finish the intake, send what is queued until the deadline.
+        Returns (drained, dropped)."""
+        self._process_intake()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        queued = sum(t.pending for t in (*self.targets, *self.retired))
+        dropped = 0
+        for target in (*self.targets, *self.retired):
+            dropped += await target.drain(deadline)
+        return queued - dropped, dropped
+
+
+def is_truncated(req: MirrorRequest) -> bool:
+    """HAProxy hands over at most its buffer; the client may have declared more."""
+    declared = req.body_len
+    if declared is None:
+        length = req.header("content-length")
+        if length is None or not length.isdigit():
+            return False
+        declared = int(length)
+    return declared > len(req.body)
+
+
+def _append_forwarded_for(headers: list[tuple[str, str]], src: str) -> list[tuple[str, str]]:
+    for index, (name, value) in enumerate(headers):
+        if name.lower() == "x-forwarded-for":
+            headers = list(headers)
+            headers[index] = (name, f"{value}, {src}")
+            return headers
+    return [*headers, ("X-Forwarded-For", src)]
+
+
+def _ssl_context(config: Any) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=config.ca_file)
+    if not config.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
