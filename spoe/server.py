@@ -16,7 +16,7 @@ import socket
 import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -196,8 +196,8 @@ class SpopProtocol(asyncio.Protocol):
     # asyncio callbacks -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport: an isinstance check would refuse them.
+        self.transport = cast(asyncio.Transport, transport)
         agent = self.agent
         peer = transport.get_extra_info("peername")
         self.log = log.bind(conn=self.id, peer=_format_peer(peer))
