@@ -136,6 +136,8 @@ class Connection:
             try:
                 frame = self._next_frame()
                 if frame is None:
+                    if self._events:  # EOF: `_next_frame` queued a Closed without a frame
+                        break
                     return NEED_DATA
                 self._handle(frame)
             except SpopError as error:
@@ -143,20 +145,23 @@ class Connection:
         return self._events.pop(0)
 
     def send_ack(self, stream_id: int, frame_id: int, actions: Iterable[Action] = ()) -> None:
+        """Queue the ACK. Actions that cannot be encoded, or do not fit the frame size, raise before
+        the NOTIFY stops being pending, so the caller can still acknowledge it without them."""
         key = (stream_id, frame_id)
         count = self._unacked.get(key)
         if count is None:
             raise LocalProtocolError(f"ACK for stream {stream_id} frame {frame_id}, which is not pending")
+        if self.state is not State.CLOSED:
+            payload = encode_actions(tuple(actions)) if actions else b""
+            if len(payload) + 30 > self.frame_limit:
+                raise LocalProtocolError(
+                    f"ACK of {len(payload)} bytes exceeds max-frame-size {self.frame_limit}"
+                )
+            self._out.append(encode_frame(FrameType.ACK, FLAG_FIN, stream_id, frame_id, payload))
         if count == 1:
             del self._unacked[key]
         else:
             self._unacked[key] = count - 1
-        if self.state is State.CLOSED:
-            return
-        payload = encode_actions(tuple(actions)) if actions else b""
-        if len(payload) + 30 > self.frame_limit:
-            raise LocalProtocolError(f"ACK of {len(payload)} bytes exceeds max-frame-size {self.frame_limit}")
-        self._out.append(encode_frame(FrameType.ACK, FLAG_FIN, stream_id, frame_id, payload))
 
     def close(self, status: Status = Status.NORMAL, message: str = "normal") -> Closed | None:
         """Close from our side (a stop, a timeout): queue AGENT-DISCONNECT. Returns the `Closed`
