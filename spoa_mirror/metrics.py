@@ -40,7 +40,7 @@ class MirrorCollector(Collector):
 
     def _spop(self) -> Iterator[Metric]:
         stats = self._agent_stats()
-        open_ = GaugeMetricFamily("spoa_mirror_spop_connections", "Open SPOP connections from HAProxy")
+        open_ = GaugeMetricFamily("spoa_mirror_spop_connections_open", "Open SPOP connections from HAProxy")
         open_.add_metric([], stats.connections_open)
         yield open_
         total = CounterMetricFamily("spoa_mirror_spop_connections", "SPOP connections accepted")

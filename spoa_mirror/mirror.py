@@ -103,7 +103,7 @@ class Target:
         add = [*config.headers.items(), (loop_header, "1")]
         removed = {name.lower() for name in config.remove_headers} | {loop_header.lower()}
         host_policy = config.host_policy
-        target_host = config.host if config.port in (80, 443) else f"{config.host}:{config.port}"
+        target_host = config.authority
         mirror_body = config.mirror_body
         mirror_headers = config.mirror_headers
         redact = self.redact
@@ -147,7 +147,7 @@ class Target:
         try:
             payload = self.build(req)
         except WireError as error:
-            self.breaker.release()
+            # A probe the breaker let through is given up after its max_backoff: no release needed.
             stats.outcomes["invalid"] += 1
             self._log_error("mirror.invalid_request", error.reason, reason=error.reason)
             return
