@@ -211,6 +211,8 @@ class SpopProtocol(asyncio.Protocol):
         if refusal is not None:
             agent.stats.connections_refused += 1
             self._log_throttled("spop.connection.refused", "warning", reason=refusal[1])
+            # Counted and logged as a refusal: connection_lost must not report it as a close.
+            self._closed_event = Closed(*refusal, by_peer=False)
             transport.write(_disconnect_frame(*refusal))
             transport.close()
             return
