@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from itertools import pairwise
 from typing import Any
 
-from spoe import Closed, Connection, Event, Message, Status
+from spoe import Connection, Event, Message, Status
 from spoe.data import Uint32
 from spoe.events import NEED_DATA
 from spoe.frames import (
@@ -223,10 +223,6 @@ def exchange(conn: Connection, *chunks: bytes, eof: bool = False) -> tuple[list[
         conn.receive_data(b"")
         events += drain(conn)
     return events, parse_frames(conn.data_to_send())
-
-
-def closed_events(events: Sequence[Event]) -> list[Closed]:
-    return [event for event in events if isinstance(event, Closed)]
 
 
 # Talking to an Agent over TCP ------------------------------------------------------------------------
