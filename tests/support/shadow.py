@@ -45,6 +45,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -96,6 +97,8 @@ class _Message:
 
 
 class ShadowServer:
+    """The recording shadow (see the module docstring); `start()`/`stop()` or a `with` block."""
+
     def __init__(
         self,
         mode: str = "ok",
@@ -182,8 +185,8 @@ class ShadowServer:
             self._requests.clear()
 
     def close_idle_connections(self) -> None:
-        """Closes every connection with no request being answered, as a server's keep-alive timeout
-        would; returns once they are closed."""
+        """Closes (FIN) every connection with no request being answered, as a server's keep-alive
+        timeout would; returns once the server has done so."""
         self._call_in_loop(self._close_idle_connections)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -235,13 +238,13 @@ class ShadowServer:
         loop.run_until_complete(self._server.wait_closed())
         loop.run_until_complete(loop.shutdown_asyncgens())
 
-    def _call_in_loop(self, function: object) -> None:
+    def _call_in_loop(self, function: Callable[[], None]) -> None:
         assert self._loop is not None
         done = threading.Event()
 
         def call() -> None:
             try:
-                function()  # type: ignore[operator]
+                function()
             finally:
                 done.set()
 
