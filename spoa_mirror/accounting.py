@@ -12,7 +12,15 @@ from __future__ import annotations
 from bisect import bisect_left
 
 SENT = ("sent_1xx", "sent_2xx", "sent_3xx", "sent_4xx", "sent_5xx")
-ERRORS = ("error_connect", "error_timeout", "error_reset", "error_tls", "error_protocol")
+ERRORS = (
+    "error_connect",
+    "error_timeout",
+    "error_reset",
+    "error_tls",
+    "error_protocol",
+    "error_closed",
+    "error_internal",
+)
 DROPS = (
     "sampled_out",
     "filtered",

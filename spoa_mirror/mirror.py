@@ -190,13 +190,11 @@ class Target:
                         self.breaker.record_failure()
                     else:
                         self.breaker.record_success()
-                    self._log_error(
-                        "mirror.send_failed",
-                        error.reason,
-                        target=self.name,
-                        reason=error.reason,
-                        error=str(error),
-                    )
+                    self._log_error("mirror.send_failed", error.reason, reason=error.reason, error=str(error))
+                except Exception as error:
+                    # A bug of ours must still leave the account exact and the sender alive.
+                    outcome = "error_internal"
+                    self._log_error("mirror.send_crashed", "internal", error=repr(error), exc_info=True)
                 else:
                     outcome = STATUS_OUTCOME.get(status, "error_protocol")
                     self.breaker.record_success()
