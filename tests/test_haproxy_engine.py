@@ -242,6 +242,8 @@ def test_echo_round_trip(tmp_path: Path, echo_agent: EchoAgentFactory, mode: str
 def test_haproxy_hello_offers_options_but_never_fragmentation(
     tmp_path: Path, echo_agent: EchoAgentFactory, mode: str
 ) -> None:
+    """What HAProxy offers decides what the engine may negotiate: pipelining and async follow the
+    spoe-agent options, fragmentation is never offered (the engine announces it on its own)."""
     agent_options, capabilities = PROTOCOL_MODES[mode]
     with spoe_stack(tmp_path, echo_agent, agent_options=agent_options, agent_args=("--wire-log",)) as stack:
         with http_client(stack) as client:
@@ -349,6 +351,7 @@ def server_stat(haproxy: HAProxyProcess, backend: str, server: str) -> dict[str,
 
 
 def wait_for_server_status(haproxy: HAProxyProcess, status: str, timeout: float = 5.0) -> dict[str, str]:
+    """Poll the agent server's `show stat` row until it has `status`; the last row after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
         row = server_stat(haproxy, "spoe-agents", "echo")
@@ -359,6 +362,8 @@ def wait_for_server_status(haproxy: HAProxyProcess, status: str, timeout: float 
 
 @pytest.mark.skipif(haproxy_version()[:2] != (2, 6), reason="pins HAProxy 2.6's health check HELLO")
 def test_spop_check_marks_agent_up(tmp_path: Path, echo_agent: EchoAgentFactory) -> None:
+    """`option spop-check` sends a HELLO flagged as a health check; the engine answers it like any
+    HELLO and closes, which HAProxy counts as L7OK, and real traffic then flows as usual."""
     with spoe_stack(
         tmp_path,
         echo_agent,
@@ -384,7 +389,7 @@ def test_spop_check_marks_agent_up(tmp_path: Path, echo_agent: EchoAgentFactory)
 def test_concurrent_requests_each_get_their_own_answer(
     tmp_path: Path, echo_agent: EchoAgentFactory, handler: str
 ) -> None:
-    """200 requests over 20 connections: HAProxy multiplexes their NOTIFYs over a few pipelined SPOP
+    """200 requests over 20 connections: HAProxy spreads their NOTIFYs over its pipelined SPOP
     connections, the 20 KB ones in fragments; with the async handler the ACKs also leave out of
     order. Every response must carry its own request's path and body length.
 
