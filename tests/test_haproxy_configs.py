@@ -1,0 +1,298 @@
+"""The shipped HAProxy configs (haproxy/): valid for the installed HAProxy 2.6, the 3.x variant one
+documented line away from the 2.x one, their numbers consistent with each other, and the 2.x config
+doing what its comments promise when run for real in front of two spoa-mirror agents.
+
+HAProxy 2.6 cannot parse haproxy-3.x.cfg (`mode spop` came with 3.1), so that file is checked as
+"haproxy.cfg but for the mode line" plus `haproxy -c` with the line switched back to `mode tcp`.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from spoa_mirror.config import ListenConfig
+from tests.support.procs import HAPROXY, HAProxyProcess, ManagedProcess, free_port, run_haproxy, run_process
+from tests.support.shadow import RecordedRequest, ShadowServer
+
+pytestmark = pytest.mark.haproxy
+
+ROOT = Path(__file__).resolve().parent.parent
+HAPROXY_DIR = ROOT / "haproxy"
+CONFIG_2X = HAPROXY_DIR / "haproxy.cfg"
+CONFIG_3X = HAPROXY_DIR / "haproxy-3.x.cfg"
+SPOE_CONF = HAPROXY_DIR / "mirror.spoe.conf"
+AGENT = Path(sys.executable).with_name("spoa-mirror")
+MAXREWRITE = 1024  # HAProxy's default tune.maxrewrite, reserved in every buffer
+HEADER_ROOM = 4096  # what a body limit must leave of a buffer for the request line and headers
+MODE_TCP, MODE_SPOP = "    mode tcp", "    mode spop"
+
+
+def haproxy_check(config: Path, *, cwd: Path | None = None) -> None:
+    """`haproxy -c -dW`: the config must parse with no warning at all; fail with HAProxy's words."""
+    check = subprocess.run(
+        [HAPROXY, "-c", "-dW", "-f", str(config)], capture_output=True, text=True, timeout=30, cwd=cwd
+    )
+    assert check.returncode == 0, f"haproxy -c {config}:\n{check.stdout}{check.stderr}"
+
+
+def to_mode_tcp(text: str) -> str:
+    """An HAProxy 3.1+ config as 2.6 can parse it: `mode spop` agents' backends back in `mode tcp`."""
+    converted, count = re.subn(r"^(\s*)mode spop\b", r"\1mode tcp", text, flags=re.MULTILINE)
+    assert count, "no `mode spop` line to switch back"
+    return converted
+
+
+def seconds(value: str) -> float:
+    """An HAProxy time value ("500ms", "1s", "1m"; bare numbers are milliseconds)."""
+    match = re.fullmatch(r"(\d+)(us|ms|s|m|h|d)?", value)
+    assert match, f"not an HAProxy time: {value!r}"
+    unit = {"us": 1e-6, "ms": 1e-3, None: 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+    return int(match[1]) * unit
+
+
+def directive(text: str, pattern: str) -> list[str]:
+    """The first capture group of `pattern` on every config line it matches (comments excluded)."""
+    lines = (line.split("#", 1)[0] for line in text.splitlines())
+    return [match[1] for line in lines if (match := re.match(rf"\s*{pattern}\s*$", line))]
+
+
+def bufsize(text: str) -> int:
+    [value] = directive(text, r"tune\.bufsize (\d+)")
+    return int(value)
+
+
+def body_limits(spoe_text: str) -> set[int]:
+    return {int(value) for value in directive(spoe_text, r"acl body_too_big req\.body_size gt (\d+)")}
+
+
+def test_2x_config_is_valid() -> None:
+    """Checked in place: `default-path config` makes the relative SPOE path resolve from haproxy/,
+    wherever HAProxy is started."""
+    haproxy_check(CONFIG_2X, cwd=Path("/"))
+
+
+def test_3x_config_differs_from_2x_only_in_the_agents_backend_mode() -> None:
+    old, new = CONFIG_2X.read_text().splitlines(), CONFIG_3X.read_text().splitlines()
+    changes = [line for line in difflib.unified_diff(old, new, lineterm="", n=0) if line[:1] in "+-"]
+    assert changes == ["--- ", "+++ ", f"-{MODE_TCP}", f"+{MODE_SPOP}"], "\n".join(changes)
+    line = old.index(MODE_TCP)
+    assert [text for text in old[:line] if text.startswith("backend ")][-1] == "backend mirror-agents"
+
+
+def test_3x_config_is_valid_with_its_mode_line_switched_back(tmp_path: Path) -> None:
+    (tmp_path / SPOE_CONF.name).write_text(SPOE_CONF.read_text())
+    config = tmp_path / CONFIG_3X.name
+    config.write_text(to_mode_tcp(CONFIG_3X.read_text()))
+    haproxy_check(config)
+
+
+def test_body_limit_leaves_room_in_the_buffer_for_the_headers() -> None:
+    """A body under the limit must fit in one buffer with its headers, or HAProxy hands the agent a
+    truncated body that the limit claimed was whole."""
+    [limit] = body_limits(SPOE_CONF.read_text())  # one value shared by both messages
+    size = bufsize(CONFIG_2X.read_text())
+    assert limit + MAXREWRITE + HEADER_ROOM <= size
+
+
+def test_spoe_timeouts_are_below_the_agents_backend_timeouts() -> None:
+    """SPOE.txt 3.5: hello below the backend's timeout connect, idle below its timeout server; idle
+    also below the agent's own idle timeout, so HAProxy is the side that closes idle connections."""
+    spoe, haproxy = SPOE_CONF.read_text(), CONFIG_2X.read_text()
+    backend = haproxy[haproxy.index("backend mirror-agents") :]
+    [hello] = directive(spoe, r"timeout hello (\S+)")
+    [idle] = directive(spoe, r"timeout idle (\S+)")
+    [processing] = directive(spoe, r"timeout processing (\S+)")
+    [connect] = directive(backend, r"timeout connect (\S+)")
+    [server] = directive(backend, r"timeout server (\S+)")
+    assert seconds(hello) < seconds(connect)
+    assert seconds(idle) < seconds(server)
+    assert seconds(idle) < ListenConfig().idle_timeout
+    assert seconds(processing) <= 0.1, "mirroring may cost a request at most 100 ms"
+
+
+def test_both_messages_carry_the_same_fields_but_the_body() -> None:
+    """`mirror` and `mirror-without-body` differ only in arg_body and in the body condition, so a
+    large request reaches the agent like any other, its body_len showing it was not sent whole."""
+    spoe = SPOE_CONF.read_text()
+    with_body, without_body = directive(spoe, r"args (.+)")
+    assert with_body.split() == [*without_body.split()[:4], "arg_body=req.body", *without_body.split()[4:]]
+    assert "body_len=req.body_size" in without_body.split()
+    events = directive(spoe, r"event (.+)")
+    assert events == [
+        "on-backend-http-request if mirror_sample !body_too_big",
+        "on-backend-http-request if mirror_sample body_too_big",
+    ]
+
+
+# --- haproxy.cfg for real: HAProxy 2.6, two spoa-mirror agents, a primary and a shadow -----------
+
+
+@dataclass
+class MirrorStack:
+    url: str
+    haproxy: HAProxyProcess
+    agents: list[ManagedProcess]
+    primary: ShadowServer
+    shadow: ShadowServer
+
+    def agent_status(self, name: str) -> str:
+        text = self.haproxy.cli("show stat").removeprefix("# ")
+        for row in csv.DictReader(io.StringIO(text)):
+            if row["pxname"] == "mirror-agents" and row["svname"] == name:
+                return row["status"]
+        raise AssertionError(f"no mirror-agents/{name} in show stat:\n{text}")
+
+    def log_line(self, request: str, timeout: float = 2.0) -> str:
+        """HAProxy's log line for the request whose request line contains `request` (it is written
+        once the stream ends, just after the client has its response)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.haproxy.stderr_text().splitlines():
+                if request in line and "mirror_err=" in line:
+                    return line
+            assert time.monotonic() < deadline, f"no log line for {request!r}"
+            time.sleep(0.02)
+
+    def wait_for_status(self, name: str, status: str, timeout: float) -> float:
+        """Seconds until the agent server shows `status`; fails after `timeout`."""
+        started = time.monotonic()
+        while (current := self.agent_status(name)) != status:
+            assert time.monotonic() - started < timeout, f"{name} still {current} after {timeout} s"
+            time.sleep(0.02)
+        return time.monotonic() - started
+
+
+def localized(config: str, primary_port: int, agent_ports: list[int], http_port: int) -> str:
+    """haproxy.cfg with only what cannot run in a test changed: loopback addresses, logs on stderr,
+    a TCP stats socket, no daemon/chroot/user switch, and a maxconn within this machine's fd limit."""
+    stats = f"stats socket ipv4@127.0.0.1:{free_port()} level admin"
+    replacements = [
+        (r"^    (log /dev/log|chroot|stats socket|user|group|daemon)\b.*\n", ""),
+        (r"^global\n", f"global\n    log stderr format raw local0 info\n    {stats}\n"),
+        (r"\bmaxconn \d+", "maxconn 1000"),
+        (r"\bbind :80\b", f"bind 127.0.0.1:{http_port}"),
+        (r"^    server app1 \S+", f"    server app1 127.0.0.1:{primary_port}"),
+        (r"^    server app2 .*\n", ""),
+    ]
+    for n, port in enumerate(agent_ports, 1):
+        replacements.append((rf"^    server agent{n} \S+", f"    server agent{n} 127.0.0.1:{port}"))
+    for pattern, replacement in replacements:
+        config, count = re.subn(pattern, replacement, config, flags=re.MULTILINE)
+        assert count, f"haproxy.cfg no longer matches {pattern!r}: update this test"
+    return config
+
+
+@contextmanager
+def mirror_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MirrorStack]:
+    # HAProxy inherits the test's environment: mirror every request, not the default 10%.
+    monkeypatch.setenv("MIRROR_SAMPLE_PERCENT", "100")
+    with ExitStack() as stack:
+        primary = stack.enter_context(ShadowServer())
+        shadow = stack.enter_context(ShadowServer())
+        agent_ports = [free_port(), free_port()]
+        agents = []
+        for n, port in enumerate(agent_ports, 1):
+            config = tmp_path / f"agent{n}.yaml"
+            config.write_text(
+                json.dumps(
+                    {
+                        "listen": {"port": port, "max_frame_size": bufsize(CONFIG_2X.read_text())},
+                        "admin": {"enabled": False},
+                        "log": {"format": "json"},
+                        "truncated_body": "send_marked",  # so the shadow shows what the agent got
+                        "targets": [{"url": shadow.url}],
+                    }
+                )
+            )
+            argv = [str(AGENT), "--config", str(config)]
+            agents.append(
+                stack.enter_context(run_process(argv, ready_port=port, name=f"agent{n}", log_dir=tmp_path))
+            )
+        http_port = free_port()
+        config = localized(CONFIG_2X.read_text(), primary.port, agent_ports, http_port)
+        haproxy = stack.enter_context(
+            run_haproxy(config, tmp_path, extra_files={SPOE_CONF.name: SPOE_CONF.read_text()})
+        )
+        yield MirrorStack(f"http://127.0.0.1:{http_port}", haproxy, agents, primary, shadow)
+
+
+def chunks(*parts: bytes) -> Iterator[bytes]:
+    """A request body httpx sends with Transfer-Encoding: chunked."""
+    yield from parts
+
+
+def by_path(requests: list[RecordedRequest]) -> dict[str, RecordedRequest]:
+    return {request.target: request for request in requests}
+
+
+def test_haproxy_cfg_mirrors_through_two_agents_and_survives_losing_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limit = max(body_limits(SPOE_CONF.read_text()))
+    with (
+        mirror_stack(tmp_path, monkeypatch) as stack,
+        httpx.Client(base_url=stack.url, trust_env=False) as client,
+    ):
+        for name in ("agent1", "agent2"):
+            stack.wait_for_status(name, "UP", timeout=5)
+        sent = [
+            client.get("/get?q=1"),
+            client.post("/small", content=b"s" * limit),
+            client.post("/large", content=b"L" * (limit + 1)),
+            client.post("/chunked-small", content=chunks(b"c" * 1000, b"d" * 1000)),
+            client.post("/chunked-large", content=chunks(*[b"x" * 10_000] * 10)),
+        ]
+        assert [response.status_code for response in sent] == [200] * len(sent)
+        mirrored = by_path(stack.shadow.wait_for(len(sent)))
+        primary = by_path(stack.primary.requests)
+
+        # A killed agent leaves rotation within about 2 s; the other one takes every request.
+        stack.agents[0].popen.kill()
+        down_after = stack.wait_for_status("agent1", "DOWN", timeout=5)
+        for n in range(5):
+            assert client.get(f"/one-agent/{n}").status_code == 200
+        stack.shadow.wait_for(len(sent) + 5)
+
+        # With no agent at all, requests still succeed, each delayed by at most timeout processing,
+        # until HAProxy gives up on the agents and the SPOE fails at once (mirror_err=2).
+        stack.agents[1].popen.kill()
+        stack.wait_for_status("agent2", "DOWN", timeout=5)
+        slowest = 0.0
+        for n in range(50):
+            started = time.monotonic()
+            assert client.get(f"/no-agent/{n}").status_code == 200
+            slowest = max(slowest, time.monotonic() - started)
+            if "mirror_err=2 " in stack.log_line(f"GET /no-agent/{n} "):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("HAProxy still waits for dead agents after 5 s")
+
+    for path, request in primary.items():
+        assert request.header("x-request-id"), "HAProxy sets X-Request-ID on every request"
+        assert mirrored[path].header("x-request-id") == request.header("x-request-id")
+    assert mirrored["/get?q=1"].method == "GET" and mirrored["/get?q=1"].body == b""
+    # Bodies within the limit arrive whole, Content-Length or chunked alike.
+    assert mirrored["/small"].body == primary["/small"].body
+    assert mirrored["/chunked-small"].body == b"c" * 1000 + b"d" * 1000
+    # Larger ones go without their body, and the agent knows they were cut (send_marked here).
+    for path in ("/large", "/chunked-large"):
+        assert len(primary[path].body) > limit
+        assert mirrored[path].body == b""
+        assert mirrored[path].header("x-mirror-truncated") == "true"
+    assert down_after < 2.5, f"agent1 marked down after {down_after:.2f} s"
+    assert slowest < 0.5, f"a request waited {slowest:.2f} s for dead agents"
