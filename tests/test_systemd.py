@@ -1,0 +1,249 @@
+"""deploy/systemd/spoa-mirror.service: systemd accepts it, its sandbox scores as hardened, and the
+agent keeps the `Type=notify` contract the unit relies on.
+
+No systemd runs as PID 1 here, so the unit is never started: `systemd-analyze verify` and
+`systemd-analyze security --offline` judge the file, and the agent is run directly with what the
+unit would give it that matters for the contract (NOTIFY_SOCKET, SIGHUP for ExecReload, SIGTERM to
+stop) and for the one sandbox rule that could break Python (MemoryDenyWriteExecute, applied here
+with the kernel's own prctl). SystemCallFilter, ProtectSystem and the rest are checked statically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from spoa_mirror.config import Config
+from spoe import Message
+from tests.support.procs import free_port, wait_for_port
+from tests.support.shadow import ShadowServer
+from tests.support.spop_peer import TcpPeer, notify
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "deploy" / "systemd" / "spoa-mirror.service"
+INSTALLED_AGENT = "/opt/spoa-mirror/bin/spoa-mirror"  # where the unit expects the venv
+AGENT = Path(sys.executable).with_name("spoa-mirror")
+SYSTEMD_ANALYZE = "systemd-analyze"
+DISCONNECT_GRACE = 2.0  # App.shutdown gives HAProxy's connections this long before draining
+MAX_EXPOSURE = 2.0  # systemd-analyze security's scale: 0 (locked down) to 10 (unprotected)
+PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1  # linux/prctl.h, Linux 6.3+
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    """ "Section.Key" -> values in order; systemd allows a key more than once (ExecReload here)."""
+    settings: dict[str, list[str]] = {}
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        settings.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
+    return settings
+
+
+@pytest.fixture
+def local_unit(tmp_path: Path) -> Path:
+    """The unit with the venv's agent in place of /opt/spoa-mirror, since verify wants the binaries
+    of ExecStart and ExecReload to exist."""
+    text = UNIT.read_text()
+    assert INSTALLED_AGENT in text
+    unit = tmp_path / UNIT.name
+    unit.write_text(text.replace(INSTALLED_AGENT, str(AGENT)))
+    return unit
+
+
+def test_systemd_analyze_verify_accepts_the_unit(local_unit: Path) -> None:
+    """Exit status 0 is not enough: unknown keys and bad values are only warnings on stderr."""
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", str(local_unit)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_sandbox_exposure_is_low(local_unit: Path) -> None:
+    result = subprocess.run(
+        [
+            SYSTEMD_ANALYZE,
+            "security",
+            "--offline=yes",
+            f"--threshold={int(MAX_EXPOSURE * 10)}",
+            str(local_unit),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    [score] = re.findall(r"Overall exposure level for \S+: ([\d.]+)", result.stdout)
+    assert result.returncode == 0, f"exposure {score} > {MAX_EXPOSURE}:\n{result.stdout}"
+
+
+def test_unit_settings() -> None:
+    settings = unit_settings(UNIT.read_text())
+
+    def one(key: str) -> str:
+        [value] = settings[f"Service.{key}"]
+        return value
+
+    assert one("Type") == "notify"
+    assert one("NotifyAccess") == "main"
+    assert one("ExecStart") == f"{INSTALLED_AGENT} --config /etc/spoa-mirror/config.yaml"
+    # The check first, so `systemctl reload` fails visibly on a bad config; then the signal.
+    assert settings["Service.ExecReload"] == [
+        f"{INSTALLED_AGENT} check-config /etc/spoa-mirror/config.yaml",
+        "/bin/kill -HUP $MAINPID",
+    ]
+    assert one("Restart") == "on-failure"
+    stop = re.fullmatch(r"(\d+)s", one("TimeoutStopSec"))
+    assert stop and int(stop[1]) > 2 * (Config().drain_timeout + DISCONNECT_GRACE)
+    hardening = {
+        "DynamicUser": "yes",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "CapabilityBoundingSet": "",
+        "AmbientCapabilities": "",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+        "SystemCallArchitectures": "native",
+        "MemoryDenyWriteExecute": "yes",
+        "LockPersonality": "yes",
+        "RestrictRealtime": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectControlGroups": "yes",
+        "UMask": "0077",
+    }
+    assert {key: one(key) for key in hardening} == hardening
+    assert settings["Service.SystemCallFilter"][0] == "@system-service"
+
+
+# --- the agent's side of Type=notify ----------------------------------------------------------------
+
+
+class NotifySocket:
+    """What systemd listens on for a Type=notify service: a unix datagram socket in NOTIFY_SOCKET."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(10)
+
+    def next(self) -> dict[str, str]:
+        """The next datagram as its KEY=VALUE lines; times out after 10 s."""
+        data = self.sock.recv(4096).decode()
+        return dict(line.split("=", 1) for line in data.splitlines())
+
+
+@contextmanager
+def notify_socket() -> Iterator[NotifySocket]:
+    # A short path of its own: unix socket paths are limited to 107 bytes, pytest's tmp_path is long.
+    with tempfile.TemporaryDirectory(prefix="sd-") as directory:
+        sock = NotifySocket(os.path.join(directory, "notify"))
+        try:
+            yield sock
+        finally:
+            sock.sock.close()
+
+
+def deny_write_execute() -> None:
+    """MemoryDenyWriteExecute=yes as the kernel does it (systemd 253+ uses this prctl; older ones
+    build the same rule from seccomp): no mapping may be, or become, both writable and executable.
+    Runs in the child between fork and exec, and holds across exec."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_MDWE) failed: this kernel predates Linux 6.3")
+
+
+async def mirror_one_request(port: int) -> None:
+    """What HAProxy would send for one request, with the message fields of haproxy/mirror.spoe.conf."""
+    peer = await TcpPeer.connect(("127.0.0.1", port))
+    try:
+        await peer.handshake()
+        args = {
+            "arg_method": "POST",
+            "arg_path": "/under-mdwe?q=1",
+            "arg_ver": "1.1",
+            "arg_hdrs": "host: example.com\r\ncontent-type: text/plain\r\n\r\n",
+            "arg_body": b"body bytes",
+            "body_len": 10,
+        }
+        await peer.send(notify(1, 1, [Message("mirror", args)]))
+        await peer.recv_frame()  # the ACK
+    finally:
+        peer.close()
+
+
+def test_agent_keeps_the_notify_contract_under_memory_deny_write_execute(tmp_path: Path) -> None:
+    """READY=1 once listening; RELOADING=1 (with MONOTONIC_USEC, which systemd 253+ requires) then
+    READY=1 around SIGHUP; STOPPING=1 on SIGTERM; exit status 0. In between, a real mirror: the SPOP
+    listener, httptools and the connection to the shadow all run under MemoryDenyWriteExecute."""
+    port = free_port()
+    with ShadowServer() as shadow, notify_socket() as notifications:
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            json.dumps(
+                {
+                    "listen": {"port": port},
+                    "admin": {"port": free_port()},
+                    "log": {"format": "json"},
+                    "drain_timeout": 1,
+                    "targets": [{"url": shadow.url}],
+                }
+            )
+        )
+        env = {**os.environ, "NOTIFY_SOCKET": notifications.path}
+        with open(tmp_path / "agent.stderr", "wb") as stderr:
+            agent = subprocess.Popen(
+                [str(AGENT), "--config", str(config)],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                preexec_fn=deny_write_execute,
+            )
+        try:
+            ready = notifications.next()
+            wait_for_port("127.0.0.1", port, process=agent)
+            asyncio.run(mirror_one_request(port))
+            [mirrored] = shadow.wait_for(1)
+
+            agent.send_signal(signal.SIGHUP)
+            reloading = notifications.next()
+            ready_again = notifications.next()
+
+            agent.send_signal(signal.SIGTERM)
+            stopping = notifications.next()
+            status = agent.wait(timeout=15)
+        except BaseException as error:
+            agent.kill()
+            agent.wait()
+            error.add_note((tmp_path / "agent.stderr").read_text(errors="replace")[-4000:])
+            raise
+
+    assert ready["READY"] == "1" and ready["STATUS"]
+    assert mirrored.method == "POST" and mirrored.target == "/under-mdwe?q=1"
+    assert mirrored.body == b"body bytes"
+    assert reloading["RELOADING"] == "1"
+    assert int(reloading["MONOTONIC_USEC"]) > 0
+    assert ready_again == {"READY": "1"}
+    assert stopping == {"STOPPING": "1"}
+    assert status == 0, (tmp_path / "agent.stderr").read_text()
