@@ -9,6 +9,7 @@ touching SPOP connections; a bad new config keeps the old one running and logs w
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import ssl
 from typing import Any
@@ -29,8 +30,16 @@ log = structlog.get_logger("spoa_mirror")
 
 class App:
     def __init__(
-        self, config: Config, *, config_path: str | None, overrides: dict[str, Any], worker: int = 0
+        self,
+        config: Config,
+        *,
+        config_path: str | None,
+        overrides: dict[str, Any],
+        worker: int = 0,
+        ready_fd: int | None = None,
     ) -> None:
+        """`ready_fd`: in a worker process, the pipe on which to tell the supervisor it listens (the
+        supervisor, systemd's main PID, sends READY=1 once every worker has)."""
         self.config = config
         self.config_path = config_path
         self.overrides = overrides
@@ -47,6 +56,7 @@ class App:
             allow_networks=listen.allow_networks,
         )
         self.agent.set_default_handler(self.mirror.handle)
+        self.ready_fd = ready_fd
         self.admin: AdminServer | None = None
         self.listening: list[tuple[str, int]] = []
         self._stop = asyncio.Event()
@@ -71,6 +81,10 @@ class App:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._ready = True
         systemd.notify("READY=1", f"STATUS=mirroring to {len(self.mirror.targets)} target(s)")
+        if self.ready_fd is not None:
+            os.write(self.ready_fd, b"1")
+            os.close(self.ready_fd)
+            self.ready_fd = None
         log.info(
             "agent.started",
             listen=[f"{host}:{port}" for host, port in self.listening],

@@ -11,6 +11,7 @@ import time
 
 import spoe
 
+from . import systemd
 from .app import App
 from .cli_args import overrides_from_args, parse_args
 from .config import Config, describe, load_config
@@ -35,38 +36,66 @@ def main(argv: list[str] | None = None) -> int:
     return _serve(config, options.config, overrides, worker=0)
 
 
-def _serve(config: Config, path: str | None, overrides: dict, worker: int) -> int:
+def _serve(
+    config: Config, path: str | None, overrides: dict, worker: int, ready_fd: int | None = None
+) -> int:
     async def run() -> int:
-        return await App(config, config_path=path, overrides=overrides, worker=worker).run()
+        app = App(config, config_path=path, overrides=overrides, worker=worker, ready_fd=ready_fd)
+        return await app.run()
 
     return spoe.run(run())
 
 
 def _supervise(config: Config, path: str | None, overrides: dict) -> int:
     """`-n N`: N worker processes share the SPOP port with SO_REUSEPORT (the kernel spreads
-    HAProxy's connections); the parent forwards SIGTERM/SIGHUP and restarts a worker that died."""
+    HAProxy's connections); the parent forwards SIGTERM/SIGHUP and restarts a worker that died.
+
+    The parent is systemd's main PID, so it alone speaks sd_notify: READY=1 once every worker said
+    it listens (a byte on a pipe), RELOADING=1/READY=1 around a forwarded SIGHUP, STOPPING=1."""
     children: dict[int, int] = {}
     stopping = False
+    ready_read, ready_write = os.pipe()
 
-    def spawn(worker: int) -> None:
+    def spawn(worker: int, ready_fd: int | None) -> None:
         pid = os.fork()
         if pid == 0:
+            os.environ.pop("NOTIFY_SOCKET", None)
+            if ready_fd is not None:  # the first spawns; a respawn finds both ends closed already
+                os.close(ready_read)
             for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
-            os._exit(_serve(config, path, overrides, worker))
+            os._exit(_serve(config, path, overrides, worker, ready_fd))
         children[pid] = worker
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
         if signum in (signal.SIGTERM, signal.SIGINT):
             stopping = True
+            systemd.notify("STOPPING=1")
+        else:
+            systemd.notify("RELOADING=1")
         for pid in children:
             os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+        if signum == signal.SIGHUP:
+            systemd.notify("READY=1")
 
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, forward)
     for worker in range(config.listen.workers):
-        spawn(worker)
+        spawn(worker, ready_write)
+    os.close(ready_write)
+    ready = 0
+    while ready < config.listen.workers:
+        try:
+            chunk = os.read(ready_read, config.listen.workers)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break  # every worker exited before it was ready; os.wait below reports how
+        ready += len(chunk)
+    os.close(ready_read)
+    if ready == config.listen.workers:
+        systemd.notify("READY=1", f"STATUS={ready} workers")
     status = 0
     while children:
         try:
@@ -79,7 +108,7 @@ def _supervise(config: Config, path: str | None, overrides: dict) -> int:
             status = 1
         if worker is not None and not stopping and config.listen.runtime <= 0:
             time.sleep(0.5)
-            spawn(worker)
+            spawn(worker, None)
     return status
 
 
