@@ -36,7 +36,7 @@ from typing import cast
 import structlog
 
 import spoe
-from spoe import NEED_DATA, Connection, FrameType, Message, Notify, SetVar, Uint32, VarScope
+from spoe import NEED_DATA, Connection, FrameType, Int64, Message, Notify, SetVar, Uint32, VarScope
 from spoe.frames import decode_frame, decode_messages, encode_frame, encode_kv_list, encode_messages
 
 ACK = int(FrameType.ACK)
@@ -76,14 +76,12 @@ def header_block() -> bytes:
         (
             "cookie",
             "session=8f14e45fceea167a5a36dedd4bea2543; _ga=GA1.2.1387718493.1700000000; "
-            "consent=analytics%3Dno%26ads%3Dno; basket=eyJpdGVtcyI6WzEyLDM0LDU2XX0",
+            "basket=eyJpdGVtcyI6WzEyLDM0LDU2XX0",
         ),
         ("x-forwarded-for", "203.0.113.42, 198.51.100.7"),
         ("x-request-id", "01HZX3J6Q8W7B2C5D9E4F1G0HK"),
         ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
-        ("sec-fetch-mode", "cors"),
         ("sec-fetch-site", "same-origin"),
-        ("priority", "u=1, i"),
     ]
     block = bytearray()
     for name, value in [*headers, ("", "")]:
@@ -94,7 +92,8 @@ def header_block() -> bytes:
 
 
 def notify_packet(stream_id: int, frame_id: int, size: int) -> bytes:
-    """A mirror NOTIFY of exactly `size` bytes on the wire (length prefix included), the body padded."""
+    """A NOTIFY of exactly `size` bytes on the wire (length prefix included), the body padded, with
+    the args of the `mirror` message in haproxy/mirror.spoe.conf."""
     headers = header_block()
 
     def build(body_len: int) -> bytes:
@@ -104,7 +103,9 @@ def notify_packet(stream_id: int, frame_id: int, size: int) -> bytes:
             "arg_ver": "1.1",
             "arg_hdrs": headers,
             "arg_body": b"x" * body_len,
-            "arg_src": IPv4Address("203.0.113.42"),
+            "body_len": Int64(body_len),
+            "src": IPv4Address("203.0.113.42"),
+            "unique_id": "cb0a5d2e:9f3c_0A000001:1F90_6747A1B2_0042:1C2B",
         }
         payload = encode_messages([Message("mirror", args)])
         return encode_frame(FrameType.NOTIFY, 1, stream_id, frame_id, payload)
