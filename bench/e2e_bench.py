@@ -207,6 +207,7 @@ class Nginx:
         self.log.touch()
         self._offset = 0
         self.statuses: Counter[str] = Counter()
+        self.pid = 0
         user = "user root;" if os.geteuid() == 0 else ""
         (self.dir / "nginx.conf").write_text(
             NGINX_CFG.format(user=user, dir=self.dir, host=HOST, port=self.port)
@@ -215,7 +216,8 @@ class Nginx:
     @contextlib.contextmanager
     def running(self) -> Iterator[Nginx]:
         cmd = [NGINX, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf"), "-g", "daemon off;"]
-        with started(cmd, self.dir / "stderr.log", self.port, f"nginx {self.dir.name}"):
+        with started(cmd, self.dir / "stderr.log", self.port, f"nginx {self.dir.name}") as process:
+            self.pid = process.pid
             yield self
 
     def count(self) -> int:
@@ -319,6 +321,53 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and its children (nginx's worker)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return cpu_seconds(pid) + sum(tree_cpu_seconds(int(child)) for child in children.read().split())
+
+
+def machine_seconds() -> dict[str, float]:
+    """CPU time of all cores from /proc/stat: in processes (user, nice, system), in interrupts
+    (loopback TCP is mostly softirq work, often not charged to any process), and stolen by the
+    hypervisor."""
+    with open("/proc/stat") as stat:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (
+            int(v) / CLOCK_TICKS for v in stat.readline().split()[1:9]
+        )
+    return {"processes": user + nice + system, "irq": irq + softirq, "steal": steal}
+
+
+class CpuMeter:
+    """Who used the machine's CPU during a run: each process of the stack, wrk, and everything else
+    (other work on the box makes req/s meaningless, so it is reported next to them)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self._started = time.monotonic()
+        self._start = self._sample()
+        self.seconds = 0.0  # the window, once stopped
+
+    def _sample(self) -> dict[str, float]:
+        sample = {name: tree_cpu_seconds(pid) for name, pid in self.pids.items()}
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once waited for
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        sample["wrk"] = children.ru_utime + children.ru_stime
+        sample["bench"] = own.ru_utime + own.ru_stime
+        sample.update(machine_seconds())
+        return sample
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds by process of the stack, then "other" (processes not ours), "irq", "steal"."""
+        end = self._sample()
+        self.seconds = time.monotonic() - self._started
+        used = {name: end[name] - self._start[name] for name in end}
+        processes = used.pop("processes")
+        ours = sum(v for k, v in used.items() if k not in ("irq", "steal"))
+        used["other"] = max(0.0, processes - ours)
+        return used
+
+
 def memory_mb(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) in MB: now and at the peak."""
     values = {}
@@ -414,6 +463,8 @@ class Result:
     agent_cpu_us_per_mirrored: float | None = None
     agent_rss_mb: float | None = None
     agent_peak_rss_mb: float | None = None
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # by process, "other": not the stack
+    cpu_window_s: float = 0.0  # the run and the drain after it
     profile: str | None = None
 
 
@@ -480,7 +531,7 @@ class Bench:
                     started(agent_cmd, workdir / f"agent-{name}.log", ports["spop"], "agent")
                 )
             haproxy_cmd = [HAPROXY, "-db", "-f", str(workdir / f"haproxy-{name}.cfg")]
-            stack.enter_context(
+            haproxy = stack.enter_context(
                 started(haproxy_cmd, workdir / f"haproxy-{name}.log", ports["web"], "haproxy")
             )
             info = re.search(r"Nbthread: (\d+)", haproxy_command(workdir, "show info"))
@@ -493,13 +544,16 @@ class Bench:
             primary_statuses_before = Counter(self.primary.statuses)
             errors_before = spoe_errors(workdir)
             account_before = agent_account(ports["admin"]) if agent else None
-            cpu_before = cpu_seconds(agent.pid) if agent else 0.0
+            pids = {"haproxy": haproxy.pid, "primary": self.primary.pid, "shadow": self.shadow.pid}
+            if agent:
+                pids["agent"] = agent.pid
+            meter = CpuMeter(pids)
 
             profiler = self._profile(agent.pid, name, seconds) if agent and args.profile else None
             wrk = run_wrk(ports["web"], seconds, args.threads, args.connections)
             rss = memory_mb(agent.pid) if agent else None
             settle(logs if name == "mirror" else [self.primary])  # faults: only the primary's log flush
-            cpu_after = cpu_seconds(agent.pid) if agent else 0.0
+            cpu = meter.stop()
             account = agent_account(ports["admin"]) - account_before if agent and account_before else None
             primary_served = self.primary.count() - primary_before
             shadow_received = self.shadow.count() - shadow_before
@@ -514,15 +568,19 @@ class Bench:
             primary_served=primary_served,
             primary_statuses=dict(self.primary.statuses - primary_statuses_before),
             spoe_errors=dict(errors),
+            cpu_seconds=cpu,
+            cpu_window_s=meter.seconds,
         )
         if account is not None and rss is not None:
-            cpu = cpu_after - cpu_before
+            agent_cpu = cpu["agent"]
             result.mirrored = account.received
             result.notifies = account.notifies
             result.outcomes = account.outcomes
             result.in_flight_at_end = account.in_flight
-            result.agent_cpu_s = cpu
-            result.agent_cpu_us_per_mirrored = cpu / account.received * 1e6 if account.received else None
+            result.agent_cpu_s = agent_cpu
+            result.agent_cpu_us_per_mirrored = (
+                agent_cpu / account.received * 1e6 if account.received else None
+            )
             result.agent_rss_mb, result.agent_peak_rss_mb = rss
             if name == "mirror":
                 result.shadow_received = shadow_received
@@ -579,6 +637,7 @@ def table(results: dict[str, Result]) -> list[list[str]]:
             "agent CPU us/req",
             "agent CPU %",
             "agent RSS MB",
+            "other load %",
         ]
     ]
     for name, r in results.items():
@@ -596,8 +655,9 @@ def table(results: dict[str, Result]) -> list[list[str]]:
                 _fmt(r.shadow_received, ","),
                 _fmt(r.delivered, ".5f"),
                 _fmt(r.agent_cpu_us_per_mirrored, ".1f"),
-                _fmt(r.agent_cpu_s / r.wrk.seconds * 100 if r.agent_cpu_s is not None else None, ".0f"),
+                _fmt(r.agent_cpu_s / r.cpu_window_s * 100 if r.agent_cpu_s is not None else None, ".0f"),
                 _fmt(r.agent_rss_mb, ".1f"),
+                f"{r.cpu_seconds['other'] / r.cpu_window_s * 100:.0f}",
             ]
         )
     return rows
@@ -664,6 +724,10 @@ def details(results: dict[str, Result]) -> list[str]:
             )
         elif r.mirrored is not None:
             parts.append("HAProxy SPOE errors: none")
+        parts.append(
+            f"CPU s over {r.cpu_window_s:.1f}s: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in r.cpu_seconds.items() if k != "bench")
+        )
         if r.profile:
             parts.append(f"profile {r.profile}")
         lines.append(f"{name}: " + "; ".join(parts))
