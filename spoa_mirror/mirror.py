@@ -328,14 +328,15 @@ class Mirror:
 
 
 def is_truncated(req: MirrorRequest) -> bool:
-    """HAProxy hands over at most its buffer; the client may have declared more."""
-    declared = req.body_len
-    if declared is None:
-        length = req.header("content-length")
-        if length is None or not length.isdigit():
-            return False
-        declared = int(length)
-    return declared > len(req.body)
+    """HAProxy hands over at most its buffer; the client may have declared more. The client's
+    Content-Length is always checked: HAProxy's `req.body_len`, the usual `body_len` argument, is
+    the length HAProxy *has* (equal to the cut body), so `body_len` only reveals a cut when it is
+    `req.body_size`, the advertised length. A chunked body cut short cannot be told apart."""
+    size = len(req.body)
+    if req.body_len is not None and req.body_len > size:
+        return True
+    length = req.header("content-length")
+    return length is not None and length.isdigit() and int(length) > size
 
 
 def _append_forwarded_for(headers: list[tuple[str, str]], src: str) -> list[tuple[str, str]]:
