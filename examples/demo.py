@@ -56,7 +56,7 @@ spoe-agent mirror_agent
     option pipelining
 spoe-message mirror
     args arg_method=method arg_path=url arg_ver=req.ver arg_hdrs=req.hdrs arg_body=req.body \
-         body_len=req.body_len src=src
+         body_len=req.body_size src=src
     event on-frontend-http-request
 """
 

@@ -54,6 +54,7 @@ class App:
             idle_timeout=listen.idle_timeout,
             max_inflight=listen.max_inflight,
             allow_networks=listen.allow_networks,
+            max_reassembly=reassembly_cap(config),
         )
         self.agent.set_default_handler(self.mirror.handle)
         self.ready_fd = ready_fd
@@ -136,6 +137,14 @@ class App:
                 queue_depth=lambda: {target.name: len(target.queue) for target in mirror.targets},
             )
         )
+
+
+def reassembly_cap(config: Config) -> int:
+    """A fragmented NOTIFY must fit the largest body a target accepts, plus headers and the other
+    args (1 MiB of room): a lower cap would close the SPOP connection (status 13) on a body the
+    config says to mirror, a higher one would let a peer make us hold more than we could use."""
+    largest_body = max((target.max_body_size for target in config.targets), default=0)
+    return largest_body + (1 << 20)
 
 
 def _server_tls(tls: Any) -> ssl.SSLContext:

@@ -13,7 +13,9 @@ class MirrorRequest:
     version: str  # "1.1", "2.0", ...
     headers: list[tuple[str, str]] = field(default_factory=list)  # in order, duplicates kept
     body: bytes = b""
-    body_len: int | None = None  # the client's declared body length, when HAProxy sent it
+    # The `body_len` arg: the client's declared length with HAProxy's `req.body_size`, or the length
+    # HAProxy holds with `req.body_len` (then only Content-Length reveals a truncated body).
+    body_len: int | None = None
     unique_id: str | None = None
     src: str | None = None  # client address, for X-Forwarded-For
 
