@@ -102,14 +102,16 @@ def parse_headers(value: Any) -> list[tuple[str, str]]:
         try:
             return parse_binary_headers(value)
         except InvalidFrame:
-            return parse_text_headers(value.decode("latin-1"))
+            return parse_text_headers(value.decode("utf-8", "surrogateescape"))
     if isinstance(value, str):
         return parse_text_headers(value)
     raise BadMessage("bad_headers", f"headers must be STRING or BINARY, got {type(value).__name__}")
 
 
 def parse_binary_headers(raw: bytes) -> list[tuple[str, str]]:
-    """`req.hdrs_bin`: <str:name><str:value>... then two empty strings."""
+    """`req.hdrs_bin`: <str:name><str:value>... then two empty strings. Decoded like SPOP STRINGs
+    (UTF-8, surrogateescape), the inverse of the wire layer's encoding, so the shadow gets the bytes
+    HAProxy saw: latin-1 here turned a UTF-8 "é" into four bytes of mojibake."""
     headers = []
     pos, end = 0, len(raw)
     while pos < end:
@@ -117,7 +119,7 @@ def parse_binary_headers(raw: bytes) -> list[tuple[str, str]]:
         value, pos = decode_bytes(raw, pos)
         if not name and not value:
             return headers
-        headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
     raise InvalidFrame("binary header block without its end marker")
 
 
