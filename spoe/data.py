@@ -118,7 +118,14 @@ def decode_varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 def decode_bytes(buf: bytes, pos: int) -> tuple[bytes, int]:
     """A length-prefixed byte string (STRING and BINARY data, names)."""
-    length, pos = decode_varint(buf, pos)
+    try:
+        length = buf[pos]
+    except IndexError:
+        raise InvalidFrame("truncated varint") from None
+    if length < 240:  # a one-byte length, as for nearly every name and value: no decode_varint call
+        pos += 1
+    else:
+        length, pos = decode_varint(buf, pos)
     end = pos + length
     if end > len(buf):
         raise InvalidFrame(f"string of {length} bytes runs past the end of the frame")
