@@ -108,7 +108,16 @@ class App:
         log.info("agent.stopping", connections=self.agent.connections)
         await self.agent.stop(timeout=2.0)
         drained, dropped = await self.mirror.drain(self.config.drain_timeout)
-        log.info("agent.stopped", drained=drained, dropped=dropped)
+        log.info(
+            "agent.stopped",
+            drained=drained,
+            dropped=dropped,
+            # The admin listener goes with the process: the final account is in this line.
+            outcomes={
+                name: {outcome: count for outcome, count in stats.outcomes.items() if count}
+                for name, stats in self.mirror.target_stats.items()
+            },
+        )
         if self.admin is not None:
             self.admin.stop()
         return 0
