@@ -49,3 +49,11 @@ def test_example_agent_answers_notify(tmp_path: Path) -> None:
     finally:
         process.kill()
         process.wait(timeout=5)
+
+
+def test_readme_config_reference_is_examples_config() -> None:
+    """The README's reference and the commented example file are one text, so neither drifts."""
+    match = re.search(r"<!-- config-reference -->\s*```yaml\n(.*?)```", README.read_text(), re.S)
+    assert match, "README.md lost its config reference block"
+    example = README.parent / "examples" / "config.yaml"
+    assert match.group(1) == example.read_text()
