@@ -140,7 +140,15 @@ def decode_messages(buf: bytes) -> list[Message]:
         pos += 1
         args: dict[str, Any] = {}
         for _ in range(count):
-            arg_name, pos = decode_string(buf, pos)
+            # A name shorter than 240 bytes that fits is read inline, anything else by decode_string
+            # (which raises): measured 7.1 -> 6.2 us for the 8 args of a 919-byte mirror NOTIFY.
+            length = buf[pos] if pos < end else 240
+            stop = pos + 1 + length
+            if length < 240 and stop <= end:
+                arg_name = buf[pos + 1 : stop].decode("utf-8", "surrogateescape")
+                pos = stop
+            else:
+                arg_name, pos = decode_string(buf, pos)
             args[arg_name], pos = decode_data(buf, pos)
         messages.append(Message(name, args))
     return messages
