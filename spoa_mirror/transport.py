@@ -4,10 +4,11 @@ Built on asyncio Protocols and llhttp (`httptools.HttpResponseParser`) rather th
 library because the client's CPU per request is what limits how much traffic one agent can mirror.
 Measured on the 2-core development machine against nginx with 32 concurrent requests: httpx managed
 350 req/s (~0.7 ms CPU per request), aiohttp ~75 us CPU per request, a lean asyncio-Protocol
-keep-alive client ~10 us. This is the lean one: per request one `transport.write`, one future, no
-task and no timer (see `Pool`), and response bodies parsed and dropped without being buffered or even
-handed to Python (no `on_body`, no `on_header` callback). bench/transport_bench.py measures it at
-~11-13 us of client CPU per request with uvloop on that machine, most of it the socket syscalls.
+keep-alive client ~10 us. This is the lean one: per request one `transport.write`, no timer, and
+with `Pool.submit` no task, future or coroutine either (see `Pool`), and response bodies parsed and
+dropped without being buffered or even handed to Python (no `on_body`, no `on_header` callback).
+bench/transport_bench.py measures `send` at ~11-13 us of client CPU per request with uvloop on that
+machine, most of it the socket syscalls.
 
 Failures are `TransportError`s whose `reason` is a short, stable metrics label: "connect", "tls",
 "timeout", "reset", "protocol", and "closed" for requests still in flight when the pool is closed.
@@ -19,6 +20,8 @@ import asyncio
 import re
 import ssl
 from collections import deque
+from collections.abc import Callable
+from functools import partial
 from urllib.parse import urlsplit
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -63,12 +66,22 @@ class _StaleConnection(ResetError):
     closed it as idle while our request was on its way, so the request is worth one more try."""
 
 
+# Called once per request with its final status code, or with the exception that ended it (a
+# TransportError; anything else is a bug of ours), and the seconds since it was submitted.
+Done = Callable[[int | Exception, float], None]
+
+
 class Pool:
     """Keep-alive connections to one shadow backend, at most `max_connections` open at once.
 
-    `send` waits for a free connection slot rather than failing, so the caller bounds how many
-    requests may queue here. Idle connections are reused most-recently-used first (the least likely
-    to have been closed by the server) and closed after `idle_timeout` seconds unused.
+    Requests that find every connection slot taken wait for one rather than failing, so the caller
+    bounds how many may queue here. Idle connections are reused most-recently-used first (the least
+    likely to have been closed by the server) and closed after `idle_timeout` seconds unused.
+
+    Two ways in: `send`, a coroutine, and `submit`, which takes a callback and costs no task, future
+    or coroutine per request; everything below `submit` runs from protocol callbacks. In the agent's
+    replay loop (batches of 22 GETs to nginx) a sender task awaiting `send` per request executed
+    ~113k user-space instructions per request and `submit` ~94k (callgrind), ~2.5 us less CPU.
 
     Timeouts and idle expiry are checked by one `call_later` sweep per pool rather than one timer per
     request: with uvloop, arming and cancelling a timer costs ~1 us, a tenth of a whole request. The
@@ -99,10 +112,14 @@ class Pool:
         self.connections_opened = 0  # for tests and metrics: how well keep-alive is working
         self._ssl_context = ssl_context
         self._server_hostname = (server_hostname or host) if ssl_context is not None else None
+        # The loop of the first request (a pool's connections belong to one loop); kept because
+        # asyncio.get_running_loop() makes a getpid() system call each time on Python 3.11.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._free_slots = max_connections
-        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._backlog: deque[_Exchange] = deque()  # submitted while every slot was taken
         self._idle: deque[_Connection] = deque()
         self._busy: set[_Connection] = set()
+        self._connecting: set[asyncio.Task[None]] = set()
         self._deadline_tick = min(0.1, timeout / 10)
         self._deadline_sweep: asyncio.TimerHandle | None = None
         self._idle_sweep: asyncio.TimerHandle | None = None
@@ -116,30 +133,39 @@ class Pool:
         A request that fails on a reused connection before any byte of the response arrived is sent
         once more on a new connection: the server most likely closed the idle connection just as the
         request went out, and a fire-and-forget mirror has no other chance to deliver it. Raises a
-        `TransportError` subclass, `PoolClosed` once `close` was called."""
+        `TransportError` subclass, `PoolClosed` once `close` was called. Cancelling the caller
+        gives up the request and drops its connection."""
         if self._closed:
             raise PoolClosed(f"pool for {self.host}:{self.port} is closed")
-        loop = asyncio.get_running_loop()
-        if self._free_slots:
-            self._free_slots -= 1
-        else:
-            await self._wait_for_slot(loop)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        exchange = self.submit(request, partial(_resolve, future), head=head)
         try:
-            now = loop.time()
-            deadline = now + self.timeout
-            connection = self._take_idle(now)
-            if connection is not None:
-                try:
-                    return await self._exchange(loop, connection, request, head, deadline)
-                except _StaleConnection:
-                    pass
-            connection = await self._connect(loop, deadline)
-            return await self._exchange(loop, connection, request, head, deadline)
-        finally:
-            self._release_slot()
+            return await future
+        except asyncio.CancelledError:
+            self._cancel(exchange)
+            raise
+
+    def submit(self, request: bytes, done: Done, *, head: bool = False) -> _Exchange:
+        """`send` without a coroutine: the same request, retry and failures, reported by calling
+        `done(status or exception, seconds)` exactly once, from a later event loop callback (never
+        from within `submit`). Returns the request's handle, which `send` cancels through."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        exchange = _Exchange(request, head, done, loop.time())
+        if self._closed:
+            loop.call_soon(self._settle, exchange, PoolClosed(f"pool for {self.host}:{self.port} is closed"))
+        elif self._free_slots:
+            self._free_slots -= 1
+            exchange.slot = True
+            self._start(exchange)
+        else:
+            self._backlog.append(exchange)
+        return exchange
 
     async def close(self) -> None:
-        """Closes idle connections and aborts busy ones; their requests fail with `PoolClosed`."""
+        """Closes idle connections and aborts busy ones; their requests, and those waiting for a
+        connection, fail with `PoolClosed`."""
         self._closed = True
         for sweep in (self._idle_sweep, self._deadline_sweep):
             if sweep is not None:
@@ -147,56 +173,111 @@ class Pool:
         self._idle_sweep = self._deadline_sweep = None
         while self._idle:
             self._idle.pop().transport.close()
+        closed = PoolClosed(f"pool for {self.host}:{self.port} closed")
+        while self._backlog:
+            self._settle(self._backlog.popleft(), closed)
         for connection in list(self._busy):
-            connection.fail(PoolClosed(f"pool for {self.host}:{self.port} closed"))
+            connection.fail(closed)
+        for task in list(self._connecting):
+            task.cancel()
         await asyncio.sleep(0)  # lets the transports run connection_lost
 
-    async def _wait_for_slot(self, loop: asyncio.AbstractEventLoop) -> None:
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._slot_waiters.append(waiter)
+    def _start(self, exchange: _Exchange) -> None:
+        """The exchange holds a connection slot: send it on an idle connection or a new one."""
+        now = self._loop.time()  # type: ignore[union-attr]  # set by submit
+        exchange.deadline = now + self.timeout
+        connection = self._take_idle(now)
+        if connection is not None:
+            self._begin(connection, exchange)
+        else:
+            self._connect_for(exchange)
+
+    def _begin(self, connection: _Connection, exchange: _Exchange) -> None:
+        exchange.connection = connection
+        connection.begin(exchange)
+        self._busy.add(connection)
+        if self._deadline_sweep is None:
+            self._deadline_sweep = self._loop.call_later(  # type: ignore[union-attr]
+                self._deadline_tick, self._sweep_deadlines, self._loop
+            )
+
+    def _connect_for(self, exchange: _Exchange) -> None:
+        task = self._loop.create_task(self._connect_then_begin(exchange))  # type: ignore[union-attr]
+        exchange.connecting = task
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+
+    async def _connect_then_begin(self, exchange: _Exchange) -> None:
         try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():  # handed a slot as we were cancelled: pass it on
-                self._release_slot()
-            raise
+            connection = await self._connect(self._loop, exchange.deadline)  # type: ignore[arg-type]
+        except asyncio.CancelledError:  # by close(), or by a cancelled send (then settling is a no-op)
+            self._settle(exchange, PoolClosed(f"pool for {self.host}:{self.port} closed"))
+            return
+        except Exception as error:  # a TransportError, or a bug of ours: the request still ends
+            self._settle(exchange, error)
+            return
+        exchange.connecting = None
+        if exchange.done is None or self._closed:
+            connection.transport.close()
+            self._settle(exchange, PoolClosed(f"pool for {self.host}:{self.port} closed"))
+            return
+        self._begin(connection, exchange)
+
+    def _on_result(self, connection: _Connection, exchange: _Exchange, result: int | Exception) -> None:
+        """From the connection, once its exchange has a result: keep or close the connection, retry a
+        request a stale connection lost, else settle the request."""
+        self._busy.discard(connection)
+        if type(result) is _StaleConnection:
+            self._connect_for(exchange)  # once: a new connection cannot be stale
+            return
+        if connection.reusable and not self._closed:
+            connection.idle_since = self._loop.time()  # type: ignore[union-attr]
+            self._idle.append(connection)
+            if self._idle_sweep is None:
+                self._idle_sweep = self._loop.call_later(  # type: ignore[union-attr]
+                    self.idle_timeout, self._sweep_idle, self._loop
+                )
+        else:
+            connection.transport.close()
+        self._settle(exchange, result)
+
+    def _settle(self, exchange: _Exchange, result: int | Exception) -> None:
+        done = exchange.done
+        if done is None:  # cancelled: its slot is already free
+            return
+        exchange.done = None
+        exchange.connection = exchange.connecting = None
+        if exchange.slot:
+            exchange.slot = False
+            self._release_slot()
+        done(result, self._loop.time() - exchange.submitted)  # type: ignore[union-attr]
+
+    def _cancel(self, exchange: _Exchange) -> None:
+        """`send`'s caller was cancelled: give the request up, drop its connection, free its slot."""
+        if exchange.done is None:
+            return
+        exchange.done = None
+        if exchange.connecting is not None:
+            exchange.connecting.cancel()
+        connection = exchange.connection
+        if connection is not None and connection.exchange is exchange:
+            self._busy.discard(connection)
+            connection.abandon()
+        if exchange.slot:  # else still in the backlog, where _release_slot skips it
+            exchange.slot = False
+            self._release_slot()
 
     def _release_slot(self) -> None:
-        while self._slot_waiters:
-            waiter = self._slot_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+        while self._backlog and not self._closed:
+            exchange = self._backlog.popleft()
+            if exchange.done is not None:
+                exchange.slot = True
+                self._start(exchange)
                 return
         self._free_slots += 1
 
-    async def _exchange(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        connection: _Connection,
-        request: bytes,
-        head: bool,
-        deadline: float,
-    ) -> int:
-        waiter = connection.begin(loop, request, head, deadline)
-        self._busy.add(connection)
-        if self._deadline_sweep is None:
-            self._deadline_sweep = loop.call_later(self._deadline_tick, self._sweep_deadlines, loop)
-        try:
-            return await waiter
-        finally:
-            self._busy.discard(connection)
-            if waiter.cancelled() or not waiter.done():  # our caller was cancelled mid-exchange
-                connection.abandon()
-            elif connection.reusable and not self._closed:
-                connection.idle_since = loop.time()
-                self._idle.append(connection)
-                if self._idle_sweep is None:
-                    self._idle_sweep = loop.call_later(self.idle_timeout, self._sweep_idle, loop)
-            else:
-                connection.transport.close()
-
     async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
-        connection = _Connection()
+        connection = _Connection(self)
         where = f"{self.host}:{self.port}"
         try:
             async with asyncio.timeout(min(self.connect_timeout, deadline - loop.time())):
@@ -207,6 +288,10 @@ class Pool:
                     ssl=self._ssl_context,
                     server_hostname=self._server_hostname,
                 )
+        except asyncio.CancelledError:  # it may have connected just as it was cancelled
+            if connection.transport is not None:
+                connection.transport.close()
+            raise
         except TimeoutError:
             raise RequestTimeout(f"connecting to {where} timed out") from None
         except ssl.SSLError as exc:  # before OSError: SSLError is one; CertificateError is one too
@@ -244,31 +329,61 @@ class Pool:
         )
 
 
+class _Exchange:
+    """One request from `submit` until `done` is called: its slot, its connection or connect task."""
+
+    __slots__ = ("connecting", "connection", "deadline", "done", "head", "request", "slot", "submitted")
+
+    def __init__(self, request: bytes, head: bool, done: Done, submitted: float) -> None:
+        self.request = request
+        self.head = head
+        self.done: Done | None = done  # None once settled or cancelled
+        self.submitted = submitted
+        self.deadline = 0.0
+        self.slot = False  # holds one of the pool's connection slots
+        self.connection: _Connection | None = None
+        self.connecting: asyncio.Task[None] | None = None
+
+
+def _resolve(future: asyncio.Future[int], result: int | Exception, _elapsed: float) -> None:
+    if not future.done():
+        if isinstance(result, Exception):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+
 class _Connection(asyncio.Protocol):
     """One connection and the one request in flight on it (no pipelining).
 
-    The parser's callbacks complete `waiter`; llhttp decides where each response ends (Content-Length,
+    The parser's callbacks end the exchange; llhttp decides where each response ends (Content-Length,
     chunked, 1xx, 204/304) except in two cases it cannot see: a HEAD response, which ends with its
-    headers, and a close-delimited body, which ends at EOF."""
+    headers, and a close-delimited body, which ends at EOF. The pool hears of a response only once
+    `feed_data` has returned, so that what follows it in the same read is judged with this exchange
+    (a stray response makes the connection unusable) before the pool can start the next one here."""
 
     __slots__ = (
         "deadline",
+        "exchange",
         "exchanges",
+        "finished",
         "head",
         "head_parser_abandoned",
         "idle_since",
         "parser",
+        "pool",
         "received_before_body",
         "reusable",
         "status",
         "transport",
-        "waiter",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self.parser = HttpResponseParser(self)
-        self.waiter: asyncio.Future[int] | None = None
+        self.exchange: _Exchange | None = None
+        self.finished: _Exchange | None = None  # complete, not yet handed to the pool
         self.head = False
         self.status = 0
         # What arrived of the response until its final head was parsed: evidence for connection_lost
@@ -282,40 +397,39 @@ class _Connection(asyncio.Protocol):
 
     # -- driven by Pool --------------------------------------------------------------------------
 
-    def begin(
-        self, loop: asyncio.AbstractEventLoop, request: bytes, head: bool, deadline: float
-    ) -> asyncio.Future[int]:
-        self.waiter = waiter = loop.create_future()
-        self.head = head
-        self.deadline = deadline
+    def begin(self, exchange: _Exchange) -> None:
+        self.exchange = exchange
+        self.head = exchange.head
+        self.deadline = exchange.deadline
         self.status = 0
         self.exchanges += 1
-        self.transport.write(request)
-        return waiter
+        self.transport.write(exchange.request)
 
     def time_out(self) -> None:
-        if self.waiter is not None:  # else the response is complete and its sender about to resume
+        if self.exchange is not None:  # else the response is complete and about to be handed over
             self.fail(RequestTimeout("no complete response in time"))
 
     def fail(self, error: TransportError) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(error)
+        exchange = self.exchange
         self.abandon()
+        if exchange is not None:
+            self.pool._on_result(self, exchange, error)
 
     def abandon(self) -> None:
         """Drops the connection at once: whatever is in flight on it is of no use any more."""
         self.reusable = False
-        self.waiter = None
+        self.exchange = None
         self.transport.abort()
 
     def _complete(self) -> None:
         self.received_before_body.clear()
-        waiter, self.waiter = self.waiter, None
-        if not waiter.done():  # type: ignore[union-attr]
-            waiter.set_result(self.status)  # type: ignore[union-attr]
+        self.finished, self.exchange = self.exchange, None
         if not self.reusable:
             self.transport.close()
+
+    def _hand_over(self) -> None:
+        exchange, self.finished = self.finished, None
+        self.pool._on_result(self, exchange, self.status)  # type: ignore[arg-type]
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -323,7 +437,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.waiter is None:  # nothing asked for: the connection is out of step, never reuse it
+        if self.exchange is None:  # nothing asked for: the connection is out of step, never reuse it
             self.reusable = False
             self.transport.close()
             return
@@ -336,6 +450,8 @@ class _Connection(asyncio.Protocol):
         except HttpParserError as exc:
             self.fail(ProtocolError(f"invalid HTTP response: {exc}"))
         self.head_parser_abandoned = False
+        if self.finished is not None:
+            self._hand_over()
 
     def eof_received(self) -> bool:
         self.reusable = False
@@ -343,30 +459,35 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
-        waiter = self.waiter
-        if waiter is None or waiter.done():
+        exchange = self.exchange
+        if exchange is None:
             return
         if exc is None and self.status and _body_ends_at_eof(b"".join(self.received_before_body)):
             self._complete()
+            self._hand_over()
         elif not self.received_before_body and self.exchanges > 1:
-            self.waiter = None
-            waiter.set_exception(_StaleConnection("reused connection closed before any response"))
+            self.exchange = None
+            self.pool._on_result(
+                self, exchange, _StaleConnection("reused connection closed before any response")
+            )
         else:
-            self.waiter = None
+            self.exchange = None
             detail = f": {exc}" if exc else ""
-            waiter.set_exception(ResetError(f"connection closed mid-response{detail}"))
+            self.pool._on_result(self, exchange, ResetError(f"connection closed mid-response{detail}"))
 
     # -- httptools callbacks ---------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self.waiter is None and not self.head_parser_abandoned:
+        if self.exchange is None and not self.head_parser_abandoned:
             # More after the response we wanted, in the same read: the connection is out of step and
             # the next request would be credited with this stray response's status.
             self.reusable = False
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if status < 200:  # interim (100 Continue, 103 Early Hints): llhttp ends it, the final follows
+        # Interim (100 Continue, 103 Early Hints): llhttp ends it, the final follows. No exchange: a
+        # stray response, whose status must not replace that of the response not yet handed over.
+        if status < 200 or self.exchange is None:
             return
         self.status = status
         if self.head:
@@ -378,9 +499,9 @@ class _Connection(asyncio.Protocol):
             self._complete()
 
     def on_message_complete(self) -> None:
-        # No waiter: a stray response, already marked by on_message_begin, or the HEAD response that
+        # No exchange: a stray response, already marked by on_message_begin, or the HEAD response that
         # on_headers_complete already ended. No status yet: an interim 1xx response.
-        if self.waiter is not None and self.status:
+        if self.exchange is not None and self.status:
             self.reusable = self.parser.should_keep_alive()
             self._complete()
 
