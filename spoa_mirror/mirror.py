@@ -4,7 +4,8 @@ The SPOP handler only appends the message to an intake and returns, so the ACK g
 replay work; the intake is processed right after, in the same loop iteration batch (`call_soon`).
 Per target, a chain of small checks built once from the config decides the request's fate in order:
 filtered, sampled_out, body_too_large / body_truncated, rate_limited, queue_full, circuit_open;
-what survives is redacted, rewritten and serialised, then queued for the target's senders.
+what survives is redacted, rewritten and serialised, then sent on the target's connection pool, or
+queued while all `concurrency` of its connections are busy.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ Check = Callable[[MirrorRequest], str | None]
 
 
 class Target:
-    """One shadow backend: its checks, its request builder, its queue and its senders."""
+    """One shadow backend: its checks, its request builder, its queue and its connection pool."""
 
     def __init__(
         self,
@@ -58,10 +59,10 @@ class Target:
         self.queue: deque[tuple[bytes, bool]] = deque()
         self.queue_size: int = config.queue_size
         self.concurrency: int = config.concurrency
-        self.active = 0
+        self.active = 0  # requests submitted to the pool and not settled yet, at most concurrency
         self.pending = 0  # this target object's share of stats.pending (stats outlive reloads)
         self.closing = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.abandoned = False  # drained: results still to come were already counted as shutdown
         self.breaker = build_circuit_breaker(config.circuit_breaker, f"targets.{self.name}.circuit_breaker")
         self.checks = self._build_checks(config, truncated_body)
         self.rate_limit = build_rate_limiter(config.rate_limit, f"targets.{self.name}.rate_limit")
@@ -153,12 +154,14 @@ class Target:
             return
         stats.pending += 1
         self.pending += 1
-        self.queue.append((payload, req.method == "HEAD"))
-        if self.active < self.concurrency:
+        head = req.method == "HEAD"
+        if self.active < self.concurrency:  # then nothing is queued: _sent refills from the queue
             self.active += 1
-            task = asyncio.get_running_loop().create_task(self._sender())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            # A callback rather than a sender task awaiting Pool.send: ~17% fewer instructions per
+            # replayed request (113k -> 94k, callgrind), ~2.5 us.
+            self.pool.submit(payload, self._sent, head=head)
+        else:
+            self.queue.append((payload, head))
 
     def _admit(self, req: MirrorRequest) -> str | None:
         for check in self.checks:
@@ -173,36 +176,34 @@ class Target:
             return "circuit_open"
         return None
 
-    async def _sender(self) -> None:
-        """Sends queued requests until the queue is empty; at most `concurrency` of these run."""
+    def _sent(self, result: int | Exception, elapsed: float) -> None:
+        """The pool's callback, once per submitted request: its outcome, then the next queued one on
+        the slot it frees, so at most `concurrency` requests are in flight."""
+        if self.abandoned:
+            return
         stats = self.stats
-        queue = self.queue
-        loop = asyncio.get_running_loop()
-        try:
-            while queue:
-                payload, head = queue.popleft()
-                started = loop.time()
-                try:
-                    status = await self.pool.send(payload, head=head)
-                except TransportError as error:
-                    outcome = f"error_{error.reason}"
-                    if error.reason in ("connect", "timeout"):
-                        self.breaker.record_failure()
-                    else:
-                        self.breaker.record_success()
-                    self._log_error("mirror.send_failed", error.reason, reason=error.reason, error=str(error))
-                except Exception as error:
-                    # A bug of ours must still leave the account exact and the sender alive.
-                    outcome = "error_internal"
-                    self._log_error("mirror.send_crashed", "internal", error=repr(error), exc_info=True)
-                else:
-                    outcome = STATUS_OUTCOME.get(status, "error_protocol")
-                    self.breaker.record_success()
-                    stats.latency.observe(loop.time() - started)
-                stats.pending -= 1
-                self.pending -= 1
-                stats.outcomes[outcome] += 1
-        finally:
+        if type(result) is int:
+            outcome = STATUS_OUTCOME.get(result, "error_protocol")
+            self.breaker.record_success()
+            stats.latency.observe(elapsed)
+        elif isinstance(result, TransportError):
+            outcome = f"error_{result.reason}"
+            if result.reason in ("connect", "timeout"):
+                self.breaker.record_failure()
+            else:
+                self.breaker.record_success()
+            self._log_error("mirror.send_failed", result.reason, reason=result.reason, error=str(result))
+        else:
+            # A bug of ours must still leave the account exact and the target sending.
+            outcome = "error_internal"
+            self._log_error("mirror.send_crashed", "internal", error=repr(result), exc_info=result)
+        stats.pending -= 1
+        self.pending -= 1
+        stats.outcomes[outcome] += 1
+        if self.queue:
+            payload, head = self.queue.popleft()
+            self.pool.submit(payload, self._sent, head=head)
+        else:
             self.active -= 1
 
     def _log_error(self, event: str, key: str, **fields: Any) -> None:
@@ -211,17 +212,14 @@ class Target:
             log.warning(event, target=self.name, suppressed=suppressed, **fields)
 
     async def drain(self, deadline: float) -> int:
-        """Stop taking requests, let the senders finish until `deadline` (loop time), then count
-        what is left as `shutdown`. Returns how many were dropped."""
+        """Stop taking requests, let what is queued and in flight finish until `deadline` (loop
+        time), then count what is left as `shutdown`. Returns how many were dropped."""
         self.closing = True
         loop = asyncio.get_running_loop()
         while (self.queue or self.active) and loop.time() < deadline:
             await asyncio.sleep(0.01)
         self.queue.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=1.0)
+        self.abandoned = True  # closing the pool below fails what is in flight: not counted twice
         dropped = self.pending
         self.pending = 0
         self.stats.pending -= dropped
