@@ -1,4 +1,4 @@
-"""The README's example agent is real code: extract it, run it, and talk SPOP to it."""
+"""The README is tested: its example agent runs and speaks SPOP, its config reference is the example file."""
 
 from __future__ import annotations
 
