@@ -13,6 +13,8 @@ handler; and the decode time of a 919-byte NOTIFY, hand-written codec against `s
 
     .venv/bin/python bench/engine_bench.py [--connections 8] [--window 32] [--duration 10] [--size 1024]
     .venv/bin/python bench/engine_bench.py --sans-io [--count 100000] [--size 1024]
+
+`--json PATH` also writes the figures there, for bench/run.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import json
 import logging
 import os
 import resource
@@ -332,6 +335,31 @@ def end_to_end(args: argparse.Namespace) -> None:
         f"({result['agent_cpu'] / result['elapsed']:.0%} of a core); "
         f"client CPU {result['client_cpu'] / result['elapsed']:.0%} of a core"
     )
+    if args.json:
+        _write_json(
+            args.json,
+            {
+                "mode": "end_to_end",
+                "loop": loop_name,
+                "connections": args.connections,
+                "window": args.window,
+                "size": args.size,
+                "seconds": result["elapsed"],
+                "acks": result["acks"],
+                "acks_per_s": rate,
+                "p50_ms": result["p50"],
+                "p99_ms": result["p99"],
+                "agent_cpu_us_per_ack": result["agent_cpu"] / result["acks"] * 1e6,
+                "agent_core_share": result["agent_cpu"] / result["elapsed"],
+                "client_core_share": result["client_cpu"] / result["elapsed"],
+            },
+        )
+
+
+def _write_json(path: str, figures: dict[str, object]) -> None:
+    with open(path, "w") as f:
+        json.dump({"command": shlex.join(sys.argv), **figures}, f, indent=2)
+        f.write("\n")
 
 
 def _has_uvloop() -> bool:
@@ -383,13 +411,28 @@ def sans_io(args: argparse.Namespace) -> None:
     hot = decode_messages(decode_frame(frame).payload)
     hot_us = _time(lambda: decode_messages(decode_frame(frame).payload))
     print(f"decode of a 919-byte NOTIFY, hand-written: {hot_us:.2f} us")
+    spec_us = None
     try:
         from spoe import spec
     except ImportError:
-        return
-    assert spec.parse_messages(spec.parse_frame(frame).payload) == hot
-    spec_us = _time(lambda: spec.parse_messages(spec.parse_frame(frame).payload))
-    print(f"decode of a 919-byte NOTIFY, construct:    {spec_us:.2f} us ({spec_us / hot_us:.0f}x)")
+        pass
+    else:
+        assert spec.parse_messages(spec.parse_frame(frame).payload) == hot
+        spec_us = _time(lambda: spec.parse_messages(spec.parse_frame(frame).payload))
+        print(f"decode of a 919-byte NOTIFY, construct:    {spec_us:.2f} us ({spec_us / hot_us:.0f}x)")
+    if args.json:
+        _write_json(
+            args.json,
+            {
+                "mode": "sans_io",
+                "count": count,
+                "size": args.size,
+                "us_per_ack_best": runs[0] / count * 1e6,
+                "us_per_ack_median": runs[2] / count * 1e6,
+                "decode_919_us": hot_us,
+                "decode_919_construct_us": spec_us,
+            },
+        )
 
 
 def _time(fn: object) -> float:
@@ -409,6 +452,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first (default 1)")
     parser.add_argument("--profile", metavar="FILE", help="run the agent under cProfile, stats to FILE")
     parser.add_argument("--sans-io", action="store_true", help="time the Connection core in-process")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
     parser.add_argument("--agent-cpu", type=int, help=argparse.SUPPRESS)  # the agent subprocess
     args = parser.parse_args()
     if args.agent_cpu is not None:
