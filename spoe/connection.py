@@ -69,7 +69,8 @@ def _supports_our_version(versions: str) -> bool:
     2.0 reply; "1.5" or "3.0" do not."""
     for version in parse_list(versions):
         major, _, minor = version.partition(".")
-        if major.isdigit() and minor.isdigit() and int(major) == SUPPORTED_MAJOR:
+        # ASCII only: "²".isdigit() is true but int("²") raises, and HAProxy sends ASCII anyway.
+        if version.isascii() and major.isdigit() and minor.isdigit() and int(major) == SUPPORTED_MAJOR:
             return True
     return False
 
@@ -314,7 +315,14 @@ class Connection:
             raise ResourceExhausted(
                 f"fragmented NOTIFY exceeds the reassembly cap of {self.max_reassembly} bytes"
             )
-        self._fragment_parts.append(payload)
+        # Each held part costs ~40 bytes beyond its data, which the byte cap does not count: a part
+        # shorter than the smallest frame joins a short predecessor instead, so a flood of empty or
+        # tiny UNSET frames holds at most two parts per MIN_FRAME_SIZE bytes, not one per frame.
+        parts = self._fragment_parts
+        if parts and len(payload) < MIN_FRAME_SIZE and len(parts[-1]) < MIN_FRAME_SIZE:
+            parts[-1] += payload
+        else:
+            parts.append(payload)
 
     def _deliver(self, stream_id: int, frame_id: int, payload: bytes) -> None:
         messages = decode_messages(payload)

@@ -31,6 +31,7 @@ Handler = Callable[[Message], Iterable[Action] | Awaitable[Iterable[Action] | No
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 log = structlog.get_logger("spoe")
+_PLAIN_RESULTS = (type(None), list, tuple)
 
 
 @dataclass
@@ -300,7 +301,8 @@ class SpopProtocol(asyncio.Protocol):
             except Exception:
                 self._handler_failed(message.name)
                 continue
-            if is_async or inspect.isawaitable(result):
+            # inspect.isawaitable costs ~0.3 us a call; None, a list or a tuple never is awaitable.
+            if is_async or (type(result) not in _PLAIN_RESULTS and inspect.isawaitable(result)):
                 awaiting.append(result)  # type: ignore[arg-type]
             elif result:
                 actions.extend(result)
