@@ -374,6 +374,12 @@ class SpopProtocol(asyncio.Protocol):
             )
         if self.transport is not None:
             self.transport.close()
+            if self.transport.get_write_buffer_size():
+                # close() waits for the peer to read what is buffered: one that never reads would
+                # keep the connection, its buffer and its max_connections slot forever.
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer = self._loop.call_later(self.agent.idle_timeout, self.abort)
 
     def _flush(self) -> None:
         out = self.conn.data_to_send()
