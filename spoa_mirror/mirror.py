@@ -69,7 +69,7 @@ class Target:
         self.redact = build_redactor(
             config.redact, f"targets.{self.name}.redact", hmac_key, stats.count_redaction
         )
-        self.build = self._build_builder(config, loop_header)
+        self.build = self._build_builder(config, loop_header, truncated_body)
         self.pool = Pool(
             config.host,
             config.port,
@@ -98,7 +98,15 @@ class Target:
             checks.append(lambda req: "body_truncated" if is_truncated(req) else None)
         return checks
 
-    def _build_builder(self, config: Any, loop_header: str) -> Callable[[MirrorRequest], bytes]:
+    def _build_builder(
+        self, config: Any, loop_header: str, truncated_body: str
+    ) -> Callable[[MirrorRequest], bytes]:
+        """The request bytes for this target. Header scans are skipped where the config makes their
+        answer known (with `truncated_body: drop` the checks have already dropped what is truncated;
+        with `host: target` the client's Host is not needed): 23k instead of 27k instructions for
+        wrk's GET (~1.9 us instead of ~2.3 us), 79k instead of 89k for a browser's ten-header GET
+        (callgrind)."""
+        mark_truncated = truncated_body != "drop"
         base_path = config.base_path.rstrip("/")
         rewrite = config.path_rewrite
         add = [*config.headers.items(), (loop_header, "1")]
@@ -111,21 +119,21 @@ class Target:
         stats = self.stats
 
         def build(req: MirrorRequest) -> bytes:
-            truncated = is_truncated(req)
+            truncated = mark_truncated and is_truncated(req)
             req = redact(req)
             path = req.path
             if rewrite is not None:
                 path = rewrite[0].sub(rewrite[1], path, count=1)
             if base_path:
                 path = base_path + path
-            original_host = req.header("host")
-            if host_policy == "original" and original_host:
-                host = original_host
-            elif host_policy == "suffix" and original_host:
-                name, colon, port = original_host.partition(":")
-                host = f"{name}-shadow{colon}{port}"
-            else:
-                host = target_host
+            host = target_host
+            if host_policy != "target":
+                original_host = req.header("host")
+                if host_policy == "original" and original_host:
+                    host = original_host
+                elif host_policy == "suffix" and original_host:
+                    name, colon, port = original_host.partition(":")
+                    host = f"{name}-shadow{colon}{port}"
             headers = [h for h in req.headers if h[0].lower() not in removed] if mirror_headers else []
             if req.src:
                 headers = _append_forwarded_for(headers, req.src)
