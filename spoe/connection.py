@@ -1,11 +1,14 @@
 """The SPOP connection state machine, sans I/O: bytes in (`receive_data`), events out
 (`next_event`), decisions in (`send_ack`, `close`), bytes out (`data_to_send`).
 
-Modelled on h11/h2: no sockets, no clocks, no tasks. Every protocol error the peer can cause is an
-`SpopError` carrying its SPOE.txt status; `_fail` is the one place that turns it into an
-AGENT-DISCONNECT frame. Nothing the peer sends can raise out of `next_event`, and memory is bounded:
-a frame longer than the negotiated max-frame-size is refused from its 4-byte length alone, and
-fragment reassembly has a byte cap.
+Modelled on h11/h2: no sockets, no clocks, no tasks. The cold frames (HELLO, DISCONNECT) go through
+the `construct` declarations of `spoe.spec`, the executable specification; NOTIFY and ACK, once per
+mirrored request, through the hand-written codec the property tests hold to that specification.
+
+Every protocol error the peer can cause is an `SpopError` carrying its SPOE.txt status; `_fail` is
+the one place that turns it into an AGENT-DISCONNECT frame. Nothing the peer sends can raise out of
+`next_event`, and memory is bounded: a frame longer than the negotiated max-frame-size is refused
+from its 4-byte length alone, and fragment reassembly has a byte cap.
 """
 
 from __future__ import annotations
@@ -36,12 +39,11 @@ from .frames import (
     Frame,
     FrameType,
     decode_frame,
-    decode_kv_list,
     decode_messages,
     encode_actions,
     encode_frame,
-    encode_kv_list,
 )
+from .spec import build_kv_list, parse_kv_list
 
 SPOP_VERSION = "2.0"
 SUPPORTED_MAJOR = 2
@@ -235,7 +237,7 @@ class Connection:
         # Unknown frame types "may be silently skipped" (SPOE.txt 3.2.2).
 
     def _on_hello(self, frame: Frame) -> None:
-        items = decode_kv_list(frame.payload)
+        items = parse_kv_list(frame.payload)
         versions = _require(items, "supported-versions", str, Status.NO_VERSION)
         remote_max = _require(items, "max-frame-size", int, Status.NO_MAX_FRAME_SIZE)
         offered = _require(items, "capabilities", str, Status.NO_CAPABILITIES)
@@ -267,7 +269,7 @@ class Connection:
             "max-frame-size": Uint32(max_frame_size),
             "capabilities": ",".join(sorted(capabilities)),
         }
-        self._out.append(encode_frame(FrameType.AGENT_HELLO, FLAG_FIN, 0, 0, encode_kv_list(reply)))
+        self._out.append(encode_frame(FrameType.AGENT_HELLO, FLAG_FIN, 0, 0, build_kv_list(reply)))
         self.frame_limit = max_frame_size
         self._events.append(self.hello)
         if healthcheck:
@@ -336,7 +338,7 @@ class Connection:
         self._events.append(Notify(stream_id, frame_id, messages))
 
     def _on_disconnect(self, frame: Frame) -> None:
-        items = decode_kv_list(frame.payload)
+        items = parse_kv_list(frame.payload)
         code = items.get("status-code")
         message = items.get("message")
         status = _to_status(code)
@@ -354,7 +356,7 @@ class Connection:
         self._terminate(None)
 
     def _queue_disconnect(self, status: int, message: str) -> None:
-        payload = encode_kv_list({"status-code": Uint32(int(status)), "message": message[:200]})
+        payload = build_kv_list({"status-code": Uint32(int(status)), "message": message[:200]})
         self._out.append(encode_frame(FrameType.AGENT_DISCONNECT, FLAG_FIN, 0, 0, payload))
 
     def _terminate(self, event: Closed | None) -> None:

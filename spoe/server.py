@@ -24,8 +24,9 @@ from .connection import CAPABILITIES, Connection
 from .data import Uint32
 from .errors import Status
 from .events import NEED_DATA, Closed, Hello, Notify, NotifyAborted
-from .frames import Action, FrameType, Message, encode_frame, encode_kv_list
+from .frames import Action, FrameType, Message, encode_frame
 from .log import LogThrottle
+from .spec import build_kv_list
 
 Handler = Callable[[Message], Iterable[Action] | Awaitable[Iterable[Action] | None] | None]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -441,7 +442,7 @@ class SpopProtocol(asyncio.Protocol):
 
 
 def _disconnect_frame(status: Status, message: str) -> bytes:
-    payload = encode_kv_list({"status-code": Uint32(int(status)), "message": message})
+    payload = build_kv_list({"status-code": Uint32(int(status)), "message": message})
     return encode_frame(FrameType.AGENT_DISCONNECT, 1, 0, 0, payload)
 
 
