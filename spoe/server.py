@@ -300,7 +300,7 @@ class SpopProtocol(asyncio.Protocol):
             try:
                 result = fn(message)
             except Exception:
-                self._handler_failed(message.name)
+                self._handler_failed(message.name, event)
                 continue
             # inspect.isawaitable costs ~0.3 us a call; None, a list or a tuple never is awaitable.
             if is_async or (type(result) not in _PLAIN_RESULTS and inspect.isawaitable(result)):
@@ -319,7 +319,7 @@ class SpopProtocol(asyncio.Protocol):
             try:
                 result = await awaitable
             except Exception:
-                self._handler_failed("async")
+                self._handler_failed("async", event)
                 continue
             if result:
                 actions.extend(result)
@@ -330,14 +330,22 @@ class SpopProtocol(asyncio.Protocol):
         try:
             self.conn.send_ack(event.stream_id, event.frame_id, actions)
         except Exception as error:
-            self._handler_failed("ack", error=str(error))
+            self._handler_failed("ack", event, error=str(error))
             self.conn.send_ack(event.stream_id, event.frame_id, ())
         self.agent.stats.acks += 1
 
-    def _handler_failed(self, name: str, **fields: Any) -> None:
+    def _handler_failed(self, name: str, event: Notify, **fields: Any) -> None:
+        """Logged with the stream and frame ids, so one failure can be found in HAProxy's logs."""
         self.agent.stats.handler_errors += 1
         self._log_throttled(
-            "spop.handler.error", "error", key=name, message_name=name, exc_info=True, **fields
+            "spop.handler.error",
+            "error",
+            key=name,
+            message_name=name,
+            stream_id=event.stream_id,
+            frame_id=event.frame_id,
+            exc_info=True,
+            **fields,
         )
 
     def _on_hello(self, event: Hello) -> None:
