@@ -69,6 +69,11 @@ MAX_CPU_US = 30.0
 MAX_FAULT_SLOWDOWN = 0.10
 MAX_RSS_MB = 200.0
 
+# The agent's default queue (1024) holds ~50 ms of traffic at 20k req/s: a shadow stalled longer than
+# that, as an nginx starved of CPU on a busy 2-core machine is, drops requests as queue_full. 8192
+# holds ~400 ms, for ~2 MB of queued GETs.
+QUEUE_SIZE = 8192
+
 # HAProxy's SPOE error codes (var txn.mirror.error with `option set-on-error`); 0x100 + status for
 # an AGENT-DISCONNECT status.
 SPOE_ERRORS = {1: "timeout", 2: "resource", 3: "too_big", 4: "frag_not_supported", 5: "interrupted"}
@@ -126,6 +131,8 @@ log: {{format: json, level: info}}
 targets:
   - name: {target}
     url: {url}
+    concurrency: {concurrency}
+    queue_size: {queue_size}
 """
 
 NGINX_CFG = """\
@@ -523,7 +530,14 @@ class Bench:
             agent = None
             if mirror:
                 (workdir / f"agent-{name}.yaml").write_text(
-                    AGENT_CFG.format(host=HOST, target=TARGET, url=shadow_url, **ports)
+                    AGENT_CFG.format(
+                        host=HOST,
+                        target=TARGET,
+                        url=shadow_url,
+                        concurrency=args.agent_concurrency,
+                        queue_size=args.agent_queue_size,
+                        **ports,
+                    )
                 )
                 agent_cmd = [str(AGENT), "--config", str(workdir / f"agent-{name}.yaml")]
                 # Before HAProxy, whose first health check would otherwise fail.
@@ -743,7 +757,8 @@ def setup_lines(args: argparse.Namespace, bench: Bench) -> list[str]:
         f"HAProxy {_version([HAPROXY, '-v'])} nbthread {bench.haproxy_threads}; "
         f"nginx primary and shadow (1 worker each, return 200); agent: 1 process, uvloop",
         "SPOE: on-frontend-http-request, pipelining + async, timeout processing 100ms; "
-        "args arg_method arg_path arg_ver arg_hdrs arg_body; target 100%, default concurrency and queue",
+        "args arg_method arg_path arg_ver arg_hdrs arg_body",
+        f"agent target: 100%, concurrency {args.agent_concurrency}, queue_size {args.agent_queue_size}",
     ]
 
 
@@ -782,6 +797,15 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
     parser.add_argument("--haproxy-threads", type=int, default=0, help="HAProxy nbthread (default: its own)")
+    parser.add_argument(
+        "--agent-concurrency", type=int, default=64, help="the target's connections (64, the agent's default)"
+    )
+    parser.add_argument(
+        "--agent-queue-size",
+        type=int,
+        default=QUEUE_SIZE,
+        help=f"the target's queue ({QUEUE_SIZE}; the agent's default, 1024, holds ~50 ms at 20k req/s)",
+    )
     parser.add_argument(
         "--scenarios",
         default="baseline,mirror,shadow_down,shadow_hang",
