@@ -194,7 +194,12 @@ class Pool:
 
     def _begin(self, connection: _Connection, exchange: _Exchange) -> None:
         exchange.connection = connection
-        connection.begin(exchange)
+        try:
+            connection.begin(exchange)
+        except Exception as error:  # a write the transport refused: the request must still end
+            connection.abandon()
+            self._loop.call_soon(self._settle, exchange, error)  # type: ignore[union-attr]
+            return
         self._busy.add(connection)
         if self._deadline_sweep is None:
             self._deadline_sweep = self._loop.call_later(  # type: ignore[union-attr]
