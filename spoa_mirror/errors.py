@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 
 class ConfigError(ValueError):
     """A bad configuration value: one line naming the key and the problem, e.g.
@@ -11,3 +13,13 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {problem}")
         self.key = key
         self.problem = problem
+
+
+def check_spec_keys(spec: object, where: str, known: Collection[str]) -> None:
+    """A stage's spec (a target's rate_limit, circuit_breaker or redact) is a mapping of only the
+    `known` keys; the first unknown one is named in the error."""
+    if not isinstance(spec, dict):
+        raise ConfigError(where, f"must be a mapping, got {spec!r}")
+    for name in spec:
+        if name not in known:
+            raise ConfigError(f"{where}.{name}", f"unknown key; expected one of {', '.join(known)}")

@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Callable
 
-from spoa_mirror.errors import ConfigError
+from spoa_mirror.errors import ConfigError, check_spec_keys
 
 Clock = Callable[[], float]
 RateLimiter = Callable[[int], bool]
@@ -100,12 +100,7 @@ def build_rate_limiter(spec: dict | None, where: str, *, clock: Clock = time.mon
     """
     if spec is None:
         return None
-    if not isinstance(spec, dict):
-        raise ConfigError(where, f"must be a mapping, got {spec!r}")
-    known = ("requests_per_second", "bytes_per_second", "burst_seconds")
-    for name in spec:
-        if name not in known:
-            raise ConfigError(f"{where}.{name}", f"unknown key; expected one of {', '.join(known)}")
+    check_spec_keys(spec, where, ("requests_per_second", "bytes_per_second", "burst_seconds"))
     rps = spec.get("requests_per_second")
     bps = spec.get("bytes_per_second")
     if rps is None and bps is None:
@@ -236,12 +231,7 @@ def build_circuit_breaker(spec: dict | None, where: str, *, clock: Clock = time.
     """A breaker for one target; `None` gets the defaults, since every target should have one."""
     if spec is None:
         spec = {}
-    if not isinstance(spec, dict):
-        raise ConfigError(where, f"must be a mapping, got {spec!r}")
-    known = ("failure_threshold", "backoff", "max_backoff")
-    for name in spec:
-        if name not in known:
-            raise ConfigError(f"{where}.{name}", f"unknown key; expected one of {', '.join(known)}")
+    check_spec_keys(spec, where, ("failure_threshold", "backoff", "max_backoff"))
     threshold = spec.get("failure_threshold", DEFAULT_FAILURE_THRESHOLD)
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
         raise ConfigError(

@@ -68,7 +68,7 @@ from operator import attrgetter
 from typing import Any
 from urllib.parse import quote_plus, unquote_plus
 
-from spoa_mirror.errors import ConfigError
+from spoa_mirror.errors import ConfigError, check_spec_keys
 from spoa_mirror.request import MirrorRequest
 
 MASK = "[REDACTED]"
@@ -123,11 +123,7 @@ def build_redactor(spec: dict | None, where: str, hmac_key: bytes | None, on_red
     only looks up names it already knows. An empty `hmac_key` counts as none."""
     if spec is None:
         spec = {}
-    if not isinstance(spec, dict):
-        raise ConfigError(where, f"must be a mapping, got {spec!r}")
-    for section in spec:
-        if section not in SECTIONS:
-            raise ConfigError(f"{where}.{section}", f"unknown key; expected one of {', '.join(SECTIONS)}")
+    check_spec_keys(spec, where, SECTIONS)
     ops = _Ops(hmac_key or None)
 
     defaults = spec.get("defaults", True)
