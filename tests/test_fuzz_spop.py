@@ -22,14 +22,13 @@ import struct
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from itertools import pairwise
 from typing import Any
 
 import pytest
-import uvloop
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -60,6 +59,7 @@ from spoe.frames import (
     encode_kv_list,
     encode_messages,
 )
+from tests.support.live_agent import LOOPS, AsyncTest, Served, loop_runner, serving, wait_until
 from tests.support.spop_peer import (
     TcpPeer,
     disconnect_status,
@@ -72,7 +72,6 @@ from tests.support.spop_peer import (
     parse_frames,
     unset,
 )
-from tests.test_server import serving, wait_until
 
 # The sans-IO fuzz ------------------------------------------------------------------------------
 
@@ -603,19 +602,11 @@ FLOOD_BYTES = 50 << 20
 # ACKs below are about as big as their NOTIFYs), doubled for margin.
 WRITE_BUFFER_CAP = 2 * ((64 << 10) + (256 << 10))
 
-AsyncTest = Callable[[], Awaitable[None]]
 
-
-@pytest.fixture(params=["asyncio", "uvloop"])
+@pytest.fixture(params=LOOPS)
 def run(request: pytest.FixtureRequest) -> Callable[[AsyncTest], None]:
-    """As in test_server: both loops, because their transports buffer and pause differently."""
-    loop_factory = uvloop.new_event_loop if request.param == "uvloop" else None
-
-    def run_test(test: AsyncTest) -> None:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(asyncio.wait_for(test(), TCP_DEADLINE))
-
-    return run_test
+    """Both loops, because their transports buffer and pause differently."""
+    return loop_runner(request.param, TCP_DEADLINE)
 
 
 def raise_fd_limit(needed: int) -> None:
@@ -628,14 +619,17 @@ def raise_fd_limit(needed: int) -> None:
         raise AssertionError(f"RLIMIT_NOFILE hard limit {hard} is below the {needed} descriptors needed")
 
 
-async def peer_with_small_receive_buffer(address: tuple[str, int]) -> TcpPeer:
-    """A peer whose kernel holds little of what the agent writes, so the agent's own buffer is what
-    fills when the peer stops reading."""
+async def peer_with_small_receive_buffer(served: Served) -> TcpPeer:
+    """A peer past its HELLO whose kernel holds little of what the agent writes, so the agent's own
+    buffer is what fills when the peer stops reading; closed with the test like the other peers."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
-    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, address), 2.0)
-    return TcpPeer(sock)
+    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, served.address), 2.0)
+    peer = TcpPeer(sock)
+    served.peers.append(peer)
+    await peer.handshake()
+    return peer
 
 
 @dataclass
@@ -738,9 +732,7 @@ def test_peer_that_never_reads_its_acks_cannot_grow_the_agents_buffers(
 
     async def test() -> None:
         async with serving(agent) as served:
-            peer = await peer_with_small_receive_buffer(served.address)
-            served.peers.append(peer)
-            await peer.handshake()
+            peer = await peer_with_small_receive_buffer(served)
             flood = await flood_until_stalled(peer, agent, block)
             (protocol,) = agent._protocols
             print(
@@ -785,9 +777,7 @@ def test_peer_that_never_reads_at_all_is_dropped(run: Callable[[AsyncTest], None
 
     async def test() -> None:
         async with serving(agent) as served:
-            peer = await peer_with_small_receive_buffer(served.address)
-            served.peers.append(peer)
-            await peer.handshake()
+            peer = await peer_with_small_receive_buffer(served)
             flood = await flood_until_stalled(peer, agent, block)
             assert flood.sent < FLOOD_BYTES
             await wait_until(lambda: agent.connections == 0, timeout=3.0)

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import uvloop
 from structlog.testing import capture_logs
 
 from spoe import Agent, Int32, Message, SetVar, Status, UnsetVar, VarScope
 from spoe.frames import FLAG_FIN, FrameType
+from tests.support.live_agent import LOOPS, AsyncTest, loop_runner, serving, wait_until
 from tests.support.spop_peer import (
     HAPROXY_3X_MAX_PIPELINED_STREAMS,
     TcpPeer,
@@ -36,57 +35,10 @@ from tests.support.spop_peer import (
 TEST_DEADLINE = 20.0
 MESSAGES = [Message("check", {"n": Int32(5)}), Message("other", {"path": "/x"})]
 
-AsyncTest = Callable[[], Awaitable[None]]
 
-
-@pytest.fixture(params=["asyncio", "uvloop"])
+@pytest.fixture(params=LOOPS)
 def run(request: pytest.FixtureRequest) -> Callable[[AsyncTest], None]:
-    loop_factory = uvloop.new_event_loop if request.param == "uvloop" else None
-
-    def run_test(test: AsyncTest) -> None:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(asyncio.wait_for(test(), TEST_DEADLINE))
-
-    return run_test
-
-
-class Served:
-    """A started agent and the peers connected to it, all closed when the test ends."""
-
-    def __init__(self, agent: Agent, address: tuple[str, int]) -> None:
-        self.agent = agent
-        self.address = address
-        self.peers: list[TcpPeer] = []
-
-    async def connect(self) -> TcpPeer:
-        peer = await TcpPeer.connect(self.address)
-        self.peers.append(peer)
-        return peer
-
-    async def ready_peer(self, hello: bytes | None = None) -> TcpPeer:
-        peer = await self.connect()
-        await peer.handshake(hello)
-        return peer
-
-
-@asynccontextmanager
-async def serving(agent: Agent) -> AsyncIterator[Served]:
-    (address,) = await agent.start("127.0.0.1", 0)
-    served = Served(agent, address)
-    try:
-        yield served
-    finally:
-        await agent.stop(timeout=1.0)
-        for peer in served.peers:
-            peer.close()
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
+    return loop_runner(request.param, TEST_DEADLINE)
 
 
 async def ack_for(peer: TcpPeer, stream_id: int, frame_id: int, messages: list[Message]) -> list[Any]:
