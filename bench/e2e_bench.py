@@ -738,9 +738,11 @@ def details(results: dict[str, Result]) -> list[str]:
             )
         elif r.mirrored is not None:
             parts.append("HAProxy SPOE errors: none")
+        # Per request served, so runs compare: HAProxy's own figure shows how fast the machine was.
+        served = max(r.primary_served, 1)
         parts.append(
-            f"CPU s over {r.cpu_window_s:.1f}s: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in r.cpu_seconds.items() if k != "bench")
+            f"CPU us per request over {r.cpu_window_s:.1f}s: "
+            + ", ".join(f"{k} {v / served * 1e6:.1f}" for k, v in r.cpu_seconds.items() if k != "bench")
         )
         if r.profile:
             parts.append(f"profile {r.profile}")
