@@ -13,7 +13,6 @@ import json
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,14 +20,19 @@ import pytest
 import yaml
 
 from tests.support.procs import HAPROXY, NGINX
-from tests.test_haproxy_configs import bufsize, to_mode_tcp
+from tests.support.shipped_configs import (
+    DOCKERFILE,
+    assert_check_config,
+    bufsize,
+    dockerfile_instructions,
+    section,
+    to_mode_tcp,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
-DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 IMAGE_CONFIG = ROOT / "deploy" / "docker" / "config.yaml"
-AGENT = Path(sys.executable).with_name("spoa-mirror")
 HAPROXY_CONFIG_PATH = "/usr/local/etc/haproxy/haproxy.cfg"  # where the official image reads it
 AGENT_CONFIG_PATH = "/etc/spoa-mirror/config.yaml"  # the image's CMD
 NONROOT_UID = "10001"
@@ -79,24 +83,6 @@ def mounted_agent_config() -> Path:
 
 
 # --- Dockerfile -------------------------------------------------------------------------------------
-
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
-    instructions: list[tuple[str, str]] = []
-    pending = ""
-    for line in DOCKERFILE.read_text().splitlines():
-        if line.lstrip().startswith("#") or not line.strip():
-            continue
-        pending += line.rstrip()
-        if pending.endswith("\\"):
-            pending = pending[:-1] + " "
-            continue
-        keyword, _, arguments = pending.strip().partition(" ")
-        instructions.append((keyword.upper(), " ".join(arguments.split())))
-        pending = ""
-    assert not pending, "the Dockerfile ends inside a continued line"
-    return instructions
 
 
 def final_stage() -> list[tuple[str, str]]:
@@ -175,13 +161,6 @@ def test_image_config_listens_on_all_interfaces_and_runs_once_given_a_target() -
 
 
 # --- compose.yaml -----------------------------------------------------------------------------------
-
-
-def assert_check_config(config: Path, *flags: str) -> None:
-    result = subprocess.run(
-        [str(AGENT), "check-config", str(config), *flags], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
 
 
 def test_compose_has_haproxy_two_agents_a_primary_and_a_shadow() -> None:
@@ -294,20 +273,6 @@ def test_web_healthcheck_asks_the_port_nginx_listens_on(name: str) -> None:
     nginx_port = re.search(r"listen (\d+);", (ROOT / "deploy/compose/nginx.conf").read_text())[1]
     test = services()[name]["healthcheck"]["test"]
     assert f"http://127.0.0.1:{nginx_port}/healthz" in test
-
-
-def section(text: str, header: str) -> list[str]:
-    """The directives of one HAProxy section, comments and blank lines dropped."""
-    lines = text.splitlines()
-    start = lines.index(header) + 1
-    body = []
-    for line in lines[start:]:
-        if line and not line[0].isspace() and not line.startswith("#"):
-            break
-        directive = line.split("#", 1)[0].strip()
-        if directive:
-            body.append(directive)
-    return body
 
 
 def test_compose_haproxy_mirrors_like_the_production_3x_config() -> None:

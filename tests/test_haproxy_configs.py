@@ -13,8 +13,6 @@ import difflib
 import io
 import json
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -25,8 +23,9 @@ import httpx
 import pytest
 
 from spoa_mirror.config import ListenConfig
-from tests.support.procs import HAPROXY, HAProxyProcess, ManagedProcess, free_port, run_haproxy, run_process
+from tests.support.procs import HAProxyProcess, ManagedProcess, free_port, run_haproxy, run_process
 from tests.support.shadow import RecordedRequest, ShadowServer
+from tests.support.shipped_configs import AGENT, SPOE_CONF, bufsize, directive, haproxy_check, to_mode_tcp
 
 pytestmark = pytest.mark.haproxy
 
@@ -34,26 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 HAPROXY_DIR = ROOT / "haproxy"
 CONFIG_2X = HAPROXY_DIR / "haproxy.cfg"
 CONFIG_3X = HAPROXY_DIR / "haproxy-3.x.cfg"
-SPOE_CONF = HAPROXY_DIR / "mirror.spoe.conf"
-AGENT = Path(sys.executable).with_name("spoa-mirror")
 MAXREWRITE = 1024  # HAProxy's default tune.maxrewrite, reserved in every buffer
 HEADER_ROOM = 4096  # what a body limit must leave of a buffer for the request line and headers
 MODE_TCP, MODE_SPOP = "    mode tcp", "    mode spop"
-
-
-def haproxy_check(config: Path, *, cwd: Path | None = None) -> None:
-    """`haproxy -c -dW`: the config must parse with no warning at all; fail with HAProxy's words."""
-    check = subprocess.run(
-        [HAPROXY, "-c", "-dW", "-f", str(config)], capture_output=True, text=True, timeout=30, cwd=cwd
-    )
-    assert check.returncode == 0, f"haproxy -c {config}:\n{check.stdout}{check.stderr}"
-
-
-def to_mode_tcp(text: str) -> str:
-    """An HAProxy 3.1+ config as 2.6 can parse it: `mode spop` agents' backends back in `mode tcp`."""
-    converted, count = re.subn(r"^(\s*)mode spop\b", r"\1mode tcp", text, flags=re.MULTILINE)
-    assert count, "no `mode spop` line to switch back"
-    return converted
 
 
 def seconds(value: str) -> float:
@@ -62,17 +44,6 @@ def seconds(value: str) -> float:
     assert match, f"not an HAProxy time: {value!r}"
     unit = {"us": 1e-6, "ms": 1e-3, None: 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
     return int(match[1]) * unit
-
-
-def directive(text: str, pattern: str) -> list[str]:
-    """The first capture group of `pattern` on every config line it matches (comments excluded)."""
-    lines = (line.split("#", 1)[0] for line in text.splitlines())
-    return [match[1] for line in lines if (match := re.match(rf"\s*{pattern}\s*$", line))]
-
-
-def bufsize(text: str) -> int:
-    [value] = directive(text, r"tune\.bufsize (\d+)")
-    return int(value)
 
 
 def body_limits(spoe_text: str) -> set[int]:

@@ -17,8 +17,14 @@ import pytest
 import yaml
 
 from spoa_mirror.config import parse_config
-from tests.test_compose import assert_check_config, dockerfile_instructions, section
-from tests.test_haproxy_configs import SPOE_CONF, bufsize, haproxy_check
+from tests.support.shipped_configs import (
+    SPOE_CONF,
+    assert_check_config,
+    bufsize,
+    dockerfile_instructions,
+    haproxy_check,
+    section,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
