@@ -36,7 +36,6 @@ import re
 import resource
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -182,9 +181,10 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeou
     raise SystemExit(f"{what} does not listen on {port} after {timeout}s")
 
 
-def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+def stop(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM, as a service manager stops it (the agent drains for up to 5 s), then SIGKILL."""
     if process.poll() is None:
-        process.send_signal(sig)
+        process.terminate()
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
