@@ -71,7 +71,7 @@ targets[].max_body_size (10MiB): requests with a larger body are not mirrored (s
 targets[].tls_verify (true): verify an https target's certificate and host name.
 targets[].ca_file (system CAs): CA bundle for an https target.
 targets[].concurrency (64): connections open to the target at most.
-targets[].queue_size (1024): mirrors waiting for a connection at most; more are dropped, counted.
+targets[].queue_size (8192): mirrors waiting for a connection at most; more are dropped, counted.
 targets[].rate_limit (unset): {requests_per_second, bytes_per_second, burst_seconds} (limits.py).
 targets[].circuit_breaker (unset): {failure_threshold, backoff, max_backoff} (limits.py).
 targets[].filters (unset): {allow: RULES, deny: RULES}: which requests the target sees at all
@@ -237,7 +237,7 @@ class TargetConfig:
     tls_verify: bool = True
     ca_file: str | None = None
     concurrency: int = 64
-    queue_size: int = 1024
+    queue_size: int = 8192  # ~0.4 s of 20k req/s: rides out a stalled core without queue_full
     rate_limit: dict[str, Any] | None = None
     circuit_breaker: dict[str, Any] | None = None
     filters: dict[str, Any] | None = None

@@ -101,7 +101,7 @@ def test_every_target_default() -> None:
     assert target.tls_verify is True
     assert target.ca_file is None
     assert target.concurrency == 64
-    assert target.queue_size == 1024
+    assert target.queue_size == 8192
     assert target.rate_limit is None
     assert target.circuit_breaker is None
     assert target.filters is None
