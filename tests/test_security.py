@@ -38,6 +38,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from spoe import Status
+from tests.support.mirror_stack import SpoeMessage, write_haproxy_config
 from tests.support.procs import ManagedProcess, free_port, run_haproxy, run_process
 from tests.support.shadow import ShadowServer
 from tests.support.spop_peer import disconnect_status, hello_2x, parse_frames
@@ -48,49 +49,13 @@ ROOT = Path(__file__).resolve().parent.parent
 AGENT = [sys.executable, "-m", "spoa_mirror"]
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
 
-SPOE_CONFIG = """\
-[mirror]
-spoe-agent mirror_agent
-    messages mirror
-    use-backend spoe-mirror
-    option var-prefix mirror
-    option set-on-error error
-    timeout hello 2s
-    timeout idle 30s
-    timeout processing 500ms
-    option async
-    option pipelining
-spoe-message mirror
-    args arg_method=method arg_path=url arg_ver=req.ver arg_hdrs=req.hdrs_bin arg_body=req.body \
-body_len=req.body_len src=src
-    event on-frontend-http-request
-"""
-
-# HAProxy answers every request itself once the SPOE event is done: a 200 proves the request was
-# served whatever happened to its mirror, and X-Spoe-Error carries the SPOE error, if any.
-HAPROXY_CONFIG = """\
-global
-    nbthread 1
-
-defaults
-    mode http
-    timeout connect 1s
-    timeout client 10s
-    timeout server 10s
-
-frontend web
-    bind 127.0.0.1:{http_port}
-    option http-buffer-request
-    filter spoe engine mirror config {spoe_config}
-    http-request return status 200 content-type text/plain string ok \
-hdr X-Spoe-Error "%[var(txn.mirror.error)]"
-
-backend spoe-mirror
-    mode tcp
-    timeout connect 1s
-    timeout server 30s
-    server agent 127.0.0.1:{agent_port} {server_options}
-"""
+# The message of tests/support/mirror_stack.py but for the headers, sent as req.hdrs_bin, and no
+# unique-id. HAProxy answers every request itself once the SPOE event is done: a 200 proves the
+# request was served whatever happened to its mirror, and X-Spoe-Error carries the SPOE error, if any.
+MESSAGE = SpoeMessage(
+    args="arg_method=method arg_path=url arg_ver=req.ver arg_hdrs=req.hdrs_bin arg_body=req.body "
+    "body_len=req.body_len src=src"
+)
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -151,13 +116,8 @@ def run_haproxy_for(tmp_path: Path, agent: Agent, server_options: str = "") -> I
     directory = tmp_path / f"haproxy-{free_port()}"
     directory.mkdir()
     http_port = free_port()
-    spoe_config = directory / "mirror.spoe.conf"
-    spoe_config.write_text(SPOE_CONFIG)
-    config = HAPROXY_CONFIG.format(
-        http_port=http_port,
-        spoe_config=spoe_config,
-        agent_port=agent.spop_port,
-        server_options=server_options,
+    config = write_haproxy_config(
+        directory, agent.spop_port, http_port, messages=(MESSAGE,), server_options=server_options
     )
     with run_haproxy(config, directory):
         yield f"http://127.0.0.1:{http_port}"

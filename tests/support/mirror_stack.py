@@ -85,7 +85,7 @@ backend spoe-mirror
     mode tcp
     timeout connect 1s
     timeout server 30s
-    server agent1 127.0.0.1:$agent_port
+    server agent1 127.0.0.1:$agent_port$server_options
 """)
 
 ConfigFactory = Callable[[Mapping[str, ShadowServer]], dict[str, Any]]
@@ -281,6 +281,38 @@ def write_config(path: Path, config: dict[str, Any]) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
+def write_haproxy_config(
+    directory: Path,
+    agent_port: int,
+    http_port: int,
+    *,
+    bufsize: int = 16384,
+    processing: str = "500ms",
+    agent_options: str = "",
+    messages: tuple[SpoeMessage, ...] = (SpoeMessage(),),
+    server_options: str = "",
+) -> str:
+    """HAProxy's config for `filter spoe` to the agent on 127.0.0.1:`agent_port`, answering on
+    127.0.0.1:`http_port`; its SPOE file is written to `directory`. `agent_options` are extra
+    `spoe-agent` lines, `server_options` go on the agent's `server` line."""
+    spoe_config = directory / "mirror.spoe.conf"
+    spoe_config.write_text(
+        SPOE_CONFIG.substitute(
+            messages=" ".join(message.name for message in messages),
+            processing=processing,
+            agent_options="\n".join(f"    {line.strip()}" for line in agent_options.splitlines()),
+            message_sections="\n".join(message.section() for message in messages),
+        )
+    )
+    return HAPROXY_CONFIG.substitute(
+        bufsize=bufsize,
+        http_port=http_port,
+        spoe_config=spoe_config,
+        agent_port=agent_port,
+        server_options=f" {server_options}" if server_options else "",
+    )
+
+
 @contextmanager
 def mirror_stack(
     tmp_path: Path,
@@ -318,17 +350,14 @@ def mirror_stack(
         agent_port = int(started["listen"][0].rpartition(":")[2])
         admin_port = int(started["admin"].rpartition(":")[2])
         http_port = free_port()  # after the shadows bound theirs, so it cannot be one of them
-        spoe_config = tmp_path / "mirror.spoe.conf"
-        spoe_config.write_text(
-            SPOE_CONFIG.substitute(
-                messages=" ".join(message.name for message in messages),
-                processing=processing,
-                agent_options="\n".join(f"    {line.strip()}" for line in agent_options.splitlines()),
-                message_sections="\n".join(message.section() for message in messages),
-            )
-        )
-        haproxy_config = HAPROXY_CONFIG.substitute(
-            bufsize=bufsize, http_port=http_port, spoe_config=spoe_config, agent_port=agent_port
+        haproxy_config = write_haproxy_config(
+            tmp_path,
+            agent_port,
+            http_port,
+            bufsize=bufsize,
+            processing=processing,
+            agent_options=agent_options,
+            messages=messages,
         )
         haproxy = stack.enter_context(run_haproxy(haproxy_config, tmp_path))
         yield MirrorStack(
