@@ -43,12 +43,19 @@ from string import Template
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from spoa_mirror.accounting import OUTCOMES
 from tests.support.load import LoadResult, run_load, start_load
-from tests.support.mirror_stack import Account, series
-from tests.support.procs import HAProxyProcess, ManagedProcess, free_port, run_haproxy, run_nginx, run_process
+from tests.support.mirror_stack import Account, parse_metrics, series
+from tests.support.procs import (
+    HAProxyProcess,
+    ManagedProcess,
+    free_port,
+    log_events,
+    run_haproxy,
+    run_nginx,
+    run_process,
+)
 from tests.support.shadow import ShadowServer, self_signed_tls
 
 pytestmark = pytest.mark.haproxy
@@ -150,19 +157,11 @@ class Agent:
 
     def metrics(self) -> dict[str, float]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        return {
-            series(sample.name, **sample.labels): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
+            return parse_metrics(response.read().decode())
 
     def events(self, event: str) -> list[dict[str, Any]]:
         """This run's JSON log lines named `event`."""
-        records = (
-            json.loads(line) for line in self.process.stderr_text().splitlines() if line.startswith("{")
-        )
-        return [record for record in records if record.get("event") == event]
+        return log_events(self.process.stderr_text(), event)
 
     def peak_rss_mb(self) -> float:
         """VmHWM: the most memory the process ever had resident."""

@@ -46,12 +46,12 @@ import httpx
 import pytest
 
 from tests.conftest import EchoAgentFactory
-from tests.support.echo_agent import log_events
 from tests.support.procs import (
     HAProxyProcess,
     ManagedProcess,
     free_port,
     haproxy_version,
+    log_events,
     run_haproxy,
     run_nginx,
 )

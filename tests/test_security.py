@@ -38,7 +38,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from spoe import Status
-from tests.support.mirror_stack import SpoeMessage, write_haproxy_config
+from tests.support.mirror_stack import SpoeMessage, parse_metrics, series, write_haproxy_config
 from tests.support.procs import ManagedProcess, free_port, run_haproxy, run_process
 from tests.support.shadow import ShadowServer
 from tests.support.spop_peer import disconnect_status, hello_2x, parse_frames
@@ -74,11 +74,7 @@ class Agent:
 
     def metric(self, name: str, **labels: str) -> float:
         """One sample of /metrics (0 when absent)."""
-        for family in text_string_to_metric_families(self.metrics_text()):
-            for sample in family.samples:
-                if sample.name == name and sample.labels == labels:
-                    return sample.value
-        return 0.0
+        return parse_metrics(self.metrics_text()).get(series(name, **labels), 0.0)
 
     def logs(self) -> str:
         return self.process.stdout_text() + self.process.stderr_text()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import logging
 import random
 import signal
@@ -112,17 +111,6 @@ class FrameTap:
             length=length,
             **fields,
         )
-
-
-def log_events(stderr_text: str, event: str) -> list[dict[str, Any]]:
-    """The agent's JSON log lines named `event` (other lines, e.g. tracebacks, are skipped)."""
-    found = []
-    for line in stderr_text.splitlines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            if record.get("event") == event:
-                found.append(record)
-    return found
 
 
 def _jsonable(value: Any) -> Any:

@@ -36,7 +36,14 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from spoa_mirror.accounting import OUTCOMES
-from tests.support.procs import HAProxyProcess, ManagedProcess, free_port, run_haproxy, run_process
+from tests.support.procs import (
+    HAProxyProcess,
+    ManagedProcess,
+    free_port,
+    log_events,
+    run_haproxy,
+    run_process,
+)
 from tests.support.shadow import ShadowServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,11 +138,7 @@ class MirrorStack:
     def metrics(self) -> dict[str, float]:
         """Every sample of /metrics, keyed `name{label="value",...}` with labels sorted by name
         (plain `name` without labels), e.g. `spoa_mirror_requests_total{outcome="sent_2xx",target="a"}`."""
-        samples = {}
-        for family in text_string_to_metric_families(self.metrics_text()):
-            for sample in family.samples:
-                samples[series(sample.name, **sample.labels)] = sample.value
-        return samples
+        return parse_metrics(self.metrics_text())
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(f"{self.admin_url}/metrics", timeout=5) as response:
@@ -186,13 +189,7 @@ class MirrorStack:
 
     def agent_events(self, event: str) -> list[dict[str, Any]]:
         """The agent's JSON log lines named `event`."""
-        found = []
-        for line in self.agent.stderr_text().splitlines():
-            if line.startswith("{"):
-                record = json.loads(line)
-                if record.get("event") == event:
-                    found.append(record)
-        return found
+        return log_events(self.agent.stderr_text(), event)
 
     def wait_for_event(self, event: str, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
@@ -256,6 +253,15 @@ class Account:
     @property
     def settled(self) -> int:
         return sum(self.outcomes.values())
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Every sample of a /metrics page, keyed by `series`."""
+    return {
+        series(sample.name, **sample.labels): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def series(name: str, **labels: str) -> str:

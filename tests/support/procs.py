@@ -11,6 +11,7 @@ the test at once with its output instead of waiting for a timeout.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -151,6 +153,18 @@ class ManagedProcess:
         if len(text) > STDERR_TAIL:
             text = "...\n" + text[-STDERR_TAIL:]
         return f"--- {self.name} stderr ({self.stderr_path}) ---\n{text}--- end of {self.name} stderr ---"
+
+
+def log_events(stderr_text: str, event: str) -> list[dict[str, Any]]:
+    """An agent's JSON log lines named `event` (other lines, e.g. tracebacks, are skipped): what
+    spoa-mirror with `--log-format json` and tests/support/echo_agent.py write to stderr."""
+    found = []
+    for line in stderr_text.splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record.get("event") == event:
+                found.append(record)
+    return found
 
 
 @contextmanager
