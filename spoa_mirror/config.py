@@ -538,6 +538,11 @@ class _Block:
         value = self.get(name)
         return default if value is _MISSING else convert(value, self.path(name))
 
+    def entries(self) -> dict[str, tuple[Any, str]]:
+        """name -> (value, key path) for every key this block sets (null sets nothing)."""
+        found = ((name, self.get(name)) for name in self.data)
+        return {name: (value, self.path(name)) for name, value in found if value is not _MISSING}
+
 
 def _parse(
     data: dict[str, Any], env: Mapping[str, str], source: str | None
@@ -562,12 +567,11 @@ def _parse(
         if isinstance(raw_defaults, dict) and name in raw_defaults:
             raise ConfigError(f"defaults.{name}", "cannot have a default; set it on each target")
     defaults = _Block(raw_defaults, "defaults", _DEFAULTS_KEYS)
-    for name in defaults.data:
-        if defaults.get(name) is not _MISSING:
-            inherited[name] = (defaults.data[name], defaults.path(name))
+    inherited.update(defaults.entries())
+    mirroring_set = mirroring.entries()
     for gal_key, key in (("mirror_request_body", "mirror_body"), ("mirror_headers", "mirror_headers")):
-        if mirroring.get(gal_key) is not _MISSING:
-            inherited[key] = (mirroring.data[gal_key], mirroring.path(gal_key))
+        if gal_key in mirroring_set:
+            inherited[key] = mirroring_set[gal_key]
 
     if top.get("targets") is not _MISSING and mirroring.get("targets") is not _MISSING:
         raise ConfigError("mirroring.targets", "targets are also listed at the top level; keep one list")
@@ -713,10 +717,7 @@ def _parse_target(
     spec_keys: dict[tuple[str, str], str],
 ) -> TargetConfig:
     block = _Block(raw, key, _TARGET_KEYS)
-    entries = dict(inherited)
-    for name in block.data:
-        if block.get(name) is not _MISSING:
-            entries[name] = (block.data[name], block.path(name))
+    entries = {**inherited, **block.entries()}
 
     def read(name: str, default: Any, convert: Callable[[Any, str], Any]) -> Any:
         if name not in entries:
