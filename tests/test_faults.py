@@ -423,9 +423,16 @@ SHADOW_FAULTS = [
         "hang", "error_timeout", frozenset({"error_timeout", "circuit_open", "queue_full"}), {"timeout": 1}
     ),
     ShadowFault("delay", "sent_2xx", frozenset({"sent_2xx", "queue_full"}), delay=2.0),
-    ShadowFault("reset", "error_reset", frozenset({"error_reset", "queue_full"})),
-    ShadowFault("garbage", "error_protocol", frozenset({"error_protocol", "queue_full"})),
-    ShadowFault("ok", "error_tls", frozenset({"error_tls", "queue_full"}), {"tls_verify": True}, tls=True),
+    # Every shadow failure opens the circuit breaker, so circuit_open follows the first errors.
+    ShadowFault("reset", "error_reset", frozenset({"error_reset", "circuit_open", "queue_full"})),
+    ShadowFault("garbage", "error_protocol", frozenset({"error_protocol", "circuit_open", "queue_full"})),
+    ShadowFault(
+        "ok",
+        "error_tls",
+        frozenset({"error_tls", "circuit_open", "queue_full"}),
+        {"tls_verify": True},
+        tls=True,
+    ),
 ]
 
 
