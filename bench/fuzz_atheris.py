@@ -40,6 +40,7 @@ with atheris.instrument_imports(include=["spoe"]):
 
 from spoe import Message, Status
 from spoe.frames import FLAG_FIN, FrameType, encode_frame
+from tests.support.fuzzing import MESSAGES, Config, FuzzedConnection
 from tests.support.spop_peer import (
     abort,
     haproxy_disconnect,
@@ -49,7 +50,6 @@ from tests.support.spop_peer import (
     notify,
     notify_fragments,
 )
-from tests.test_fuzz_spop import MESSAGES, Config, FuzzedConnection
 
 FRAME_SIZES = (256, 1024, 16384, 16384)
 REASSEMBLY_CAPS = (0, 300, 4096, 65_536)
