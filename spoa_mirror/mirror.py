@@ -53,7 +53,6 @@ class Target:
         hmac_key: bytes | None,
         stats: TargetStats,
     ) -> None:
-        self.config = config
         self.name: str = config.name
         self.stats = stats
         self.queue: deque[tuple[bytes, bool]] = deque()
@@ -285,9 +284,7 @@ class Mirror:
             return
         if len(self._intake) >= INTAKE_LIMIT:
             self.messages.mirrored += 1
-            for target in self.targets:
-                target.stats.received += 1
-                target.stats.outcomes["queue_full"] += 1
+            self._drop_for_every_target("queue_full")
             return
         self._intake.append(message.args)
         if not self._scheduled:
@@ -314,12 +311,16 @@ class Mirror:
                 continue
             self.messages.mirrored += 1
             if req.header(self.loop_header) is not None:
-                for target in self.targets:
-                    target.stats.received += 1
-                    target.stats.outcomes["loop"] += 1
+                self._drop_for_every_target("loop")
                 continue
             for target in self.targets:
                 target.offer(req)
+
+    def _drop_for_every_target(self, outcome: str) -> None:
+        """A request dropped before the targets see it still gets one outcome on each of them."""
+        for target in self.targets:
+            target.stats.received += 1
+            target.stats.outcomes[outcome] += 1
 
     async def drain(self, timeout: float) -> tuple[int, int]:
         """After the SPOP side stopped: finish the intake, send what is queued until the deadline.
