@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in haproxy:haproxy nginx:nginx-light wrk:wrk systemd-analyze:systemd; do
+for pair in haproxy:haproxy nginx:nginx-light wrk:wrk systemd-analyze:systemd promtool:prometheus \
+    debootstrap:debootstrap; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -17,7 +18,18 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
 
+# The virtualenv belongs to this checkout: a .venv that is a symlink, or whose interpreter lives
+# outside the checkout, was made on another machine or for another clone (a tracked symlink once
+# made every fresh clone fail), so it is replaced rather than trusted.
 python=${PYTHON:-python3}
+if [ -L .venv ] || { [ -e .venv ] && [ "$(cd .venv && pwd -P)" != "$(pwd -P)/.venv" ]; }; then
+    echo "setup: .venv is a link out of this checkout; replacing it with a virtualenv of its own" >&2
+    rm -f .venv
+fi
+if [ -d .venv ] && ! .venv/bin/python -c 'import sys; sys.exit(0)' >/dev/null 2>&1; then
+    echo "setup: .venv is broken (its interpreter does not run); rebuilding it" >&2
+    rm -rf .venv
+fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[test,bench]"
