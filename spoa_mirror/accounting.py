@@ -67,7 +67,7 @@ class Histogram:
 class TargetStats:
     """Everything counted for one target; kept across config reloads (keyed by target name)."""
 
-    __slots__ = ("latency", "outcomes", "pending", "received", "redactions", "truncated_sent")
+    __slots__ = ("bytes_sent", "latency", "outcomes", "pending", "received", "redactions", "truncated_sent")
 
     def __init__(self) -> None:
         self.received = 0
@@ -75,6 +75,7 @@ class TargetStats:
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.redactions: dict[str, int] = {}
         self.truncated_sent = 0
+        self.bytes_sent = 0
         self.latency = Histogram()
 
     def count_redaction(self, rule: str) -> None:

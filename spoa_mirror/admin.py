@@ -7,11 +7,12 @@ SPOP event loop. Loopback by default: it is an operator's port, not HAProxy's.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
@@ -47,10 +48,18 @@ class AdminServer:
             return _text(start_response, "503 Service Unavailable", "not ready\n")
         return _text(start_response, "404 Not Found", "not found\n")
 
-    def start(self, address: str, port: int) -> tuple[str, int]:
-        self._server = make_server(
-            address, port, self, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler
-        )
+    def start(self, sock: socket.socket) -> tuple[str, int]:
+        """Serve on a listening socket bound beforehand (listeners.bind_listener), so a port in use
+        is reported before anything starts."""
+        server = _ThreadingWSGIServer(sock.getsockname()[:2], _QuietHandler, bind_and_activate=False)
+        server.socket.close()
+        server.socket = sock
+        sock.setblocking(True)
+        server.server_address = sock.getsockname()
+        server.server_name, server.server_port = str(server.server_address[0]), int(server.server_address[1])
+        server.setup_environ()
+        server.set_app(self)
+        self._server = server
         self._thread = threading.Thread(target=self._server.serve_forever, name="admin", daemon=True)
         self._thread.start()
         host, bound_port = self._server.server_address[:2]

@@ -9,9 +9,10 @@ touching SPOP connections; a bad new config keeps the old one running and logs w
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import ssl
+import socket
+import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -22,8 +23,10 @@ from . import systemd
 from .admin import AdminServer
 from .config import Config, load_config
 from .errors import ConfigError
-from .metrics import MirrorCollector, build_registry
+from .listeners import bind_listener
+from .metrics import MirrorCollector, ReloadStats, build_registry
 from .mirror import Mirror
+from .tls import server_context
 
 log = structlog.get_logger("spoa_mirror")
 
@@ -36,10 +39,13 @@ class App:
         config_path: str | None,
         overrides: dict[str, Any],
         worker: int = 0,
-        ready_fd: int | None = None,
+        sock: socket.socket | None = None,
+        admin_sock: socket.socket | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
-        """`ready_fd`: in a worker process, the pipe on which to tell the supervisor it listens (the
-        supervisor, systemd's main PID, sends READY=1 once every worker has)."""
+        """`sock`, `admin_sock`: the listeners, bound beforehand (see listeners.py); bound here when
+        not given. `on_ready` runs once the agent listens: a worker tells its supervisor (systemd's
+        main PID, which alone speaks sd_notify), a daemon the process that started it."""
         self.config = config
         self.config_path = config_path
         self.overrides = overrides
@@ -56,8 +62,11 @@ class App:
             allow_networks=listen.allow_networks,
             max_reassembly=reassembly_cap(config),
         )
-        self.agent.set_default_handler(self.mirror.handle)
-        self.ready_fd = ready_fd
+        self.agent.set_default_handler(_delayed(self.mirror.handle, listen.processing_delay))
+        self.sock = sock
+        self.admin_sock = admin_sock
+        self.on_ready = on_ready
+        self.reloads = ReloadStats(last_success=time.time())
         self.admin: AdminServer | None = None
         self.listening: list[tuple[str, int]] = []
         self._stop = asyncio.Event()
@@ -65,15 +74,19 @@ class App:
 
     async def run(self) -> int:
         listen = self.config.listen
+        if self.sock is None:
+            self.sock = bind_listener(listen.address, listen.port, key="listen.port", backlog=listen.backlog)
         self.listening = await self.agent.start(
-            listen.address,
-            listen.port,
-            reuse_port=listen.workers > 1,
-            ssl=_server_tls(listen.tls) if listen.tls else None,
+            sock=self.sock,
+            backlog=listen.backlog,
+            ssl=server_context(listen.tls) if listen.tls else None,
         )
-        if self.config.admin.enabled:
+        admin = self.config.admin
+        if self.admin_sock is None and admin.enabled:
+            self.admin_sock = bind_listener(admin.address, admin.port, key="admin.port", backlog=64)
+        if self.admin_sock is not None:
             self.admin = AdminServer(self._registry(), lambda: self._ready)
-            admin_address = self.admin.start(self.config.admin.address, self.config.admin.port + self.worker)
+            admin_address = self.admin.start(self.admin_sock)
         else:
             admin_address = None
         loop = asyncio.get_running_loop()
@@ -82,10 +95,6 @@ class App:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._ready = True
         systemd.notify("READY=1", f"STATUS=mirroring to {len(self.mirror.targets)} target(s)")
-        if self.ready_fd is not None:
-            os.write(self.ready_fd, b"1")
-            os.close(self.ready_fd)
-            self.ready_fd = None
         log.info(
             "agent.started",
             listen=[f"{host}:{port}" for host, port in self.listening],
@@ -93,11 +102,29 @@ class App:
             targets=[target.name for target in self.mirror.targets],
             worker=self.worker,
         )
+        if self.on_ready is not None:
+            self.on_ready()
         runtime = listen.runtime
         if runtime > 0:
             loop.call_later(runtime, self._stop.set)
+        monitor = loop.create_task(self._monitor(listen.monitor_interval))
         await self._stop.wait()
+        monitor.cancel()
         return await self.shutdown()
+
+    async def _monitor(self, interval: float) -> None:
+        """The C agent's -i: what each worker holds, every `interval`, at debug level."""
+        while True:
+            await asyncio.sleep(interval)
+            log.debug(
+                "agent.monitor",
+                worker=self.worker,
+                connections=self.agent.connections,
+                in_flight={name: stats.pending for name, stats in self.mirror.target_stats.items()},
+                queued={target.name: len(target.queue) for target in self.mirror.targets},
+                circuits={target.name: target.breaker.state for target in self.mirror.targets},
+            )
+
 
     def stop(self) -> None:
         self._stop.set()
@@ -128,8 +155,11 @@ class App:
             config = load_config(self.config_path, self.overrides)
             self.mirror.apply(config, config.secrets.hmac_key)
         except ConfigError as error:
+            self.reloads.failure += 1
             log.error("config.reload_failed", error=str(error), kept="previous config")
         else:
+            self.reloads.success += 1
+            self.reloads.last_success = time.time()
             if config.listen != self.config.listen:
                 log.warning("config.listen_changed", note="listener settings apply at the next restart")
             self.config = config
@@ -144,6 +174,8 @@ class App:
                 messages=lambda: mirror.messages,
                 targets=lambda: mirror.target_stats,
                 queue_depth=lambda: {target.name: len(target.queue) for target in mirror.targets},
+                circuits=lambda: {target.name: target.breaker.state for target in mirror.targets},
+                reloads=lambda: self.reloads,
             )
         )
 
@@ -156,12 +188,14 @@ def reassembly_cap(config: Config) -> int:
     return largest_body + (1 << 20)
 
 
-def _server_tls(tls: Any) -> ssl.SSLContext:
-    """SPOP over TLS (HAProxy's `server ... ssl verify required ca-file ...`); with a CA file the
-    agent also requires HAProxy's client certificate."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tls.cert_file, tls.key_file)
-    if tls.ca_file:
-        context.load_verify_locations(tls.ca_file)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
+def _delayed(handler: Callable[[Any], Any], delay: float) -> Callable[[Any], Any]:
+    """The C agent's -t: each NOTIFY is handled, and acknowledged, `delay` seconds after it arrives
+    (the agent stops reading a connection with max_inflight NOTIFYs waiting)."""
+    if delay <= 0:
+        return handler
+
+    async def handle_later(message: Any) -> Any:
+        await asyncio.sleep(delay)
+        return handler(message)
+
+    return handle_later

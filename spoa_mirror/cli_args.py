@@ -1,26 +1,45 @@
-"""Command-line arguments: the C agent's flags, so an existing `spoa-mirror -u URL ...` command line
-(systemd unit, container entrypoint) keeps working, plus a config file and `check-config`.
+"""Command-line arguments: every flag of the C agent's `--help`, with its meaning, units and
+defaults, so an existing `spoa-mirror -r0 -u URL ...` command line (systemd unit, container
+entrypoint) keeps working; plus a config file and `check-config`.
 
-    spoa-mirror [run] [--config FILE] [-a ADDR] [-p PORT] [-u URL]... [-m SIZE] [-c CAP]... [-n N] [-r TIME]
-    spoa-mirror check-config FILE [same flags]
+    spoa-mirror [run] [--config FILE] [C agent flags]...
+    spoa-mirror check-config FILE [the flags that change the configuration]
 
-Flags override the file (see `config.load_config`); `check-config` takes them too, so it checks
-exactly what `run` with the same flags would load. Values are checked here with the config's own
-parsers, so a bad one exits with argparse's usage error (status 2) before anything starts.
+Times are the C agent's: milliseconds unless suffixed with us, ms, s, m, h or d (`-r 5000` is five
+seconds). Capability and libev backend names are case-insensitive, as there. Flags override the file
+(see `config.load_config`); `check-config` takes them too, so it checks exactly what `run` with the
+same flags would load. Values are checked here with the config's own parsers, so a bad one exits with
+argparse's usage error (status 2) before anything starts. Where this agent differs on purpose, the
+difference is in C_AGENT_DIFFERENCES, logged at start when the flag was not given.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 from typing import Any
 
 from spoe.connection import CAPABILITIES
 
-from .config import LOG_FORMATS, LOG_LEVELS, OVERRIDE_KEYS, parse_duration, parse_size
+from . import __version__
+from .config import LOG_FORMATS, LOG_LEVELS, OVERRIDE_KEYS, parse_size
 from .errors import ConfigError
 
 PROG = "spoa-mirror"
+LIBEV_BACKENDS = ("select", "poll", "epoll", "linuxaio", "kqueue", "devpoll", "port", "iouring")
+_C_TIME = re.compile(r"(\d+)(us|ms|s|m|h|d)?")
+_C_TIME_UNITS = {"us": 1e-6, "ms": 1e-3, None: 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+DEBUG_LEVEL_RANGE = (-1, 511)  # the C agent's debug builds: a bit mask, -1 for all
+
+# flag -> (what this agent does when it is not given, what the C agent does), for the start-up log.
+C_AGENT_DIFFERENCES = {
+    "-a": ("listens on 127.0.0.1", "0.0.0.0"),
+    "-n": ("1 worker process (-n N forks N processes)", "10 worker threads"),
+    "-b": ("backlog 1024", "10"),
+    "-c": ("announces fragmentation, pipelining and async", "announces none"),
+    "-r": ("runs until stopped", "refuses to start without -r"),
+}
 
 
 def parse_args(argv: list[str]) -> tuple[str, argparse.Namespace]:
@@ -35,7 +54,28 @@ def parse_args(argv: list[str]) -> tuple[str, argparse.Namespace]:
 
 def overrides_from_args(ns: argparse.Namespace) -> dict[str, Any]:
     """The flags given, as `load_config` overrides (flags left out do not override the file)."""
-    return {key: value for key in OVERRIDE_KEYS if (value := getattr(ns, key, None)) is not None}
+    overrides = {key: value for key in OVERRIDE_KEYS if (value := getattr(ns, key, None)) is not None}
+    if getattr(ns, "debug", None) is not None and "log_level" not in overrides:
+        overrides["log_level"] = "debug"
+    return overrides
+
+
+def c_time(low: float, high: float) -> Callable[[str], float]:
+    """An argparse `type` for the C agent's TIME: an integer in milliseconds, or with a unit; the
+    result in seconds, within [low, high] seconds as there."""
+
+    def convert(text: str) -> float:
+        match = _C_TIME.fullmatch(text.strip())
+        if match is None:
+            raise argparse.ArgumentTypeError(
+                f"invalid time {text!r}: milliseconds, or a number with us, ms, s, m, h or d"
+            )
+        seconds = int(match[1]) * _C_TIME_UNITS[match[2]]
+        if not low <= seconds <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is outside the allowed {low:g} s to {high:g} s")
+        return seconds
+
+    return convert
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -43,9 +83,29 @@ def _run_parser() -> argparse.ArgumentParser:
         prog=PROG,
         parents=[_override_flags()],
         description="HAProxy SPOE agent that mirrors requests to shadow HTTP backends.",
-        epilog=f"Check a config without running: {PROG} check-config FILE",
+        epilog=(
+            f"Check a config without running: {PROG} check-config FILE. "
+            "TIME is in milliseconds unless suffixed with us, ms, s, m, h or d (as the C agent). "
+            "Log file modes: a appends, w truncates; no mode creates a new file (capital A and W: "
+            "the same, every line is flushed anyway)."
+        ),
     )
     parser.add_argument("--config", metavar="FILE", help="YAML configuration file (flags override it)")
+    parser.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
+    process = parser.add_argument_group("process (the C agent's)")
+    process.add_argument("-D", "--daemonize", action="store_true", help="run in the background")
+    process.add_argument("-F", "--pidfile", metavar="FILE", help="write the process id to FILE")
+    process.add_argument(
+        "-l", "--logfile", metavar="[MODE:]FILE", help="log to FILE (default: stderr); MODE a or w"
+    )
+    process.add_argument(
+        "-B",
+        "--libev-backend",
+        type=str.lower,
+        choices=LIBEV_BACKENDS,
+        metavar="TYPE",
+        help="accepted and ignored: this agent runs on asyncio (uvloop, epoll)",
+    )
     return parser
 
 
@@ -63,8 +123,8 @@ def _override_flags() -> argparse.ArgumentParser:
     """The flags both commands share; `dest` names are the `load_config` override keys."""
     flags = argparse.ArgumentParser(add_help=False)
     group = flags.add_argument_group("overrides (win over the config file)")
-    group.add_argument("-a", "--address", metavar="ADDR", help="address to listen on (default 127.0.0.1)")
-    group.add_argument("-p", "--port", type=int, metavar="PORT", help="SPOP port (default 12345)")
+    group.add_argument("-a", "--address", metavar="NAME", help="address to listen on (default 127.0.0.1)")
+    group.add_argument("-p", "--port", type=int, metavar="VALUE", help="SPOP port (default 12345)")
     group.add_argument(
         "-u",
         "--mirror-url",
@@ -77,7 +137,7 @@ def _override_flags() -> argparse.ArgumentParser:
         "-m",
         "--max-frame-size",
         type=_flag_value(parse_size),
-        metavar="SIZE",
+        metavar="VALUE",
         help="largest SPOP frame, in bytes (default 16384)",
     )
     group.add_argument(
@@ -85,22 +145,75 @@ def _override_flags() -> argparse.ArgumentParser:
         "--capability",
         dest="capabilities",
         action="append",
+        type=str.lower,
         choices=sorted(CAPABILITIES),
-        help="announce only the capabilities named; repeat for several (default all)",
+        metavar="NAME",
+        help="announce only the capabilities named (fragmentation, pipelining, async); repeat for several",
     )
     group.add_argument(
-        "-n", "--num-workers", dest="workers", type=int, metavar="N", help="worker processes (default 1)"
+        "-n", "--num-workers", dest="workers", type=int, metavar="VALUE", help="worker processes (default 1)"
     )
     group.add_argument(
         "-r",
         "--runtime",
-        type=_flag_value(lambda value, key: parse_duration(value, key, allow_zero=True)),
+        type=c_time(0, 7 * 86400),
         metavar="TIME",
-        help='stop after this long, in seconds or like "10m" (default 0: run until stopped)',
+        help="stop after TIME (default 0: run until stopped)",
+    )
+    group.add_argument(
+        "-b", "--connection-backlog", dest="backlog", type=int, metavar="VALUE", help="listen backlog (1024)"
+    )
+    group.add_argument(
+        "-t",
+        "--processing-delay",
+        dest="processing_delay",
+        type=c_time(0, 1),
+        metavar="TIME",
+        help="wait TIME before handling each message (default 0)",
+    )
+    group.add_argument(
+        "-i",
+        "--monitor-interval",
+        dest="monitor_interval",
+        type=c_time(1, 3600),
+        metavar="TIME",
+        help="log each worker's state (debug level) every TIME (default 5s)",
+    )
+    group.add_argument(
+        "-I",
+        "--mirror-interface",
+        dest="outgoing_address",
+        metavar="NAME",
+        help="source interface or address of connections to the shadows",
+    )
+    group.add_argument(
+        "-P",
+        "--mirror-local-port",
+        dest="outgoing_ports",
+        metavar="VALUE",
+        help="source port or range LOW-HIGH of connections to the shadows",
+    )
+    group.add_argument(
+        "-d",
+        "--debug",
+        type=_debug_level,
+        metavar="LEVEL",
+        help="log at debug level (the C agent's debug mask, -1 to 511, is accepted)",
     )
     group.add_argument("--log-format", choices=LOG_FORMATS, help="log format (default auto)")
     group.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
     return flags
+
+
+def _debug_level(text: str) -> int:
+    low, high = DEBUG_LEVEL_RANGE
+    try:
+        level = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid debug level {text!r}") from None
+    if not low <= level <= high:
+        raise argparse.ArgumentTypeError(f"debug level {level} is outside {low} to {high}")
+    return level
 
 
 def _flag_value(parse: Callable[[str, str], Any]) -> Callable[[str], Any]:

@@ -21,9 +21,15 @@ listen.port (12345): SPOP port; 0 picks a free one.
 listen.max_frame_size (16384): largest SPOP frame announced in AGENT-HELLO, 256 bytes to 16 MiB.
 listen.capabilities ([pipelining, async, fragmentation]): SPOP capabilities announced, a subset of
     those three.
-listen.workers (1): processes sharing the port with SO_REUSEPORT; worker N serves admin on
-    admin.port + N.
+listen.workers (1): worker processes, each with its own SO_REUSEPORT socket bound by the
+    supervisor (see listeners.py); the supervisor serves admin for all of them.
 listen.runtime (0): stop after this long (duration); 0 runs until signalled.
+listen.backlog (1024): the SPOP listen backlog (the C agent's -b; its default is 10).
+listen.processing_delay (0): wait this long before handling each NOTIFY, up to 1 s (the C agent's -t).
+listen.monitor_interval (5): how often each worker logs `agent.monitor` at debug level, 1 s to 1 h
+    (the C agent's -i).
+listen.worker_restarts (5): with workers > 1, how many times in a row a crashing worker is
+    restarted (back-off 0.5 s doubling to 30 s) before the supervisor gives up and stops.
 listen.max_connections (1000): SPOP connections open at once; more are refused.
 listen.hello_timeout (5): time a new connection has to send HAPROXY-HELLO (duration).
 listen.idle_timeout (60): an SPOP connection silent this long is closed (duration).
@@ -34,6 +40,10 @@ listen.tls.ca_file (unset): when set, HAProxy must present a client certificate 
 admin.enabled (true): serve /metrics, /healthz and /readyz over HTTP.
 admin.address (127.0.0.1): admin listener address.
 admin.port (9180): admin listener port.
+outgoing.address (unset): source address of connections to the shadows: an IP address or an
+    interface name (its IPv4 address is used) (the C agent's -I).
+outgoing.ports (unset): source port, or range "LOW-HIGH", of connections to the shadows; a connection
+    fails with error_connect when every port of the range is in use (the C agent's -P).
 messages ([]): SPOE message names treated as mirror requests; empty accepts any message carrying a
     method and a path.
 log.format (auto): json, console, or auto (console on a terminal, JSON otherwise).
@@ -92,11 +102,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import fcntl
 import ipaddress
 import json
 import math
 import os
 import re
+import socket
+import struct
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -122,6 +135,7 @@ TRUNCATED_BODY_POLICIES = ("drop", "send_marked")
 AGENT_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 OVERRIDE_KEYS = (
     "address", "port", "mirror_urls", "max_frame_size", "capabilities", "workers", "runtime",
+    "backlog", "processing_delay", "monitor_interval", "outgoing_address", "outgoing_ports",
     "log_format", "log_level",
 )  # fmt: skip
 
@@ -141,14 +155,16 @@ _SIZE_UNITS = {
     "g": 1024 * MiB, "gi": 1024 * MiB, "gib": 1024 * MiB, "gb": 1000**3,
 }  # fmt: skip
 _MISSING: Any = object()
+_SIOCGIFADDR = 0x8915  # linux/sockios.h: an interface's address
 
 _TOP_KEYS = (
     "listen", "admin", "messages", "log", "secrets", "redact", "defaults", "truncated_body",
-    "drain_timeout", "loop_header", "targets", "mirroring",
+    "drain_timeout", "loop_header", "targets", "mirroring", "outgoing",
 )  # fmt: skip
 _LISTEN_KEYS = (
     "address", "port", "max_frame_size", "capabilities", "workers", "runtime", "max_connections",
-    "hello_timeout", "idle_timeout", "max_inflight", "allow_networks", "tls",
+    "hello_timeout", "idle_timeout", "max_inflight", "allow_networks", "tls", "backlog",
+    "processing_delay", "monitor_interval", "worker_restarts",
 )  # fmt: skip
 _TARGET_KEYS = (
     "name", "url", "upstream", "sample_percentage", "sample_key", "timeout", "connect_timeout",
@@ -182,7 +198,22 @@ class ListenConfig:
     max_inflight: int = 256
     allow_networks: tuple[str, ...] = ()  # normalised CIDRs; empty = any peer
     tls: TlsConfig | None = None
+    backlog: int = 1024
+    processing_delay: float = 0.0
+    monitor_interval: float = 5.0
+    worker_restarts: int = 5
 
+
+@dataclass(frozen=True, slots=True)
+class OutgoingConfig:
+    """Where connections to the shadows come from (the C agent's -I and -P)."""
+
+    address: str | None = None  # as written: an IP address or an interface name
+    source_ip: str | None = None  # the address bound
+    ports: tuple[int, int] | None = None  # first and last source port
+
+
+NO_OUTGOING = OutgoingConfig()
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
@@ -261,6 +292,7 @@ class Config:
     mirroring_enabled: bool = True
     targets: tuple[TargetConfig, ...] = ()  # empty when mirroring is disabled, so nothing can mirror
     source: str | None = None  # the file loaded, if any
+    outgoing: OutgoingConfig = NO_OUTGOING
 
     @property
     def hmac_key(self) -> bytes | None:
@@ -366,10 +398,16 @@ def describe(config: Config) -> str:
     )
     if config.admin.enabled:
         port = config.admin.port
-        ports = str(port) if listen.workers == 1 else f"{port}-{port + listen.workers - 1} (one per worker)"
-        lines.append(f"Admin (metrics, health): http://{_join_host(config.admin.address)}:{ports}")
+        every = "" if listen.workers == 1 else f" (the supervisor, for all {listen.workers} workers)"
+        lines.append(f"Admin (metrics, health): http://{_join_host(config.admin.address)}:{port}{every}")
     else:
         lines.append("Admin (metrics, health): disabled")
+    outgoing = config.outgoing
+    if outgoing.source_ip is not None or outgoing.ports is not None:
+        ports = "any port" if outgoing.ports is None else "ports {}-{}".format(*outgoing.ports)
+        source = outgoing.source_ip or "the default address"
+        via = f" ({outgoing.address})" if outgoing.address not in (None, outgoing.source_ip) else ""
+        lines.append(f"Connections to shadows from {source}{via}, {ports}")
     lines.append(f"Logs: {config.log.format} format at level {config.log.level}")
     names = ", ".join(config.messages) if config.messages else "any message carrying a method and a path"
     lines.append(f"SPOE messages mirrored: {names}")
@@ -496,7 +534,10 @@ def _apply_overrides(
                 merged["mirroring"].pop("targets", None)
             overridden.append("targets")
             continue
-        section, key = ("log", name[4:]) if name.startswith("log_") else ("listen", name)
+        section, key = ("listen", name)
+        for prefix in ("log_", "outgoing_"):
+            if name.startswith(prefix):
+                section, key = prefix[:-1], name[len(prefix) :]
         if merged.get(section) is None:
             merged[section] = {}
         if isinstance(merged[section], dict):
@@ -552,6 +593,7 @@ def _parse(
     admin = _parse_admin(top.get("admin"))
     _check_ports(listen, admin)
     log = _parse_log(top.get("log"))
+    outgoing = _parse_outgoing(top.get("outgoing"))
     secrets = _parse_secrets(top.get("secrets"), env)
     messages = top.read("messages", (), lambda v, k: tuple(_str_list(v, k)))
     global_redact = top.read("redact", None, _mapping)
@@ -615,6 +657,7 @@ def _parse(
         mirroring_enabled=enabled,
         targets=tuple(targets) if enabled else (),
         source=source,
+        outgoing=outgoing,
     )
     return config, spec_keys
 
@@ -637,7 +680,63 @@ def _parse_listen(data: object) -> ListenConfig:
         max_inflight=block.read("max_inflight", default.max_inflight, lambda v, k: _int(v, k, 1, 1_000_000)),
         allow_networks=block.read("allow_networks", default.allow_networks, _networks),
         tls=block.read("tls", None, _listen_tls),
+        backlog=block.read("backlog", default.backlog, lambda v, k: _int(v, k, 1, 65535)),
+        processing_delay=block.read(
+            "processing_delay", default.processing_delay, lambda v, k: _duration_in(v, k, 0.0, 1.0)
+        ),
+        monitor_interval=block.read(
+            "monitor_interval", default.monitor_interval, lambda v, k: _duration_in(v, k, 1.0, 3600.0)
+        ),
+        worker_restarts=block.read(
+            "worker_restarts", default.worker_restarts, lambda v, k: _int(v, k, 0, 1000)
+        ),
     )
+
+
+def _duration_in(value: object, key: str, low: float, high: float) -> float:
+    seconds = parse_duration(value, key, allow_zero=True)
+    if not low <= seconds <= high:
+        raise ConfigError(key, f"must be between {low:g} and {high:g} seconds, got {_show(value)}")
+    return seconds
+
+
+def _parse_outgoing(data: object) -> OutgoingConfig:
+    block = _Block(data, "outgoing", ("address", "ports"))
+    address = block.read("address", None, _string)
+    return OutgoingConfig(
+        address=address,
+        source_ip=None if address is None else _source_ip(address, block.path("address")),
+        ports=block.read("ports", None, _port_range),
+    )
+
+
+def _source_ip(address: str, key: str) -> str:
+    """An IP address as it is, or the IPv4 address of the interface of that name (curl's
+    CURLOPT_INTERFACE, which the C agent's -I sets, takes either)."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        pass
+    if address not in {name for _index, name in socket.if_nameindex()}:
+        raise ConfigError(key, f"must be an IP address or a network interface name, got {address!r}")
+    request = struct.pack("256s", address.encode()[:15])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            answer = fcntl.ioctl(probe.fileno(), _SIOCGIFADDR, request)
+        except OSError as error:
+            raise ConfigError(key, f"interface {address} has no IPv4 address ({error.strerror})") from None
+    return socket.inet_ntoa(answer[20:24])
+
+
+def _port_range(value: object, key: str) -> tuple[int, int]:
+    """A port, or "LOW-HIGH", as the C agent's -P takes it."""
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else _string(value, key)
+    match = re.fullmatch(r"\s*(\d{1,5})\s*(?:-\s*(\d{1,5})\s*)?", text)
+    low = int(match[1]) if match else 0
+    high = int(match[2]) if match and match[2] else low
+    if match is None or not 1 <= low <= high <= 65535:
+        raise ConfigError(key, f'must be a port or a range "LOW-HIGH" within 1-65535, got {_show(value)}')
+    return low, high
 
 
 def _parse_admin(data: object) -> AdminConfig:
@@ -651,19 +750,14 @@ def _parse_admin(data: object) -> AdminConfig:
 
 
 def _check_ports(listen: ListenConfig, admin: AdminConfig) -> None:
-    """Worker N serves admin on admin.port + N: catch the SPOP port falling in that range now rather
-    than as an EADDRINUSE at start."""
+    """Catch the admin and SPOP listeners wanting the same port now rather than as an EADDRINUSE at
+    start."""
     if not admin.enabled or admin.port == 0:
         return
-    last = admin.port + listen.workers - 1
-    if last > 65535:
-        raise ConfigError("admin.port", f"{admin.port} + {listen.workers} workers goes past port 65535")
     wildcard = ("0.0.0.0", "::")
     same_host = listen.address == admin.address or listen.address in wildcard or admin.address in wildcard
-    if same_host and admin.port <= listen.port <= last:
-        raise ConfigError(
-            "admin.port", f"the admin port range {admin.port}-{last} includes listen.port {listen.port}"
-        )
+    if same_host and admin.port == listen.port:
+        raise ConfigError("admin.port", f"is listen.port {listen.port} too; give the admin listener its own")
 
 
 def _parse_log(data: object) -> LogConfig:

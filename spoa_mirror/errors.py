@@ -23,3 +23,14 @@ def check_spec_keys(spec: object, where: str, known: Collection[str]) -> None:
     for name in spec:
         if name not in known:
             raise ConfigError(f"{where}.{name}", f"unknown key; expected one of {', '.join(known)}")
+
+
+class StartupError(Exception):
+    """The agent cannot start as configured (a port in use, a certificate that does not load): one
+    line naming the setting, e.g. `listen.port: 127.0.0.1:12345 is already in use`; exit status 2,
+    which the shipped systemd unit does not restart in a loop."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem

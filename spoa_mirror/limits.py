@@ -162,7 +162,7 @@ class CircuitBreaker:
     """
 
     __slots__ = ("_clock", "_failures", "_probe_started", "_reopen_at", "_state", "_window", "backoff",
-                 "failure_threshold", "max_backoff")  # fmt: skip
+                 "failure_threshold", "max_backoff", "on_change")  # fmt: skip
 
     def __init__(
         self, failure_threshold: int, backoff: float, max_backoff: float, clock: Clock = time.monotonic
@@ -182,6 +182,9 @@ class CircuitBreaker:
         self._window = self.backoff
         self._reopen_at = 0.0
         self._probe_started = 0.0
+        # Called with "open" when failures open a closed breaker and "closed" when a probe closes
+        # it (not for each failed probe of an open one): one log event per outage and recovery.
+        self.on_change: Callable[[str], None] | None = None
 
     @property
     def state(self) -> str:
@@ -211,6 +214,8 @@ class CircuitBreaker:
             self._state = "closed"
             self._failures = 0
             self._window = self.backoff
+            if self.on_change is not None:
+                self.on_change("closed")
 
     def record_failure(self) -> None:
         state = self._state
@@ -218,6 +223,8 @@ class CircuitBreaker:
             self._failures += 1
             if self._failures >= self.failure_threshold:
                 self._open(self.backoff)
+                if self.on_change is not None:
+                    self.on_change("open")
         elif state == "half_open":
             self._open(min(self._window * 2, self.max_backoff))
 

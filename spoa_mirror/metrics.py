@@ -6,8 +6,11 @@ The hot path only bumps ints (see accounting.py for the figures); the collector 
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
+from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -18,7 +21,19 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from spoe import AgentStats
 
+from . import __version__
 from .accounting import MessageStats, TargetStats
+
+CIRCUIT_STATES = ("closed", "open", "half_open")
+
+
+@dataclass
+class ReloadStats:
+    """SIGHUP reloads by result, and when the config running now was loaded (start or reload)."""
+
+    last_success: float
+    success: int = 0
+    failure: int = 0
 
 
 class MirrorCollector(Collector):
@@ -28,15 +43,47 @@ class MirrorCollector(Collector):
         messages: Callable[[], MessageStats],
         targets: Callable[[], dict[str, TargetStats]],
         queue_depth: Callable[[], dict[str, int]],
+        circuits: Callable[[], dict[str, str]] = dict,
+        reloads: Callable[[], ReloadStats | None] = lambda: None,
     ) -> None:
         self._agent_stats = agent_stats
         self._messages = messages
         self._targets = targets
         self._queue_depth = queue_depth
+        self._circuits = circuits
+        self._reloads = reloads
 
     def collect(self) -> Iterator[Metric]:
+        yield build_info()
         yield from self._spop()
         yield from self._mirror()
+        yield from self._lifecycle()
+
+    def _lifecycle(self) -> Iterator[Metric]:
+        circuit = GaugeMetricFamily(
+            "spoa_mirror_circuit_breaker_state",
+            "1 for each target's circuit breaker state (closed, open, half_open), 0 for the others",
+            labels=["target", "state"],
+        )
+        for name, state in sorted(self._circuits().items()):
+            for candidate in CIRCUIT_STATES:
+                circuit.add_metric([name, candidate], 1.0 if state == candidate else 0.0)
+        yield circuit
+        reloads = self._reloads()
+        if reloads is None:
+            return
+        count = CounterMetricFamily(
+            "spoa_mirror_config_reloads", "Configuration reloads (SIGHUP), by result", labels=["result"]
+        )
+        count.add_metric(["success"], reloads.success)
+        count.add_metric(["failure"], reloads.failure)
+        yield count
+        last = GaugeMetricFamily(
+            "spoa_mirror_config_last_reload_success_timestamp_seconds",
+            "When the configuration running now was loaded (at start or by the last good reload)",
+        )
+        last.add_metric([], reloads.last_success)
+        yield last
 
     def _spop(self) -> Iterator[Metric]:
         stats = self._agent_stats()
@@ -76,8 +123,8 @@ class MirrorCollector(Collector):
         family = CounterMetricFamily(
             "spoa_mirror_messages", "SPOP messages seen by the mirror handler", labels=["result", "reason"]
         )
-        family.add_metric(["mirrored", ""], messages.mirrored)
-        family.add_metric(["not_mirror", ""], messages.not_mirror)
+        family.add_metric(["mirrored", "none"], messages.mirrored)
+        family.add_metric(["not_mirror", "none"], messages.not_mirror)
         for reason, count in sorted(messages.invalid.items()):
             family.add_metric(["invalid", reason], count)
         yield family
@@ -100,6 +147,11 @@ class MirrorCollector(Collector):
         truncated = CounterMetricFamily(
             "spoa_mirror_truncated_sent", "Truncated bodies sent with the marker header", labels=["target"]
         )
+        sent_bytes = CounterMetricFamily(
+            "spoa_mirror_sent_bytes",
+            "Bytes of mirrored requests handed to a target's connections (head and body)",
+            labels=["target"],
+        )
         latency = HistogramMetricFamily(
             "spoa_mirror_shadow_latency_seconds", "Shadow response time", labels=["target"]
         )
@@ -111,8 +163,9 @@ class MirrorCollector(Collector):
             for rule, count in sorted(stats.redactions.items()):
                 redactions.add_metric([name, rule], count)
             truncated.add_metric([name], stats.truncated_sent)
+            sent_bytes.add_metric([name], stats.bytes_sent)
             latency.add_metric([name], stats.latency.cumulative(), stats.latency.total)
-        yield from (received, outcomes, in_flight, redactions, truncated, latency)
+        yield from (received, outcomes, in_flight, redactions, truncated, sent_bytes, latency)
 
         depth = GaugeMetricFamily(
             "spoa_mirror_queue_depth", "Requests waiting in a target's queue", labels=["target"]
@@ -122,7 +175,29 @@ class MirrorCollector(Collector):
         yield depth
 
 
-def build_registry(collector: MirrorCollector) -> CollectorRegistry:
+def build_info() -> Metric:
+    info = GaugeMetricFamily(
+        "spoa_mirror_build_info",
+        "Always 1; the labels say which spoa-mirror runs, on which Python and event loop",
+        labels=["version", "python", "event_loop"],
+    )
+    info.add_metric([__version__, platform.python_version(), event_loop_name()], 1)
+    return info
+
+
+def event_loop_name() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    return f"uvloop {uvloop.__version__}"
+
+
+def build_registry(collector: Collector) -> CollectorRegistry:
+    """The agent's families plus prometheus_client's own process (CPU, RSS, open fds) and platform
+    collectors."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    registry.register(PROCESS_COLLECTOR)
+    registry.register(PLATFORM_COLLECTOR)
     return registry

@@ -11,7 +11,6 @@ queued while all `concurrency` of its connections are busy.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -22,12 +21,14 @@ from spoe import Message
 from spoe.log import LogThrottle
 
 from .accounting import STATUS_OUTCOME, MessageStats, TargetStats
+from .config import NO_OUTGOING, OutgoingConfig
 from .filters import build_filter
 from .limits import build_circuit_breaker, build_rate_limiter
 from .message import BadMessage, is_mirror_message, to_request
 from .redact import build_redactor
 from .request import MirrorRequest
 from .sampling import build_sampler
+from .tls import client_context
 from .transport import Pool, TransportError
 from .wire import WireError, build_request
 
@@ -52,6 +53,7 @@ class Target:
         truncated_body: str,
         hmac_key: bytes | None,
         stats: TargetStats,
+        outgoing: OutgoingConfig = NO_OUTGOING,
     ) -> None:
         self.name: str = config.name
         self.stats = stats
@@ -63,6 +65,7 @@ class Target:
         self.closing = False
         self.abandoned = False  # drained: results still to come were already counted as shutdown
         self.breaker = build_circuit_breaker(config.circuit_breaker, f"targets.{self.name}.circuit_breaker")
+        self.breaker.on_change = self._circuit_changed
         self.checks = self._build_checks(config, truncated_body)
         self.rate_limit = build_rate_limiter(config.rate_limit, f"targets.{self.name}.rate_limit")
         self.redact = build_redactor(
@@ -72,11 +75,13 @@ class Target:
         self.pool = Pool(
             config.host,
             config.port,
-            ssl_context=_ssl_context(config) if config.scheme == "https" else None,
+            ssl_context=client_context(config) if config.scheme == "https" else None,
             server_hostname=config.host if config.scheme == "https" else None,
             max_connections=config.concurrency,
             connect_timeout=config.connect_timeout,
             timeout=config.timeout,
+            source_ip=outgoing.source_ip,
+            source_ports=outgoing.ports,
         )
         self.errors = LogThrottle()
 
@@ -164,6 +169,7 @@ class Target:
         head = req.method == "HEAD"
         if self.active < self.concurrency:  # then nothing is queued: _sent refills from the queue
             self.active += 1
+            stats.bytes_sent += len(payload)
             # A callback rather than a sender task awaiting Pool.send: ~17% fewer instructions per
             # replayed request (113k -> 94k, callgrind), ~2.5 us.
             self.pool.submit(payload, self._sent, head=head)
@@ -210,9 +216,21 @@ class Target:
         stats.outcomes[outcome] += 1
         if self.queue:
             payload, head = self.queue.popleft()
+            stats.bytes_sent += len(payload)
             self.pool.submit(payload, self._sent, head=head)
         else:
             self.active -= 1
+
+    def _circuit_changed(self, state: str) -> None:
+        if state == "open":
+            log.warning(
+                "circuit.opened",
+                target=self.name,
+                failures=self.breaker.failure_threshold,
+                retry_in=self.breaker.backoff,
+            )
+        else:
+            log.info("circuit.closed", target=self.name)
 
     def _log_error(self, event: str, key: str, **fields: Any) -> None:
         suppressed = self.errors.allow(key)
@@ -259,6 +277,7 @@ class Mirror:
                 truncated_body=config.truncated_body,
                 hmac_key=hmac_key,
                 stats=self.target_stats.setdefault(target.name, TargetStats()),
+                outgoing=config.outgoing,
             )
             for target in config.targets
         ]
@@ -360,11 +379,3 @@ def _append_forwarded_for(headers: list[tuple[str, str]], src: str) -> list[tupl
             headers[index] = (name, f"{value}, {src}")
             return headers
     return [*headers, ("X-Forwarded-For", src)]
-
-
-def _ssl_context(config: Any) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=config.ca_file)
-    if not config.tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context

@@ -17,10 +17,11 @@ Failures are `TransportError`s whose `reason` is a short, stable metrics label: 
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from urllib.parse import urlsplit
 
@@ -98,7 +99,11 @@ class Pool:
         connect_timeout: float,
         timeout: float,
         idle_timeout: float = 30.0,
+        source_ip: str | None = None,
+        source_ports: tuple[int, int] | None = None,
     ) -> None:
+        """`source_ip`, `source_ports`: where connections come from (the C agent's -I and -P); each
+        connect tries the ports of the range in turn, from where the previous one left off."""
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {max_connections}")
         if timeout <= 0 or connect_timeout <= 0 or idle_timeout <= 0:
@@ -124,6 +129,9 @@ class Pool:
         self._deadline_sweep: asyncio.TimerHandle | None = None
         self._idle_sweep: asyncio.TimerHandle | None = None
         self._closed = False
+        self._source_ip = source_ip
+        self._source_ports = source_ports
+        self._next_source_port = 0 if source_ports is None else source_ports[0]
 
     async def send(self, request: bytes, *, head: bool = False) -> int:
         """Sends one complete request and returns the final status code once the whole response has
@@ -289,13 +297,21 @@ class Pool:
         where = f"{self.host}:{self.port}"
         try:
             async with asyncio.timeout(min(self.connect_timeout, deadline - loop.time())):
-                await loop.create_connection(
-                    lambda: connection,
-                    self.host,
-                    self.port,
-                    ssl=self._ssl_context,
-                    server_hostname=self._server_hostname,
-                )
+                for local_addr in self._local_addresses():
+                    try:
+                        await loop.create_connection(
+                            lambda: connection,
+                            self.host,
+                            self.port,
+                            ssl=self._ssl_context,
+                            server_hostname=self._server_hostname,
+                            local_addr=local_addr,
+                        )
+                    except OSError as exc:
+                        if exc.errno != errno.EADDRINUSE or local_addr is None or local_addr[1] == 0:
+                            raise
+                        continue
+                    break
         except asyncio.CancelledError:  # it may have connected just as it was cancelled
             if connection.transport is not None:
                 connection.transport.close()
@@ -308,6 +324,19 @@ class Pool:
             raise ConnectError(f"connecting to {where} failed: {exc}") from exc
         self.connections_opened += 1
         return connection
+
+    def _local_addresses(self) -> Iterator[tuple[str, int] | None]:
+        """None (the kernel chooses), the source address alone, or each port of the source range
+        once, starting after the one used last."""
+        if self._source_ports is None:
+            yield None if self._source_ip is None else (self._source_ip, 0)
+            return
+        low, high = self._source_ports
+        for _ in range(high - low + 1):
+            port = self._next_source_port
+            self._next_source_port = low if port >= high else port + 1
+            yield (self._source_ip or "0.0.0.0", port)
+        raise OSError(errno.EADDRINUSE, f"every source port {low}-{high} is in use")
 
     def _take_idle(self, now: float) -> _Connection | None:
         expired_before = now - self.idle_timeout

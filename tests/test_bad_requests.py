@@ -373,7 +373,7 @@ def deliver(agent: Agent, *messages: Message, offered: int) -> Result:
     return Result(
         outcomes=settled,
         invalid={reason: count for (result, reason), count in messages_moved.items() if result == "invalid"},
-        not_mirror=messages_moved.get(("not_mirror", ""), 0),
+        not_mirror=messages_moved.get(("not_mirror", "none"), 0),
         requests=agent.shadow.requests[seen:],
     )
 

@@ -269,7 +269,7 @@ def test_dataclass_defaults_match_parsed_defaults() -> None:
         ),
         (
             {"admin": {"port": 12345}, **one_target()},
-            "admin.port: the admin port range 12345-12345 includes listen.port 12345",
+            "admin.port: is listen.port 12345 too; give the admin listener its own",
         ),
         (
             {"listen": {"tls": {"cert_file": "/x.pem"}}, **one_target()},
@@ -521,9 +521,13 @@ def test_listen_section(tmp_path: Path) -> None:
     assert (listen.tls.cert_file, listen.tls.key_file, listen.tls.ca_file) == (str(cert), str(key), None)
 
 
-def test_admin_port_range_must_not_include_the_spop_port() -> None:
-    data = {"listen": {"port": 9182, "workers": 4}, **one_target()}
-    assert error_of(data) == "admin.port: the admin port range 9180-9183 includes listen.port 9182"
+def test_admin_port_must_not_be_the_spop_port() -> None:
+    """With workers, the supervisor alone serves the admin port: one port, whatever their number."""
+    data = {"listen": {"port": 9180, "workers": 4}, **one_target()}
+    assert error_of(data) == "admin.port: is listen.port 9180 too; give the admin listener its own"
+    data["listen"]["port"] = 9181
+    assert parse_config(data, env={}).admin.port == 9180
+    data["listen"]["port"] = 9180
     data["admin"] = {"enabled": False}
     assert parse_config(data, env={}).admin.enabled is False
 
@@ -763,7 +767,7 @@ def test_describe_states_what_the_agent_does() -> None:
     text = describe(config)
     assert "SPOP listener: 127.0.0.1:12345, 2 worker processes" in text
     assert "accepts connections from: 10.0.0.0/8" in text
-    assert "Admin (metrics, health): http://127.0.0.1:9180-9181 (one per worker)" in text
+    assert "Admin (metrics, health): http://127.0.0.1:9180 (the supervisor, for all 2 workers)" in text
     assert "SPOE messages mirrored: mirror" in text
     assert "marked X-Mirror-Truncated: true" in text
     assert "  api -> https://api-shadow:8443/v2" in text
