@@ -394,3 +394,12 @@ def test_logfile_modes(tmp_path: Path) -> None:
             time.sleep(0.02)
     text = logfile.read_text()
     assert "old line" not in text and log_events(text, "agent.stopped")
+
+
+def test_the_readme_migration_table_lists_every_c_flag() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Migrating from the C agent", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `-")]
+    flags = {re.match(r"\| `-(\w), (--[\w-]+)", row).groups() for row in rows}  # type: ignore[union-attr]
+    assert {long for _short, long in flags} == set(C_LONG_OPTIONS)
+    assert "".join(sorted(short for short, _long in flags)) == "".join(sorted(C_SHORT_OPTIONS))
