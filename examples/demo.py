@@ -158,8 +158,11 @@ def traffic(web: int, count: int) -> int:
     return ok
 
 
-def metrics(admin: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5).read().decode()
+def metrics_page(admin: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5).read().decode()
+
+
+def metrics(text: str) -> dict[str, float]:
     values = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -173,6 +176,13 @@ def main() -> int:
     ports = {name: free_port() for name in ("web", "primary", "shadow", "canary", "spop", "admin")}
     primary, shadow, canary = serve(ports["primary"]), serve(ports["shadow"]), serve(ports["canary"])
     workdir = Path(tempfile.mkdtemp(prefix="spoa-mirror-demo-"))
+    try:
+        return run(haproxy, ports, primary, shadow, canary, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(haproxy: str, ports: dict[str, int], primary: list, shadow: list, canary: list, workdir: Path) -> int:
     spoe_conf = workdir / "mirror.spoe.conf"
     spoe_conf.write_text(SPOE_CONF)
     (workdir / "haproxy.cfg").write_text(HAPROXY_CFG.format(spoe_conf=spoe_conf, **ports))
@@ -187,13 +197,16 @@ def main() -> int:
             time.sleep(1.0)  # HAProxy opens its SPOP connections on the first requests
             served = traffic(ports["web"], 300)
             time.sleep(1.0)
-            m = metrics(ports["admin"])
+            page = metrics_page(ports["admin"])
+            m = metrics(page)
         finally:
             proxy.terminate()
             agent.send_signal(signal.SIGTERM)
             agent.wait(timeout=10)
             proxy.wait(timeout=10)
     report(served, primary, shadow, canary, m, workdir)
+    show_metrics(page)
+    explain(served, primary, shadow, canary, m)
     return 0
 
 
@@ -232,7 +245,53 @@ def report(served: int, primary: list, shadow: list, canary: list, m: dict, work
                 print(f"  body: {sample['body']}")
     leaked = [r for r in (*shadow, *canary) if "s3cr3t" in json.dumps(r) or "hunter2" in json.dumps(r)]
     print(f"\nsecrets found in any shadow request: {len(leaked)}")
-    print(f"files and agent log: {workdir}")
+
+
+METRICS_SHOWN = (
+    "spoa_mirror_requests_received_total",
+    'spoa_mirror_requests_total{outcome="sent_2xx"',
+    'spoa_mirror_requests_total{outcome="filtered"',
+    'spoa_mirror_requests_total{outcome="sampled_out"',
+    "spoa_mirror_sent_bytes_total",
+    "spoa_mirror_in_flight",
+    'spoa_mirror_circuit_breaker_state{state="closed"',
+)
+
+
+def show_metrics(page: str) -> None:
+    """A few lines of the agent's /metrics, as Prometheus would scrape them (zero counts left out)."""
+    print("\nan excerpt of the agent's /metrics:")
+    for line in page.splitlines():
+        if line.startswith(METRICS_SHOWN) and (not line.endswith(" 0.0") or "in_flight" in line):
+            print(f"  {line}")
+    print("  (received = sum of outcomes + in flight, for every target)")
+
+
+def explain(served: int, primary: list, shadow: list, canary: list, m: dict) -> None:
+    """Why each shadow received what it did, from the demo's own traffic and the agent's counters."""
+    posts = sum(1 for request in primary if request["method"] == "POST")
+    gets = len(primary) - posts
+    users = {request["headers"].get("x-user") for request in primary}
+    sampled = {request["headers"].get("x-user") for request in canary}
+    counted = lambda outcome: m.get(  # noqa: E731
+        f'spoa_mirror_requests_total{{outcome="{outcome}",target="canary"}}', 0.0
+    )
+    print("\nwhy these numbers:")
+    print(f"  shadow-v2 mirrors every request: {len(shadow)} of the {served} sent.")
+    print(
+        f"  canary takes GET and HEAD only: the {posts} POSTs (every third request) were filtered "
+        f"(agent: filtered={counted('filtered'):.0f})."
+    )
+    share = 100 * len(sampled) / max(len(users), 1)
+    print(
+        f"  canary samples 30% of users by X-User, the same users every time: {len(sampled)} of the "
+        f"{len(users)} users in the traffic fell in the sample ({share:.0f}%)."
+    )
+    print(
+        f"  so it received their GETs, {len(canary)} of the {gets} GETs; the other users' "
+        f"{gets - len(canary)} were sampled out (agent: sampled_out={counted('sampled_out'):.0f})."
+    )
+    print("  the demo's temporary files (configs, logs) are removed.")
 
 
 if __name__ == "__main__":
