@@ -11,6 +11,7 @@ supervisor of -n workers)."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from argparse import Namespace
@@ -66,6 +67,7 @@ def _run(config: Config, options: Namespace, overrides: dict[str, Any]) -> int:
         print(f"spoa-mirror: cannot start: {error}", file=sys.stderr)
         return 2
     configure(options.log_format or config.log.format, options.log_level or config.log.level)
+    signal.signal(signal.SIGTERM, _stop_before_serving)
     _log_c_agent_notes(config, options)
     daemon = Daemon(keep_output=bool(options.logfile)) if options.daemonize else None
     on_ready = None if daemon is None else daemon.ready
@@ -86,6 +88,12 @@ def _run(config: Config, options: Namespace, overrides: dict[str, Any]) -> int:
         if pidfile is not None:
             pidfile.remove()
     return status
+
+
+def _stop_before_serving(_signum: int, _frame: object) -> None:
+    """SIGTERM before the agent installs its own handler: exit 0 through the `finally` that removes
+    the pidfile, rather than die by the signal and leave it."""
+    raise SystemExit(0)
 
 
 def _bind_spop(config: Config) -> list[socket.socket]:

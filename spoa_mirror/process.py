@@ -94,21 +94,25 @@ def _alive(pid: int) -> bool:
 
 
 class Daemon:
-    """`-D`: fork, new session, fork again, chdir /, stdin from /dev/null (the C agent's daemonize).
+    """`-D`: fork, new session, fork again, chdir /, stdin from /dev/null and, unless -l sent them
+    to a file, stdout and stderr too (the C agent's daemonize). Everything that can go wrong with
+    the command line, the config, the ports or the files has been reported before this point.
 
     The original process waits on a pipe: `ready()` in the daemon makes it exit 0, `failed(status)`
-    (or the daemon dying first) makes it exit with that status. Until ready, the daemon's errors still
-    reach the terminal; then stdout and stderr go to /dev/null unless -l sent them to a file."""
+    (or the daemon dying first) makes it exit with that status. One line on the pipe, so the
+    workers of a -n daemon, which inherit it, cannot keep it waiting."""
 
     def __init__(self, keep_output: bool) -> None:
-        self._keep_output = keep_output
         read_end, self._write_end = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
         if os.fork() > 0:
             os.close(self._write_end)
             answer = b""
-            while chunk := os.read(read_end, 16):
+            while b"\n" not in answer and (chunk := os.read(read_end, 16)):
                 answer += chunk
-            os._exit(0 if answer == b"ready" else int(answer or b"1"))
+            line = answer.split(b"\n", 1)[0]
+            os._exit(0 if line == b"ready" else int(line or b"1"))
         os.close(read_end)
         os.setsid()
         if os.fork() > 0:
@@ -116,24 +120,19 @@ class Daemon:
         os.chdir("/")
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0)
+        if not keep_output:
+            os.dup2(null, 1)
+            os.dup2(null, 2)
         os.close(null)
 
     def ready(self) -> None:
-        if self._write_end < 0:
-            return
-        if not self._keep_output:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            null = os.open(os.devnull, os.O_RDWR)
-            os.dup2(null, 1)
-            os.dup2(null, 2)
-            os.close(null)
-        os.write(self._write_end, b"ready")
-        os.close(self._write_end)
-        self._write_end = -1
+        self._answer(b"ready")
 
     def failed(self, status: int) -> None:
+        self._answer(str(status or 1).encode())
+
+    def _answer(self, line: bytes) -> None:
         if self._write_end >= 0:
-            os.write(self._write_end, str(status or 1).encode())
+            os.write(self._write_end, line + b"\n")
             os.close(self._write_end)
             self._write_end = -1

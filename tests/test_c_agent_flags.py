@@ -343,15 +343,16 @@ def test_mirror_interface_by_name(tmp_path: Path) -> None:
     assert "Connections to shadows from 127.0.0.1 (lo), ports 40000-40000" in result.stdout
 
 
-def test_daemonize_pidfile_and_logfile(tmp_path: Path) -> None:
-    """-D: the command returns 0 once the daemon listens, and the daemon runs on in a session of its
-    own; -F holds the daemon's pid and is removed when it stops; -l a:FILE gets every log line, and
-    appends (a second run keeps the first run's lines)."""
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_daemonize_pidfile_and_logfile(tmp_path: Path, workers: str) -> None:
+    """-D: the command returns 0 once the daemon listens (with -n 2, once both workers do), and the
+    daemon runs on in a session of its own; -F holds the daemon's pid and is removed when it stops;
+    -l a:FILE gets every log line, and appends (a second run keeps the first run's lines)."""
     port = free_port()
     pidfile, logfile = tmp_path / "agent.pid", tmp_path / "agent.log"
     config = tmp_path / "agent.yaml"
     config.write_text(json.dumps({"admin": {"port": free_port()}, "log": {"format": "json"}}))
-    argv = [AGENT, "-D", "-F", str(pidfile), "-l", f"a:{logfile}", "-p", str(port), "-u", "http://127.0.0.1:9/",
+    argv = [AGENT, "-D", "-n", workers, "-F", str(pidfile), "-l", f"a:{logfile}", "-p", str(port), "-u", "http://127.0.0.1:9/",
             "--config", str(config)]  # fmt: skip
     for run in (1, 2):
         result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
@@ -367,8 +368,8 @@ def test_daemonize_pidfile_and_logfile(tmp_path: Path) -> None:
         while pidfile.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not pidfile.exists()
-        assert len(log_events(logfile.read_text(), "agent.started")) == run
-        assert len(log_events(logfile.read_text(), "agent.stopped")) == run
+        assert len(log_events(logfile.read_text(), "agent.started")) == run * int(workers)
+        assert len(log_events(logfile.read_text(), "agent.stopped")) == run * int(workers)
 
 
 def test_logfile_modes(tmp_path: Path) -> None:
