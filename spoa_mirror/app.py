@@ -22,7 +22,7 @@ import spoe
 from . import systemd
 from .admin import AdminServer
 from .config import Config, load_config
-from .errors import ConfigError
+from .errors import ConfigError, StartupError
 from .listeners import bind_listener
 from .metrics import MirrorCollector, ReloadStats, build_registry
 from .mirror import Mirror
@@ -125,7 +125,6 @@ class App:
                 circuits={target.name: target.breaker.state for target in self.mirror.targets},
             )
 
-
     def stop(self) -> None:
         self._stop.set()
 
@@ -154,7 +153,7 @@ class App:
         try:
             config = load_config(self.config_path, self.overrides)
             self.mirror.apply(config, config.secrets.hmac_key)
-        except ConfigError as error:
+        except (ConfigError, StartupError) as error:  # StartupError: a CA file that does not load
             self.reloads.failure += 1
             log.error("config.reload_failed", error=str(error), kept="previous config")
         else:

@@ -141,6 +141,13 @@ def test_metrics_of_a_live_agent(tmp_path: Path) -> None:
             config_path.write_text("targets: [{url: 'ftp://nope'}]\n")
             agent.popen.send_signal(signal.SIGHUP)
             wait_for(lambda: log_events(agent.stderr_text(), "config.reload_failed"), agent)
+            bad_ca = tmp_path / "bad-ca.pem"
+            bad_ca.write_text("not a certificate\n")
+            config_path.write_text(
+                json.dumps({"targets": [{"url": "https://127.0.0.1:9/", "ca_file": str(bad_ca)}]})
+            )
+            agent.popen.send_signal(signal.SIGHUP)  # a CA file that does not load: refused like a bad key
+            wait_for(lambda: len(log_events(agent.stderr_text(), "config.reload_failed")) == 2, agent)
             final_text = _get(admin, "/metrics")
             logs = agent.stderr_text()
 
@@ -175,7 +182,11 @@ def test_metrics_of_a_live_agent(tmp_path: Path) -> None:
     )
 
     assert final[series("spoa_mirror_config_reloads_total", result="success")] == 1
-    assert final[series("spoa_mirror_config_reloads_total", result="failure")] == 1
+    assert final[series("spoa_mirror_config_reloads_total", result="failure")] == 2
+    assert (
+        "targets[0].ca_file: cannot load CA certificates"
+        in log_events(logs, "config.reload_failed")[1]["error"]
+    )
     reloaded_at = final["spoa_mirror_config_last_reload_success_timestamp_seconds"]
     assert opened["spoa_mirror_config_last_reload_success_timestamp_seconds"] < reloaded_at <= time.time()
 
