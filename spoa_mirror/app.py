@@ -9,9 +9,11 @@ touching SPOP connections; a bad new config keeps the old one running and logs w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import ssl
+import struct
 from typing import Any
 
 import structlog
@@ -22,7 +24,8 @@ from . import systemd
 from .admin import AdminServer
 from .config import Config, load_config
 from .errors import ConfigError
-from .metrics import MirrorCollector, build_registry
+from .heartbeat import TICK, Heartbeat
+from .metrics import LoopCollector, MirrorCollector, build_registry
 from .mirror import Mirror
 
 log = structlog.get_logger("spoa_mirror")
@@ -37,9 +40,12 @@ class App:
         overrides: dict[str, Any],
         worker: int = 0,
         ready_fd: int | None = None,
+        heartbeat_fd: int | None = None,
     ) -> None:
         """`ready_fd`: in a worker process, the pipe on which to tell the supervisor it listens (the
-        supervisor, systemd's main PID, sends READY=1 once every worker has)."""
+        supervisor, systemd's main PID, sends READY=1 once every worker has). `heartbeat_fd`: the
+        pipe on which a worker's event loop pulses (its number, every tick); the supervisor sends
+        WATCHDOG=1 only while every worker pulses."""
         self.config = config
         self.config_path = config_path
         self.overrides = overrides
@@ -58,6 +64,9 @@ class App:
         )
         self.agent.set_default_handler(self.mirror.handle)
         self.ready_fd = ready_fd
+        self.heartbeat_fd = heartbeat_fd
+        self.watchdog = systemd.watchdog_interval()
+        self.heartbeat = Heartbeat(interval=tick_interval())
         self.admin: AdminServer | None = None
         self.listening: list[tuple[str, int]] = []
         self._stop = asyncio.Event()
@@ -71,8 +80,14 @@ class App:
             reuse_port=listen.workers > 1,
             ssl=_server_tls(listen.tls) if listen.tls else None,
         )
+        self.heartbeat.start()
+        if self.watchdog is not None:
+            self.heartbeat.on_tick(lambda: systemd.notify("WATCHDOG=1"))
+        if self.heartbeat_fd is not None:
+            os.set_blocking(self.heartbeat_fd, False)
+            self.heartbeat.on_tick(self._pulse_supervisor)
         if self.config.admin.enabled:
-            self.admin = AdminServer(self._registry(), lambda: self._ready)
+            self.admin = AdminServer(self._registry(), lambda: self._ready, self.heartbeat.alive)
             admin_address = self.admin.start(self.config.admin.address, self.config.admin.port + self.worker)
         else:
             admin_address = None
@@ -120,7 +135,14 @@ class App:
         )
         if self.admin is not None:
             self.admin.stop()
+        self.heartbeat.stop()
         return 0
+
+    def _pulse_supervisor(self) -> None:
+        """Never blocks the loop: a supervisor that stopped reading loses pulses, not the worker."""
+        assert self.heartbeat_fd is not None
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(self.heartbeat_fd, struct.pack(PULSE_FORMAT, self.worker))
 
     def reload(self) -> None:
         systemd.notify("RELOADING=1")
@@ -138,7 +160,7 @@ class App:
 
     def _registry(self) -> Any:
         mirror = self.mirror
-        return build_registry(
+        registry = build_registry(
             MirrorCollector(
                 agent_stats=lambda: self.agent.stats,
                 messages=lambda: mirror.messages,
@@ -146,6 +168,20 @@ class App:
                 queue_depth=lambda: {target.name: len(target.queue) for target in mirror.targets},
             )
         )
+        registry.register(LoopCollector(self.heartbeat))
+        return registry
+
+
+PULSE_FORMAT = "!H"  # a worker's number; 2-byte pipe writes are atomic, so pulses never interleave
+
+
+def tick_interval() -> float:
+    """The heartbeat's period: TICK, or half of systemd's watchdog interval when that is shorter
+    (workers read the same WATCHDOG_USEC the supervisor was given)."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    if usec.isdigit() and int(usec) > 0:
+        return min(TICK, int(usec) / 2_000_000)
+    return TICK
 
 
 def reassembly_cap(config: Config) -> int:

@@ -5,14 +5,16 @@ Exit codes: 0 after a clean stop, 2 for a bad config or bad flags (one line nami
 from __future__ import annotations
 
 import os
+import select
 import signal
+import struct
 import sys
 import time
 
 import spoe
 
 from . import systemd
-from .app import App
+from .app import PULSE_FORMAT, App, tick_interval
 from .cli_args import overrides_from_args, parse_args
 from .config import Config, describe, load_config
 from .errors import ConfigError
@@ -37,10 +39,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(
-    config: Config, path: str | None, overrides: dict, worker: int, ready_fd: int | None = None
+    config: Config,
+    path: str | None,
+    overrides: dict,
+    worker: int,
+    ready_fd: int | None = None,
+    heartbeat_fd: int | None = None,
 ) -> int:
     async def run() -> int:
-        app = App(config, config_path=path, overrides=overrides, worker=worker, ready_fd=ready_fd)
+        app = App(
+            config,
+            config_path=path,
+            overrides=overrides,
+            worker=worker,
+            ready_fd=ready_fd,
+            heartbeat_fd=heartbeat_fd,
+        )
         return await app.run()
 
     return spoe.run(run())
@@ -51,10 +65,14 @@ def _supervise(config: Config, path: str | None, overrides: dict) -> int:
     HAProxy's connections); the parent forwards SIGTERM/SIGHUP and restarts a worker that died.
 
     The parent is systemd's main PID, so it alone speaks sd_notify: READY=1 once every worker said
-    it listens (a byte on a pipe), RELOADING=1/READY=1 around a forwarded SIGHUP, STOPPING=1."""
+    it listens (a byte on a pipe), RELOADING=1/READY=1 around a forwarded SIGHUP, STOPPING=1, and,
+    under `WatchdogSec=`, WATCHDOG=1 only while every worker's event loop pulses on the heartbeat
+    pipe: one stuck worker stops the pings and systemd restarts the service."""
     children: dict[int, int] = {}
     stopping = False
     ready_read, ready_write = os.pipe()
+    watchdog = systemd.watchdog_interval()
+    heartbeat_read, heartbeat_write = os.pipe() if watchdog is not None else (None, None)
 
     def spawn(worker: int, ready_fd: int | None) -> None:
         pid = os.fork()
@@ -62,9 +80,11 @@ def _supervise(config: Config, path: str | None, overrides: dict) -> int:
             os.environ.pop("NOTIFY_SOCKET", None)
             if ready_fd is not None:  # the first spawns; a respawn finds both ends closed already
                 os.close(ready_read)
+            if heartbeat_read is not None:
+                os.close(heartbeat_read)
             for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
-            os._exit(_serve(config, path, overrides, worker, ready_fd))
+            os._exit(_serve(config, path, overrides, worker, ready_fd, heartbeat_write))
         children[pid] = worker
 
     def forward(signum: int, _frame: object) -> None:
@@ -97,18 +117,35 @@ def _supervise(config: Config, path: str | None, overrides: dict) -> int:
     if ready == config.listen.workers:
         systemd.notify("READY=1", f"STATUS={ready} workers")
     status = 0
+    pulses = dict.fromkeys(range(config.listen.workers), time.monotonic())
+    tick = tick_interval()
     while children:
-        try:
-            pid, wait_status = os.wait()
-        except ChildProcessError:
-            break
-        worker = children.pop(pid, None)
-        code = os.waitstatus_to_exitcode(wait_status)
-        if code != 0:
-            status = 1
-        if worker is not None and not stopping and config.listen.runtime <= 0:
-            time.sleep(0.5)
-            spawn(worker, None)
+        readable, _, _ = select.select([heartbeat_read] if heartbeat_read is not None else [], [], [], tick)
+        if readable:
+            assert heartbeat_read is not None
+            data = os.read(heartbeat_read, 4096)
+            now = time.monotonic()
+            for (worker,) in struct.iter_unpack(PULSE_FORMAT, data):
+                pulses[worker] = now
+        while children:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                children.clear()
+                break
+            if pid == 0:
+                break
+            worker = children.pop(pid, None)
+            if os.waitstatus_to_exitcode(wait_status) != 0:
+                status = 1
+            if worker is not None and not stopping and config.listen.runtime <= 0:
+                time.sleep(0.5)
+                pulses[worker] = time.monotonic()  # a fresh worker gets a full interval to start
+                spawn(worker, None)
+        if watchdog is not None and not stopping:
+            now = time.monotonic()
+            if all(now - pulses[worker] < watchdog for worker in children.values()):
+                systemd.notify("WATCHDOG=1")
     return status
 
 

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from spoe import AgentStats
 
 from .accounting import MessageStats, TargetStats
+from .heartbeat import Heartbeat
 
 
 class MirrorCollector(Collector):
@@ -126,3 +127,26 @@ def build_registry(collector: MirrorCollector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     return registry
+
+
+class LoopCollector(Collector):
+    """The SPOP event loop's pulse (heartbeat.py): how late its ticks wake, and how long since the
+    last one. Read from the admin thread, so it reports a stuck loop while the loop is stuck."""
+
+    def __init__(self, heartbeat: Heartbeat) -> None:
+        self._heartbeat = heartbeat
+
+    def collect(self) -> Iterator[Metric]:
+        lag = HistogramMetricFamily(
+            "spoa_mirror_event_loop_lag_seconds",
+            "How late the event loop's 1 s tick woke: what anything ready on the loop (an ACK) waited",
+        )
+        histogram = self._heartbeat.lag
+        lag.add_metric([], histogram.cumulative(), histogram.total)
+        yield lag
+        stalled = GaugeMetricFamily(
+            "spoa_mirror_event_loop_stalled_seconds",
+            "Seconds since the event loop's last tick beyond the tick interval (0 while it runs)",
+        )
+        stalled.add_metric([], self._heartbeat.stalled_for())
+        yield stalled
