@@ -25,7 +25,7 @@ from .admin import AdminServer
 from .config import Config, load_config
 from .errors import ConfigError
 from .heartbeat import TICK, Heartbeat
-from .metrics import LoopCollector, MirrorCollector, build_registry
+from .metrics import LoopCollector, MirrorCollector, QueueCapacityCollector, build_registry
 from .mirror import Mirror
 
 log = structlog.get_logger("spoa_mirror")
@@ -169,6 +169,9 @@ class App:
             )
         )
         registry.register(LoopCollector(self.heartbeat))
+        registry.register(
+            QueueCapacityCollector(lambda: {target.name: target.queue_size for target in mirror.targets})
+        )
         return registry
 
 

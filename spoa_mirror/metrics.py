@@ -150,3 +150,19 @@ class LoopCollector(Collector):
         )
         stalled.add_metric([], self._heartbeat.stalled_for())
         yield stalled
+
+
+class QueueCapacityCollector(Collector):
+    """Each target's `queue_size`, beside `spoa_mirror_queue_depth`, so an alert can say how full a
+    queue is without knowing the config."""
+
+    def __init__(self, capacity: Callable[[], dict[str, int]]) -> None:
+        self._capacity = capacity
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "spoa_mirror_queue_capacity", "Requests a target's queue holds at most", labels=["target"]
+        )
+        for name, size in sorted(self._capacity().items()):
+            family.add_metric([name], size)
+        yield family
