@@ -41,7 +41,8 @@ log.level (info): debug, info, warning, error or critical.
 secrets.hmac_key_file (unset): file holding the key for hmac redaction (trailing newline ignored,
     at least 16 bytes).
 secrets.hmac_key_env (unset): name of an environment variable holding that key instead. The key
-    itself is never accepted in the file.
+    itself is never accepted in the file. With neither set, $CREDENTIALS_DIRECTORY/hmac.key is read
+    when it exists (systemd's LoadCredential=, or a Kubernetes Secret mounted there).
 redact (unset): redaction for every target (see redact.py); a target's redact is merged over it.
 defaults ({}): target keys (any but name, url, upstream) for every target that does not set them;
     a target's value replaces the default whole (nested mappings are not merged).
@@ -676,6 +677,9 @@ def _parse_log(data: object) -> LogConfig:
     )
 
 
+HMAC_CREDENTIAL = "hmac.key"  # the credential name: LoadCredential=hmac.key:/etc/spoa-mirror/hmac.key
+
+
 def _parse_secrets(data: object, env: Mapping[str, str]) -> SecretsConfig:
     if isinstance(data, dict) and "hmac_key" in data:
         raise ConfigError(
@@ -688,6 +692,9 @@ def _parse_secrets(data: object, env: Mapping[str, str]) -> SecretsConfig:
     key_env = block.read("hmac_key_env", None, _string)
     if key_file is not None and key_env is not None:
         raise ConfigError("secrets", "set hmac_key_file or hmac_key_env, not both")
+    if key_file is None and key_env is None and env.get("CREDENTIALS_DIRECTORY"):
+        credential = os.path.join(env["CREDENTIALS_DIRECTORY"], HMAC_CREDENTIAL)
+        key_file = credential if os.path.exists(credential) else None
     if key_file is not None:
         try:
             with open(key_file, "rb") as file:
