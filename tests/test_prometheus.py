@@ -8,6 +8,7 @@ against them without error.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.dashboard_plot import plot_dashboard, promql
 from tests.support.mirror_stack import MirrorStack, mirror_stack
 from tests.support.procs import free_port, run_process
 
@@ -32,6 +34,8 @@ PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
 ALERT_TESTS = PROMETHEUS_DIR / "alerts.test.yml"
 SCRAPE_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "spoa-mirror.json"
+DOCS_PICTURE = ROOT / "docs" / "dashboard.png"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 LOAD_ROUNDS = 5  # one burst a second, so rate() sees the counters move across scrapes
@@ -83,6 +87,7 @@ def test_every_alert_has_a_unit_test_that_fires_it() -> None:
 class Scraped:
     stack: MirrorStack
     api: str  # Prometheus' base URL
+    load_started: float = 0.0  # wall-clock time, for range queries
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         """An instant query; fails the test on any error Prometheus reports."""
@@ -157,6 +162,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
         while not (scraped.ready() and scraped.query('up{job="spoa-mirror"} == 1')):
             assert time.monotonic() < deadline, "Prometheus did not scrape the agent within 30 s"
             time.sleep(0.2)
+        scraped.load_started = time.time()
         for _ in range(LOAD_ROUNDS):
             mirror.blast([(f"/load/{n}", {}) for n in range(REQUESTS_PER_ROUND)], concurrency=10)
             time.sleep(1)
@@ -224,18 +230,81 @@ def test_no_alert_fires_on_a_healthy_target(scraped: Scraped) -> None:
             assert alert["labels"].get("target") != "ok", alert
 
 
-def test_series_names_in_the_rules_exist_or_are_pending(scraped: Scraped) -> None:
-    """Every metric the rules name is exported by the agent, except those other work adds (the
-    breaker gauge and the memory budget), listed here until they land."""
-    pending = {
-        "spoa_mirror_circuit_state",
-        "spoa_mirror_memory_used_bytes",
-        "spoa_mirror_memory_budget_bytes",
+# Metrics the rules and the dashboard name that other work adds (the breaker gauge, the memory budget,
+# the reload counter): allowed to be missing until they land, and only those.
+PENDING_METRICS = {
+    "spoa_mirror_circuit_state",
+    "spoa_mirror_memory_used_bytes",
+    "spoa_mirror_memory_budget_bytes",
+    "spoa_mirror_config_reloads_total",
+}
+
+
+def metric_names(text: str) -> set[str]:
+    """The spoa_mirror_* families named in PromQL (histogram suffixes dropped)."""
+    return {
+        re.sub(r"_(bucket|count|sum)$", "", name) for name in re.findall(r"\b(spoa_mirror_[a-z_]+)", text)
     }
-    named = set(re.findall(r"\b(spoa_mirror_[a-z_]+)", ALERTS.read_text()))
+
+
+def exported_names(scraped: Scraped) -> set[str]:
     with urllib.request.urlopen(f"{scraped.api}/api/v1/label/__name__/values", timeout=10) as response:
-        exported = set(json.load(response)["data"])
-    exported |= {
-        name.removesuffix(suffix) for name in exported for suffix in ("_bucket",) if name.endswith(suffix)
-    }
-    assert named - exported <= pending, named - exported - pending
+        return metric_names(" ".join(json.load(response)["data"]))
+
+
+@pytest.mark.parametrize("source", [ALERTS, DASHBOARD], ids=["alerts", "dashboard"])
+def test_metric_names_exist_or_are_pending(scraped: Scraped, source: Path) -> None:
+    """Every metric the rules or the dashboard name is one the agent exports, but PENDING_METRICS."""
+    missing = metric_names(source.read_text()) - exported_names(scraped)
+    assert missing <= PENDING_METRICS, missing - PENDING_METRICS
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    return [
+        (panel["title"], target["expr"]) for panel in dashboard()["panels"] for target in panel["targets"]
+    ]
+
+
+def test_dashboard_panels_are_laid_out_and_use_the_datasource_variable() -> None:
+    panels = dashboard()["panels"]
+    assert len({panel["id"] for panel in panels}) == len(panels)
+    cells: set[tuple[int, int]] = set()
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24
+        area = {
+            (x, y)
+            for x in range(grid["x"], grid["x"] + grid["w"])
+            for y in range(grid["y"], grid["y"] + grid["h"])
+        }
+        assert not area & cells, f"{panel['title']} overlaps another panel"
+        cells |= area
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert panel["targets"], panel["title"]
+
+
+@pytest.mark.parametrize(("title", "expr"), panel_queries())
+def test_every_dashboard_query_evaluates_and_returns_data(scraped: Scraped, title: str, expr: str) -> None:
+    """On the test Prometheus, with the variables as Grafana fills them: no error, and data, unless
+    the query rests on a metric not exported yet (PENDING_METRICS)."""
+    result = scraped.query(promql(expr, "1m"))
+    if metric_names(expr) & (PENDING_METRICS - exported_names(scraped)):
+        return
+    assert result, f"{title}: {expr} returned no data"
+
+
+def test_dashboard_rendered_with_matplotlib(scraped: Scraped, tmp_path: Path) -> None:
+    """Every panel's queries over the load, drawn; UPDATE_DOCS=1 writes the README's picture."""
+    out = tmp_path / "dashboard.png"
+    plotted = plot_dashboard(dashboard(), scraped.api, scraped.load_started - 2, time.time(), out)
+    assert out.stat().st_size > 10_000
+    missing = PENDING_METRICS - exported_names(scraped)
+    for title, count in plotted.items():
+        queries = " ".join(expr for panel_title, expr in panel_queries() if panel_title == title)
+        assert count or metric_names(queries) & missing, f"{title}: nothing plotted"
+    if os.environ.get("UPDATE_DOCS") == "1":
+        shutil.copy(out, DOCS_PICTURE)
