@@ -31,7 +31,7 @@ listen.max_inflight (256): NOTIFY frames one connection may have unanswered befo
 listen.allow_networks ([]): CIDRs allowed to connect; empty allows any peer.
 listen.tls.cert_file, listen.tls.key_file (unset): serve SPOP over TLS; both are required.
 listen.tls.ca_file (unset): when set, HAProxy must present a client certificate signed by this CA.
-admin.enabled (true): serve /metrics, /healthz and /readyz over HTTP.
+admin.enabled (true): serve /metrics, /livez (= /healthz) and /readyz over HTTP.
 admin.address (127.0.0.1): admin listener address.
 admin.port (9180): admin listener port.
 messages ([]): SPOE message names treated as mirror requests; empty accepts any message carrying a
