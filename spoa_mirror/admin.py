@@ -103,6 +103,10 @@ class AdminServer:
         except asyncio.LimitOverrunError:
             await _respond(writer, "431 Request Header Fields Too Large", "request head too large\n")
             return False
+        except asyncio.IncompleteReadError as error:
+            if error.partial:  # the client finished sending something that is not an HTTP request
+                await _respond(writer, "400 Bad Request", "bad request\n")
+            return False
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):

@@ -119,6 +119,11 @@ def test_bad_requests_get_clear_statuses(tmp_path: Path) -> None:
             b"HTTP/1.1 405 "
         )
         assert raw_exchange(served.admin, b"nonsense\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+        # Bytes that never make a request head, then the client's EOF: an answer, not a silent close.
+        with socket.create_connection(served.admin, timeout=5) as sock:
+            sock.sendall(b"\x00\x00\x00\x10binary")
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(100).startswith(b"HTTP/1.1 400 ")
         assert served.get("/nowhere")[0] == 404
         # Keep-alive: two requests on one connection, then the client's close.
         two = raw_exchange(
