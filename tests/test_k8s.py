@@ -45,7 +45,8 @@ KUBERNETES_VERSIONS = (
     kubernetes_validate.utils.all_versions()[0],
     kubernetes_validate.utils.latest_version(),
 )
-CUSTOM_RESOURCES = {"PodMonitor"}  # the Prometheus Operator's: no schema in kubernetes-validate
+# The Prometheus Operator's kinds: kubernetes-validate has no schema for them.
+CUSTOM_RESOURCES = {"PodMonitor", "PrometheusRule"}
 NAMESPACE = "default"  # the base names none: kubectl's current namespace, `default` as shipped
 DISCONNECT_GRACE = 2.0  # App.shutdown gives HAProxy's connections this long before draining
 CONFIG_DIR = "/etc/spoa-mirror"
@@ -130,7 +131,7 @@ def test_the_manifests_are_all_there() -> None:
     ]  # fmt: skip
     assert sorted(doc["kind"] for doc in rendered(PRODUCTION)) == [
         "ConfigMap", "Deployment", "Namespace", "NetworkPolicy",
-        "PodDisruptionBudget", "PodMonitor", "Service",
+        "PodDisruptionBudget", "PodMonitor", "PrometheusRule", "Service",
     ]  # fmt: skip
 
 
@@ -296,6 +297,15 @@ def test_metrics_are_scraped_by_annotation_and_by_pod_monitor() -> None:
     assert selects_the_pods(monitor["spec"]["selector"]["matchLabels"])
     [endpoint] = monitor["spec"]["podMetricsEndpoints"]
     assert endpoint["port"] == "admin" and endpoint["path"] == "/metrics"
+
+
+def test_prometheus_rule_is_alerts_yml() -> None:
+    """The Operator's copy of the alerting rules is deploy/prometheus/alerts.yml, which promtool
+    checks and unit-tests (tests/test_prometheus.py)."""
+    rule = manifest("PrometheusRule", PRODUCTION)
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    alerts = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    assert rule["spec"] == alerts
 
 
 def test_production_overlay() -> None:
