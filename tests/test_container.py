@@ -12,6 +12,7 @@ reason, which `pytest -ra` prints in the summary; on this project's CI machines 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shutil
 import subprocess
@@ -41,7 +42,6 @@ CONTEXT_FILES = (
     "spoa_mirror",
 )
 STOP_GRACE = 15  # seconds, as compose.yaml's stop_grace_period
-BRIDGE_GATEWAY = "172.17.0.1"  # docker0: where a container reaches the host
 
 
 def docker(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> str:
@@ -135,12 +135,21 @@ def test_image_config_and_user(image: str) -> None:
     assert "x:1" in checked
 
 
+def bridge_gateway() -> str:
+    """The host's address on Docker's default bridge (docker0), where a container reaches the host."""
+    [config] = json.loads(docker("network", "inspect", "--format", "{{json .IPAM.Config}}", "bridge"))
+    # Docker leaves Gateway out when it picked the default: the subnet's first address.
+    return config.get("Gateway") or str(next(ipaddress.ip_network(config["Subnet"]).hosts()))
+
+
 class BridgeShadow(ShadowServer):
-    """A recording shadow on the docker0 address, where the container reaches the host."""
+    """A recording shadow on the bridge gateway address, where the container reaches the host."""
+
+    gateway = ""
 
     @property
     def host(self) -> str:
-        return BRIDGE_GATEWAY
+        return self.gateway
 
 
 def wait_health(container: str, timeout: float = 60) -> str:
@@ -153,6 +162,7 @@ def wait_health(container: str, timeout: float = 60) -> str:
 
 
 def test_container_mirrors_behind_haproxy_read_only_unprivileged(image: str, tmp_path: Path) -> None:
+    BridgeShadow.gateway = bridge_gateway()
     with BridgeShadow() as shadow:
         config = tmp_path / "config.yaml"
         config.write_text(
