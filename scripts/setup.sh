@@ -11,6 +11,9 @@ for pair in haproxy:haproxy nginx:nginx-light wrk:wrk systemd-analyze:systemd pr
     debootstrap:debootstrap; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")
 done
+# --- issue 16: Debian's Docker engine and CLI, for tests/test_container.py (started below) ---
+command -v dockerd >/dev/null 2>&1 || [ -x /usr/sbin/dockerd ] || need+=(docker.io)
+# --- end issue 16 ---
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -33,3 +36,12 @@ fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[test,bench]"
+
+# --- issue 16: the Docker engine (started when it can; tests/test_container.py skips, saying why,
+# when it cannot) and the containers' local base image (debootstrap, cached in /var/cache/spoa-mirror).
+if bash scripts/dockerd.sh; then
+    bash scripts/container-base.sh || echo "setup: could not make the container base image" >&2
+else
+    echo "setup: no Docker engine on this machine; tests/test_container.py will be skipped" >&2
+fi
+# --- end issue 16 ---

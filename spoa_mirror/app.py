@@ -9,8 +9,11 @@ touching SPOP connections; a bad new config keeps the old one running and logs w
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,11 +23,13 @@ import structlog
 import spoe
 
 from . import systemd
+from .admin import BACKLOG as ADMIN_BACKLOG
 from .admin import AdminServer
 from .config import Config, load_config
 from .errors import ConfigError, StartupError
+from .heartbeat import TICK, Heartbeat
 from .listeners import bind_listener
-from .metrics import MirrorCollector, ReloadStats, build_registry
+from .metrics import LoopCollector, MirrorCollector, QueueCapacityCollector, ReloadStats, build_registry
 from .mirror import Mirror
 from .tls import server_context
 
@@ -42,10 +47,13 @@ class App:
         sock: socket.socket | None = None,
         admin_sock: socket.socket | None = None,
         on_ready: Callable[[], None] | None = None,
+        heartbeat_fd: int | None = None,
     ) -> None:
         """`sock`, `admin_sock`: the listeners, bound beforehand (see listeners.py); bound here when
         not given. `on_ready` runs once the agent listens: a worker tells its supervisor (systemd's
-        main PID, which alone speaks sd_notify), a daemon the process that started it."""
+        main PID, which alone speaks sd_notify), a daemon the process that started it.
+        `heartbeat_fd`: the pipe on which a worker's event loop pulses (its number, every tick); the
+        supervisor sends WATCHDOG=1 only while every worker pulses."""
         self.config = config
         self.config_path = config_path
         self.overrides = overrides
@@ -67,6 +75,9 @@ class App:
         self.admin_sock = admin_sock
         self.on_ready = on_ready
         self.reloads = ReloadStats(last_success=time.time())
+        self.heartbeat_fd = heartbeat_fd
+        self.watchdog = systemd.watchdog_interval()
+        self.heartbeat = Heartbeat(interval=tick_interval())
         self.admin: AdminServer | None = None
         self.listening: list[tuple[str, int]] = []
         self._stop = asyncio.Event()
@@ -81,11 +92,19 @@ class App:
             backlog=listen.backlog,
             ssl=server_context(listen.tls) if listen.tls else None,
         )
+        self.heartbeat.start()
+        if self.watchdog is not None:
+            self.heartbeat.on_tick(lambda: systemd.notify("WATCHDOG=1"))
+        if self.heartbeat_fd is not None:
+            os.set_blocking(self.heartbeat_fd, False)
+            self.heartbeat.on_tick(self._pulse_supervisor)
         admin = self.config.admin
         if self.admin_sock is None and admin.enabled:
-            self.admin_sock = bind_listener(admin.address, admin.port, key="admin.port", backlog=64)
+            self.admin_sock = bind_listener(
+                admin.address, admin.port, key="admin.port", backlog=ADMIN_BACKLOG
+            )
         if self.admin_sock is not None:
-            self.admin = AdminServer(self._registry(), lambda: self._ready)
+            self.admin = AdminServer(self._registry(), lambda: self._ready, self.heartbeat.alive)
             admin_address = self.admin.start(self.admin_sock)
         else:
             admin_address = None
@@ -146,7 +165,14 @@ class App:
         )
         if self.admin is not None:
             self.admin.stop()
+        self.heartbeat.stop()
         return 0
+
+    def _pulse_supervisor(self) -> None:
+        """Never blocks the loop: a supervisor that stopped reading loses pulses, not the worker."""
+        assert self.heartbeat_fd is not None
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(self.heartbeat_fd, struct.pack(PULSE_FORMAT, self.worker))
 
     def reload(self) -> None:
         systemd.notify("RELOADING=1")
@@ -167,7 +193,7 @@ class App:
 
     def _registry(self) -> Any:
         mirror = self.mirror
-        return build_registry(
+        registry = build_registry(
             MirrorCollector(
                 agent_stats=lambda: self.agent.stats,
                 messages=lambda: mirror.messages,
@@ -177,6 +203,23 @@ class App:
                 reloads=lambda: self.reloads,
             )
         )
+        registry.register(LoopCollector(self.heartbeat))
+        registry.register(
+            QueueCapacityCollector(lambda: {target.name: target.queue_size for target in mirror.targets})
+        )
+        return registry
+
+
+PULSE_FORMAT = "!H"  # a worker's number; 2-byte pipe writes are atomic, so pulses never interleave
+
+
+def tick_interval() -> float:
+    """The heartbeat's period: TICK, or half of systemd's watchdog interval when that is shorter
+    (workers read the same WATCHDOG_USEC the supervisor was given)."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    if usec.isdigit() and int(usec) > 0:
+        return min(TICK, int(usec) / 2_000_000)
+    return TICK
 
 
 def reassembly_cap(config: Config) -> int:

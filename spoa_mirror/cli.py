@@ -22,6 +22,7 @@ import structlog
 
 import spoe
 
+from .admin import BACKLOG as ADMIN_BACKLOG
 from .app import App
 from .cli_args import C_AGENT_DIFFERENCES, overrides_from_args, parse_args
 from .config import Config, describe, load_config
@@ -57,9 +58,9 @@ def _run(config: Config, options: Namespace, overrides: dict[str, Any]) -> int:
     try:
         sockets = _bind_spop(config)
         admin = config.admin
-        admin_sock = (
-            bind_listener(admin.address, admin.port, key="admin.port", backlog=64) if admin.enabled else None
-        )
+        admin_sock = None
+        if admin.enabled:
+            admin_sock = bind_listener(admin.address, admin.port, key="admin.port", backlog=ADMIN_BACKLOG)
         pidfile = Pidfile(options.pidfile) if options.pidfile else None
         if options.logfile:
             open_logfile(options.logfile)
@@ -121,11 +122,15 @@ def _bind_spop(config: Config) -> list[socket.socket]:
 
 def _worker(
     config: Config, options: Namespace, overrides: dict[str, Any]
-) -> Callable[[int, socket.socket, socket.socket | None, Callable[[], None]], int]:
+) -> Callable[[int, socket.socket, socket.socket | None, Callable[[], None], int | None], int]:
     def serve(
-        index: int, sock: socket.socket, admin_sock: socket.socket | None, ready: Callable[[], None]
+        index: int,
+        sock: socket.socket,
+        admin_sock: socket.socket | None,
+        ready: Callable[[], None],
+        heartbeat_fd: int | None,
     ) -> int:
-        return _serve(config, options, overrides, index, sock, admin_sock, ready)
+        return _serve(config, options, overrides, index, sock, admin_sock, ready, heartbeat_fd)
 
     return serve
 
@@ -138,6 +143,7 @@ def _serve(
     sock: socket.socket,
     admin_sock: socket.socket | None,
     on_ready: Callable[[], None] | None,
+    heartbeat_fd: int | None = None,
 ) -> int:
     async def run() -> int:
         app = App(
@@ -148,6 +154,7 @@ def _serve(
             sock=sock,
             admin_sock=admin_sock,
             on_ready=on_ready,
+            heartbeat_fd=heartbeat_fd,
         )
         return await app.run()
 

@@ -37,7 +37,7 @@ listen.max_inflight (256): NOTIFY frames one connection may have unanswered befo
 listen.allow_networks ([]): CIDRs allowed to connect; empty allows any peer.
 listen.tls.cert_file, listen.tls.key_file (unset): serve SPOP over TLS; both are required.
 listen.tls.ca_file (unset): when set, HAProxy must present a client certificate signed by this CA.
-admin.enabled (true): serve /metrics, /healthz and /readyz over HTTP.
+admin.enabled (true): serve /metrics, /livez (= /healthz) and /readyz over HTTP.
 admin.address (127.0.0.1): admin listener address.
 admin.port (9180): admin listener port.
 outgoing.address (unset): source address of connections to the shadows: an IP address or an
@@ -51,7 +51,8 @@ log.level (info): debug, info, warning, error or critical.
 secrets.hmac_key_file (unset): file holding the key for hmac redaction (trailing newline ignored,
     at least 16 bytes).
 secrets.hmac_key_env (unset): name of an environment variable holding that key instead. The key
-    itself is never accepted in the file.
+    itself is never accepted in the file. With neither set, $CREDENTIALS_DIRECTORY/hmac.key is read
+    when it exists (systemd's LoadCredential=, or a Kubernetes Secret mounted there).
 redact (unset): redaction for every target (see redact.py); a target's redact is merged over it.
 defaults ({}): target keys (any but name, url, upstream) for every target that does not set them;
     a target's value replaces the default whole (nested mappings are not merged).
@@ -770,6 +771,9 @@ def _parse_log(data: object) -> LogConfig:
     )
 
 
+HMAC_CREDENTIAL = "hmac.key"  # the credential name: LoadCredential=hmac.key:/etc/spoa-mirror/hmac.key
+
+
 def _parse_secrets(data: object, env: Mapping[str, str]) -> SecretsConfig:
     if isinstance(data, dict) and "hmac_key" in data:
         raise ConfigError(
@@ -782,6 +786,9 @@ def _parse_secrets(data: object, env: Mapping[str, str]) -> SecretsConfig:
     key_env = block.read("hmac_key_env", None, _string)
     if key_file is not None and key_env is not None:
         raise ConfigError("secrets", "set hmac_key_file or hmac_key_env, not both")
+    if key_file is None and key_env is None and env.get("CREDENTIALS_DIRECTORY"):
+        credential = os.path.join(env["CREDENTIALS_DIRECTORY"], HMAC_CREDENTIAL)
+        key_file = credential if os.path.exists(credential) else None
     if key_file is not None:
         try:
             with open(key_file, "rb") as file:

@@ -23,6 +23,7 @@ from spoe import AgentStats
 
 from . import __version__
 from .accounting import MessageStats, TargetStats
+from .heartbeat import Heartbeat
 
 CIRCUIT_STATES = ("closed", "open", "half_open")
 
@@ -201,3 +202,42 @@ def build_registry(collector: Collector) -> CollectorRegistry:
     registry.register(PROCESS_COLLECTOR)
     registry.register(PLATFORM_COLLECTOR)
     return registry
+
+
+class LoopCollector(Collector):
+    """The SPOP event loop's pulse (heartbeat.py): how late its ticks wake, and how long since the
+    last one. Read from the admin thread, so it reports a stuck loop while the loop is stuck."""
+
+    def __init__(self, heartbeat: Heartbeat) -> None:
+        self._heartbeat = heartbeat
+
+    def collect(self) -> Iterator[Metric]:
+        lag = HistogramMetricFamily(
+            "spoa_mirror_event_loop_lag_seconds",
+            "How late the event loop's 1 s tick woke: what anything ready on the loop (an ACK) waited",
+        )
+        histogram = self._heartbeat.lag
+        lag.add_metric([], histogram.cumulative(), histogram.total)
+        yield lag
+        stalled = GaugeMetricFamily(
+            "spoa_mirror_event_loop_stalled_seconds",
+            "Seconds since the event loop's last tick beyond the tick interval (0 while it runs)",
+        )
+        stalled.add_metric([], self._heartbeat.stalled_for())
+        yield stalled
+
+
+class QueueCapacityCollector(Collector):
+    """Each target's `queue_size`, beside `spoa_mirror_queue_depth`, so an alert can say how full a
+    queue is without knowing the config."""
+
+    def __init__(self, capacity: Callable[[], dict[str, int]]) -> None:
+        self._capacity = capacity
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "spoa_mirror_queue_capacity", "Requests a target's queue holds at most", labels=["target"]
+        )
+        for name, size in sorted(self._capacity().items()):
+            family.add_metric([name], size)
+        yield family

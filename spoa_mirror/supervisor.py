@@ -9,7 +9,9 @@ workers and exits 1, so systemd (Restart=on-failure) or an orchestrator sees the
 port that silently serves fewer workers.
 
 It alone speaks sd_notify: READY=1 once every worker said it listens (a byte on a pipe),
-RELOADING=1/READY=1 around a forwarded SIGHUP, STOPPING=1. It serves the admin port for all
+RELOADING=1/READY=1 around a forwarded SIGHUP, STOPPING=1, and, under `WatchdogSec=`, WATCHDOG=1
+only while every worker's event loop pulses on the heartbeat pipe: one stuck worker stops the pings
+and systemd restarts the service. It serves the admin port for all
 workers: /metrics is every worker's page with a `worker` label, scraped from each worker's private
 loopback admin socket at scrape time, plus the supervisor's own process metrics (worker="supervisor")
 and its worker gauges.
@@ -21,6 +23,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -34,7 +37,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import systemd
+from .admin import BACKLOG as ADMIN_BACKLOG
 from .admin import AdminServer
+from .app import PULSE_FORMAT, tick_interval
 from .config import Config
 from .errors import StartupError
 from .listeners import bind_listener, inode
@@ -64,7 +69,7 @@ class Worker:
     held: list[socket.socket] = field(default_factory=list)
 
 
-ServeWorker = Callable[[int, socket.socket, socket.socket | None, Callable[[], None]], int]
+ServeWorker = Callable[[int, socket.socket, socket.socket | None, Callable[[], None], int | None], int]
 
 
 class Supervisor:
@@ -77,7 +82,8 @@ class Supervisor:
         on_ready: Callable[[], None] | None = None,
     ) -> None:
         """`sockets`: one bound SO_REUSEPORT listener per worker; `serve(index, sock, admin_sock,
-        on_ready)` runs a worker's agent in the forked child and returns its exit status."""
+        on_ready, heartbeat_fd)` runs a worker's agent in the forked child and returns its exit
+        status."""
         self.config = config
         self.workers = [Worker(index, sock, inode(sock)) for index, sock in enumerate(sockets)]
         self.host, self.port = sockets[0].getsockname()[:2]
@@ -86,6 +92,9 @@ class Supervisor:
         self.on_ready = on_ready
         self.stopping = False
         self.gave_up = False
+        self.watchdog = systemd.watchdog_interval()
+        self.heartbeat_read, self.heartbeat_write = os.pipe() if self.watchdog is not None else (None, None)
+        self.pulses = dict.fromkeys(range(len(self.workers)), time.monotonic())
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
@@ -121,7 +130,7 @@ class Supervisor:
             worker.inode = inode(worker.sock)
         admin_sock = None
         if self.config.admin.enabled:
-            admin_sock = bind_listener("127.0.0.1", 0, key="admin (worker)", backlog=64)
+            admin_sock = bind_listener("127.0.0.1", 0, key="admin (worker)", backlog=ADMIN_BACKLOG)
             worker.admin_port = admin_sock.getsockname()[1]
         sock = worker.sock
         pid = os.fork()
@@ -130,6 +139,7 @@ class Supervisor:
         worker.pid = pid
         worker.pidfd = os.pidfd_open(pid)
         worker.started = time.monotonic()
+        self.pulses[worker.index] = worker.started  # a fresh worker gets a full interval to start
         worker.restart_at = None
         sock.close()
         worker.sock = None
@@ -160,13 +170,15 @@ class Supervisor:
                 self.admin_sock.close()
             if close_fd is not None:
                 os.close(close_fd)
+            if self.heartbeat_read is not None:
+                os.close(self.heartbeat_read)
 
             def ready() -> None:
                 if ready_fd is not None:
                     os.write(ready_fd, b"1")
                     os.close(ready_fd)
 
-            status = self.serve(worker.index, sock, admin_sock, ready)
+            status = self.serve(worker.index, sock, admin_sock, ready, self.heartbeat_write)
         finally:
             os._exit(status)
 
@@ -188,14 +200,22 @@ class Supervisor:
                 self.on_ready()
 
     def _watch(self) -> int:
-        """Reap workers and restart them on schedule, until all are gone."""
+        """Reap workers and restart them on schedule, until all are gone; feed systemd's watchdog
+        while every worker pulses."""
         status = 0
+        tick = tick_interval() if self.watchdog is not None else None
         while any(worker.pid for worker in self.workers):
             now = time.monotonic()
-            due = [w.restart_at for w in self.workers if w.restart_at is not None]
-            timeout = None if not due else max(0.0, min(due) - now)
+            due = [w.restart_at - now for w in self.workers if w.restart_at is not None]
+            if tick is not None:
+                due.append(tick)
+            timeout = None if not due else max(0.0, min(due))
             fds = [w.pidfd for w in self.workers if w.pid]
+            if self.heartbeat_read is not None:
+                fds.append(self.heartbeat_read)
             readable, _, _ = select.select(fds, [], [], timeout)
+            if self.heartbeat_read is not None and self.heartbeat_read in readable:
+                self._read_pulses()
             for worker in self.workers:
                 if worker.pid and worker.pidfd in readable:
                     code = self._reap(worker)
@@ -214,7 +234,22 @@ class Supervisor:
                         self._stop_all()
                         continue
                     log.info("supervisor.worker_restarted", worker=worker.index, pid=worker.pid)
+            self._feed_watchdog()
         return 1 if self.gave_up else status
+
+    def _read_pulses(self) -> None:
+        assert self.heartbeat_read is not None
+        data = os.read(self.heartbeat_read, 4096)
+        now = time.monotonic()
+        for (index,) in struct.iter_unpack(PULSE_FORMAT, data[: len(data) // 2 * 2]):
+            self.pulses[index] = now
+
+    def _feed_watchdog(self) -> None:
+        if self.watchdog is None or self.stopping:
+            return
+        now = time.monotonic()
+        if all(now - self.pulses[w.index] < self.watchdog for w in self.workers if w.pid):
+            systemd.notify("WATCHDOG=1")
 
     def _reap(self, worker: Worker) -> int:
         _pid, wait_status = os.waitpid(worker.pid, 0)

@@ -1,5 +1,9 @@
 """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET per state change (READY=1,
-RELOADING=1, STOPPING=1), so `Type=notify` units know when the agent really listens."""
+RELOADING=1, STOPPING=1), so `Type=notify` units know when the agent really listens, and WATCHDOG=1
+from the event loop's heartbeat when the unit sets `WatchdogSec=`.
+
+`$CREDENTIALS_DIRECTORY` is where systemd puts what `LoadCredential=` names (config.py reads the
+HMAC key there when the config names a credential)."""
 
 from __future__ import annotations
 
@@ -25,3 +29,15 @@ def notify(*states: str) -> bool:
         except OSError:
             return False
     return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds within which systemd wants WATCHDOG=1 (`WatchdogSec=`), or None: no watchdog, or one
+    meant for another process (WATCHDOG_PID names the main PID; a worker is not it)."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0:
+        return None
+    if pid and pid != str(os.getpid()):
+        return None
+    return int(usec) / 1_000_000

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.procs import HAPROXY, NGINX, ManagedProcess, run_process
+from tests.support.wheels import build_wheelhouse
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,3 +43,9 @@ def echo_agent(tmp_path: Path) -> EchoAgentFactory:
         return run_process(argv, ready_port=port, name="echo-agent", log_dir=tmp_path, cwd=ROOT)
 
     return start
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This checkout and its dependencies as wheels (tests/support/wheels.py), built once."""
+    return build_wheelhouse(tmp_path_factory.mktemp("wheels"))

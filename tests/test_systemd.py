@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import hmac
+import itertools
 import json
 import os
 import re
@@ -20,15 +22,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from spoa_mirror.config import Config
+from spoa_mirror.config import HMAC_CREDENTIAL, Config
+from spoa_mirror.heartbeat import TICK
+from spoa_mirror.redact import HMAC_PREFIX
 from spoe import Message
-from tests.support.procs import free_port, wait_for_port
+from tests.support.procs import free_port, log_events, wait_for_port
 from tests.support.shadow import ShadowServer
 from tests.support.spop_peer import TcpPeer, notify
 
@@ -133,6 +138,13 @@ def test_unit_settings() -> None:
     }
     assert {key: one(key) for key in hardening} == hardening
     assert settings["Service.SystemCallFilter"][0] == "@system-service"
+    # A stuck event loop is restarted; the tick (1 s) leaves the watchdog ample slack.
+    watchdog = re.fullmatch(r"(\d+)s", one("WatchdogSec"))
+    assert watchdog and int(watchdog[1]) >= 4 * TICK
+    assert re.fullmatch(r"\d+M", one("MemoryMax")) and int(one("MemoryMax")[:-1]) >= 256
+    assert int(one("TasksMax")) >= 16
+    assert one("LoadCredential") == f"{HMAC_CREDENTIAL}:/etc/spoa-mirror/hmac.key"
+    assert "file:///usr/share/doc/spoa-mirror/README.md" in settings["Unit.Documentation"]
 
 
 # --- the agent's side of Type=notify ----------------------------------------------------------------
@@ -173,7 +185,7 @@ def deny_write_execute() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_MDWE) failed: this kernel predates Linux 6.3")
 
 
-async def mirror_one_request(port: int) -> None:
+async def mirror_one_request(port: int, extra_headers: str = "") -> None:
     """What HAProxy would send for one request, with the message fields of haproxy/mirror.spoe.conf."""
     peer = await TcpPeer.connect(("127.0.0.1", port))
     try:
@@ -182,7 +194,7 @@ async def mirror_one_request(port: int) -> None:
             "arg_method": "POST",
             "arg_path": "/under-mdwe?q=1",
             "arg_ver": "1.1",
-            "arg_hdrs": "host: example.com\r\ncontent-type: text/plain\r\n\r\n",
+            "arg_hdrs": f"host: example.com\r\ncontent-type: text/plain\r\n{extra_headers}\r\n",
             "arg_body": b"body bytes",
             "body_len": 10,
         }
@@ -247,3 +259,203 @@ def test_agent_keeps_the_notify_contract_under_memory_deny_write_execute(tmp_pat
     assert ready_again == {"READY": "1"}
     assert stopping == {"STOPPING": "1"}
     assert status == 0, (tmp_path / "agent.stderr").read_text()
+
+
+# --- watchdog, credentials, install -----------------------------------------------------------------
+
+WATCHDOG_SECONDS = 2.0  # WATCHDOG_USEC given to the agent: it pings every second (half, capped at TICK)
+BLOCK_SECONDS = 5.0  # how long SIGUSR1 blocks an event loop (tests/support/blockable_agent.py)
+
+
+def ping_times(notifications: NotifySocket, seconds: float) -> list[float]:
+    """Monotonic arrival times of the WATCHDOG=1 datagrams received during `seconds`."""
+    times = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        notifications.sock.settimeout(left)
+        try:
+            data = notifications.sock.recv(4096).decode()
+        except TimeoutError:
+            break
+        if "WATCHDOG=1" in data.splitlines():
+            times.append(time.monotonic())
+    return times
+
+
+@contextmanager
+def blockable_agent(
+    tmp_path: Path, notifications: NotifySocket, *args: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The real agent (tests/support/blockable_agent.py) under a Type=notify + WatchdogSec=2s
+    environment, once it said READY=1."""
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"listen": {"port": 0}, "admin": {"enabled": False}, "drain_timeout": 1}))
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": notifications.path,
+        "WATCHDOG_USEC": str(int(WATCHDOG_SECONDS * 1e6)),
+        "BLOCK_SECONDS": str(BLOCK_SECONDS),
+    }
+    argv = [sys.executable, "-m", "tests.support.blockable_agent", "--config", str(config)]
+    argv += ["-u", "http://127.0.0.1:9", "--log-format", "json", *args]
+    with open(tmp_path / "agent.stderr", "wb") as stderr:
+        agent = subprocess.Popen(
+            argv, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr
+        )
+    try:
+        while "READY" not in notifications.next():
+            pass
+        yield agent
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=15) == 0
+    except BaseException as error:
+        error.add_note((tmp_path / "agent.stderr").read_text(errors="replace")[-4000:])
+        raise
+    finally:
+        agent.kill()
+        agent.wait()
+
+
+def longest_gap(times: list[float], start: float, end: float) -> float:
+    points = [start, *times, end]
+    return max(later - earlier for earlier, later in itertools.pairwise(points))
+
+
+def test_watchdog_pings_come_from_the_event_loop_and_stop_when_it_blocks(tmp_path: Path) -> None:
+    """WATCHDOG=1 at least every WATCHDOG_SECONDS while the loop runs; none while SIGUSR1 blocks
+    the loop's thread for BLOCK_SECONDS (systemd would kill and restart the agent); pings again
+    after."""
+    with notify_socket() as notifications, blockable_agent(tmp_path, notifications) as agent:
+        start = time.monotonic()
+        healthy = ping_times(notifications, 3 * WATCHDOG_SECONDS)
+        assert len(healthy) >= 2 and longest_gap(healthy, start, time.monotonic()) < WATCHDOG_SECONDS
+        agent.send_signal(signal.SIGUSR1)
+        blocked_at = time.monotonic()
+        around_block = ping_times(notifications, BLOCK_SECONDS + 3 * WATCHDOG_SECONDS)
+        gap = longest_gap(around_block, blocked_at, time.monotonic())
+        print(
+            f"longest gap between WATCHDOG=1 pings: {gap:.2f} s while the loop was blocked {BLOCK_SECONDS} s"
+        )
+        assert gap > WATCHDOG_SECONDS
+        assert around_block and around_block[-1] > blocked_at + BLOCK_SECONDS, "pings did not resume"
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_supervisor_pings_only_while_every_worker_loop_runs(tmp_path: Path) -> None:
+    """With two workers, the supervisor (systemd's main PID) sends WATCHDOG=1 for them; blocking one
+    worker's loop stops the pings."""
+    with notify_socket() as notifications, blockable_agent(tmp_path, notifications, "-n", "2") as agent:
+        start = time.monotonic()
+        healthy = ping_times(notifications, 3 * WATCHDOG_SECONDS)
+        assert len(healthy) >= 2 and longest_gap(healthy, start, time.monotonic()) < WATCHDOG_SECONDS + 0.5
+        workers = children(agent.pid)
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGUSR1)
+        blocked_at = time.monotonic()
+        around_block = ping_times(notifications, BLOCK_SECONDS + 3 * WATCHDOG_SECONDS)
+        gap = longest_gap(around_block, blocked_at, time.monotonic())
+        print(
+            f"longest gap between supervisor pings: {gap:.2f} s, one worker blocked {BLOCK_SECONDS} s"
+        )
+        assert gap > WATCHDOG_SECONDS + 0.5
+        assert around_block and around_block[-1] > blocked_at + BLOCK_SECONDS, "pings did not resume"
+
+
+def test_hmac_key_comes_from_the_credentials_directory(tmp_path: Path) -> None:
+    """What systemd does for LoadCredential=hmac.key:...: a private directory in
+    $CREDENTIALS_DIRECTORY holding the file, mode 0400. The agent's hmac redaction uses that key."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir(mode=0o700)
+    key = b"a credential key of 32 bytes...."
+    (credentials / HMAC_CREDENTIAL).write_bytes(key + b"\n")
+    (credentials / HMAC_CREDENTIAL).chmod(0o400)
+    port = free_port()
+    with ShadowServer() as shadow:
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            json.dumps(
+                {
+                    "listen": {"port": port},
+                    "admin": {"enabled": False},
+                    "log": {"format": "json"},
+                    "redact": {"headers": {"X-Customer": "hmac"}},
+                    "targets": [{"url": shadow.url}],
+                }
+            )
+        )
+        env = {**os.environ, "CREDENTIALS_DIRECTORY": str(credentials)}
+        with open(tmp_path / "agent.stderr", "wb") as stderr:
+            agent = subprocess.Popen(
+                [str(AGENT), "--config", str(config)], env=env, stdout=stderr, stderr=stderr
+            )
+        try:
+            wait_for_port("127.0.0.1", port, process=agent)
+            asyncio.run(mirror_one_request(port, "x-customer: alice@example.com\r\n"))
+            [mirrored] = shadow.wait_for(1)
+        finally:
+            agent.terminate()
+            agent.wait(timeout=15)
+    expected = HMAC_PREFIX + hmac.digest(key, b"alice@example.com", "sha256").hex()[:32]
+    assert mirrored.header("x-customer") == expected
+    assert not log_events((tmp_path / "agent.stderr").read_text(), "config.error")
+
+
+def test_install_script_creates_what_the_unit_names(tmp_path: Path, wheelhouse: Path) -> None:
+    """deploy/systemd/install.sh into a scratch root, offline from the session's wheels: the venv
+    and console script of ExecStart, the config ExecStart names (which passes check-config), the
+    key LoadCredential= reads (0600, enough bytes), the README Documentation= points at, the unit."""
+    root = tmp_path / "root"
+    result = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "deploy" / "systemd" / "install.sh"),
+            "--root",
+            str(root),
+            "--wheels",
+            str(wheelhouse),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    settings = unit_settings((root / "etc/systemd/system/spoa-mirror.service").read_text())
+    executable, *arguments = settings["Service.ExecStart"][0].split()
+    assert (root / executable.lstrip("/")).is_file()
+    config = root / arguments[arguments.index("--config") + 1].lstrip("/")
+    checked = subprocess.run(
+        [str(root / executable.lstrip("/")), "check-config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stderr
+    [credential] = settings["Service.LoadCredential"]
+    key_file = root / credential.split(":", 1)[1].lstrip("/")
+    assert key_file.stat().st_mode & 0o777 == 0o600 and len(key_file.read_bytes().strip()) >= 16
+    for documentation in settings["Unit.Documentation"]:
+        if documentation.startswith("file://"):
+            assert (root / documentation.removeprefix("file:///")).is_file(), documentation
+    # Run again: an upgrade keeps the operator's config and key.
+    config.write_text(config.read_text() + "# edited\n")
+    key_before = key_file.read_bytes()
+    again = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "deploy" / "systemd" / "install.sh"),
+            "--root",
+            str(root),
+            "--wheels",
+            str(wheelhouse),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert again.returncode == 0, again.stderr
+    assert config.read_text().endswith("# edited\n") and key_file.read_bytes() == key_before
