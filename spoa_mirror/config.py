@@ -24,10 +24,17 @@ listen.capabilities ([pipelining, async, fragmentation]): SPOP capabilities anno
 listen.workers (1): processes sharing the port with SO_REUSEPORT; worker N serves admin on
     admin.port + N.
 listen.runtime (0): stop after this long (duration); 0 runs until signalled.
-listen.max_connections (1000): SPOP connections open at once; more are refused.
+listen.max_connections (1000): SPOP connections open at once. At the limit a new connection takes the
+    slot of the one longest without a HELLO or NOTIFY (if over 1 s and nothing unanswered), else
+    it is refused: idle or dribbling peers cannot lock HAProxy out.
 listen.hello_timeout (5): time a new connection has to send HAPROXY-HELLO (duration).
 listen.idle_timeout (60): an SPOP connection silent this long is closed (duration).
 listen.max_inflight (256): NOTIFY frames one connection may have unanswered before reading pauses.
+listen.frame_timeout (5): a frame, or a fragmented NOTIFY, must arrive whole this long after its first
+    byte, or the connection is closed (duration).
+listen.reassembly_budget (32MiB): bytes all connections together may hold in fragmented NOTIFYs not
+    yet complete (size); one connection holds at most the largest body a target accepts plus
+    max(1 MiB, max_frame_size) for the other arguments, and nothing without fragmentation.
 listen.allow_networks ([]): CIDRs allowed to connect; empty allows any peer.
 listen.tls.cert_file, listen.tls.key_file (unset): serve SPOP over TLS; both are required.
 listen.tls.ca_file (unset): when set, HAProxy must present a client certificate signed by this CA.
@@ -148,7 +155,8 @@ _TOP_KEYS = (
 )  # fmt: skip
 _LISTEN_KEYS = (
     "address", "port", "max_frame_size", "capabilities", "workers", "runtime", "max_connections",
-    "hello_timeout", "idle_timeout", "max_inflight", "allow_networks", "tls",
+    "hello_timeout", "idle_timeout", "max_inflight", "allow_networks", "tls", "frame_timeout",
+    "reassembly_budget",
 )  # fmt: skip
 _TARGET_KEYS = (
     "name", "url", "upstream", "sample_percentage", "sample_key", "timeout", "connect_timeout",
@@ -182,6 +190,8 @@ class ListenConfig:
     max_inflight: int = 256
     allow_networks: tuple[str, ...] = ()  # normalised CIDRs; empty = any peer
     tls: TlsConfig | None = None
+    frame_timeout: float = 5.0
+    reassembly_budget: int = 32 * MiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,7 +357,8 @@ def describe(config: Config) -> str:
     lines.append(
         f"  up to {listen.max_connections} connections, {listen.max_inflight} unanswered NOTIFYs each; "
         f"hello timeout {_fmt_duration(listen.hello_timeout)}, "
-        f"idle timeout {_fmt_duration(listen.idle_timeout)}"
+        f"idle timeout {_fmt_duration(listen.idle_timeout)}, "
+        f"frame timeout {_fmt_duration(listen.frame_timeout)}"
     )
     peers = ", ".join(listen.allow_networks) if listen.allow_networks else "any address"
     lines.append(f"  accepts connections from: {peers}")
@@ -637,6 +648,8 @@ def _parse_listen(data: object) -> ListenConfig:
         max_inflight=block.read("max_inflight", default.max_inflight, lambda v, k: _int(v, k, 1, 1_000_000)),
         allow_networks=block.read("allow_networks", default.allow_networks, _networks),
         tls=block.read("tls", None, _listen_tls),
+        frame_timeout=block.read("frame_timeout", default.frame_timeout, parse_duration),
+        reassembly_budget=block.read("reassembly_budget", default.reassembly_budget, parse_size),
     )
 
 
