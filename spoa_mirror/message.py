@@ -132,7 +132,8 @@ def parse_binary_headers(raw: bytes) -> list[tuple[str, str]]:
 def parse_text_headers(block: str) -> list[tuple[str, str]]:
     """`req.hdrs`: "Name: value\\r\\n" lines ending with an empty line. Lines without a colon are
     dropped rather than forwarded: the wire layer rebuilds every header line itself. At most
-    MAX_HEADERS lines are split off: the rest of a huge block is never scanned line by line."""
+    MAX_HEADERS lines are split off: the rest of a huge block is copied once, never scanned line by
+    line (str.find or str.count of CRLF in 10 MB of tiny lines take 20-40 ms; this split ~1 ms)."""
     headers = []
     lines = block.split("\r\n", MAX_HEADERS)
     if len(lines) > MAX_HEADERS:
