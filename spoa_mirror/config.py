@@ -34,7 +34,8 @@ listen.frame_timeout (5): a frame, or a fragmented NOTIFY, must arrive whole thi
     byte, or the connection is closed (duration).
 listen.reassembly_budget (32MiB): bytes all connections together may hold in fragmented NOTIFYs not
     yet complete (size); one connection holds at most the largest body a target accepts plus
-    max(1 MiB, max_frame_size) for the other arguments, and nothing without fragmentation.
+    max(1 MiB, max_frame_size) for the other arguments, and nothing without fragmentation. A
+    fragmented body larger than this budget cannot arrive: raise it with max_body_size.
 listen.allow_networks ([]): CIDRs allowed to connect; empty allows any peer.
 listen.tls.cert_file, listen.tls.key_file (unset): serve SPOP over TLS; both are required.
 listen.tls.ca_file (unset): when set, HAProxy must present a client certificate signed by this CA.
@@ -353,7 +354,10 @@ def describe(config: Config) -> str:
     workers = f"{listen.workers} worker process{'es' if listen.workers != 1 else ''}"
     lines.append(f"SPOP listener: {_join_host(listen.address)}:{listen.port}, {workers}")
     caps = ", ".join(sorted(listen.capabilities)) or "none"
-    lines.append(f"  max frame {_fmt_size(listen.max_frame_size)}; capabilities: {caps}")
+    lines.append(
+        f"  max frame {_fmt_size(listen.max_frame_size)}; capabilities: {caps}; "
+        f"fragments in progress up to {_fmt_size(listen.reassembly_budget)} in all"
+    )
     lines.append(
         f"  up to {listen.max_connections} connections, {listen.max_inflight} unanswered NOTIFYs each; "
         f"hello timeout {_fmt_duration(listen.hello_timeout)}, "
