@@ -69,6 +69,8 @@ class App:
             max_inflight=listen.max_inflight,
             allow_networks=listen.allow_networks,
             max_reassembly=reassembly_cap(config),
+            reassembly_budget=listen.reassembly_budget,
+            frame_timeout=listen.frame_timeout,
         )
         self.agent.set_default_handler(_delayed(self.mirror.handle, listen.processing_delay))
         self.sock = sock
@@ -223,11 +225,14 @@ def tick_interval() -> float:
 
 
 def reassembly_cap(config: Config) -> int:
-    """A fragmented NOTIFY must fit the largest body a target accepts, plus headers and the other
-    args (1 MiB of room): a lower cap would close the SPOP connection (status 13) on a body the
-    config says to mirror, a higher one would let a peer make us hold more than we could use."""
-    largest_body = max((target.max_body_size for target in config.targets), default=0)
-    return largest_body + (1 << 20)
+    """What one connection may hold of a fragmented NOTIFY: the largest body a target mirrors, plus
+    room for the headers and other args, which HAProxy takes from one buffer (tune.bufsize, which
+    `max_frame_size` should match; at least 1 MiB so a 1 MB header block passes). A lower cap would
+    close the SPOP connection (status 13) on a message the config says to mirror, a higher one would
+    let a peer park more than we could use. Without fragmentation announced, nothing is reassembled
+    at all, whatever this says; `listen.reassembly_budget` bounds all connections together."""
+    largest_body = max((t.max_body_size for t in config.targets if t.mirror_body), default=0)
+    return largest_body + max(1 << 20, config.listen.max_frame_size)
 
 
 def _delayed(handler: Callable[[Any], Any], delay: float) -> Callable[[Any], Any]:

@@ -30,10 +30,18 @@ listen.monitor_interval (5): how often each worker logs `agent.monitor` at debug
     (the C agent's -i).
 listen.worker_restarts (5): with workers > 1, how many times in a row a crashing worker is
     restarted (back-off 0.5 s doubling to 30 s) before the supervisor gives up and stops.
-listen.max_connections (1000): SPOP connections open at once; more are refused.
+listen.max_connections (1000): SPOP connections open at once. At the limit a new connection takes the
+    slot of the one longest without a HELLO or NOTIFY (if over 1 s and nothing unanswered), else
+    it is refused: idle or dribbling peers cannot lock HAProxy out.
 listen.hello_timeout (5): time a new connection has to send HAPROXY-HELLO (duration).
 listen.idle_timeout (60): an SPOP connection silent this long is closed (duration).
 listen.max_inflight (256): NOTIFY frames one connection may have unanswered before reading pauses.
+listen.frame_timeout (5): a frame, or a fragmented NOTIFY, must arrive whole this long after its first
+    byte, or the connection is closed (duration).
+listen.reassembly_budget (32MiB): bytes all connections together may hold in fragmented NOTIFYs not
+    yet complete (size); one connection holds at most the largest body a target accepts plus
+    max(1 MiB, max_frame_size) for the other arguments, and nothing without fragmentation. A
+    fragmented body larger than this budget cannot arrive: raise it with max_body_size.
 listen.allow_networks ([]): CIDRs allowed to connect; empty allows any peer.
 listen.tls.cert_file, listen.tls.key_file (unset): serve SPOP over TLS; both are required.
 listen.tls.ca_file (unset): when set, HAProxy must present a client certificate signed by this CA.
@@ -165,7 +173,7 @@ _TOP_KEYS = (
 _LISTEN_KEYS = (
     "address", "port", "max_frame_size", "capabilities", "workers", "runtime", "max_connections",
     "hello_timeout", "idle_timeout", "max_inflight", "allow_networks", "tls", "backlog",
-    "processing_delay", "monitor_interval", "worker_restarts",
+    "processing_delay", "monitor_interval", "worker_restarts", "frame_timeout", "reassembly_budget",
 )  # fmt: skip
 _TARGET_KEYS = (
     "name", "url", "upstream", "sample_percentage", "sample_key", "timeout", "connect_timeout",
@@ -203,6 +211,8 @@ class ListenConfig:
     processing_delay: float = 0.0
     monitor_interval: float = 5.0
     worker_restarts: int = 5
+    frame_timeout: float = 5.0
+    reassembly_budget: int = 32 * MiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,11 +386,15 @@ def describe(config: Config) -> str:
     workers = f"{listen.workers} worker process{'es' if listen.workers != 1 else ''}"
     lines.append(f"SPOP listener: {_join_host(listen.address)}:{listen.port}, {workers}")
     caps = ", ".join(sorted(listen.capabilities)) or "none"
-    lines.append(f"  max frame {_fmt_size(listen.max_frame_size)}; capabilities: {caps}")
+    lines.append(
+        f"  max frame {_fmt_size(listen.max_frame_size)}; capabilities: {caps}; "
+        f"fragments in progress up to {_fmt_size(listen.reassembly_budget)} in all"
+    )
     lines.append(
         f"  up to {listen.max_connections} connections, {listen.max_inflight} unanswered NOTIFYs each; "
         f"hello timeout {_fmt_duration(listen.hello_timeout)}, "
-        f"idle timeout {_fmt_duration(listen.idle_timeout)}"
+        f"idle timeout {_fmt_duration(listen.idle_timeout)}, "
+        f"frame timeout {_fmt_duration(listen.frame_timeout)}"
     )
     peers = ", ".join(listen.allow_networks) if listen.allow_networks else "any address"
     lines.append(f"  accepts connections from: {peers}")
@@ -691,6 +705,8 @@ def _parse_listen(data: object) -> ListenConfig:
         worker_restarts=block.read(
             "worker_restarts", default.worker_restarts, lambda v, k: _int(v, k, 0, 1000)
         ),
+        frame_timeout=block.read("frame_timeout", default.frame_timeout, parse_duration),
+        reassembly_budget=block.read("reassembly_budget", default.reassembly_budget, parse_size),
     )
 
 

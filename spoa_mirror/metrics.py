@@ -99,6 +99,12 @@ class MirrorCollector(Collector):
         )
         refused.add_metric([], stats.connections_refused)
         yield refused
+        evicted = CounterMetricFamily(
+            "spoa_mirror_spop_connections_evicted",
+            "SPOP connections closed at max_connections to give their slot to a new one",
+        )
+        evicted.add_metric([], stats.connections_evicted)
+        yield evicted
         frames = CounterMetricFamily("spoa_mirror_spop_frames", "SPOP frames handled", labels=["type"])
         frames.add_metric(["notify"], stats.notifies)
         frames.add_metric(["ack"], stats.acks)

@@ -11,6 +11,7 @@ queued while all `concurrency` of its connections are busy.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,9 @@ TRUNCATED_MARKER = ("X-Mirror-Truncated", "true")
 # Requests waiting between the SPOP handler and the targets; beyond this, HAProxy sends faster than
 # the pipeline drains and requests are dropped (counted as queue_full) instead of buffered.
 INTAKE_LIMIT = 10_000
+# One intake callback runs at most this long, then yields the loop to the SPOP side: 10,000 queued
+# messages of 1,000 headers each would otherwise hold it, and every ACK, for seconds.
+INTAKE_SLICE = 0.002
 
 Check = Callable[[MirrorRequest], str | None]
 
@@ -310,10 +314,16 @@ class Mirror:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._process_intake)
 
-    def _process_intake(self) -> None:
+    def _process_intake(self, slice_seconds: float = INTAKE_SLICE) -> None:
         self._scheduled = False
         intake = self._intake
+        clock = time.perf_counter
+        deadline = clock() + slice_seconds
         while intake:
+            if clock() > deadline:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._process_intake)
+                return
             args = intake.popleft()
             if not self.message_names and not is_mirror_message(args):
                 self.messages.not_mirror += 1
@@ -344,7 +354,7 @@ class Mirror:
     async def drain(self, timeout: float) -> tuple[int, int]:
         """After the SPOP side stopped: finish the intake, send what is queued until the deadline.
         Returns (drained, dropped)."""
-        self._process_intake()
+        self._process_intake(slice_seconds=float("inf"))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         queued = sum(t.pending for t in (*self.targets, *self.retired))

@@ -20,7 +20,7 @@ from .data import (
     encode_string,
     encode_varint,
 )
-from .errors import InvalidFrame
+from .errors import InvalidFrame, ResourceExhausted
 
 FLAG_FIN = 0x1
 FLAG_ABORT = 0x2
@@ -129,15 +129,21 @@ def encode_kv_list(items: dict[str, Any]) -> bytes:
     return b"".join(encode_string(name) + encode_data(value) for name, value in items.items())
 
 
-def decode_messages(buf: bytes) -> list[Message]:
+def decode_messages(buf: bytes, max_entries: int = 1 << 62) -> list[Message]:
+    """The messages of a NOTIFY payload. At most `max_entries` messages plus arguments, checked
+    before decoding each message's arguments, so an oversized list costs nothing past the cap."""
     messages = []
     pos, end = 0, len(buf)
+    entries = 0
     while pos < end:
         name, pos = decode_string(buf, pos)
         if pos >= end:
             raise InvalidFrame(f"message {name!r} has no argument count")
         count = buf[pos]
         pos += 1
+        entries += count + 1
+        if entries > max_entries:
+            raise ResourceExhausted(f"NOTIFY carries more than {max_entries} messages and arguments")
         args: dict[str, Any] = {}
         for _ in range(count):
             # A name shorter than 240 bytes that fits is read inline, anything else by decode_string

@@ -20,7 +20,7 @@ from typing import Any, cast
 
 import structlog
 
-from .connection import CAPABILITIES, Connection
+from .connection import CAPABILITIES, Connection, ReassemblyBudget
 from .data import Uint32
 from .errors import Status
 from .events import NEED_DATA, Closed, Hello, Notify, NotifyAborted
@@ -42,6 +42,7 @@ class AgentStats:
     connections_total: int = 0
     connections_open: int = 0
     connections_refused: int = 0
+    connections_evicted: int = 0
     healthchecks: int = 0
     notifies: int = 0
     acks: int = 0
@@ -56,7 +57,16 @@ class Agent:
     A handler takes the `Message` and returns the actions for the ACK (or None). It may be a
     coroutine function; the ACK then waits for it, and `max_inflight` bounds how many such NOTIFYs a
     connection may have open before the agent stops reading from it.
+
+    Slots and memory are held against misbehaving peers: a frame (or a fragmented NOTIFY) must
+    arrive whole within `frame_timeout` seconds of its first byte; fragmented NOTIFYs of all
+    connections together hold at most `reassembly_budget` bytes; and at `max_connections` a new
+    connection takes the slot of the one that has gone longest without a HELLO or a NOTIFY (if that
+    is over `EVICT_AFTER` seconds and nothing of it is unanswered) instead of being refused, so idle
+    or dribbling peers cannot lock HAProxy out.
     """
+
+    EVICT_AFTER = 1.0
 
     def __init__(
         self,
@@ -68,6 +78,9 @@ class Agent:
         idle_timeout: float = 60.0,
         max_inflight: int = 256,
         max_reassembly: int = 1 << 20,
+        reassembly_budget: int = 32 << 20,
+        frame_timeout: float = 5.0,
+        max_notify_entries: int = 1024,
         allow_networks: Iterable[str] = (),
     ) -> None:
         self.max_frame_size = max_frame_size
@@ -78,6 +91,9 @@ class Agent:
         self.idle_timeout = idle_timeout
         self.max_inflight = max_inflight
         self.max_reassembly = max_reassembly
+        self.reassembly_budget = ReassemblyBudget(reassembly_budget)
+        self.frame_timeout = frame_timeout
+        self.max_notify_entries = max_notify_entries
         self.allow_networks: tuple[Network, ...] = tuple(
             ipaddress.ip_network(net, strict=False) for net in allow_networks
         )
@@ -168,6 +184,28 @@ class Agent:
             address = address.ipv4_mapped
         return any(address in net for net in self.allow_networks)
 
+    def _reclaim_slot(self) -> bool:
+        """At max_connections: close the connection that has gone longest without completing a
+        HELLO or a NOTIFY (a connection waiting for its HELLO counts from its connect), when that is
+        over EVICT_AFTER seconds and it has no NOTIFY unanswered. A real HAProxy sends its HELLO and
+        NOTIFYs at once, so idle, dribbling or silent peers are closed before any working HAProxy
+        connection; one of HAProxy's own idle connections may be closed too, which it replaces
+        when it next needs one. Returns whether a slot was freed."""
+        now = asyncio.get_running_loop().time()
+        candidates = [p for p in self._protocols if p.conn.unacked == 0 and not p._pending]
+        if not candidates:
+            return False
+        victim = min(candidates, key=_last_progress)
+        idle_for = now - victim._last_progress
+        if idle_for < self.EVICT_AFTER:
+            return False
+        victim.evict(idle_for)
+        return True
+
+
+def _last_progress(protocol: SpopProtocol) -> float:
+    return protocol._last_progress
+
 
 _next_connection_id = 0
 
@@ -184,12 +222,21 @@ class SpopProtocol(asyncio.Protocol):
             max_frame_size=agent.max_frame_size,
             capabilities=agent.capabilities,
             max_reassembly=agent.max_reassembly,
+            reassembly_budget=agent.reassembly_budget,
+            max_notify_entries=agent.max_notify_entries,
         )
         self.transport: asyncio.Transport | None = None
         self.log = log
         self._loop = asyncio.get_event_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._last_activity = 0.0
+        self._last_progress = 0.0  # the connect, the HELLO, or the last NOTIFY
+        # The frame deadline: `conn.incomplete_mark` as last seen, since when, and one timer that is
+        # armed when a frame starts being incomplete and no timer is pending (never cancelled per
+        # frame: it re-arms itself for the frame then incomplete, if any).
+        self._incomplete_mark: int | None = None
+        self._incomplete_since = 0.0
+        self._frame_timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
         self._writing_paused = False
         self._pending: set[asyncio.Task[Any]] = set()
@@ -206,10 +253,10 @@ class SpopProtocol(asyncio.Protocol):
         refusal = None
         if agent._stopping:
             refusal = (Status.NORMAL, "agent stopping")
-        elif len(agent._protocols) >= agent.max_connections:
-            refusal = (Status.RESOURCE_ALLOCATION, "too many connections")
         elif not agent._admits(peer):
             refusal = (Status.UNKNOWN, "client address not allowed")
+        elif len(agent._protocols) >= agent.max_connections and not agent._reclaim_slot():
+            refusal = (Status.RESOURCE_ALLOCATION, "too many connections")
         if refusal is not None:
             agent.stats.connections_refused += 1
             self._log_throttled("spop.connection.refused", "warning", reason=refusal[1])
@@ -221,7 +268,7 @@ class SpopProtocol(asyncio.Protocol):
         agent._protocols.add(self)
         agent.stats.connections_total += 1
         agent.stats.connections_open += 1
-        self._last_activity = self._loop.time()
+        self._last_activity = self._last_progress = self._loop.time()
         self._timer = self._loop.call_later(agent.hello_timeout, self._on_timer)
         self.log.debug("spop.connection.open")
 
@@ -243,6 +290,9 @@ class SpopProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
         for task in self._pending:
             task.cancel()
         if self._closed_event is None:
@@ -273,6 +323,7 @@ class SpopProtocol(asyncio.Protocol):
                 break
             if type(event) is Notify:
                 agent.stats.notifies += 1
+                self._last_progress = self._last_activity
                 self._on_notify(event)
             elif type(event) is Hello:
                 self._on_hello(event)
@@ -284,8 +335,17 @@ class SpopProtocol(asyncio.Protocol):
         self._flush()
         if self._writing_paused or conn.unacked >= agent.max_inflight:
             self._pause_reading()
+            self._incomplete_mark = None  # bytes waiting on us, not on the peer
         else:
             self._resume_reading()
+            mark = conn.incomplete_mark
+            if mark != self._incomplete_mark:
+                self._incomplete_mark = mark
+                if mark is not None:
+                    self._incomplete_since = self._loop.time()
+                    if self._frame_timer is None:
+                        deadline = self._on_frame_deadline
+                        self._frame_timer = self._loop.call_later(agent.frame_timeout, deadline)
 
     def _on_notify(self, event: Notify) -> None:
         actions: list[Action] = []
@@ -349,6 +409,7 @@ class SpopProtocol(asyncio.Protocol):
         )
 
     def _on_hello(self, event: Hello) -> None:
+        self._last_progress = self._last_activity
         if event.healthcheck:
             self.agent.stats.healthchecks += 1
         else:
@@ -425,6 +486,28 @@ class SpopProtocol(asyncio.Protocol):
             self._timer = self._loop.call_later(max(remaining, 0.1), self._on_timer)
             return
         self.shutdown(Status.TIMEOUT, "idle timeout")
+
+    def _on_frame_deadline(self) -> None:
+        """A frame, or a fragmented NOTIFY, started arriving `frame_timeout` ago and is still not
+        whole: the peer dribbles (one byte a second kept a connection forever), so it is cut."""
+        self._frame_timer = None
+        if self._incomplete_mark is None:
+            return
+        remaining = self._incomplete_since + self.agent.frame_timeout - self._loop.time()
+        if remaining > 0:
+            self._frame_timer = self._loop.call_later(remaining, self._on_frame_deadline)
+            return
+        self.shutdown(Status.TIMEOUT, f"frame incomplete after {self.agent.frame_timeout:g} s")
+
+    def evict(self, idle_for: float) -> None:
+        """Give this connection's slot to a new one (see `Agent._reclaim_slot`)."""
+        agent = self.agent
+        agent._protocols.discard(self)
+        agent.stats.connections_open -= 1
+        agent.stats.connections_evicted += 1
+        hello = self.conn.hello is not None
+        self._log_throttled("spop.connection.evicted", "warning", idle_for=round(idle_for, 3), hello=hello)
+        self.shutdown(Status.RESOURCE_ALLOCATION, "connection slot given to a new connection")
 
     def shutdown(self, status: Status, message: str) -> None:
         event = self.conn.close(status, message)

@@ -67,6 +67,8 @@ def test_every_global_default() -> None:
         max_inflight=256,
         allow_networks=(),
         tls=None,
+        frame_timeout=5.0,
+        reassembly_budget=32 * 1024 * 1024,
     )
     assert config.admin == AdminConfig(enabled=True, address="127.0.0.1", port=9180)
     assert config.log == LogConfig(format="auto", level="info")
