@@ -83,7 +83,7 @@ defaults
 
 frontend web
     bind 127.0.0.1:$http_port
-    option http-buffer-request
+$extra_binds    option http-buffer-request
     filter spoe engine mirror config $spoe_config
     http-request return status 200 content-type text/plain string ok \
 hdr X-Spoe-Error "%[var(txn.mirror.error)]"
@@ -297,10 +297,12 @@ def write_haproxy_config(
     agent_options: str = "",
     messages: tuple[SpoeMessage, ...] = (SpoeMessage(),),
     server_options: str = "",
+    extra_binds: tuple[str, ...] = (),
 ) -> str:
     """HAProxy's config for `filter spoe` to the agent on 127.0.0.1:`agent_port`, answering on
     127.0.0.1:`http_port`; its SPOE file is written to `directory`. `agent_options` are extra
-    `spoe-agent` lines, `server_options` go on the agent's `server` line."""
+    `spoe-agent` lines, `server_options` go on the agent's `server` line, `extra_binds` are more
+    `bind` lines of the frontend (address and options, e.g. `127.0.0.1:8443 ssl crt x.pem alpn h2`)."""
     spoe_config = directory / "mirror.spoe.conf"
     spoe_config.write_text(
         SPOE_CONFIG.substitute(
@@ -316,6 +318,7 @@ def write_haproxy_config(
         spoe_config=spoe_config,
         agent_port=agent_port,
         server_options=f" {server_options}" if server_options else "",
+        extra_binds="".join(f"    bind {bind}\n" for bind in extra_binds),
     )
 
 
@@ -330,13 +333,14 @@ def mirror_stack(
     processing: str = "500ms",
     agent_options: str = "",
     messages: tuple[SpoeMessage, ...] = (SpoeMessage(),),
+    extra_binds: tuple[str, ...] = (),
 ) -> Iterator[MirrorStack]:
     """Start shadows (name -> ShadowServer mode), the agent on `config(shadows)`, then HAProxy.
 
     `max_frame_size` is the agent's `listen.max_frame_size`, by default tune.bufsize: HAProxy
     encodes the first NOTIFYs of a connection for its own frame size (bufsize - 4) before the
     agent's HELLO tells it otherwise, so a smaller agent frame fails those with SPOE error 3.
-    `agent_options` are extra `spoe-agent` lines."""
+    `agent_options` are extra `spoe-agent` lines, `extra_binds` more `bind` lines of the frontend."""
     with ExitStack() as stack:
         servers = {name: stack.enter_context(ShadowServer(mode=mode)) for name, mode in shadows.items()}
         # The agent picks its own ports (0) and says which in `agent.started`: no race with another
@@ -364,6 +368,7 @@ def mirror_stack(
             processing=processing,
             agent_options=agent_options,
             messages=messages,
+            extra_binds=extra_binds,
         )
         haproxy = stack.enter_context(run_haproxy(haproxy_config, tmp_path))
         yield MirrorStack(
