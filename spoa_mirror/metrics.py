@@ -100,6 +100,11 @@ class MirrorCollector(Collector):
         truncated = CounterMetricFamily(
             "spoa_mirror_truncated_sent", "Truncated bodies sent with the marker header", labels=["target"]
         )
+        grpc = CounterMetricFamily(
+            "spoa_mirror_grpc_responses",
+            "gRPC responses from the shadow by grpc-status (sent_* outcomes; missing: none sent)",
+            labels=["target", "code"],
+        )
         latency = HistogramMetricFamily(
             "spoa_mirror_shadow_latency_seconds", "Shadow response time", labels=["target"]
         )
@@ -111,8 +116,10 @@ class MirrorCollector(Collector):
             for rule, count in sorted(stats.redactions.items()):
                 redactions.add_metric([name, rule], count)
             truncated.add_metric([name], stats.truncated_sent)
+            for code, count in sorted(stats.grpc_status.items()):
+                grpc.add_metric([name, code], count)
             latency.add_metric([name], stats.latency.cumulative(), stats.latency.total)
-        yield from (received, outcomes, in_flight, redactions, truncated, latency)
+        yield from (received, outcomes, in_flight, redactions, truncated, grpc, latency)
 
         depth = GaugeMetricFamily(
             "spoa_mirror_queue_depth", "Requests waiting in a target's queue", labels=["target"]

@@ -25,11 +25,12 @@ from .accounting import STATUS_OUTCOME, MessageStats, TargetStats
 from .filters import build_filter
 from .limits import build_circuit_breaker, build_rate_limiter
 from .message import BadMessage, is_mirror_message, to_request
+from .protocols import build_grpc_guard, build_pool, build_serialiser
 from .redact import build_redactor
 from .request import MirrorRequest
 from .sampling import build_sampler
-from .transport import Pool, TransportError
-from .wire import WireError, build_request
+from .transport import TransportError
+from .wire import WireError
 
 log = structlog.get_logger("spoa_mirror")
 
@@ -69,15 +70,8 @@ class Target:
             config.redact, f"targets.{self.name}.redact", hmac_key, stats.count_redaction
         )
         self.build = self._build_builder(config, loop_header, truncated_body)
-        self.pool = Pool(
-            config.host,
-            config.port,
-            ssl_context=_ssl_context(config) if config.scheme == "https" else None,
-            server_hostname=config.host if config.scheme == "https" else None,
-            max_connections=config.concurrency,
-            connect_timeout=config.connect_timeout,
-            timeout=config.timeout,
-        )
+        ssl_context = _ssl_context(config) if config.scheme == "https" else None
+        self.pool = build_pool(config, ssl_context, stats.count_grpc_status)
         self.errors = LogThrottle()
 
     def _build_checks(self, config: Any, truncated_body: str) -> list[Check]:
@@ -86,6 +80,8 @@ class Target:
         methods = config.methods
         if methods:
             checks.append(lambda req: None if req.method in methods else "filtered")
+        if config.grpc_methods is not None:
+            checks.append(build_grpc_guard(config.grpc_methods))
         passes = build_filter(config.filters, f"targets.{self.name}.filters")
         if passes is not None:
             checks.append(lambda req: None if passes(req) else "filtered")
@@ -116,6 +112,7 @@ class Target:
         mirror_headers = config.mirror_headers
         redact = self.redact
         stats = self.stats
+        serialise = build_serialiser(config)
 
         def build(req: MirrorRequest) -> bytes:
             truncated = mark_truncated and is_truncated(req)
@@ -140,7 +137,7 @@ class Target:
             if truncated:
                 stats.truncated_sent += 1
                 headers.append(TRUNCATED_MARKER)
-            return build_request(req.method, path, headers, req.body if mirror_body else b"", host)
+            return serialise(req.method, path, headers, req.body if mirror_body else b"", host)
 
         return build
 

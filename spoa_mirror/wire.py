@@ -132,9 +132,7 @@ def _end_to_end_lines(headers: list[tuple[str, str]], connection_options: set[st
     """The header lines again, for when a Connection header names more hop-by-hop headers
     (`Connection: close, X-Trace`); rare enough that the common path does not pay for it."""
     dropped = _ALWAYS_DROPPED | connection_options
-    return [
-        f"{name}: {value}" for name, value in headers if name.lower() not in dropped and name[:1] != ":"
-    ]
+    return [f"{name}: {value}" for name, value in headers if name.lower() not in dropped and name[:1] != ":"]
 
 
 def _first_breaking_field(host: str, headers: list[tuple[str, str]]) -> str:
