@@ -270,6 +270,7 @@ class H2Pool:
             return
         stream.retried = True
         stream.connection = None
+        stream.body_sent = 0
         self.streams_retried += 1
         self._backlog.appendleft(stream)
         self._dispatch()

@@ -224,9 +224,14 @@ def test_goaway_retries_the_streams_above_the_last_id_once(shadow: H2ShadowServe
     shadow.mode = "goaway"
     shadow.goaway_after = 5
     pool = make_pool(shadow)
-    results = run(lambda: gather(pool, [request() for _ in range(20)]))
+    bodies = [b"body %d" % i for i in range(20)]
+    results = run(
+        lambda: gather(pool, [request("POST", f"/g{i}", body=body) for i, body in enumerate(bodies)])
+    )
     assert results == [200] * 20
     assert pool.streams_retried > 0 and shadow.connections_accepted >= 2
+    answered = {r.path: r.body for r in shadow.requests if r.connection_id > 1 or r.stream_id <= 9}
+    assert answered == {f"/g{i}": body for i, body in enumerate(bodies)}  # retried with their bodies
 
 
 def test_rst_stream_is_reason_stream_reset(shadow: H2ShadowServer) -> None:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, DataReceived, RequestReceived, StreamEnded, StreamReset
 from h2.exceptions import H2Error
@@ -178,6 +178,7 @@ class _H2ServerConnection(asyncio.Protocol):
         self.bodies: dict[int, bytearray] = {}
         self.answered = 0
         self.goaway_sent = False
+        self.last_stream_id = 0
         self.waiting_before_goaway: set[int] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -251,15 +252,19 @@ class _H2ServerConnection(asyncio.Protocol):
             self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         if mode == "goaway" and (self.goaway_sent or not server.goaways_sent):
-            if self.goaway_sent:
+            if self.goaway_sent and stream_id > self.last_stream_id:
                 return  # above the last stream id: never processed
             self.answered += 1
             if self.answered == server.goaway_after:
                 # Answer this one later, after the GOAWAY, so a stream at or below last id finishes
                 # on a connection that has gone away.
                 self.goaway_sent = True
+                self.last_stream_id = stream_id
                 server.goaways_sent += 1
                 self.h2.close_connection(last_stream_id=stream_id)
+                # h2 refuses every frame after its own GOAWAY; a real server still serves the streams
+                # at or below the last id, so this one does too.
+                self.h2.state_machine.state = ConnectionState.SERVER_OPEN
                 self.flush()
                 asyncio.get_running_loop().call_later(0.05, self.answer_then_close, stream_id, request)
                 return
