@@ -395,6 +395,8 @@ class _H2Connection(asyncio.Protocol):
             if self.last_received >= self.ping_sent:
                 self.ping_sent = 0.0  # answered: the server is alive, only slow
             elif now - self.ping_sent >= self.pool.timeout:  # not even a PING ACK: a hung server
+                # Unusable before the callbacks run, which may submit the next requests at once.
+                self.usable = False
                 self.fail_all(RequestTimeout("connection silent: no answer to PING within the timeout"))
                 self.shut()
                 self.pool._forget(self)
