@@ -5,6 +5,9 @@ pool, built once per target so the hot path never asks again.
 transport_h2.H2Pool (ALPN `h2` required with TLS; prior knowledge without). `auto` on an https
 target builds both forms of each request and lets `AutoPool` send whichever the server chose with
 ALPN on a probe connection, made once per pool; on plain http it is HTTP/1.1, as browsers do.
+
+The HTTP/2 modules (and the h2 library) are imported only when a target speaks HTTP/2: an agent
+replaying HTTP/1.1 only keeps its heap, and so its garbage collector's work per request, as it was.
 """
 
 from __future__ import annotations
@@ -13,13 +16,17 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .request import MirrorRequest
 from .transport import ConnectError, Done, Pool, RequestTimeout, TLSError
-from .transport_h2 import GrpcObserver, H2Pool
 from .wire import build_request
-from .wire_h2 import build_h2_request
+
+if TYPE_CHECKING:
+    from .transport_h2 import H2Pool
+
+# Called with the grpc-status of each gRPC response (None when it had none).
+GrpcObserver = Callable[[int | None], None]
 
 # (method, target, headers, body, host) -> what the target's pool sends
 Serialiser = Callable[[str, str, list[tuple[str, str]], bytes, str], Any]
@@ -33,6 +40,8 @@ def speaks_h2(config: Any) -> bool:
 def build_serialiser(config: Any) -> Serialiser:
     if not speaks_h2(config):
         return build_request
+    from .wire_h2 import build_h2_request
+
     scheme, cap = config.scheme, config.timeout
 
     def h2(method: str, target: str, headers: list[tuple[str, str]], body: bytes, host: str) -> Any:
@@ -59,6 +68,8 @@ def build_pool(config: Any, ssl_context: ssl.SSLContext | None, on_grpc_status: 
     )
     if not speaks_h2(config):
         return Pool(config.host, config.port, **options)
+    from .transport_h2 import H2Pool
+
     if ssl_context is not None:
         ssl_context.set_alpn_protocols(["h2", "http/1.1"] if config.protocol == "auto" else ["h2"])
     h2_pool = H2Pool(config.host, config.port, on_grpc_status=on_grpc_status, **options)
