@@ -70,7 +70,8 @@ targets[].methods (all): only these methods are mirrored.
 targets[].max_body_size (10MiB): requests with a larger body are not mirrored (size).
 targets[].tls_verify (true): verify an https target's certificate and host name.
 targets[].ca_file (system CAs): CA bundle for an https target.
-targets[].concurrency (64): connections open to the target at most.
+targets[].concurrency (64): connections open to the target at most; over HTTP/2, requests in flight
+    at most (streams on as few connections as the server allows).
 targets[].queue_size (8192): mirrors waiting for a connection at most; more are dropped, counted.
 targets[].rate_limit (unset): {requests_per_second, bytes_per_second, burst_seconds} (limits.py).
 targets[].circuit_breaker (unset): {failure_threshold, backoff, max_backoff} (limits.py).

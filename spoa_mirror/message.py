@@ -93,7 +93,10 @@ def to_request(args: dict[str, Any]) -> MirrorRequest:
         unique_id = get("unique_id")
     if type(unique_id) is not str:
         unique_id = _text(args, UNIQUE_ID_ARGS, "unique_id", required=False)
-    if path[:1] != "/" and "://" in path:
+    # "://" first: a substring test costs a third of slicing off the first character (timeit), and
+    # origin-form targets seldom hold it. Measured with callgrind, the slice first made to_request +
+    # admit + build of a wrk GET ~530 instructions (0.9%) dearer than before absolute forms existed.
+    if "://" in path and path[:1] != "/":
         path = _origin_form(path, headers)
     return MirrorRequest(method, path, version or "1.1", headers, body, body_len, unique_id, src)
 
