@@ -113,7 +113,7 @@ def build_h2_request(
             if grpc_timeout > timeout_cap:
                 grpc_timeout = timeout_cap
                 value = f"{max(1, int(timeout_cap * 1000))}m"
-        fields.append((lname, value))
+        fields.append((lname, value.strip(" \t")))  # RFC 9113 8.2.1: no whitespace at either end
     if connection_options:
         fields = [field for field in fields if field[0][0] == ":" or field[0] not in connection_options]
     try:

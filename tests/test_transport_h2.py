@@ -87,6 +87,10 @@ def test_header_list_follows_http2_rules() -> None:
     assert (built.body, built.grpc, built.timeout) == (b"body", False, None)
 
 
+def test_values_lose_surrounding_whitespace() -> None:
+    assert (b"x-a", b"1 2") in request(headers=[("X-A", " \t1 2\t ")]).headers
+
+
 def test_te_other_than_trailers_is_dropped() -> None:
     assert (b"te", b"gzip") not in request(headers=[("TE", "gzip")]).headers
     assert all(name != b"te" for name, _ in request(headers=[("TE", "gzip")]).headers)
