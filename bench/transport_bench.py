@@ -12,6 +12,11 @@ Measured on the 2-core development machine (three runs each): ~11.5 us client CP
 uvloop (~75-80k req/s), ~12-13 us with the default asyncio loop, ~14 us with uvloop when
 `--build-each` adds wire.build_request for a 10-header GET. For comparison, the same load cost
 ~0.7 ms per request with httpx and ~75 us with aiohttp. `--json PATH` also writes the figures there.
+
+`--protocols http1,h2c` runs the same load over each protocol in turn against the same nginx (which
+then also listens for HTTP/2 with prior knowledge), so the HTTP/2 transport's CPU per request
+(transport_h2.H2Pool, streams multiplexed on one connection) is compared with HTTP/1.1's in one run;
+the JSON's top-level figures are the first protocol's, `by_protocol` has each.
 """
 
 from __future__ import annotations
@@ -29,12 +34,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from spoa_mirror.transport import Pool
+from spoa_mirror.transport_h2 import H2Pool
 from spoa_mirror.wire import build_request
+from spoa_mirror.wire_h2 import build_h2_request
 from tests.support.shadow import NginxServer
 
+PROTOCOLS = ("http1", "h2c")
 
-async def drive(host: str, port: int, requests: int, concurrency: int, build_each: bool) -> Counter[int]:
-    pool = Pool(host, port, max_connections=concurrency, connect_timeout=2.0, timeout=5.0)
+
+async def drive(
+    host: str, port: int, requests: int, concurrency: int, build_each: bool, protocol: str = "http1"
+) -> Counter[int]:
+    pool: Pool | H2Pool
+    if protocol == "h2c":
+        pool = H2Pool(host, port, max_connections=concurrency, connect_timeout=2.0, timeout=5.0)
+    else:
+        pool = Pool(host, port, max_connections=concurrency, connect_timeout=2.0, timeout=5.0)
     headers = [
         ("User-Agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36"),
         ("Accept", "text/html,application/xhtml+xml"),
@@ -48,7 +63,15 @@ async def drive(host: str, port: int, requests: int, concurrency: int, build_eac
         ("Connection", "keep-alive"),
     ]
     authority = f"{host}:{port}"
-    prebuilt = build_request("GET", "/index.txt", headers, b"", authority)
+
+    def build() -> object:
+        if protocol == "h2c":
+            return build_h2_request(
+                "GET", "/index.txt", headers, b"", authority, scheme="http", timeout_cap=5.0
+            )
+        return build_request("GET", "/index.txt", headers, b"", authority)
+
+    prebuilt = build()
     statuses: Counter[int] = Counter()
     remaining = requests
 
@@ -56,8 +79,8 @@ async def drive(host: str, port: int, requests: int, concurrency: int, build_eac
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
-            raw = build_request("GET", "/index.txt", headers, b"", authority) if build_each else prebuilt
-            statuses[await pool.send(raw)] += 1
+            raw = build() if build_each else prebuilt
+            statuses[await pool.send(raw)] += 1  # type: ignore[arg-type]
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     await pool.close()
@@ -72,8 +95,16 @@ def main() -> None:
     parser.add_argument(
         "--build-each", action="store_true", help="also run wire.build_request for every request"
     )
+    parser.add_argument(
+        "--protocols",
+        default="http1",
+        help="comma-separated, each run in turn against the same nginx: http1, h2c (default http1)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
     args = parser.parse_args()
+    protocols = [name.strip() for name in args.protocols.split(",") if name.strip()]
+    if not protocols or any(name not in PROTOCOLS for name in protocols):
+        parser.error(f"--protocols: a comma-separated list of {', '.join(PROTOCOLS)}")
 
     if args.loop == "uvloop":
         import uvloop
@@ -82,26 +113,41 @@ def main() -> None:
     else:
         runner = asyncio.run
 
-    with tempfile.TemporaryDirectory(prefix="transport-bench-") as directory, NginxServer(directory) as nginx:
-        runner(drive(nginx.host, nginx.port, 1000, args.concurrency, args.build_each))  # warm-up
-        wall, cpu = time.perf_counter(), time.process_time()
-        statuses = runner(drive(nginx.host, nginx.port, args.requests, args.concurrency, args.build_each))
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-
-    print(f"loop={args.loop} concurrency={args.concurrency} requests={args.requests}", end=" ")
-    print(f"statuses={dict(statuses)}")
-    print(f"{args.requests / wall:,.0f} req/s, {cpu / args.requests * 1e6:.1f} us client CPU per request")
+    by_protocol = {}
+    h2c = "h2c" in protocols
+    with (
+        tempfile.TemporaryDirectory(prefix="transport-bench-") as directory,
+        NginxServer(directory, h2c=h2c) as nginx,
+    ):
+        for protocol in protocols:
+            port = nginx.h2c_port if protocol == "h2c" else nginx.port
+            runner(drive(nginx.host, port, 1000, args.concurrency, args.build_each, protocol))  # warm-up
+            wall, cpu = time.perf_counter(), time.process_time()
+            statuses = runner(
+                drive(nginx.host, port, args.requests, args.concurrency, args.build_each, protocol)
+            )
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            print(f"protocol={protocol} loop={args.loop} concurrency={args.concurrency}", end=" ")
+            print(f"requests={args.requests} statuses={dict(statuses)}")
+            rps, cpu_us = args.requests / wall, cpu / args.requests * 1e6
+            print(f"{rps:,.0f} req/s, {cpu_us:.1f} us client CPU per request")
+            by_protocol[protocol] = {
+                "statuses": statuses,
+                "seconds": wall,
+                "rps": rps,
+                "client_cpu_us_per_request": cpu_us,
+            }
     if args.json:
+        first = by_protocol[protocols[0]]
         figures = {
             "command": shlex.join(sys.argv),
             "loop": args.loop,
             "concurrency": args.concurrency,
             "requests": args.requests,
             "build_each": args.build_each,
-            "statuses": statuses,
-            "seconds": wall,
-            "rps": args.requests / wall,
-            "client_cpu_us_per_request": cpu / args.requests * 1e6,
+            "protocol": protocols[0],
+            **first,
+            "by_protocol": by_protocol,
         }
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
 

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 need=()
 for pair in haproxy:haproxy nginx:nginx-light wrk:wrk systemd-analyze:systemd promtool:prometheus \
-    debootstrap:debootstrap; do
+    debootstrap:debootstrap curl:curl; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")
 done
 # --- issue 16: Debian's Docker engine and CLI, for tests/test_container.py (started below) ---

@@ -18,6 +18,7 @@ ERRORS = (
     "error_reset",
     "error_tls",
     "error_protocol",
+    "error_stream_reset",
     "error_closed",
     "error_internal",
 )
@@ -35,6 +36,13 @@ DROPS = (
 )
 OUTCOMES = SENT + ERRORS + DROPS
 STATUS_OUTCOME = {code: SENT[code // 100 - 1] for code in range(100, 600)}
+
+# gRPC status codes by number (grpc/doc/statuscodes.md); the label of a gRPC response's status.
+GRPC_CODES = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+)  # fmt: skip
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -67,7 +75,10 @@ class Histogram:
 class TargetStats:
     """Everything counted for one target; kept across config reloads (keyed by target name)."""
 
-    __slots__ = ("bytes_sent", "latency", "outcomes", "pending", "received", "redactions", "truncated_sent")
+    __slots__ = (
+        "bytes_sent", "grpc_status", "latency", "outcomes", "pending", "received", "redactions",
+        "truncated_sent",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.received = 0
@@ -77,6 +88,13 @@ class TargetStats:
         self.truncated_sent = 0
         self.bytes_sent = 0
         self.latency = Histogram()
+        # gRPC responses by grpc-status name; "missing" (none sent) and "other" (not one of the 17)
+        # keep the label set bounded whatever a shadow answers.
+        self.grpc_status: dict[str, int] = {}
+
+    def count_grpc_status(self, code: int | None) -> None:
+        name = "missing" if code is None else GRPC_CODES[code] if 0 <= code < len(GRPC_CODES) else "other"
+        self.grpc_status[name] = self.grpc_status.get(name, 0) + 1
 
     def count_redaction(self, rule: str) -> None:
         self.redactions[rule] = self.redactions.get(rule, 0) + 1

@@ -89,7 +89,8 @@ targets[].methods (all): only these methods are mirrored.
 targets[].max_body_size (10MiB): requests with a larger body are not mirrored (size).
 targets[].tls_verify (true): verify an https target's certificate and host name.
 targets[].ca_file (system CAs): CA bundle for an https target.
-targets[].concurrency (64): connections open to the target at most.
+targets[].concurrency (64): connections open to the target at most; over HTTP/2, requests in flight
+    at most (streams on as few connections as the server allows).
 targets[].queue_size (8192): mirrors waiting for a connection at most; more are dropped, counted.
 targets[].rate_limit (unset): {requests_per_second, bytes_per_second, burst_seconds} (limits.py).
 targets[].circuit_breaker (unset): {failure_threshold, backoff, max_backoff} (limits.py).
@@ -98,6 +99,11 @@ targets[].filters (unset): {allow: RULES, deny: RULES}: which requests the targe
 targets[].redact (unset): per-target redaction, merged over the global redact.
 targets[].mirror_body (true): send the request body; false sends the request without it.
 targets[].mirror_headers (true): forward the client's headers; false forwards none but Host.
+targets[].protocol (http1): http1; h2 (HTTP/2 over TLS, https URLs); h2c (HTTP/2 with prior
+    knowledge, http URLs); auto (h2 when the https server offers it with ALPN, else HTTP/1.1).
+targets[].grpc_methods (unset): gRPC methods mirrored (`/package.Service/Method`, or
+    `/package.Service/*`); set, a gRPC request (content-type application/grpc*) for any other method
+    is filtered. Every gRPC call is a POST, so `methods` cannot tell reads from writes.
 mirroring.enabled (true): false validates everything but mirrors nothing.
 mirroring.mirror_request_body (unset): GAL spelling of mirror_body, for every target.
 mirroring.mirror_headers (unset): GAL spelling of mirror_headers, for every target.
@@ -139,6 +145,8 @@ TRUNCATED_MARKER_HEADER = "X-Mirror-Truncated"
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 HOST_POLICIES = ("target", "original", "suffix")
+PROTOCOLS = ("http1", "h2", "h2c", "auto")
+_GRPC_METHOD = re.compile(r"/[A-Za-z0-9_.]+/(?:[A-Za-z0-9_]+|\*)")
 TRUNCATED_BODY_POLICIES = ("drop", "send_marked")
 # Headers whose value the agent computes; configuring them would produce a broken or ambiguous request.
 AGENT_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
@@ -179,7 +187,7 @@ _TARGET_KEYS = (
     "name", "url", "upstream", "sample_percentage", "sample_key", "timeout", "connect_timeout",
     "headers", "remove_headers", "host", "path_rewrite", "methods", "max_body_size", "tls_verify",
     "ca_file", "concurrency", "queue_size", "rate_limit", "circuit_breaker", "filters", "redact",
-    "mirror_body", "mirror_headers",
+    "mirror_body", "mirror_headers", "protocol", "grpc_methods",
 )  # fmt: skip
 _DEFAULTS_KEYS = tuple(key for key in _TARGET_KEYS if key not in ("name", "url", "upstream"))
 _MIRRORING_KEYS = ("enabled", "mirror_request_body", "mirror_headers", "targets")
@@ -286,6 +294,8 @@ class TargetConfig:
     redact: dict[str, Any] | None = None  # the global `redact` with this target's merged over it
     mirror_body: bool = True
     mirror_headers: bool = True
+    protocol: str = "http1"
+    grpc_methods: frozenset[str] | None = None  # None = every gRPC method
     config_key: str = ""  # where the target was written, e.g. "targets[2]", for messages
 
 
@@ -475,6 +485,10 @@ def _describe_target(target: TargetConfig, global_redact: dict[str, Any] | None)
     if target.scheme == "https":
         verify = "certificate verified" if target.tls_verify else "certificate NOT verified"
         lines.append(f"    TLS: {verify}" + (f" against {target.ca_file}" if target.ca_file else ""))
+    if target.protocol != "http1":
+        lines.append(f"    protocol: {target.protocol}")
+    if target.grpc_methods is not None:
+        lines.append(f"    gRPC methods mirrored: {', '.join(sorted(target.grpc_methods))}")
     if target.headers:
         lines.append(f"    adds headers: {', '.join(target.headers)}")
     if target.remove_headers:
@@ -895,8 +909,32 @@ def _parse_target(
         redact=redact,
         mirror_body=read("mirror_body", default.mirror_body, _bool),
         mirror_headers=read("mirror_headers", default.mirror_headers, _bool),
+        protocol=_protocol(
+            read("protocol", default.protocol, lambda v, k: _choice(v, k, PROTOCOLS)), scheme, key
+        ),
+        grpc_methods=read("grpc_methods", None, _grpc_methods),
         config_key=key,
     )
+
+
+def _protocol(protocol: str, scheme: str, key: str) -> str:
+    if protocol == "h2" and scheme != "https":
+        raise ConfigError(f"{key}.protocol", "h2 needs an https URL; use h2c for HTTP/2 without TLS")
+    if protocol == "h2c" and scheme != "http":
+        raise ConfigError(f"{key}.protocol", "h2c needs an http URL; use h2 for HTTP/2 over TLS")
+    return protocol
+
+
+def _grpc_methods(value: object, key: str) -> frozenset[str]:
+    methods = _str_list(value, key)
+    if not methods:
+        raise ConfigError(key, "must list at least one method (leave it out to mirror every gRPC method)")
+    for index, method in enumerate(methods):
+        if not _GRPC_METHOD.fullmatch(method):
+            raise ConfigError(
+                f"{key}[{index}]", f"must be /package.Service/Method or /package.Service/*, got {method!r}"
+            )
+    return frozenset(methods)
 
 
 def _validate_stages(config: Config, spec_keys: Mapping[tuple[str, str], str]) -> None:

@@ -159,6 +159,11 @@ class MirrorCollector(Collector):
             "Bytes of mirrored requests handed to a target's connections (head and body)",
             labels=["target"],
         )
+        grpc = CounterMetricFamily(
+            "spoa_mirror_grpc_responses",
+            "gRPC responses from the shadow by grpc-status (sent_* outcomes; missing: none sent)",
+            labels=["target", "code"],
+        )
         latency = HistogramMetricFamily(
             "spoa_mirror_shadow_latency_seconds", "Shadow response time", labels=["target"]
         )
@@ -171,8 +176,10 @@ class MirrorCollector(Collector):
                 redactions.add_metric([name, rule], count)
             truncated.add_metric([name], stats.truncated_sent)
             sent_bytes.add_metric([name], stats.bytes_sent)
+            for code, count in sorted(stats.grpc_status.items()):
+                grpc.add_metric([name, code], count)
             latency.add_metric([name], stats.latency.cumulative(), stats.latency.total)
-        yield from (received, outcomes, in_flight, redactions, truncated, sent_bytes, latency)
+        yield from (received, outcomes, in_flight, redactions, truncated, sent_bytes, grpc, latency)
 
         depth = GaugeMetricFamily(
             "spoa_mirror_queue_depth", "Requests waiting in a target's queue", labels=["target"]

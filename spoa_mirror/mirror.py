@@ -26,12 +26,13 @@ from .config import NO_OUTGOING, OutgoingConfig
 from .filters import build_filter
 from .limits import build_circuit_breaker, build_rate_limiter
 from .message import BadMessage, is_mirror_message, to_request
+from .protocols import build_grpc_guard, build_pool, build_serialiser
 from .redact import build_redactor
 from .request import MirrorRequest
 from .sampling import build_sampler
 from .tls import client_context
-from .transport import Pool, TransportError
-from .wire import WireError, build_request
+from .transport import TransportError
+from .wire import WireError
 
 log = structlog.get_logger("spoa_mirror")
 
@@ -76,17 +77,8 @@ class Target:
             config.redact, f"targets.{self.name}.redact", hmac_key, stats.count_redaction
         )
         self.build = self._build_builder(config, loop_header, truncated_body)
-        self.pool = Pool(
-            config.host,
-            config.port,
-            ssl_context=client_context(config) if config.scheme == "https" else None,
-            server_hostname=config.host if config.scheme == "https" else None,
-            max_connections=config.concurrency,
-            connect_timeout=config.connect_timeout,
-            timeout=config.timeout,
-            source_ip=outgoing.source_ip,
-            source_ports=outgoing.ports,
-        )
+        ssl_context = client_context(config) if config.scheme == "https" else None
+        self.pool = build_pool(config, ssl_context, stats.count_grpc_status, outgoing)
         self.errors = LogThrottle()
 
     def _build_checks(self, config: Any, truncated_body: str) -> list[Check]:
@@ -95,6 +87,8 @@ class Target:
         methods = config.methods
         if methods:
             checks.append(lambda req: None if req.method in methods else "filtered")
+        if config.grpc_methods is not None:
+            checks.append(build_grpc_guard(config.grpc_methods))
         passes = build_filter(config.filters, f"targets.{self.name}.filters")
         if passes is not None:
             checks.append(lambda req: None if passes(req) else "filtered")
@@ -125,6 +119,7 @@ class Target:
         mirror_headers = config.mirror_headers
         redact = self.redact
         stats = self.stats
+        serialise = build_serialiser(config)
 
         def build(req: MirrorRequest) -> bytes:
             truncated = mark_truncated and is_truncated(req)
@@ -149,7 +144,7 @@ class Target:
             if truncated:
                 stats.truncated_sent += 1
                 headers.append(TRUNCATED_MARKER)
-            return build_request(req.method, path, headers, req.body if mirror_body else b"", host)
+            return serialise(req.method, path, headers, req.body if mirror_body else b"", host)
 
         return build
 

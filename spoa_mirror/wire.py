@@ -47,6 +47,10 @@ _ALWAYS_DROPPED = frozenset(
         "content-length",
     }
 )
+# HTTP/2 pseudo-headers (`:authority`, `:path`...) are not HTTP/1.1 fields: HAProxy never puts them in
+# req.hdrs, but a message from elsewhere might, and a name with a colon must never reach the wire.
+_PSEUDO_HEADER = ":pseudo-header"
+_ALWAYS_DROPPED = _ALWAYS_DROPPED | {_PSEUDO_HEADER}
 # What Connection usually says (`keep-alive`, `close`, `Keep-Alive, TE`, a trailing comma) names no
 # header that is not dropped anyway.
 _OPTIONS_NAMING_NOTHING_NEW = _ALWAYS_DROPPED | {"close", ""}
@@ -113,9 +117,12 @@ _VALIDATED_NAMES_LIMIT = 4096
 
 
 def _validate_name(name: str) -> str:
-    if _TOKEN.fullmatch(name) is None:
+    if name[:1] == ":" and _TOKEN.fullmatch(name, 1) is not None:
+        lname = _PSEUDO_HEADER
+    elif _TOKEN.fullmatch(name) is None:
         raise WireError("bad_header", f"name {name!r}")
-    lname = name.lower()
+    else:
+        lname = name.lower()
     if len(_validated_lowercase_names) < _VALIDATED_NAMES_LIMIT:
         _validated_lowercase_names[name] = lname
     return lname
@@ -125,7 +132,7 @@ def _end_to_end_lines(headers: list[tuple[str, str]], connection_options: set[st
     """The header lines again, for when a Connection header names more hop-by-hop headers
     (`Connection: close, X-Trace`); rare enough that the common path does not pay for it."""
     dropped = _ALWAYS_DROPPED | connection_options
-    return [f"{name}: {value}" for name, value in headers if name.lower() not in dropped]
+    return [f"{name}: {value}" for name, value in headers if name.lower() not in dropped and name[:1] != ":"]
 
 
 def _first_breaking_field(host: str, headers: list[tuple[str, str]]) -> str:

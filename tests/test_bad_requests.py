@@ -419,6 +419,17 @@ def content_length(request: ShadowRequest) -> int:
         pytest.param({"body_len": True}, "bad_body_len", id="body-len-bool"),
         pytest.param({"src": 1}, "bad_src", id="src-int"),
         pytest.param({"unique_id": 9}, "bad_unique_id", id="unique-id-int"),
+        pytest.param({"arg_path": "ftp://evil.test/x"}, "bad_target_scheme", id="absolute-ftp"),
+        pytest.param({"arg_path": "file:///etc/passwd"}, "bad_target_scheme", id="absolute-file"),
+        pytest.param({"arg_path": "gopher://evil.test:70/x"}, "bad_target_scheme", id="absolute-gopher"),
+        pytest.param({"arg_path": "http://u:pw@evil.test/x"}, "bad_target_userinfo", id="absolute-userinfo"),
+        pytest.param({"arg_path": "https://@evil.test/x"}, "bad_target_userinfo", id="absolute-empty-user"),
+        pytest.param({"arg_path": "http:///x"}, "bad_target_authority", id="absolute-no-authority"),
+        pytest.param({"arg_path": "http://evil test/x"}, "bad_target_authority", id="absolute-space-host"),
+        pytest.param(
+            {"arg_path": "http://evil.test\r\nX: y/x"}, "bad_target_authority", id="absolute-crlf-authority"
+        ),
+        pytest.param({"arg_path": "http://evil.test:8o/x"}, "bad_target_authority", id="absolute-bad-port"),
     ],
 )
 def test_unreadable_message_is_counted_invalid_and_acked(
@@ -465,7 +476,9 @@ SMUGGLED = "\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: evil.test\r\n\r\n"
         pytest.param({"arg_path": "/a\nHost: evil.test"}, id="path-lf"),
         pytest.param({"arg_path": "/a HTTP/1.1" + SMUGGLED}, id="path-smuggled-request"),
         pytest.param({"arg_path": "a/b"}, id="path-relative"),
-        pytest.param({"arg_path": "http://evil.test/x"}, id="path-absolute-form"),
+        pytest.param({"arg_path": "http:/evil.test/x"}, id="path-absolute-form-one-slash"),
+        pytest.param({"arg_path": "http://app.test/a b"}, id="path-absolute-form-space"),
+        pytest.param({"arg_path": "http://app.test/a\r\nHost: evil.test"}, id="path-absolute-form-crlf"),
         pytest.param({"arg_path": ""}, id="path-empty"),
         pytest.param({"arg_path": "*"}, id="path-asterisk-with-get"),
         pytest.param({"arg_hdrs": "X-A: x\nHost: evil.test\r\n\r\n"}, id="string-headers-bare-lf"),
@@ -507,6 +520,25 @@ def test_non_utf8_path_is_sent_byte_for_byte(agent: Agent) -> None:
     and a STRING path holding invalid UTF-8 both reach the shadow as the same bytes."""
     assert sent_one(agent, mirror(arg_path=b"/caf\xe9?q=\xff\xfe")).target == b"/caf\xe9?q=\xff\xfe"
     assert sent_one(agent, mirror(arg_path="/caf\udce9")).target == b"/caf\xe9"
+
+
+@pytest.mark.parametrize(
+    ("path", "target"),
+    [
+        pytest.param("http://app.test/x?q=1", b"/x?q=1", id="http"),
+        pytest.param("https://app.test:8443/a/b", b"/a/b", id="https-port"),
+        pytest.param("HTTPS://APP.test", b"/", id="no-path"),
+        pytest.param("http://app.test?q=1", b"/?q=1", id="query-only"),
+        pytest.param("http://[2001:db8::1]:8080/v6", b"/v6", id="ipv6-literal"),
+        pytest.param("https://app.test//other.test/x", b"//other.test/x", id="authority-like-path"),
+    ],
+)
+def test_absolute_form_from_http2_clients_is_sent_in_origin_form(
+    agent: Agent, path: str, target: bytes
+) -> None:
+    """HAProxy's `url` fetch gives the absolute form for a request that came over HTTP/2 or HTTP/3:
+    http and https ones are mirrored in origin form (the shadow's Host stays the target's)."""
+    assert sent_one(agent, mirror(arg_path=path)).target == target
 
 
 def test_odd_but_harmless_targets_are_sent_as_given(agent: Agent) -> None:

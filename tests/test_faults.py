@@ -57,6 +57,7 @@ from tests.support.procs import (
     run_process,
 )
 from tests.support.shadow import ShadowServer, self_signed_tls
+from tests.support.shadow_h2 import H2ShadowServer
 
 pytestmark = pytest.mark.haproxy
 
@@ -479,6 +480,54 @@ def test_shadow_fault(
     assert set(a.outcomes) <= fault.allowed, a.outcomes
     if fault.mode == "delay":  # every answer took the shadow's 2 s
         assert latency["1.0"] == 0 and latency["+Inf"] == a.outcomes["sent_2xx"], latency
+
+
+H2C_FAULTS = [
+    ShadowFault("ok", "sent_2xx", frozenset({"sent_2xx", "queue_full"})),
+    ShadowFault(
+        "hang", "error_timeout", frozenset({"error_timeout", "circuit_open", "queue_full"}), {"timeout": 1}
+    ),
+    ShadowFault(
+        "frozen", "error_timeout", frozenset({"error_timeout", "circuit_open", "queue_full"}), {"timeout": 1}
+    ),
+    ShadowFault("delay", "sent_2xx", frozenset({"sent_2xx", "queue_full"}), delay=2.0),
+    ShadowFault(
+        "reset", "error_stream_reset", frozenset({"error_stream_reset", "circuit_open", "queue_full"})
+    ),
+]
+
+
+@pytest.mark.parametrize("fault", H2C_FAULTS, ids=[fault.mode for fault in H2C_FAULTS])
+def test_h2c_shadow_fault(
+    fault: ShadowFault, tmp_path: Path, primary: int, healthy: Run, report: Callable[..., None]
+) -> None:
+    """The same load to an HTTP/2 shadow (`protocol: h2c`) that is healthy, hangs (streams never
+    answered, PINGs still are), freezes (reads nothing more at all), answers after 2 s, or resets
+    every stream: the primary never notices, memory stays bounded, the account is exact, and the
+    fault shows as its outcome beside circuit_open and queue_full, as over HTTP/1.1."""
+    shadow = H2ShadowServer(mode=fault.mode, delay=fault.delay)
+    with fault_stack(
+        tmp_path,
+        primary,
+        {"shadow": shadow},  # type: ignore[dict-item]
+        lambda s: {"targets": [target(s["shadow"].url, protocol="h2c", **fault.target)]},
+    ) as stack:
+        [agent] = stack.agents
+        load = run_load(stack.url, LOAD_SECONDS)
+        [a] = settle(agent, ["shadow"]).values()
+        rss = check_rss(agent)
+    report(
+        load,
+        healthy.load,
+        rss_mb=round(rss, 1),
+        outcomes=a.outcomes,
+        h2_connections=shadow.connections_accepted,
+    )
+    check_primary(load, healthy.load)
+    assert a.outcomes.get(fault.expected, 0) > 0, a.outcomes
+    assert set(a.outcomes) <= fault.allowed, a.outcomes
+    if fault.mode in ("ok", "delay"):  # multiplexed: a few connections, not one per request
+        assert shadow.connections_accepted <= 2, shadow.connections_accepted
 
 
 # -- agent and HAProxy faults -------------------------------------------------------------------------

@@ -134,6 +134,25 @@ def test_connection_keep_alive_alone_drops_nothing_else() -> None:
     assert parsed == [("Host", "h"), ("X-A", "1")]
 
 
+@pytest.mark.parametrize("connection", [None, "close, X-Trace"])
+def test_http2_pseudo_headers_never_reach_the_http1_wire(connection: str | None) -> None:
+    """`:authority`, `:path`... are not HTTP/1.1 fields: dropped, with or without a Connection header
+    naming more headers (which rebuilds the header lines on another path)."""
+    headers = [
+        (":method", "GET"),
+        (":authority", "app.test"),
+        ("X-A", "1"),
+        (":path", "/evil"),
+        ("X-Trace", "t"),
+    ]
+    if connection is not None:
+        headers.append(("Connection", connection))
+    raw = build_request("GET", "/", headers, b"", "h")
+    [(_, _, parsed, _)] = parse(raw)
+    assert b":" not in raw.split(b"\r\n", 1)[1].replace(b": ", b"")
+    assert parsed == [("Host", "h"), ("X-A", "1")] + ([("X-Trace", "t")] if connection is None else [])
+
+
 def test_non_utf8_bytes_round_trip() -> None:
     """The SPOP decoder turns bytes into str with surrogateescape; the original bytes must come back."""
     target = b"/caf\xe9?x=\xff".decode("utf-8", "surrogateescape")
@@ -196,7 +215,9 @@ def test_breaking_value_refused_even_in_a_dropped_header() -> None:
         build_request("GET", "/", [("Connection", "close\r\nX-Injected: 1")], b"", "h")
 
 
-@pytest.mark.parametrize("name", ["", "X Space", "X:Colon", "X\r\nY", "Ünicode", "X\x00", "(x)"])
+@pytest.mark.parametrize(
+    "name", ["", "X Space", "X:Colon", "X\r\nY", "Ünicode", "X\x00", "(x)", ":", ":a b", "::x", ":\r\nX"]
+)
 def test_bad_header_names_refused(name: str) -> None:
     with pytest.raises(WireError) as caught:
         build_request("GET", "/", [(name, "v")], b"", "h")

@@ -83,16 +83,26 @@ defaults
 
 frontend web
     bind 127.0.0.1:$http_port
-    option http-buffer-request
+$extra_binds    option http-buffer-request
     filter spoe engine mirror config $spoe_config
-    http-request return status 200 content-type text/plain string ok \
-hdr X-Spoe-Error "%[var(txn.mirror.error)]"
-
+$answer
 backend spoe-mirror
     mode tcp
     timeout connect 1s
     timeout server 30s
     server agent1 127.0.0.1:$agent_port$server_options
+""")
+
+_ANSWER = (
+    "    http-request return status 200 content-type text/plain string ok "
+    'hdr X-Spoe-Error "%[var(txn.mirror.error)]"\n'
+)
+_PRIMARY = Template("""\
+    http-response set-header X-Spoe-Error "%[var(txn.mirror.error)]" if { var(txn.mirror.error) -m found }
+    default_backend primary
+
+backend primary
+    server primary $primary
 """)
 
 ConfigFactory = Callable[[Mapping[str, ShadowServer]], dict[str, Any]]
@@ -297,10 +307,15 @@ def write_haproxy_config(
     agent_options: str = "",
     messages: tuple[SpoeMessage, ...] = (SpoeMessage(),),
     server_options: str = "",
+    extra_binds: tuple[str, ...] = (),
+    primary: str | None = None,
 ) -> str:
     """HAProxy's config for `filter spoe` to the agent on 127.0.0.1:`agent_port`, answering on
     127.0.0.1:`http_port`; its SPOE file is written to `directory`. `agent_options` are extra
-    `spoe-agent` lines, `server_options` go on the agent's `server` line."""
+    `spoe-agent` lines, `server_options` go on the agent's `server` line, `extra_binds` are more
+    `bind` lines of the frontend (address and options, e.g. `127.0.0.1:8443 ssl crt x.pem alpn h2`).
+    `primary` (a `server` line's address and options, e.g. `127.0.0.1:5000 proto h2`) makes HAProxy
+    forward requests to that server instead of answering them itself."""
     spoe_config = directory / "mirror.spoe.conf"
     spoe_config.write_text(
         SPOE_CONFIG.substitute(
@@ -316,6 +331,8 @@ def write_haproxy_config(
         spoe_config=spoe_config,
         agent_port=agent_port,
         server_options=f" {server_options}" if server_options else "",
+        extra_binds="".join(f"    bind {bind}\n" for bind in extra_binds),
+        answer=_ANSWER if primary is None else _PRIMARY.substitute(primary=primary),
     )
 
 
@@ -330,13 +347,16 @@ def mirror_stack(
     processing: str = "500ms",
     agent_options: str = "",
     messages: tuple[SpoeMessage, ...] = (SpoeMessage(),),
+    extra_binds: tuple[str, ...] = (),
+    primary: str | None = None,
 ) -> Iterator[MirrorStack]:
     """Start shadows (name -> ShadowServer mode), the agent on `config(shadows)`, then HAProxy.
 
     `max_frame_size` is the agent's `listen.max_frame_size`, by default tune.bufsize: HAProxy
     encodes the first NOTIFYs of a connection for its own frame size (bufsize - 4) before the
     agent's HELLO tells it otherwise, so a smaller agent frame fails those with SPOE error 3.
-    `agent_options` are extra `spoe-agent` lines."""
+    `agent_options` are extra `spoe-agent` lines, `extra_binds` more `bind` lines of the frontend,
+    `primary` a server HAProxy forwards to instead of answering (see `write_haproxy_config`)."""
     with ExitStack() as stack:
         servers = {name: stack.enter_context(ShadowServer(mode=mode)) for name, mode in shadows.items()}
         # The agent picks its own ports (0) and says which in `agent.started`: no race with another
@@ -364,6 +384,8 @@ def mirror_stack(
             processing=processing,
             agent_options=agent_options,
             messages=messages,
+            extra_binds=extra_binds,
+            primary=primary,
         )
         haproxy = stack.enter_context(run_haproxy(haproxy_config, tmp_path))
         yield MirrorStack(

@@ -404,14 +404,19 @@ NGINX_BINARY = "/usr/sbin/nginx"
 class NginxServer:
     """A real nginx on an ephemeral loopback port, serving `body` as /index.txt (and a 404 for anything
     else), with every path under `directory`: the reference server for the transport, as a server
-    would be in production, and for benchmarks. Not a recorder: use ShadowServer for that."""
+    would be in production, and for benchmarks. Not a recorder: use ShadowServer for that. With
+    `h2c=True` the same server also speaks HTTP/2 with prior knowledge on `h2c_port`."""
 
-    def __init__(self, directory: str, *, body: bytes = b"nginx ok\n", binary: str = NGINX_BINARY) -> None:
+    def __init__(
+        self, directory: str, *, body: bytes = b"nginx ok\n", binary: str = NGINX_BINARY, h2c: bool = False
+    ) -> None:
         self.directory = directory
         self.body = body
         self.binary = binary
         self.host = "127.0.0.1"
         self.port = 0
+        self.h2c = h2c
+        self.h2c_port = 0
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> NginxServer:
@@ -423,6 +428,7 @@ class NginxServer:
             out.write(self.body)
         for _ in range(5):
             self.port = _free_port(self.host)
+            self.h2c_port = _free_port(self.host) if self.h2c else 0
             config = os.path.join(self.directory, "nginx.conf")
             with open(config, "w") as out:
                 out.write(self._config(root))
@@ -489,6 +495,7 @@ class NginxServer:
                 default_type text/plain;
                 server {{
                     listen {self.host}:{self.port};
+                    {f"listen {self.host}:{self.h2c_port} http2;" if self.h2c else ""}
                     root {root};
                     location / {{ }}
                 }}

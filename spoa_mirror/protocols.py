@@ -1,0 +1,198 @@
+"""Which wire a target speaks (`protocol: http1 | h2 | h2c | auto`): its request serialiser and its
+pool, built once per target so the hot path never asks again.
+
+`http1` is wire.build_request and transport.Pool, as before. `h2` and `h2c` are wire_h2 and
+transport_h2.H2Pool (ALPN `h2` required with TLS; prior knowledge without). `auto` on an https
+target builds both forms of each request and lets `AutoPool` send whichever the server chose with
+ALPN on a probe connection, made once per pool; on plain http it is HTTP/1.1, as browsers do.
+
+The HTTP/2 modules (and the h2 library) are imported only when a target speaks HTTP/2: an agent
+replaying HTTP/1.1 only keeps its heap, and so its garbage collector's work per request, as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .request import MirrorRequest
+from .tls import client_context
+from .transport import ConnectError, Done, Pool, RequestTimeout, TLSError
+from .wire import build_request
+
+if TYPE_CHECKING:
+    from .transport_h2 import H2Pool
+
+# Called with the grpc-status of each gRPC response (None when it had none).
+GrpcObserver = Callable[[int | None], None]
+
+# (method, target, headers, body, host) -> what the target's pool sends
+Serialiser = Callable[[str, str, list[tuple[str, str]], bytes, str], Any]
+GRPC_CONTENT_TYPE = "application/grpc"
+
+
+def speaks_h2(config: Any) -> bool:
+    return config.protocol in ("h2", "h2c") or (config.protocol == "auto" and config.scheme == "https")
+
+
+def build_serialiser(config: Any) -> Serialiser:
+    if not speaks_h2(config):
+        return build_request
+    from .wire_h2 import build_h2_request
+
+    scheme, cap = config.scheme, config.timeout
+
+    def h2(method: str, target: str, headers: list[tuple[str, str]], body: bytes, host: str) -> Any:
+        return build_h2_request(method, target, headers, body, host, scheme=scheme, timeout_cap=cap)
+
+    if config.protocol != "auto":
+        return h2
+
+    def both(method: str, target: str, headers: list[tuple[str, str]], body: bytes, host: str) -> Any:
+        return build_request(method, target, headers, body, host), h2(method, target, headers, body, host)
+
+    return both
+
+
+def build_pool(
+    config: Any, ssl_context: ssl.SSLContext | None, on_grpc_status: GrpcObserver, outgoing: Any
+) -> Any:
+    """The pool for a target: `Pool`, `H2Pool`, or `AutoPool` over both; same interface.
+    `outgoing` (the C agent's -I/-P source address and ports) applies to HTTP/1.1 connections."""
+    server_hostname = config.host if ssl_context is not None else None
+    options = dict(
+        ssl_context=ssl_context,
+        server_hostname=server_hostname,
+        max_connections=config.concurrency,
+        connect_timeout=config.connect_timeout,
+        timeout=config.timeout,
+    )
+    http1_options = {**options, "source_ip": outgoing.source_ip, "source_ports": outgoing.ports}
+    if not speaks_h2(config):
+        return Pool(config.host, config.port, **http1_options)
+    from .transport_h2 import H2Pool
+
+    if ssl_context is not None:
+        ssl_context.set_alpn_protocols(["h2", "http/1.1"] if config.protocol == "auto" else ["h2"])
+    h2_pool = H2Pool(config.host, config.port, on_grpc_status=on_grpc_status, **options)
+    if config.protocol != "auto":
+        return h2_pool
+    http1_pool = Pool(config.host, config.port, **{**http1_options, "ssl_context": _http1_context(config)})
+    return AutoPool(h2_pool, http1_pool, ssl_context)
+
+
+def _http1_context(config: Any) -> ssl.SSLContext:
+    context = client_context(config)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def build_grpc_guard(methods: frozenset[str]) -> Callable[[MirrorRequest], str | None]:
+    """The check for `grpc_methods`: a gRPC request for an unlisted method is `filtered`."""
+    services = frozenset(method[:-1] for method in methods if method.endswith("/*"))
+
+    def guard(req: MirrorRequest) -> str | None:
+        content_type = req.header("content-type")
+        if content_type is None or content_type[:16].lower() != GRPC_CONTENT_TYPE:
+            return None
+        path = req.path.partition("?")[0]
+        if path in methods or path[: path.rfind("/") + 1] in services:
+            return None
+        return "filtered"
+
+    return guard
+
+
+class AutoPool:
+    """`protocol: auto` on https: one probe connection asks the server with ALPN (h2, http/1.1), then
+    every request goes to the H2Pool or the HTTP/1.1 Pool accordingly. Requests submitted before the
+    answer wait for it (the target bounds how many); a probe that fails fails them with its error,
+    and the next request probes again."""
+
+    def __init__(self, h2_pool: H2Pool, http1_pool: Pool, ssl_context: ssl.SSLContext) -> None:
+        self.h2_pool = h2_pool
+        self.http1_pool = http1_pool
+        self.protocol: str | None = None  # "h2" or "http1" once known
+        self._ssl_context = ssl_context
+        self._waiting: deque[tuple[Any, Done, bool]] = deque()
+        self._probe: asyncio.Task[None] | None = None
+
+    @property
+    def connections_opened(self) -> int:
+        return self.h2_pool.connections_opened + self.http1_pool.connections_opened
+
+    def submit(self, request: tuple[bytes, Any], done: Done, *, head: bool = False) -> None:
+        if self.protocol == "h2":
+            self.h2_pool.submit(request[1], done, head=head)
+        elif self.protocol == "http1":
+            self.http1_pool.submit(request[0], done, head=head)
+        else:
+            self._waiting.append((request, done, head))
+            if self._probe is None:
+                self._probe = asyncio.get_running_loop().create_task(self._run_probe())
+
+    async def send(self, request: tuple[bytes, Any], *, head: bool = False) -> int:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def done(result: int | Exception, _elapsed: float) -> None:
+            if not future.done():
+                future.set_exception(result) if isinstance(result, Exception) else future.set_result(result)
+
+        self.submit(request, done, head=head)
+        return await future
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+        await self.h2_pool.close()
+        await self.http1_pool.close()
+        self._release()  # to the closed pools: they fail what waited with PoolClosed
+
+    async def _run_probe(self) -> None:
+        pool = self.h2_pool
+        where = f"{pool.host}:{pool.port}"
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(pool.connect_timeout):
+                transport, _ = await loop.create_connection(
+                    asyncio.Protocol,
+                    pool.host,
+                    pool.port,
+                    ssl=self._ssl_context,
+                    server_hostname=pool._server_hostname,
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            failure = _connect_failure(error, where)
+            self._probe = None
+            while self._waiting:
+                _, done, _ = self._waiting.popleft()
+                done(failure, 0.0)
+            return
+        selected = transport.get_extra_info("ssl_object").selected_alpn_protocol()
+        transport.close()
+        self.protocol = "h2" if selected == "h2" else "http1"
+        self._probe = None
+        self._release()
+
+    def _release(self) -> None:
+        while self._waiting:
+            request, done, head = self._waiting.popleft()
+            if self.protocol == "h2":
+                self.h2_pool.submit(request[1], done, head=head)
+            else:
+                self.http1_pool.submit(request[0], done, head=head)
+
+
+def _connect_failure(error: Exception, where: str) -> Exception:
+    if isinstance(error, TimeoutError):
+        return RequestTimeout(f"connecting to {where} timed out")
+    if isinstance(error, ssl.SSLError):
+        return TLSError(f"TLS with {where} failed: {error}")
+    if isinstance(error, OSError):
+        return ConnectError(f"connecting to {where} failed: {error}")
+    return error
