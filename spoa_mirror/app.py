@@ -93,6 +93,7 @@ class App:
             targets=[target.name for target in self.mirror.targets],
             worker=self.worker,
         )
+        warn_readable_secrets(self.config)
         runtime = listen.runtime
         if runtime > 0:
             loop.call_later(runtime, self._stop.set)
@@ -123,13 +124,19 @@ class App:
         return 0
 
     def reload(self) -> None:
+        """SIGHUP. Whatever goes wrong (a bad file, TLS material that does not load, a bug of ours)
+        keeps the running config, is logged as config.reload_failed, and systemd hears READY=1
+        again: a unit left "reloading" would block the next `systemctl reload`."""
         systemd.notify("RELOADING=1")
         try:
             config = load_config(self.config_path, self.overrides)
             self.mirror.apply(config, config.secrets.hmac_key)
         except ConfigError as error:
             log.error("config.reload_failed", error=str(error), kept="previous config")
+        except Exception as error:
+            log.error("config.reload_failed", error=repr(error), kept="previous config", exc_info=error)
         else:
+            warn_readable_secrets(config)
             if config.listen != self.config.listen:
                 log.warning("config.listen_changed", note="listener settings apply at the next restart")
             self.config = config
@@ -144,8 +151,20 @@ class App:
                 messages=lambda: mirror.messages,
                 targets=lambda: mirror.target_stats,
                 queue_depth=lambda: {target.name: len(target.queue) for target in mirror.targets},
+                memory=lambda: (
+                    mirror.budget.used,
+                    mirror.budget.limit,
+                    {target.name: target.queued_bytes + target.pool.bytes_held for target in mirror.targets},
+                ),
             )
         )
+
+
+def warn_readable_secrets(config: Config) -> None:
+    """`secrets.file_permissions: warn` (the default) lets a group- or world-readable key file
+    through; it is logged, once per load, with what to do."""
+    for key, path, mode in config.secrets.readable_files:
+        log.warning("config.secret_file_readable", key=key, path=path, mode=mode, fix=f"chmod 600 {path}")
 
 
 def reassembly_cap(config: Config) -> int:

@@ -42,6 +42,10 @@ secrets.hmac_key_file (unset): file holding the key for hmac redaction (trailing
     at least 16 bytes).
 secrets.hmac_key_env (unset): name of an environment variable holding that key instead. The key
     itself is never accepted in the file.
+secrets.file_permissions (warn): a secret file readable by its group or by others is logged as a
+    warning (warn) or refused as a config error (refuse).
+memory_budget (64MiB): bytes of mirror requests the whole agent may hold, queued or being sent, over
+    every target; a request that would go over is dropped, counted as budget_exceeded (size).
 redact (unset): redaction for every target (see redact.py); a target's redact is merged over it.
 defaults ({}): target keys (any but name, url, upstream) for every target that does not set them;
     a target's value replaces the default whole (nested mappings are not merged).
@@ -72,6 +76,10 @@ targets[].tls_verify (true): verify an https target's certificate and host name.
 targets[].ca_file (system CAs): CA bundle for an https target.
 targets[].concurrency (64): connections open to the target at most.
 targets[].queue_size (8192): mirrors waiting for a connection at most; more are dropped, counted.
+targets[].memory_budget (32MiB): bytes of this target's mirror requests held, queued or being sent;
+    a request that would go over is dropped, counted as budget_exceeded (size).
+targets[].max_queue_age (5): a mirror queued longer than this is dropped, counted as stale
+    (duration).
 targets[].rate_limit (unset): {requests_per_second, bytes_per_second, burst_seconds} (limits.py).
 targets[].circuit_breaker (unset): {failure_threshold, backoff, max_backoff} (limits.py).
 targets[].filters (unset): {allow: RULES, deny: RULES}: which requests the target sees at all
@@ -97,6 +105,7 @@ import json
 import math
 import os
 import re
+import ssl
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -144,7 +153,7 @@ _MISSING: Any = object()
 
 _TOP_KEYS = (
     "listen", "admin", "messages", "log", "secrets", "redact", "defaults", "truncated_body",
-    "drain_timeout", "loop_header", "targets", "mirroring",
+    "drain_timeout", "loop_header", "targets", "mirroring", "memory_budget",
 )  # fmt: skip
 _LISTEN_KEYS = (
     "address", "port", "max_frame_size", "capabilities", "workers", "runtime", "max_connections",
@@ -154,7 +163,7 @@ _TARGET_KEYS = (
     "name", "url", "upstream", "sample_percentage", "sample_key", "timeout", "connect_timeout",
     "headers", "remove_headers", "host", "path_rewrite", "methods", "max_body_size", "tls_verify",
     "ca_file", "concurrency", "queue_size", "rate_limit", "circuit_breaker", "filters", "redact",
-    "mirror_body", "mirror_headers",
+    "mirror_body", "mirror_headers", "memory_budget", "max_queue_age",
 )  # fmt: skip
 _DEFAULTS_KEYS = tuple(key for key in _TARGET_KEYS if key not in ("name", "url", "upstream"))
 _MIRRORING_KEYS = ("enabled", "mirror_request_body", "mirror_headers", "targets")
@@ -204,6 +213,10 @@ class SecretsConfig:
     hmac_key_file: str | None = None
     hmac_key_env: str | None = None
     hmac_key: bytes | None = field(default=None, repr=False)
+    file_permissions: str = "warn"
+    # Secret files readable by group or others, for the agent to log (it configures logging after
+    # loading the config): (key, path, mode).
+    readable_files: tuple[tuple[str, str, str], ...] = ()
 
 
 class PathRewrite(NamedTuple):
@@ -238,6 +251,8 @@ class TargetConfig:
     ca_file: str | None = None
     concurrency: int = 64
     queue_size: int = 8192  # ~0.4 s of 20k req/s: rides out a stalled core without queue_full
+    memory_budget: int = 32 * MiB
+    max_queue_age: float = 5.0
     rate_limit: dict[str, Any] | None = None
     circuit_breaker: dict[str, Any] | None = None
     filters: dict[str, Any] | None = None
@@ -258,6 +273,7 @@ class Config:
     truncated_body: str = "drop"
     drain_timeout: float = 5.0
     loop_header: str = "X-Spoa-Mirror"
+    memory_budget: int = 64 * MiB
     mirroring_enabled: bool = True
     targets: tuple[TargetConfig, ...] = ()  # empty when mirroring is disabled, so nothing can mirror
     source: str | None = None  # the file loaded, if any
@@ -558,6 +574,7 @@ def _parse(
     truncated_body = top.read("truncated_body", "drop", lambda v, k: _choice(v, k, TRUNCATED_BODY_POLICIES))
     drain_timeout = top.read("drain_timeout", 5.0, lambda v, k: parse_duration(v, k, allow_zero=True))
     loop_header = top.read("loop_header", "X-Spoa-Mirror", _header_name)
+    memory_budget = top.read("memory_budget", Config().memory_budget, _budget)
 
     mirroring = _Block(top.get("mirroring"), "mirroring", _MIRRORING_KEYS)
     enabled = mirroring.read("enabled", True, _bool)
@@ -612,6 +629,7 @@ def _parse(
         truncated_body=truncated_body,
         drain_timeout=drain_timeout,
         loop_header=loop_header,
+        memory_budget=memory_budget,
         mirroring_enabled=enabled,
         targets=tuple(targets) if enabled else (),
         source=source,
@@ -683,20 +701,32 @@ def _parse_secrets(data: object, env: Mapping[str, str]) -> SecretsConfig:
             "secrets are never read from the config file; put the key in a file (hmac_key_file) "
             "or an environment variable (hmac_key_env)",
         )
-    block = _Block(data, "secrets", ("hmac_key_file", "hmac_key_env"))
+    block = _Block(data, "secrets", ("hmac_key_file", "hmac_key_env", "file_permissions"))
     key_file = block.read("hmac_key_file", None, _string)
     key_env = block.read("hmac_key_env", None, _string)
+    permissions = block.read("file_permissions", "warn", lambda v, k: _choice(v, k, ("warn", "refuse")))
+    readable: tuple[tuple[str, str, str], ...] = ()
     if key_file is not None and key_env is not None:
         raise ConfigError("secrets", "set hmac_key_file or hmac_key_env, not both")
     if key_file is not None:
         try:
             with open(key_file, "rb") as file:
+                mode = os.fstat(file.fileno()).st_mode
                 key = file.read().rstrip(b"\r\n")
         except OSError as error:
             raise ConfigError(
                 "secrets.hmac_key_file", f"cannot read {key_file}: {error.strerror or error}"
             ) from None
         source = "secrets.hmac_key_file"
+        if mode & 0o077:
+            shown = oct(mode & 0o777)[2:].zfill(4)
+            if permissions == "refuse":
+                raise ConfigError(
+                    source,
+                    f"{key_file} is readable by its group or others (mode {shown}); chmod 600 it, "
+                    "or set secrets.file_permissions: warn",
+                )
+            readable = ((source, key_file, shown),)
     elif key_env is not None:
         if key_env not in env:
             raise ConfigError("secrets.hmac_key_env", f"environment variable {key_env} is not set")
@@ -706,7 +736,13 @@ def _parse_secrets(data: object, env: Mapping[str, str]) -> SecretsConfig:
         return SecretsConfig()
     if len(key) < MIN_HMAC_KEY_BYTES:
         raise ConfigError(source, f"the HMAC key must be at least {MIN_HMAC_KEY_BYTES} bytes long")
-    return SecretsConfig(hmac_key_file=key_file, hmac_key_env=key_env, hmac_key=key)
+    return SecretsConfig(
+        hmac_key_file=key_file,
+        hmac_key_env=key_env,
+        hmac_key=key,
+        file_permissions=permissions,
+        readable_files=readable,
+    )
 
 
 def _parse_target(
@@ -772,6 +808,8 @@ def _parse_target(
         ca_file=read("ca_file", None, _existing_file),
         concurrency=read("concurrency", default.concurrency, lambda v, k: _int(v, k, 1, 100_000)),
         queue_size=read("queue_size", default.queue_size, lambda v, k: _int(v, k, 1, 10_000_000)),
+        memory_budget=read("memory_budget", default.memory_budget, _budget),
+        max_queue_age=read("max_queue_age", default.max_queue_age, parse_duration),
         rate_limit=read("rate_limit", None, _mapping),
         circuit_breaker=read("circuit_breaker", None, _mapping),
         filters=read("filters", None, _mapping),
@@ -825,6 +863,13 @@ def _validate_stages(config: Config, spec_keys: Mapping[tuple[str, str], str]) -
             from .limits import build_circuit_breaker
 
             build_circuit_breaker(target.circuit_breaker, where("circuit_breaker"))
+        if target.scheme == "https" and target.ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=target.ca_file)
+            except (ssl.SSLError, OSError, ValueError) as error:
+                raise ConfigError(
+                    where("ca_file"), f"cannot load CA certificates from {target.ca_file}: {error}"
+                ) from None
 
 
 def _ignore_redaction(*_: object) -> None:
@@ -978,6 +1023,13 @@ def _networks(value: object, key: str) -> tuple[str, ...]:
                 f"{key}[{index}]", f"must be an IP network such as 10.0.0.0/8, got {text!r}"
             ) from None
     return tuple(networks)
+
+
+def _budget(value: object, key: str) -> int:
+    size = parse_size(value, key)
+    if size < 64 * KiB:
+        raise ConfigError(key, f"must be at least 64KiB, got {_show(value)}")
+    return size
 
 
 def _existing_file(value: object, key: str) -> str:

@@ -28,11 +28,13 @@ class MirrorCollector(Collector):
         messages: Callable[[], MessageStats],
         targets: Callable[[], dict[str, TargetStats]],
         queue_depth: Callable[[], dict[str, int]],
+        memory: Callable[[], tuple[int, int, dict[str, int]]] | None = None,
     ) -> None:
         self._agent_stats = agent_stats
         self._messages = messages
         self._targets = targets
         self._queue_depth = queue_depth
+        self._memory = memory
 
     def collect(self) -> Iterator[Metric]:
         yield from self._spop()
@@ -120,6 +122,25 @@ class MirrorCollector(Collector):
         for name, count in sorted(self._queue_depth().items()):
             depth.add_metric([name], count)
         yield depth
+
+        if self._memory is not None:
+            used, limit, per_target = self._memory()
+            held = GaugeMetricFamily(
+                "spoa_mirror_memory_held_bytes",
+                "Bytes of mirror requests held (queued or being sent), per target",
+                labels=["target"],
+            )
+            for name, count in sorted(per_target.items()):
+                held.add_metric([name], count)
+            yield held
+            agent = GaugeMetricFamily(
+                "spoa_mirror_memory_budget_used_bytes", "Bytes of mirror requests held by the whole agent"
+            )
+            agent.add_metric([], used)
+            yield agent
+            budget = GaugeMetricFamily("spoa_mirror_memory_budget_bytes", "The agent's memory_budget")
+            budget.add_metric([], limit)
+            yield budget
 
 
 def build_registry(collector: MirrorCollector) -> CollectorRegistry:
