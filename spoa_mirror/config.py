@@ -380,6 +380,7 @@ def describe(config: Config) -> str:
     lines.append(
         f"  runs {runtime}; on SIGTERM, drains queued mirrors for up to {_fmt_duration(config.drain_timeout)}"
     )
+    lines.append(f"  holds at most {_fmt_size(config.memory_budget)} of mirror requests over all targets")
     if config.admin.enabled:
         port = config.admin.port
         ports = str(port) if listen.workers == 1 else f"{port}-{port + listen.workers - 1} (one per worker)"
@@ -433,6 +434,8 @@ def _describe_target(target: TargetConfig, global_redact: dict[str, Any] | None)
         f"    mirrors {sampling}; {methods}; {body}",
         f"    timeout {_fmt_duration(target.timeout)} (connect {_fmt_duration(target.connect_timeout)}); "
         f"up to {target.concurrency} connections, {target.queue_size} queued",
+        f"    holds at most {_fmt_size(target.memory_budget)} of requests; "
+        f"drops what waited over {_fmt_duration(target.max_queue_age)} in the queue",
         f"    sends {host}; {headers}",
     ]
     if target.scheme == "https":

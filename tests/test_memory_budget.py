@@ -18,10 +18,12 @@ only grow so far; the shadows (tests/support/sink_shadow.py) drop what they rece
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -67,6 +69,11 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def targets_on(shadows: dict[str, SinkShadow]) -> dict[str, Any]:
+    """An agent config with one target per shadow, default settings."""
+    return {"targets": [{"name": name, "url": shadow.url} for name, shadow in shadows.items()]}
+
+
 def check_accounts(stack: MirrorStack, names: list[str]) -> dict[str, dict[str, int]]:
     """received == sum(outcomes) + in flight for every target, on one scrape; their outcomes."""
     metrics = stack.metrics()
@@ -92,7 +99,7 @@ def test_large_bodies_to_slow_and_hung_shadows_stay_under_the_budget(tmp_path: P
     with shadows["slow1"], shadows["slow2"], shadows["hung1"], shadows["hung2"], mirror_stack(
         tmp_path,
         {},
-        lambda _: {"targets": [{"name": name, "url": shadow.url} for name, shadow in shadows.items()]},
+        lambda _: targets_on(shadows),
         bufsize=BUFSIZE,
     ) as stack:
         _, baseline = rss_mb(stack)
@@ -111,6 +118,35 @@ def test_large_bodies_to_slow_and_hung_shadows_stay_under_the_budget(tmp_path: P
     assert peak < MAX_RSS_MB, f"peak RSS {peak:.1f} MB"
     assert used <= limit
     assert sum(o.get("budget_exceeded", 0) for o in outcomes.values()) > 0, outcomes
+
+
+@pytest.mark.parametrize("targets", [1, 4])
+def test_shipped_buffer_bodies_to_slow_shadows_stay_under_the_budget(tmp_path: Path, targets: int) -> None:
+    """The shipped HAProxy buffer (tune.bufsize 32768, bodies up to 24 KiB), default settings,
+    shadows that answer after 4 s: 4,000 POSTs of 24 KiB. The red-team pass measured 230 MB with one
+    target and 805 MB with four; now the budget holds each target to 32 MiB and the agent to 64."""
+    shadows = {f"slow{n}": SinkShadow(delay=4.0) for n in range(1, targets + 1)}
+    with contextlib.ExitStack() as running:
+        for shadow in shadows.values():
+            running.enter_context(shadow)
+        stack = running.enter_context(
+            mirror_stack(
+                tmp_path,
+                {},
+                lambda _: targets_on(shadows),
+                bufsize=32768,
+            )
+        )
+        _, baseline = rss_mb(stack)
+        post_bodies(stack.url, tmp_path, 4000, size=24 * 1024)
+        rss, peak = rss_mb(stack)
+        outcomes = check_accounts(stack, list(shadows))
+    print(
+        f"\n24 KiB bodies, {targets} slow target(s), defaults: agent RSS {rss:.1f} MB, peak {peak:.1f} MB "
+        f"(at start {baseline:.1f} MB)\noutcomes: {outcomes}"
+    )
+    assert peak < MAX_RSS_MB, f"peak RSS {peak:.1f} MB"
+    assert all(o.get("budget_exceeded", 0) > 0 for o in outcomes.values()), outcomes
 
 
 @pytest.mark.parametrize("misbehave", ["headers_forever", "continue_forever"])
