@@ -95,7 +95,7 @@ class Target:
         self.config = config
         self.inputs = (config, loop_header, truncated_body, hmac_key)  # equal on reload: kept as is
         self.stats = stats
-        # (payload, head, loop time queued), oldest first
+        # (payload, head, time.monotonic() when queued), oldest first
         self.queue: deque[tuple[bytes, bool, float]] = deque()
         self.queue_size: int = config.queue_size
         self.concurrency: int = config.concurrency

@@ -131,12 +131,21 @@ class NotifySocket:
 def test_reload_onto_a_non_pem_ca_file_keeps_the_old_config_and_tells_systemd(tmp_path: Path) -> None:
     """SIGHUP onto a config whose new https target has a CA file that is not PEM: the agent logs
     config.reload_failed naming the key, systemd hears RELOADING=1 then READY=1, the new target
-    never shows in /metrics, and the old target still mirrors."""
+    never shows in /metrics, and the old target is still there. (The HMAC key file is left 0644:
+    the agent starts, and says so once, as config.secret_file_readable.)"""
     bad_ca = tmp_path / "not-a-ca.pem"
     bad_ca.write_text("this is not a certificate\n")
+    key = tmp_path / "hmac.key"
+    key.write_text("k" * 32)
+    key.chmod(0o644)
     port, admin = free_port(), free_port()
     config_path = tmp_path / "agent.yaml"
-    base = {"listen": {"port": port}, "admin": {"port": admin}, "log": {"format": "json"}}
+    base = {
+        "listen": {"port": port},
+        "admin": {"port": admin},
+        "log": {"format": "json"},
+        "secrets": {"hmac_key_file": str(key)},
+    }
 
     def write(targets: list[dict[str, Any]]) -> None:
         config_path.write_text(json.dumps({**base, "targets": targets}))
@@ -149,6 +158,8 @@ def test_reload_onto_a_non_pem_ca_file_keeps_the_old_config_and_tells_systemd(tm
         with run_process(argv, name="agent", log_dir=tmp_path, env=env, cwd=ROOT) as agent:
             assert "READY=1" in notifications.next()
             wait_for_port("127.0.0.1", admin, process=agent.popen)
+            wait_for(lambda: log_events(agent.stderr_text(), "agent.started"), 5, "agent.started")
+            [readable] = log_events(agent.stderr_text(), "config.secret_file_readable")
             write(
                 [
                     {"name": "old", "url": shadow.url},
@@ -166,5 +177,6 @@ def test_reload_onto_a_non_pem_ca_file_keeps_the_old_config_and_tells_systemd(tm
     print(f"\nreload_failed: {failed['error']}")
     assert "RELOADING=1" in reloading and "READY=1" in ready
     assert "targets[1].ca_file" in failed["error"]
+    assert (readable["key"], readable["mode"]) == ("secrets.hmac_key_file", "0644")
     assert not [name for name in samples if 'target="phantom"' in name]
     assert series("spoa_mirror_requests_received_total", target="old") in samples
