@@ -500,7 +500,11 @@ class _Connection(asyncio.Protocol):
         except HttpParserUpgrade:
             self.fail(ProtocolError("unexpected protocol upgrade"))
         except HttpParserError as exc:
-            self.fail(ProtocolError(f"invalid HTTP response: {exc}"))
+            # A cap hit inside a parser callback comes back wrapped in HttpParserCallbackError.
+            cause = exc.__context__
+            if not isinstance(cause, ProtocolError):
+                cause = ProtocolError(f"invalid HTTP response: {exc}")
+            self.fail(cause)
         self.head_parser_abandoned = False
         if not self.status and self.exchange is not None:  # the final head is not complete yet
             self._check_head_caps()
@@ -512,11 +516,12 @@ class _Connection(asyncio.Protocol):
             self.pool._on_result(self, exchange, self.status)
 
     def _check_head_caps(self) -> None:
+        """After a read that did not complete the final head: everything received so far is head.
+        (Checked per read: a read that also completes the final head is at most asyncio's read
+        size, and its head cannot be told from its body without a callback per header.)"""
         pool = self.pool
         if self.head_bytes > pool.max_response_head:
             self.fail(ProtocolError(f"response head over {pool.max_response_head} bytes"))
-        elif self.interim > pool.max_interim_responses:
-            self.fail(ProtocolError(f"more than {pool.max_interim_responses} interim responses"))
 
     def eof_received(self) -> bool:
         self.reusable = False
@@ -555,6 +560,8 @@ class _Connection(asyncio.Protocol):
         # stray response, whose status must not replace that of the response not yet handed over.
         if status < 200 or self.exchange is None:
             self.interim += 1
+            if self.interim > self.pool.max_interim_responses:  # stops the parser, see data_received
+                raise ProtocolError(f"more than {self.pool.max_interim_responses} interim responses")
             return
         self.status = status
         if self.head:
