@@ -74,6 +74,12 @@ def targets_on(shadows: dict[str, SinkShadow]) -> dict[str, Any]:
     return {"targets": [{"name": name, "url": shadow.url} for name, shadow in shadows.items()]}
 
 
+def close_all(shadows: dict[str, SinkShadow]) -> None:
+    """Before the stack stops: what the agent has in flight fails at once, so its drain is quick."""
+    for shadow in shadows.values():
+        shadow.close()
+
+
 def check_accounts(stack: MirrorStack, names: list[str]) -> dict[str, dict[str, int]]:
     """received == sum(outcomes) + in flight for every target, on one scrape; their outcomes."""
     metrics = stack.metrics()
@@ -109,6 +115,7 @@ def test_large_bodies_to_slow_and_hung_shadows_stay_under_the_budget(tmp_path: P
         used = metrics.get("spoa_mirror_memory_budget_used_bytes", 0)
         limit = metrics.get("spoa_mirror_memory_budget_bytes", 0)
         outcomes = check_accounts(stack, names)
+        close_all(shadows)
     print(
         f"\n1 MiB bodies, 4 targets (2 slow, 2 hung), defaults: agent RSS {rss:.1f} MB, "
         f"peak {peak:.1f} MB (at start {baseline:.1f} MB); budget used {used / 2**20:.1f} of "
@@ -141,6 +148,7 @@ def test_shipped_buffer_bodies_to_slow_shadows_stay_under_the_budget(tmp_path: P
         post_bodies(stack.url, tmp_path, 4000, size=24 * 1024)
         rss, peak = rss_mb(stack)
         outcomes = check_accounts(stack, list(shadows))
+        close_all(shadows)
     print(
         f"\n24 KiB bodies, {targets} slow target(s), defaults: agent RSS {rss:.1f} MB, peak {peak:.1f} MB "
         f"(at start {baseline:.1f} MB)\noutcomes: {outcomes}"
@@ -194,6 +202,7 @@ def test_queued_requests_go_stale_instead_of_waiting_for_a_hung_shadow(tmp_path:
         wait_for(lambda: stale() == 18, 15, "18 stale requests")
         age = time.monotonic() - started
         outcomes = check_accounts(stack, ["hung"])
+        shadow.close()
     print(f"\nstale after {age:.2f} s (max_queue_age 1 s); outcomes {outcomes}; shadow got {shadow.requests}")
     assert shadow.requests == 2
     assert outcomes["hung"] == {"stale": 18}

@@ -66,7 +66,11 @@ def test_quick_sighups_keep_the_queue_and_the_connections(tmp_path: Path, change
     after is queued behind, and the shadow never sees more than the target's concurrency in
     connections."""
     shadow = SinkShadow(delay=None)
-    with shadow, mirror_stack(tmp_path, {}, lambda _: {"targets": [hung_target(shadow)]}) as stack:
+    # drain_timeout 60: a target retired by a reload keeps its in-flight requests (and their
+    # slots) for the whole test, however slow the machine.
+    with shadow, mirror_stack(
+        tmp_path, {}, lambda _: {"drain_timeout": 60, "targets": [hung_target(shadow)]}
+    ) as stack:
         stack.blast([(f"/first{n}", {}) for n in range(20)], concurrency=4)
         wait_for(lambda: shadow.requests == CONCURRENCY, 10, "the first requests in flight")
         for reload in range(1, 6):
@@ -75,7 +79,7 @@ def test_quick_sighups_keep_the_queue_and_the_connections(tmp_path: Path, change
                 "headers": {"headers": {"X-Generation": str(reload)}},
                 "connect_timeout": {"connect_timeout": 1 + reload / 10},
             }[change]
-            stack.reload({"targets": [hung_target(shadow, **changed)]})
+            stack.reload({"drain_timeout": 60, "targets": [hung_target(shadow, **changed)]})
             stack.wait_for_event("config.reloaded", count=reload, timeout=10)
             stack.blast([(f"/after{reload}-{n}", {}) for n in range(4)], concurrency=4)
         metrics = stack.metrics()
@@ -83,6 +87,7 @@ def test_quick_sighups_keep_the_queue_and_the_connections(tmp_path: Path, change
         depth = metrics[series("spoa_mirror_queue_depth", target="hung")]
         # Read before the stack stops: draining at SIGTERM sends what is queued as slots free up.
         connections, received = shadow.connections_accepted, shadow.requests
+        shadow.close()  # what is in flight fails at once, so the agent's SIGTERM drain is quick
     print(
         f"\nafter 5 SIGHUPs ({change}): shadow accepted {connections} connections, got {received}; "
         f"queue depth {depth:g}; received {account.received}, in flight {account.in_flight}"

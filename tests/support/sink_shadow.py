@@ -61,6 +61,14 @@ class SinkShadow:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop listening and close every connection (what the agent has in flight then fails);
+        a second call does nothing."""
+        if not self._thread.is_alive():
+            return
+
         async def close() -> None:
             assert self._server is not None
             self._server.close()
