@@ -42,8 +42,8 @@ secrets.hmac_key_file (unset): file holding the key for hmac redaction (trailing
     at least 16 bytes).
 secrets.hmac_key_env (unset): name of an environment variable holding that key instead. The key
     itself is never accepted in the file.
-secrets.file_permissions (warn): a secret file readable by its group or by others is logged as a
-    warning (warn) or refused as a config error (refuse).
+secrets.file_permissions (warn): a secret file (hmac_key_file, listen.tls.key_file) its group or
+    others may read is logged as a warning (warn) or refused as a config error (refuse).
 memory_budget (64MiB): bytes of mirror requests the whole agent may hold, queued or being sent, over
     every target; a request that would go over is dropped, counted as budget_exceeded (size).
 redact (unset): redaction for every target (see redact.py); a target's redact is merged over it.
@@ -99,6 +99,7 @@ Precedence, lowest first: built-in default, `defaults`, `mirroring.mirror_reques
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import ipaddress
 import json
@@ -572,6 +573,14 @@ def _parse(
     _check_ports(listen, admin)
     log = _parse_log(top.get("log"))
     secrets = _parse_secrets(top.get("secrets"), env)
+    if listen.tls is not None:  # the listener's private key is a secret file too
+        key_file = listen.tls.key_file
+        try:
+            mode = os.stat(key_file).st_mode
+        except OSError as error:
+            raise ConfigError("listen.tls.key_file", f"cannot read {key_file}: {error.strerror}") from None
+        opened = _open_to_others("listen.tls.key_file", key_file, mode, secrets.file_permissions)
+        secrets = dataclasses.replace(secrets, readable_files=secrets.readable_files + opened)
     messages = top.read("messages", (), lambda v, k: tuple(_str_list(v, k)))
     global_redact = top.read("redact", None, _mapping)
     truncated_body = top.read("truncated_body", "drop", lambda v, k: _choice(v, k, TRUNCATED_BODY_POLICIES))
@@ -721,22 +730,14 @@ def _parse_secrets(data: object, env: Mapping[str, str]) -> SecretsConfig:
                 "secrets.hmac_key_file", f"cannot read {key_file}: {error.strerror or error}"
             ) from None
         source = "secrets.hmac_key_file"
-        if mode & 0o077:
-            shown = oct(mode & 0o777)[2:].zfill(4)
-            if permissions == "refuse":
-                raise ConfigError(
-                    source,
-                    f"{key_file} is readable by its group or others (mode {shown}); chmod 600 it, "
-                    "or set secrets.file_permissions: warn",
-                )
-            readable = ((source, key_file, shown),)
+        readable = _open_to_others(source, key_file, mode, permissions)
     elif key_env is not None:
         if key_env not in env:
             raise ConfigError("secrets.hmac_key_env", f"environment variable {key_env} is not set")
         key = env[key_env].encode()
         source = "secrets.hmac_key_env"
     else:
-        return SecretsConfig()
+        return SecretsConfig(file_permissions=permissions)
     if len(key) < MIN_HMAC_KEY_BYTES:
         raise ConfigError(source, f"the HMAC key must be at least {MIN_HMAC_KEY_BYTES} bytes long")
     return SecretsConfig(
@@ -746,6 +747,21 @@ def _parse_secrets(data: object, env: Mapping[str, str]) -> SecretsConfig:
         file_permissions=permissions,
         readable_files=readable,
     )
+
+
+def _open_to_others(key: str, path: str, mode: int, permissions: str) -> tuple[tuple[str, str, str], ...]:
+    """A secret file its group or others may read or write: a config error with
+    `secrets.file_permissions: refuse`, else the (key, path, mode) the agent warns about."""
+    if not mode & 0o077:
+        return ()
+    shown = oct(mode & 0o777)[2:].zfill(4)
+    if permissions == "refuse":
+        raise ConfigError(
+            key,
+            f"{path} is open to its group or others (mode {shown}); chmod 600 it, "
+            "or set secrets.file_permissions: warn",
+        )
+    return ((key, path, shown),)
 
 
 def _parse_target(

@@ -62,6 +62,20 @@ def test_a_readable_key_file_is_refused_when_asked(tmp_path: Path, mode: int) ->
         )
     assert raised.value.key == "secrets.hmac_key_file"
     assert "chmod 600" in str(raised.value)
+    assert f"mode {mode:04o}" in str(raised.value)
+
+
+def test_the_listener_key_file_is_a_secret_file_too(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("c")
+    key = key_file(tmp_path, 0o640)
+    tls = {"cert_file": str(cert), "key_file": str(key)}
+    config = parse_config({"listen": {"tls": tls}, "targets": [TARGET]})
+    assert config.secrets.readable_files == (("listen.tls.key_file", str(key), "0640"),)
+    refuse = {"file_permissions": "refuse"}
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"listen": {"tls": tls}, "secrets": refuse, "targets": [TARGET]})
+    assert raised.value.key == "listen.tls.key_file"
 
 
 def test_a_ca_file_that_is_not_pem_is_a_config_error(tmp_path: Path) -> None:
