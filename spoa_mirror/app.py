@@ -152,7 +152,7 @@ class App:
                 targets=lambda: mirror.target_stats,
                 queue_depth=lambda: {target.name: len(target.queue) for target in mirror.targets},
                 memory=lambda: (
-                    mirror.budget.used,
+                    mirror.budget.used(),
                     mirror.budget.limit,
                     {target.name: target.queued_bytes + target.pool.bytes_held for target in mirror.targets},
                 ),

@@ -40,7 +40,7 @@ from .message import BadMessage, is_mirror_message, to_request
 from .redact import build_redactor
 from .request import MirrorRequest
 from .sampling import build_sampler
-from .transport import HeldBytes, Pool, TransportError
+from .transport import Pool, TransportError
 from .wire import WireError, build_request
 
 log = structlog.get_logger("spoa_mirror")
@@ -53,15 +53,39 @@ INTAKE_LIMIT = 10_000
 Check = Callable[[MirrorRequest], str | None]
 
 
-class MemoryBudget(HeldBytes):
-    """The bytes of mirror requests the whole agent holds (queued, or being sent by a pool that
-    shares this count), and its limit. Plain int adds on the hot path, no call."""
+class MemoryBudget:
+    """The agent-wide `memory_budget` over the bytes every target holds (queued, or in flight in its
+    pool), current targets and those a reload retired alike.
 
-    __slots__ = ("limit",)
+    Summing every target per request would cost a loop on the hot path, so each current target gets
+    a share, (limit - what retired targets hold) / number of targets: while a target holds no more
+    than its share the sum cannot be over the limit, and only a target past its share pays for the
+    exact sum. Retired targets only ever release bytes, so a share computed at a reload (and again
+    as each retired target finishes) stays safe."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__()
         self.limit = limit
+        self.targets: list[Target] = []
+        self.retired: list[Target] = []
+
+    def used(self) -> int:
+        return _held(self.targets + self.retired)
+
+    def update(self, targets: list[Target], retired: list[Target]) -> None:
+        """After a reload or a retired target finishing: recompute every current target's share."""
+        self.targets, self.retired = targets, retired
+        current_pools = {id(target.pool) for target in targets}
+        retired_held = _held([t for t in retired if id(t.pool) not in current_pools])
+        share = max(0, self.limit - retired_held) // max(1, len(targets))
+        for target in targets:
+            target.share = min(share, target.memory_budget)
+
+
+def _held(targets: list[Target]) -> int:
+    """Bytes these targets hold: their queues and their pools (a pool shared by a target and the
+    one it replaced counted once)."""
+    pools = {id(target.pool): target.pool.bytes_held for target in targets}
+    return sum(target.queued_bytes for target in targets) + sum(pools.values())
 
 
 def _pool_settings(config: Any) -> tuple[Any, ...]:
@@ -102,6 +126,7 @@ class Target:
         self.memory_budget: int = config.memory_budget
         self.max_queue_age: float = config.max_queue_age
         self.budget = budget
+        self.share = 0  # see MemoryBudget; set once the target is in place
         self.queued_bytes = 0
         self.active = 0  # slots taken: requests in flight (a predecessor's too), at most concurrency
         self.pending = 0  # this target object's share of stats.pending (stats outlive reloads)
@@ -127,7 +152,6 @@ class Target:
             max_connections=config.concurrency,
             connect_timeout=config.connect_timeout,
             timeout=config.timeout,
-            shared_held=budget,
         )
         self.errors = LogThrottle()
 
@@ -233,11 +257,8 @@ class Target:
             self._log_error("mirror.invalid_request", error.reason, reason=error.reason)
             return
         size = len(payload)
-        budget = self.budget
-        if (
-            budget.used + size > budget.limit
-            or self.queued_bytes + self.pool.bytes_held + size > self.memory_budget
-        ):
+        held = self.queued_bytes + self.pool.bytes_held + size
+        if held > self.share and not self._fits(held, size):
             stats.outcomes["budget_exceeded"] += 1
             return
         stats.pending += 1
@@ -254,7 +275,11 @@ class Target:
                 self._schedule_stale_sweep()
             queue.append((payload, head, time.monotonic()))
             self.queued_bytes += size
-            budget.used += size
+
+    def _fits(self, held: int, size: int) -> bool:
+        """Past its share (see MemoryBudget): the target's own budget, then the exact sum."""
+        budget = self.budget
+        return held <= self.memory_budget and budget.used() + size <= budget.limit
 
     def _admit(self, req: MirrorRequest) -> str | None:
         for check in self.checks:
@@ -302,9 +327,7 @@ class Target:
         queue = self.queue
         if queue and self.active <= self.concurrency:
             payload, head, _ = queue.popleft()
-            size = len(payload)
-            self.queued_bytes -= size
-            self.budget.used -= size
+            self.queued_bytes -= len(payload)
             self.pool.submit(payload, self._sent, head=head)
         else:
             self.active -= 1
@@ -318,9 +341,7 @@ class Target:
         queue = self.queue
         if queue and self.active <= self.concurrency:
             payload, head, _ = queue.popleft()
-            size = len(payload)
-            self.queued_bytes -= size
-            self.budget.used -= size
+            self.queued_bytes -= len(payload)
             self.pool.submit(payload, self._sent, head=head)
         else:
             self.active -= 1
@@ -336,7 +357,6 @@ class Target:
             released += len(queue.popleft()[0])
             dropped += 1
         self.queued_bytes -= released
-        self.budget.used -= released
         self.pending -= dropped
         self.stats.pending -= dropped
         self.stats.outcomes[outcome] += dropped
@@ -443,6 +463,7 @@ class Mirror:
         self.budget.limit = config.memory_budget
         if retiring:
             self._retire(retiring, config.drain_timeout)
+        self.budget.update(self.targets, self.retired)
         self.loop_header = config.loop_header.lower()
         self.message_names = frozenset(config.messages)
 
@@ -453,7 +474,11 @@ class Mirror:
         deadline = loop.time() + timeout
         for target in targets:
             task = loop.create_task(target.drain(deadline))
-            task.add_done_callback(lambda _, target=target: self.retired.remove(target))
+            task.add_done_callback(lambda _, target=target: self._retired_done(target))
+
+    def _retired_done(self, target: Target) -> None:
+        self.retired.remove(target)
+        self.budget.update(self.targets, self.retired)  # what it held is free for the others
 
     def handle(self, message: Message) -> None:
         """The SPOP handler: no actions, no work before the ACK."""

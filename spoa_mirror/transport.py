@@ -79,16 +79,6 @@ class _StaleConnection(ResetError):
     closed it as idle while our request was on its way, so the request is worth one more try."""
 
 
-class HeldBytes:
-    """A count of request bytes held, which several pools (and their caller) may share, e.g. for one
-    memory budget over every shadow."""
-
-    __slots__ = ("used",)
-
-    def __init__(self) -> None:
-        self.used = 0
-
-
 # Called once per request with its final status code, or with the exception that ended it (a
 # TransportError; anything else is a bug of ours), and the seconds since it was submitted.
 Done = Callable[[int | Exception, float], None]
@@ -123,7 +113,6 @@ class Pool:
         idle_timeout: float = 30.0,
         max_response_head: int = MAX_RESPONSE_HEAD,
         max_interim_responses: int = MAX_INTERIM_RESPONSES,
-        shared_held: HeldBytes | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {max_connections}")
@@ -139,9 +128,8 @@ class Pool:
         self.max_interim_responses = max_interim_responses
         self.connections_opened = 0  # for tests and metrics: how well keep-alive is working
         # Bytes of the requests submitted and not settled yet: what this pool keeps alive, for the
-        # caller's memory budget; also added to `shared_held`, if given.
+        # caller's memory budget.
         self.bytes_held = 0
-        self._shared_held = shared_held if shared_held is not None else HeldBytes()
         self._ssl_context = ssl_context
         self._server_hostname = (server_hostname or host) if ssl_context is not None else None
         # The loop of the first request (a pool's connections belong to one loop); kept because
@@ -185,9 +173,7 @@ class Pool:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         exchange = _Exchange(request, head, done, loop.time())
-        size = len(request)
-        self.bytes_held += size
-        self._shared_held.used += size
+        self.bytes_held += len(request)
         if self._closed:
             loop.call_soon(self._settle, exchange, PoolClosed(f"pool for {self.host}:{self.port} is closed"))
         elif self._free_slots:
@@ -286,9 +272,7 @@ class Pool:
         if done is None:  # cancelled: its slot is already free
             return
         exchange.done = None
-        size = len(exchange.request)
-        self.bytes_held -= size
-        self._shared_held.used -= size
+        self.bytes_held -= len(exchange.request)
         exchange.connection = exchange.connecting = None
         if exchange.slot:
             exchange.slot = False
@@ -303,9 +287,7 @@ class Pool:
         if exchange.done is None:
             return
         exchange.done = None
-        size = len(exchange.request)
-        self.bytes_held -= size
-        self._shared_held.used -= size
+        self.bytes_held -= len(exchange.request)
         if exchange.connecting is not None:
             exchange.connecting.cancel()
         connection = exchange.connection
@@ -417,7 +399,6 @@ class _Connection(asyncio.Protocol):
         "exchanges",
         "finished",
         "head",
-        "head_bytes",
         "head_parser_abandoned",
         "idle_since",
         "interim",
@@ -440,7 +421,6 @@ class _Connection(asyncio.Protocol):
         # What arrived of the response until its final head was parsed: evidence for connection_lost
         # (were there any bytes? was the body length declared?) that costs nothing to keep.
         self.received_before_body: list[bytes] = []
-        self.head_bytes = 0  # len of received_before_body's bytes, capped by pool.max_response_head
         self.interim = 0  # interim (1xx) responses to the current request
         self.head_parser_abandoned = False  # feed_data of the parser a HEAD response ended is unwinding
         self.exchanges = 0
@@ -455,7 +435,7 @@ class _Connection(asyncio.Protocol):
         self.head = exchange.head
         self.deadline = exchange.deadline
         self.status = 0
-        self.head_bytes = self.interim = 0
+        self.interim = 0
         self.exchanges += 1
         self.transport.write(exchange.request)
 
@@ -494,7 +474,6 @@ class _Connection(asyncio.Protocol):
             return
         if not self.status:
             self.received_before_body.append(data)
-            self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade:
@@ -519,8 +498,11 @@ class _Connection(asyncio.Protocol):
         """After a read that did not complete the final head: everything received so far is head.
         (Checked per read: a read that also completes the final head is at most asyncio's read
         size, and its head cannot be told from its body without a callback per header.)"""
+        received = self.received_before_body
+        if len(received) > 16:  # a shadow dribbling its head: keep the sum below cheap
+            received[:] = [b"".join(received)]
         pool = self.pool
-        if self.head_bytes > pool.max_response_head:
+        if sum(map(len, received)) > pool.max_response_head:
             self.fail(ProtocolError(f"response head over {pool.max_response_head} bytes"))
 
     def eof_received(self) -> bool:

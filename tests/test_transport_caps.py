@@ -12,7 +12,6 @@ import pytest
 from spoa_mirror.transport import (
     MAX_INTERIM_RESPONSES,
     MAX_RESPONSE_HEAD,
-    HeldBytes,
     Pool,
     ProtocolError,
 )
@@ -84,24 +83,20 @@ def test_caps_before_the_final_response(answer: bytes, ok: bool) -> None:
 
 
 def test_held_bytes_count_what_is_submitted_until_it_settles() -> None:
-    """`bytes_held` (and a shared count) go up by the request's size on submit and back to zero
-    once it settles, whatever the result."""
+    """`bytes_held` goes up by the request's size on submit and back to zero once it settles."""
 
-    async def main() -> list[tuple[int, int]]:
-        shared = HeldBytes()
+    async def main() -> list[int]:
         seen = []
         async with canned_server(lambda: [FINAL]) as port:
-            pool = Pool(
-                "127.0.0.1", port, max_connections=1, connect_timeout=2, timeout=5, shared_held=shared
-            )
+            pool = Pool("127.0.0.1", port, max_connections=1, connect_timeout=2, timeout=5)
             done = asyncio.get_running_loop().create_future()
             pool.submit(REQUEST, lambda result, _: done.set_result(result))
             pool.submit(REQUEST, lambda result, _: None)  # waits for the one connection
-            seen.append((pool.bytes_held, shared.used))
+            seen.append(pool.bytes_held)
             assert await done == 200
             await asyncio.sleep(0.1)
-            seen.append((pool.bytes_held, shared.used))
+            seen.append(pool.bytes_held)
             await pool.close()
         return seen
 
-    assert asyncio.run(main()) == [(2 * len(REQUEST), 2 * len(REQUEST)), (0, 0)]
+    assert asyncio.run(main()) == [2 * len(REQUEST), 0]
