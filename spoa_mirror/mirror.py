@@ -245,9 +245,22 @@ class Target:
         """Decide this request's fate for this target; runs inside the intake batch."""
         stats = self.stats
         stats.received += 1
-        outcome = self._admit(req)
-        if outcome is not None:
-            stats.outcomes[outcome] += 1
+        # The checks in order, inline rather than in a method of their own: one Python call less
+        # per request and target, which pays for the memory budget's bookkeeping below.
+        for check in self.checks:
+            outcome = check(req)
+            if outcome is not None:
+                stats.outcomes[outcome] += 1
+                return
+        rate_limit = self.rate_limit
+        if rate_limit is not None and not rate_limit(len(req.body)):
+            stats.outcomes["rate_limited"] += 1
+            return
+        if len(self.queue) >= self.queue_size or self.closing:
+            stats.outcomes["queue_full"] += 1
+            return
+        if not self.breaker.allow():
+            stats.outcomes["circuit_open"] += 1
             return
         try:
             payload = self.build(req)
@@ -280,19 +293,6 @@ class Target:
         """Past its share (see MemoryBudget): the target's own budget, then the exact sum."""
         budget = self.budget
         return held <= self.memory_budget and budget.used() + size <= budget.limit
-
-    def _admit(self, req: MirrorRequest) -> str | None:
-        for check in self.checks:
-            outcome = check(req)
-            if outcome is not None:
-                return outcome
-        if self.rate_limit is not None and not self.rate_limit(len(req.body)):
-            return "rate_limited"
-        if len(self.queue) >= self.queue_size or self.closing:
-            return "queue_full"
-        if not self.breaker.allow():
-            return "circuit_open"
-        return None
 
     def _sent(self, result: int | Exception, elapsed: float) -> None:
         """The pool's callback, once per submitted request: its outcome, then the next queued one on
