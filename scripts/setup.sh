@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Idempotent setup on Debian 12 (as root, or with sudo): the system packages the demo and the
-# tests drive for real (HAProxy, nginx, wrk, and systemd for systemd-analyze, which checks the
+# tests drive for real (HAProxy, nginx, wrk, hey, and systemd for systemd-analyze, which checks the
 # unit in deploy/systemd; Debian's container images lack it), a virtualenv in .venv, and the
 # project with its test extras. Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in haproxy:haproxy nginx:nginx-light wrk:wrk systemd-analyze:systemd promtool:prometheus \
+for pair in haproxy:haproxy nginx:nginx-light wrk:wrk hey:hey systemd-analyze:systemd promtool:prometheus \
     debootstrap:debootstrap curl:curl; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")
 done

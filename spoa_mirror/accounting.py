@@ -28,6 +28,8 @@ DROPS = (
     "rate_limited",
     "circuit_open",
     "queue_full",
+    "budget_exceeded",
+    "stale",
     "loop",
     "body_truncated",
     "body_too_large",

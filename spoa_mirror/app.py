@@ -125,6 +125,7 @@ class App:
         )
         if self.on_ready is not None:
             self.on_ready()
+        warn_readable_secrets(self.config)
         runtime = listen.runtime
         if runtime > 0:
             loop.call_later(runtime, self._stop.set)
@@ -177,6 +178,9 @@ class App:
             os.write(self.heartbeat_fd, struct.pack(PULSE_FORMAT, self.worker))
 
     def reload(self) -> None:
+        """SIGHUP. Whatever goes wrong (a bad file, TLS material that does not load, a bug of ours)
+        keeps the running config, is logged as config.reload_failed, and systemd hears READY=1
+        again: a unit left "reloading" would block the next `systemctl reload`."""
         systemd.notify("RELOADING=1")
         try:
             config = load_config(self.config_path, self.overrides)
@@ -184,9 +188,13 @@ class App:
         except (ConfigError, StartupError) as error:  # StartupError: a CA file that does not load
             self.reloads.failure += 1
             log.error("config.reload_failed", error=str(error), kept="previous config")
+        except Exception as error:
+            self.reloads.failure += 1
+            log.error("config.reload_failed", error=repr(error), kept="previous config", exc_info=error)
         else:
             self.reloads.success += 1
             self.reloads.last_success = time.time()
+            warn_readable_secrets(config)
             if config.listen != self.config.listen:
                 log.warning("config.listen_changed", note="listener settings apply at the next restart")
             self.config = config
@@ -203,6 +211,11 @@ class App:
                 queue_depth=lambda: {target.name: len(target.queue) for target in mirror.targets},
                 circuits=lambda: {target.name: target.breaker.state for target in mirror.targets},
                 reloads=lambda: self.reloads,
+                memory=lambda: (
+                    mirror.budget.used(),
+                    mirror.budget.limit,
+                    {target.name: target.queued_bytes + target.pool.bytes_held for target in mirror.targets},
+                ),
             )
         )
         registry.register(LoopCollector(self.heartbeat))
@@ -222,6 +235,13 @@ def tick_interval() -> float:
     if usec.isdigit() and int(usec) > 0:
         return min(TICK, int(usec) / 2_000_000)
     return TICK
+
+
+def warn_readable_secrets(config: Config) -> None:
+    """`secrets.file_permissions: warn` (the default) lets a group- or world-readable key file
+    through; it is logged, once per load, with what to do."""
+    for key, path, mode in config.secrets.readable_files:
+        log.warning("config.secret_file_readable", key=key, path=path, mode=mode, fix=f"chmod 600 {path}")
 
 
 def reassembly_cap(config: Config) -> int:

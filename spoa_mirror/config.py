@@ -61,6 +61,10 @@ secrets.hmac_key_file (unset): file holding the key for hmac redaction (trailing
 secrets.hmac_key_env (unset): name of an environment variable holding that key instead. The key
     itself is never accepted in the file. With neither set, $CREDENTIALS_DIRECTORY/hmac.key is read
     when it exists (systemd's LoadCredential=, or a Kubernetes Secret mounted there).
+secrets.file_permissions (warn): a secret file (hmac_key_file, listen.tls.key_file) its group or
+    others may read is logged as a warning (warn) or refused as a config error (refuse).
+memory_budget (64MiB): bytes of mirror requests the whole agent may hold, queued or being sent, over
+    every target; a request that would go over is dropped, counted as budget_exceeded (size).
 redact (unset): redaction for every target (see redact.py); a target's redact is merged over it.
 defaults ({}): target keys (any but name, url, upstream) for every target that does not set them;
     a target's value replaces the default whole (nested mappings are not merged).
@@ -92,6 +96,10 @@ targets[].ca_file (system CAs): CA bundle for an https target.
 targets[].concurrency (64): connections open to the target at most; over HTTP/2, requests in flight
     at most (streams on as few connections as the server allows).
 targets[].queue_size (8192): mirrors waiting for a connection at most; more are dropped, counted.
+targets[].memory_budget (32MiB): bytes of this target's mirror requests held, queued or being sent;
+    a request that would go over is dropped, counted as budget_exceeded (size).
+targets[].max_queue_age (5): a mirror queued longer than this is dropped, counted as stale
+    (duration).
 targets[].rate_limit (unset): {requests_per_second, bytes_per_second, burst_seconds} (limits.py).
 targets[].circuit_breaker (unset): {failure_threshold, backoff, max_backoff} (limits.py).
 targets[].filters (unset): {allow: RULES, deny: RULES}: which requests the target sees at all
@@ -116,6 +124,7 @@ Precedence, lowest first: built-in default, `defaults`, `mirroring.mirror_reques
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import fcntl
 import ipaddress
@@ -124,6 +133,7 @@ import math
 import os
 import re
 import socket
+import ssl
 import struct
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -176,7 +186,7 @@ _SIOCGIFADDR = 0x8915  # linux/sockios.h: an interface's address
 
 _TOP_KEYS = (
     "listen", "admin", "messages", "log", "secrets", "redact", "defaults", "truncated_body",
-    "drain_timeout", "loop_header", "targets", "mirroring", "outgoing",
+    "drain_timeout", "loop_header", "targets", "mirroring", "outgoing", "memory_budget",
 )  # fmt: skip
 _LISTEN_KEYS = (
     "address", "port", "max_frame_size", "capabilities", "workers", "runtime", "max_connections",
@@ -187,7 +197,7 @@ _TARGET_KEYS = (
     "name", "url", "upstream", "sample_percentage", "sample_key", "timeout", "connect_timeout",
     "headers", "remove_headers", "host", "path_rewrite", "methods", "max_body_size", "tls_verify",
     "ca_file", "concurrency", "queue_size", "rate_limit", "circuit_breaker", "filters", "redact",
-    "mirror_body", "mirror_headers", "protocol", "grpc_methods",
+    "mirror_body", "mirror_headers", "protocol", "grpc_methods", "memory_budget", "max_queue_age",
 )  # fmt: skip
 _DEFAULTS_KEYS = tuple(key for key in _TARGET_KEYS if key not in ("name", "url", "upstream"))
 _MIRRORING_KEYS = ("enabled", "mirror_request_body", "mirror_headers", "targets")
@@ -254,6 +264,10 @@ class SecretsConfig:
     hmac_key_file: str | None = None
     hmac_key_env: str | None = None
     hmac_key: bytes | None = field(default=None, repr=False)
+    file_permissions: str = "warn"
+    # Secret files readable by group or others, for the agent to log (it configures logging after
+    # loading the config): (key, path, mode).
+    readable_files: tuple[tuple[str, str, str], ...] = ()
 
 
 class PathRewrite(NamedTuple):
@@ -288,6 +302,8 @@ class TargetConfig:
     ca_file: str | None = None
     concurrency: int = 64
     queue_size: int = 8192  # ~0.4 s of 20k req/s: rides out a stalled core without queue_full
+    memory_budget: int = 32 * MiB
+    max_queue_age: float = 5.0
     rate_limit: dict[str, Any] | None = None
     circuit_breaker: dict[str, Any] | None = None
     filters: dict[str, Any] | None = None
@@ -310,6 +326,7 @@ class Config:
     truncated_body: str = "drop"
     drain_timeout: float = 5.0
     loop_header: str = "X-Spoa-Mirror"
+    memory_budget: int = 64 * MiB
     mirroring_enabled: bool = True
     targets: tuple[TargetConfig, ...] = ()  # empty when mirroring is disabled, so nothing can mirror
     source: str | None = None  # the file loaded, if any
@@ -421,6 +438,7 @@ def describe(config: Config) -> str:
     lines.append(
         f"  runs {runtime}; on SIGTERM, drains queued mirrors for up to {_fmt_duration(config.drain_timeout)}"
     )
+    lines.append(f"  holds at most {_fmt_size(config.memory_budget)} of mirror requests over all targets")
     if config.admin.enabled:
         port = config.admin.port
         every = "" if listen.workers == 1 else f" (the supervisor, for all {listen.workers} workers)"
@@ -480,6 +498,8 @@ def _describe_target(target: TargetConfig, global_redact: dict[str, Any] | None)
         f"    mirrors {sampling}; {methods}; {body}",
         f"    timeout {_fmt_duration(target.timeout)} (connect {_fmt_duration(target.connect_timeout)}); "
         f"up to {target.concurrency} connections, {target.queue_size} queued",
+        f"    holds at most {_fmt_size(target.memory_budget)} of requests; "
+        f"drops what waited over {_fmt_duration(target.max_queue_age)} in the queue",
         f"    sends {host}; {headers}",
     ]
     if target.scheme == "https":
@@ -624,11 +644,20 @@ def _parse(
     log = _parse_log(top.get("log"))
     outgoing = _parse_outgoing(top.get("outgoing"))
     secrets = _parse_secrets(top.get("secrets"), env)
+    if listen.tls is not None:  # the listener's private key is a secret file too
+        key_file = listen.tls.key_file
+        try:
+            mode = os.stat(key_file).st_mode
+        except OSError as error:
+            raise ConfigError("listen.tls.key_file", f"cannot read {key_file}: {error.strerror}") from None
+        opened = _open_to_others("listen.tls.key_file", key_file, mode, secrets.file_permissions)
+        secrets = dataclasses.replace(secrets, readable_files=secrets.readable_files + opened)
     messages = top.read("messages", (), lambda v, k: tuple(_str_list(v, k)))
     global_redact = top.read("redact", None, _mapping)
     truncated_body = top.read("truncated_body", "drop", lambda v, k: _choice(v, k, TRUNCATED_BODY_POLICIES))
     drain_timeout = top.read("drain_timeout", 5.0, lambda v, k: parse_duration(v, k, allow_zero=True))
     loop_header = top.read("loop_header", "X-Spoa-Mirror", _header_name)
+    memory_budget = top.read("memory_budget", Config().memory_budget, _budget)
 
     mirroring = _Block(top.get("mirroring"), "mirroring", _MIRRORING_KEYS)
     enabled = mirroring.read("enabled", True, _bool)
@@ -683,6 +712,7 @@ def _parse(
         truncated_body=truncated_body,
         drain_timeout=drain_timeout,
         loop_header=loop_header,
+        memory_budget=memory_budget,
         mirroring_enabled=enabled,
         targets=tuple(targets) if enabled else (),
         source=source,
@@ -811,9 +841,11 @@ def _parse_secrets(data: object, env: Mapping[str, str]) -> SecretsConfig:
             "secrets are never read from the config file; put the key in a file (hmac_key_file) "
             "or an environment variable (hmac_key_env)",
         )
-    block = _Block(data, "secrets", ("hmac_key_file", "hmac_key_env"))
+    block = _Block(data, "secrets", ("hmac_key_file", "hmac_key_env", "file_permissions"))
     key_file = block.read("hmac_key_file", None, _string)
     key_env = block.read("hmac_key_env", None, _string)
+    permissions = block.read("file_permissions", "warn", lambda v, k: _choice(v, k, ("warn", "refuse")))
+    readable: tuple[tuple[str, str, str], ...] = ()
     if key_file is not None and key_env is not None:
         raise ConfigError("secrets", "set hmac_key_file or hmac_key_env, not both")
     if key_file is None and key_env is None and env.get("CREDENTIALS_DIRECTORY"):
@@ -822,22 +854,45 @@ def _parse_secrets(data: object, env: Mapping[str, str]) -> SecretsConfig:
     if key_file is not None:
         try:
             with open(key_file, "rb") as file:
+                mode = os.fstat(file.fileno()).st_mode
                 key = file.read().rstrip(b"\r\n")
         except OSError as error:
             raise ConfigError(
                 "secrets.hmac_key_file", f"cannot read {key_file}: {error.strerror or error}"
             ) from None
         source = "secrets.hmac_key_file"
+        readable = _open_to_others(source, key_file, mode, permissions)
     elif key_env is not None:
         if key_env not in env:
             raise ConfigError("secrets.hmac_key_env", f"environment variable {key_env} is not set")
         key = env[key_env].encode()
         source = "secrets.hmac_key_env"
     else:
-        return SecretsConfig()
+        return SecretsConfig(file_permissions=permissions)
     if len(key) < MIN_HMAC_KEY_BYTES:
         raise ConfigError(source, f"the HMAC key must be at least {MIN_HMAC_KEY_BYTES} bytes long")
-    return SecretsConfig(hmac_key_file=key_file, hmac_key_env=key_env, hmac_key=key)
+    return SecretsConfig(
+        hmac_key_file=key_file,
+        hmac_key_env=key_env,
+        hmac_key=key,
+        file_permissions=permissions,
+        readable_files=readable,
+    )
+
+
+def _open_to_others(key: str, path: str, mode: int, permissions: str) -> tuple[tuple[str, str, str], ...]:
+    """A secret file its group or others may read or write: a config error with
+    `secrets.file_permissions: refuse`, else the (key, path, mode) the agent warns about."""
+    if not mode & 0o077:
+        return ()
+    shown = oct(mode & 0o777)[2:].zfill(4)
+    if permissions == "refuse":
+        raise ConfigError(
+            key,
+            f"{path} is open to its group or others (mode {shown}); chmod 600 it, "
+            "or set secrets.file_permissions: warn",
+        )
+    return ((key, path, shown),)
 
 
 def _parse_target(
@@ -903,6 +958,8 @@ def _parse_target(
         ca_file=read("ca_file", None, _existing_file),
         concurrency=read("concurrency", default.concurrency, lambda v, k: _int(v, k, 1, 100_000)),
         queue_size=read("queue_size", default.queue_size, lambda v, k: _int(v, k, 1, 10_000_000)),
+        memory_budget=read("memory_budget", default.memory_budget, _budget),
+        max_queue_age=read("max_queue_age", default.max_queue_age, parse_duration),
         rate_limit=read("rate_limit", None, _mapping),
         circuit_breaker=read("circuit_breaker", None, _mapping),
         filters=read("filters", None, _mapping),
@@ -980,6 +1037,13 @@ def _validate_stages(config: Config, spec_keys: Mapping[tuple[str, str], str]) -
             from .limits import build_circuit_breaker
 
             build_circuit_breaker(target.circuit_breaker, where("circuit_breaker"))
+        if target.scheme == "https" and target.ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=target.ca_file)
+            except (ssl.SSLError, OSError, ValueError) as error:
+                raise ConfigError(
+                    where("ca_file"), f"cannot load CA certificates from {target.ca_file}: {error}"
+                ) from None
 
 
 def _ignore_redaction(*_: object) -> None:
@@ -1133,6 +1197,13 @@ def _networks(value: object, key: str) -> tuple[str, ...]:
                 f"{key}[{index}]", f"must be an IP network such as 10.0.0.0/8, got {text!r}"
             ) from None
     return tuple(networks)
+
+
+def _budget(value: object, key: str) -> int:
+    size = parse_size(value, key)
+    if size < 64 * KiB:
+        raise ConfigError(key, f"must be at least 64KiB, got {_show(value)}")
+    return size
 
 
 def _existing_file(value: object, key: str) -> str:

@@ -46,6 +46,7 @@ class MirrorCollector(Collector):
         queue_depth: Callable[[], dict[str, int]],
         circuits: Callable[[], dict[str, str]] = dict,
         reloads: Callable[[], ReloadStats | None] = lambda: None,
+        memory: Callable[[], tuple[int, int, dict[str, int]]] | None = None,
     ) -> None:
         self._agent_stats = agent_stats
         self._messages = messages
@@ -53,6 +54,7 @@ class MirrorCollector(Collector):
         self._queue_depth = queue_depth
         self._circuits = circuits
         self._reloads = reloads
+        self._memory = memory
 
     def collect(self) -> Iterator[Metric]:
         yield build_info()
@@ -187,6 +189,25 @@ class MirrorCollector(Collector):
         for name, count in sorted(self._queue_depth().items()):
             depth.add_metric([name], count)
         yield depth
+
+        if self._memory is not None:
+            used, limit, per_target = self._memory()
+            held = GaugeMetricFamily(
+                "spoa_mirror_memory_held_bytes",
+                "Bytes of mirror requests held (queued or being sent), per target",
+                labels=["target"],
+            )
+            for name, count in sorted(per_target.items()):
+                held.add_metric([name], count)
+            yield held
+            agent = GaugeMetricFamily(
+                "spoa_mirror_memory_budget_used_bytes", "Bytes of mirror requests held by the whole agent"
+            )
+            agent.add_metric([], used)
+            yield agent
+            budget = GaugeMetricFamily("spoa_mirror_memory_budget_bytes", "The agent's memory_budget")
+            budget.add_metric([], limit)
+            yield budget
 
 
 def build_info() -> Metric:

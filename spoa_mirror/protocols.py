@@ -52,9 +52,24 @@ def build_serialiser(config: Any) -> Serialiser:
         return h2
 
     def both(method: str, target: str, headers: list[tuple[str, str]], body: bytes, host: str) -> Any:
-        return build_request(method, target, headers, body, host), h2(method, target, headers, body, host)
+        http1 = build_request(method, target, headers, body, host)
+        return AutoRequest(http1, h2(method, target, headers, body, host))
 
     return both
+
+
+class AutoRequest:
+    """`protocol: auto`: a request in both forms until the server has chosen; its len() is what
+    the memory budget counts (the HTTP/1.1 bytes; the HTTP/2 form shares the body)."""
+
+    __slots__ = ("h2", "http1")
+
+    def __init__(self, http1: bytes, h2: Any) -> None:
+        self.http1 = http1
+        self.h2 = h2
+
+    def __len__(self) -> int:
+        return len(self.http1)
 
 
 def build_pool(
@@ -124,17 +139,22 @@ class AutoPool:
     def connections_opened(self) -> int:
         return self.h2_pool.connections_opened + self.http1_pool.connections_opened
 
-    def submit(self, request: tuple[bytes, Any], done: Done, *, head: bool = False) -> None:
+    @property
+    def bytes_held(self) -> int:
+        waiting = sum(len(request) for request, _, _ in self._waiting)
+        return self.h2_pool.bytes_held + self.http1_pool.bytes_held + waiting
+
+    def submit(self, request: AutoRequest, done: Done, *, head: bool = False) -> None:
         if self.protocol == "h2":
-            self.h2_pool.submit(request[1], done, head=head)
+            self.h2_pool.submit(request.h2, done, head=head)
         elif self.protocol == "http1":
-            self.http1_pool.submit(request[0], done, head=head)
+            self.http1_pool.submit(request.http1, done, head=head)
         else:
             self._waiting.append((request, done, head))
             if self._probe is None:
                 self._probe = asyncio.get_running_loop().create_task(self._run_probe())
 
-    async def send(self, request: tuple[bytes, Any], *, head: bool = False) -> int:
+    async def send(self, request: AutoRequest, *, head: bool = False) -> int:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
         def done(result: int | Exception, _elapsed: float) -> None:
@@ -183,9 +203,9 @@ class AutoPool:
         while self._waiting:
             request, done, head = self._waiting.popleft()
             if self.protocol == "h2":
-                self.h2_pool.submit(request[1], done, head=head)
+                self.h2_pool.submit(request.h2, done, head=head)
             else:
-                self.http1_pool.submit(request[0], done, head=head)
+                self.http1_pool.submit(request.http1, done, head=head)
 
 
 def _connect_failure(error: Exception, where: str) -> Exception:

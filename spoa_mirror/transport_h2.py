@@ -115,6 +115,7 @@ class H2Pool:
         self._tick = min(0.1, timeout / 10)
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
+        self.bytes_held = 0  # of the requests submitted and not settled (the memory budget reads it)
 
     @property
     def where(self) -> str:
@@ -140,6 +141,7 @@ class H2Pool:
         now = loop.time()
         timeout = self.timeout if request.timeout is None else min(self.timeout, request.timeout)
         stream = _Stream(request, head, done, now, now + timeout)
+        self.bytes_held += request.size
         if self._closed:
             loop.call_soon(self._settle, stream, PoolClosed(f"pool for {self.where} is closed"))
             return stream
@@ -280,6 +282,7 @@ class H2Pool:
             return
         stream.done = None
         stream.connection = None
+        self.bytes_held -= stream.request.size
         done(result, self._loop.time() - stream.submitted)  # type: ignore[union-attr]
 
     def _cancel(self, stream: _Stream) -> None:
@@ -287,6 +290,7 @@ class H2Pool:
         if stream.done is None:
             return
         stream.done = None
+        self.bytes_held -= stream.request.size
         connection = stream.connection
         if connection is not None:
             connection.cancel(stream)

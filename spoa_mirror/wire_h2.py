@@ -48,9 +48,10 @@ _GRPC_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "
 
 class H2Request:
     """What the HTTP/2 transport sends: the header block (bytes, pseudo-headers first) and the body;
-    `grpc` when the content type is gRPC, `timeout` the seconds of its grpc-timeout if any."""
+    `grpc` when the content type is gRPC, `timeout` the seconds of its grpc-timeout if any. Its
+    len() is the bytes it holds (header names and values, body), which the memory budget counts."""
 
-    __slots__ = ("body", "grpc", "headers", "timeout")
+    __slots__ = ("body", "grpc", "headers", "size", "timeout")
 
     def __init__(
         self, headers: list[tuple[bytes, bytes]], body: bytes, grpc: bool, timeout: float | None
@@ -59,6 +60,10 @@ class H2Request:
         self.body = body
         self.grpc = grpc
         self.timeout = timeout
+        self.size = len(body) + sum(len(name) + len(value) for name, value in headers)
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def build_h2_request(

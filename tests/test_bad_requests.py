@@ -695,6 +695,16 @@ def test_body_shorter_than_declared_is_dropped_as_truncated(agent: Agent, args: 
     assert result.requests == []
 
 
+def test_transfer_encoding_with_content_length_is_not_taken_for_truncated(agent: Agent) -> None:
+    """A chunked request that also carries a Content-Length: the length means nothing (RFC 9112
+    6.3) and HAProxy handed over the whole de-chunked body, so the request is sent, not dropped as
+    body_truncated (it used to be, the length being larger than the body)."""
+    args = with_body(BODY, "Transfer-Encoding: chunked", "Content-Length: 99999")
+    request = sent_one(agent, mirror(**args))
+    assert request.body == BODY
+    assert content_length(request) == len(BODY)
+
+
 def test_a_hostile_message_does_not_take_its_neighbours_down(agent: Agent) -> None:
     """One NOTIFY carrying an unreadable message, an unsafe request and a good one: each is
     accounted on its own and the good one is sent."""
