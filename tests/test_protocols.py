@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from spoa_mirror.config import ConfigError, parse_config
+from spoa_mirror.config import NO_OUTGOING, ConfigError, parse_config
 from spoa_mirror.message import to_request
-from spoa_mirror.mirror import _ssl_context
 from spoa_mirror.protocols import AutoPool, build_grpc_guard, build_pool, build_serialiser
+from spoa_mirror.tls import client_context
 from spoa_mirror.transport import Pool
 from spoa_mirror.transport_h2 import H2Pool
 from tests.support.shadow import ShadowServer, self_signed_tls
@@ -50,7 +50,7 @@ def test_bad_protocol_keys_are_refused(keys: dict, key: str, complaint: str) -> 
 def test_defaults_keep_http1() -> None:
     config = target(url="https://a.test")
     assert config.protocol == "http1" and config.grpc_methods is None
-    assert isinstance(build_pool(config, _ssl_context(config), lambda _: None), Pool)
+    assert isinstance(build_pool(config, client_context(config), lambda _: None, NO_OUTGOING), Pool)
 
 
 @pytest.mark.parametrize(
@@ -58,13 +58,13 @@ def test_defaults_keep_http1() -> None:
 )
 def test_h2_protocols_get_the_h2_pool(url: str, protocol: str, pool: type) -> None:
     config = target(url=url, protocol=protocol)
-    context = _ssl_context(config) if url.startswith("https") else None
-    assert isinstance(build_pool(config, context, lambda _: None), pool)
+    context = client_context(config) if url.startswith("https") else None
+    assert isinstance(build_pool(config, context, lambda _: None, NO_OUTGOING), pool)
 
 
 def test_auto_on_plain_http_is_http1() -> None:
     config = target(url="http://a.test", protocol="auto")
-    assert isinstance(build_pool(config, None, lambda _: None), Pool)
+    assert isinstance(build_pool(config, None, lambda _: None, NO_OUTGOING), Pool)
     assert isinstance(build_serialiser(config)("GET", "/", [], b"", "a.test"), bytes)
 
 
@@ -80,7 +80,7 @@ def test_auto_on_https_speaks_what_the_server_chose_with_alpn(tmp_path: Path, se
     )
     with shadow:
         config = target(url=f"https://127.0.0.1:{shadow.port}", protocol="auto", ca_file=ca_file)
-        pool = build_pool(config, _ssl_context(config), lambda _: None)
+        pool = build_pool(config, client_context(config), lambda _: None, NO_OUTGOING)
         serialise = build_serialiser(config)
         assert isinstance(pool, AutoPool)
 
@@ -106,7 +106,7 @@ def test_auto_on_https_speaks_what_the_server_chose_with_alpn(tmp_path: Path, se
 def test_auto_probe_failure_fails_what_waited_and_probes_again() -> None:
     with ShadowServer(mode="refuse") as shadow:
         config = target(url=f"https://127.0.0.1:{shadow.port}", protocol="auto", tls_verify=False)
-        pool = build_pool(config, _ssl_context(config), lambda _: None)
+        pool = build_pool(config, client_context(config), lambda _: None, NO_OUTGOING)
         serialise = build_serialiser(config)
 
         async def twice() -> list[object]:
