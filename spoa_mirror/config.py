@@ -48,8 +48,9 @@ defaults ({}): target keys (any but name, url, upstream) for every target that d
 truncated_body (drop): a body HAProxy cut short (larger than its buffer) is either dropped with its
     mirror (drop) or sent marked X-Mirror-Truncated: true (send_marked).
 drain_timeout (5): on SIGTERM, how long queued mirrors may still be sent (duration).
-loop_header (X-Spoa-Mirror): header added to every mirrored request; a request already carrying it
-    is never mirrored again.
+loop_header (X-Spoa-Mirror): header added to every mirrored request, its value a MAC only this agent
+    (or a replica with the same secrets key) can make; a request carrying that value is never
+    mirrored again, one carrying any other value is mirrored with the value replaced.
 targets (required): the shadow backends, at least one unless mirroring.enabled is false.
 targets[].name (host:port of the URL): unique name used in logs and metrics.
 targets[].url (required): http:// or https:// URL; its path, if any, is put before every request

@@ -219,7 +219,7 @@ def test_replay_sends_the_request_with_base_path_headers_and_body(shared: Mirror
     assert post.header("x-internal") is None
     assert post.header("x-env") == "shadow"
     assert post.header("x-forwarded-for") == "10.9.8.7, 127.0.0.1"
-    assert post.header_values("x-spoa-mirror") == ["1"]
+    assert post.header_values("x-spoa-mirror")[0].startswith("v1-")
     assert post.header_values("host") == [f"127.0.0.1:{shared.shadows['basic'].port}"]
 
     assert get.method == "GET"
@@ -241,13 +241,61 @@ def test_host_policies_original_and_suffix(shared: MirrorStack) -> None:
 
 def test_a_request_carrying_the_loop_marker_is_not_mirrored(shared: MirrorStack) -> None:
     """A shadow that is itself behind a mirroring HAProxy sends our marker back in: mirroring it
-    again would loop. Counted `loop` for every target, before any filter."""
+    again would loop. Counted `loop` for every target, before any filter. The marker's value is a
+    MAC of the agent's key: a client sending the header with any other value (`1`, what the marker
+    used to be) is mirrored anyway, with the value replaced, so no client can opt out of mirroring."""
+    with client(shared) as http:
+        assert_served(http.get("/basic/first"))
+    [first] = shared.shadows["basic"].wait_for(1)
+    [marker] = first.header_values("x-spoa-mirror")
+    assert marker.startswith("v1-") and len(marker) == 35
+    shared.shadows["basic"].clear()
+
     before = shared.metrics()
     with client(shared) as http:
-        assert_served(http.get("/basic/again", headers={"X-Spoa-Mirror": "1"}))
+        assert_served(http.get("/basic/again", headers={"X-Spoa-Mirror": marker}))
     assert shared.settle("basic", 1, before) == {"loop": 1}
     assert shared.settle("load", 1, before) == {"loop": 1}
     assert shared.shadows["basic"].requests == []
+
+    before = shared.metrics()
+    with client(shared) as http:
+        assert_served(http.get("/basic/opt-out", headers={"X-Spoa-Mirror": "1"}))
+        assert_served(http.get("/basic/opt-out", headers={"x-spoa-mirror": marker[:-1] + "0"}))
+    assert shared.settle("basic", 2, before) == {"sent_2xx": 2}
+    for request in shared.shadows["basic"].wait_for(2):
+        assert request.header_values("x-spoa-mirror") == [marker]
+
+
+def test_client_headers_cannot_override_or_remove_what_is_added(shared: MirrorStack) -> None:
+    """The operator's `X-Env: shadow` is the only X-Env the shadow sees, whatever the client sent;
+    a client's `Connection` header naming the operator's header, the loop marker, the truncation
+    marker, X-Forwarded-For or the request id removes none of them (the red-team pass found the
+    shadow received none), while a header of the client's own named there is still dropped as
+    hop-by-hop."""
+    before = shared.metrics()
+    listed = "keep-alive, X-Env, X-Spoa-Mirror, X-Forwarded-For, X-Request-ID, X-Mirror-Truncated, X-Hop"
+    with client(shared) as http:
+        assert_served(
+            http.get(
+                "/basic/conn",
+                headers={
+                    "Connection": listed,
+                    "X-Env": "production",
+                    "X-Request-ID": "req-42",
+                    "X-Mirror-Truncated": "true",
+                    "X-Hop": "hop-by-hop",
+                },
+            )
+        )
+    [request] = shared.shadows["basic"].wait_for(1)
+    assert shared.settle("basic", 1, before) == {"sent_2xx": 1}
+    assert request.header_values("x-env") == ["shadow"]
+    assert len(request.header_values("x-spoa-mirror")) == 1
+    assert request.header_values("x-forwarded-for") == ["127.0.0.1"]
+    assert request.header_values("x-request-id") == ["req-42"]
+    assert request.header_values("x-mirror-truncated") == []  # the client's claim is not forwarded
+    assert request.header_values("x-hop") == []
 
 
 # -- redaction -------------------------------------------------------------------------------
