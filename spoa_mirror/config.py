@@ -67,7 +67,8 @@ targets[].host (target): Host header sent: target (the URL's authority), origina
     or suffix (the client's with -shadow appended, as Envoy and kgateway do).
 targets[].path_rewrite (unset): {regex, replacement}; the first match in the path is replaced,
     re.sub syntax (\\1, \\g<name>).
-targets[].methods (all): only these methods are mirrored.
+targets[].methods (all): only these methods are mirrored; a method-override header
+    (X-HTTP-Method-Override, ...) claiming another method is filtered.
 targets[].max_body_size (10MiB): requests with a larger body are not mirrored (size).
 targets[].tls_verify (true): verify an https target's certificate and host name.
 targets[].ca_file (system CAs): CA bundle for an https target.
@@ -75,8 +76,8 @@ targets[].concurrency (64): connections open to the target at most.
 targets[].queue_size (8192): mirrors waiting for a connection at most; more are dropped, counted.
 targets[].rate_limit (unset): {requests_per_second, bytes_per_second, burst_seconds} (limits.py).
 targets[].circuit_breaker (unset): {failure_threshold, backoff, max_backoff} (limits.py).
-targets[].filters (unset): {allow: RULES, deny: RULES}: which requests the target sees at all
-    (filters.py).
+targets[].filters (unset): {allow: RULES, deny: RULES, ignore_path_case: false}: which requests
+    the target sees at all, matched on the normalised path (filters.py).
 targets[].redact (unset): per-target redaction, merged over the global redact.
 targets[].mirror_body (true): send the request body; false sends the request without it.
 targets[].mirror_headers (true): forward the client's headers; false forwards none but Host.

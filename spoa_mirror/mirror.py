@@ -25,7 +25,7 @@ from spoe import Message
 from spoe.log import LogThrottle
 
 from .accounting import STATUS_OUTCOME, MessageStats, TargetStats
-from .filters import build_filter
+from .filters import build_filter, methods_allowed
 from .limits import build_circuit_breaker, build_rate_limiter
 from .message import BadMessage, is_mirror_message, to_request
 from .redact import build_redactor
@@ -89,9 +89,9 @@ class Target:
     def _build_checks(self, config: Any, truncated_body: str) -> list[Check]:
         """Only the checks this target's config asks for, so the hot path has no config branches."""
         checks: list[Check] = []
-        methods = config.methods
-        if methods:
-            checks.append(lambda req: None if req.method in methods else "filtered")
+        if config.methods:
+            method_allowed = methods_allowed(config.methods)
+            checks.append(lambda req: None if method_allowed(req) else "filtered")
         passes = build_filter(config.filters, f"targets.{self.name}.filters")
         if passes is not None:
             checks.append(lambda req: None if passes(req) else "filtered")

@@ -26,6 +26,7 @@ import hmac
 import json
 import random
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,6 +124,7 @@ def main_config(shadows: dict[str, ShadowServer], hmac_key_file: Path) -> dict:
                 "filters": {
                     "allow": {"path_prefix": ["/filter/"]},
                     "deny": {"path_prefix": ["/filter/private"]},
+                    "ignore_path_case": True,
                 },
             },
             target("get_only", "/filter/", methods=["GET", "HEAD"]),
@@ -527,6 +529,49 @@ def test_filters_and_methods(shared: MirrorStack) -> None:
         ("GET", "/filter/private/d"),
         ("HEAD", "/filter/c"),
     ]
+
+
+BYPASS_SPELLINGS = (
+    "/filter//private/d",
+    "/filter/./private/d",
+    "/FILTER/Private/d",
+    "/filter/%70rivate/d",
+    "//filter/private/d",
+    "/x/../filter/private/d",
+    "/filter/private/../private/d?x=1",
+)
+
+
+def raw_get(stack: MirrorStack, target: str, extra_headers: str = "") -> bytes:
+    """One request with its target byte for byte as written (HTTP clients normalise dot segments)."""
+    port = int(urlsplit(stack.url).port or 80)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            f"GET {target} HTTP/1.1\r\nHost: app\r\n{extra_headers}Connection: close\r\n\r\n".encode()
+        )
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    return response
+
+
+def test_filters_match_the_normalised_path_and_method_overrides(shared: MirrorStack) -> None:
+    """The red-team pass found `deny: [/filter/private]` passed every spelling below, through
+    HAProxy 2.6, and a GET/HEAD-only target was sent a GET carrying `X-HTTP-Method-Override:
+    DELETE`. Each is now `filtered`; the target with `ignore_path_case` also stops `/FILTER/...`."""
+    before = shared.metrics()
+    for target in BYPASS_SPELLINGS:
+        assert raw_get(shared, target).startswith(b"HTTP/1.1 200"), target
+    assert shared.settle("filters", len(BYPASS_SPELLINGS), before) == {"filtered": len(BYPASS_SPELLINGS)}
+    assert shared.shadows["filters"].requests == []
+
+    shared.settle("get_only", len(BYPASS_SPELLINGS), before)  # it allows these GETs: let them land
+    shared.shadows["get_only"].clear()
+    before = shared.metrics()
+    for override in ("X-HTTP-Method-Override: DELETE", "X-HTTP-Method: put", "X-Method-Override: POST"):
+        assert raw_get(shared, "/filter/override", f"{override}\r\n").startswith(b"HTTP/1.1 200")
+    assert shared.settle("get_only", 3, before) == {"filtered": 3}
+    assert shared.shadows["get_only"].requests == []
 
 
 def test_rate_limit_drops_the_excess_and_counts_it(shared: MirrorStack) -> None:
