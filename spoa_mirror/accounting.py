@@ -31,6 +31,7 @@ DROPS = (
     "body_truncated",
     "body_too_large",
     "invalid",
+    "unredactable",
     "shutdown",
 )
 OUTCOMES = SENT + ERRORS + DROPS

@@ -2,59 +2,74 @@
 
 Shadows are test systems: their logs, traces and databases are read by more people and kept with
 less care than production's. So credentials and personal data are taken out here, per target, and the
-defaults are safe: with no configuration at all, the `Authorization`, `Proxy-Authorization`, `Cookie`
-and `X-Api-Key` headers are masked.
+defaults are safe: with no configuration at all, the default list of redact_rules.py applies
+(credential headers, secret-named query, form, multipart and JSON fields, card numbers, userinfo).
 
 Configuration (`where` names the mapping, e.g. `targets[0].redact`; every key optional)::
 
-    defaults: true                  # mask the four headers above unless listed under `headers`
-    headers: {Authorization: hmac, X-Session: remove}       # names case-insensitive
+    defaults: true                  # the default list; false switches all of it off
+    headers: {Authorization: hmac, X-Session: remove}       # names case-insensitive, _ and - alike
     query: {token: mask}                                     # query parameters, by decoded name
     json_fields: {card.number: mask, user.email: hmac}       # dotted paths from the root
-    form_fields: {password: remove}                          # x-www-form-urlencoded body fields
+    form_fields: {password: remove}                          # form and multipart fields
     patterns: {card: {regex: '\\b[0-9]{13,19}\\b', action: mask}}
 
 Actions: `mask` replaces the value with `[REDACTED]` (percent-encoded in queries and forms); `hmac`
 replaces it with `hmac-sha256:` and the first 32 hex digits of HMAC-SHA256(key, value), so equal values
 stay correlatable across requests without being readable (it needs `hmac_key`, else a config error);
-`remove` drops the header, parameter, field or matched bytes; `keep` does nothing, to exempt a default
-header or, through `merge_redaction`, a global rule for one target.
+`remove` drops the header, parameter, field or matched bytes; `keep` exempts that header, parameter,
+field or JSON path from every default rule (the card scan included), or, through `merge_redaction`,
+a global rule for one target. `patterns: {cards: keep}` and `patterns: {userinfo: keep}` switch the
+built-in card and userinfo scans off.
 
 Where each kind applies, and the decisions an operator should know:
 
-- Query parameters and form fields are matched by percent-decoded name (`+` as space), every
-  occurrence; the other parameters keep their exact bytes. `hmac` hashes the decoded value.
-- JSON fields apply when the Content-Type is `application/json` or `*/*+json` and the body parses.
-  Arrays are transparent at every level: `card.number` reaches `{"card": [{"number": ..}]}` and
+- Query parameters (`&`- or `;`-separated) and form fields are matched by percent-decoded name (`+`
+  as space), every occurrence; the other parameters keep their exact bytes. `hmac` hashes the
+  decoded value.
+- Bodies are recognised by content as well as by Content-Type: a body starting with `{` or `[` is
+  tried as JSON whatever its type (text/plain or none), `multipart/*` parts are split at their
+  boundary and each field handled by name and content. A gzip or deflate body is decoded (at most
+  `DECODED_BODY_LIMIT` bytes), redacted and encoded again when anything changed; one that cannot be
+  decoded within the bound, or in another encoding, raises `Unredactable` so the caller drops and
+  counts it: a body that cannot be checked does not leave.
+- JSON: arrays are transparent at every level: `card.number` reaches `{"card": [{"number": ..}]}` and
   `[{"card": {"number": ..}}]`, and a leaf that is an array has each element masked or hashed
   (objects as leaves are replaced whole; `hmac` of a non-string hashes its compact, key-sorted JSON).
-  A changed body is re-serialised compactly, so it is the same JSON, not the same bytes. A body that
-  claims JSON but does not parse (often one HAProxy truncated) is sent on with only `patterns`
-  applied, and reported once as `json:unparsed` so the metric shows field rules being bypassed: the
-  patterns are the safety net for it. Keys containing dots cannot be named.
+  Default rules apply to keys at any depth. A document with a duplicated key is always re-serialised
+  (last value wins, as most parsers read it), so `{"user":{"password":"S"},"user":{}}` cannot carry
+  S past the rules; counted as `json:duplicate_key`. A changed body is re-serialised compactly, so it
+  is the same JSON, not the same bytes. A body that claims JSON but does not parse (often one HAProxy
+  truncated) is reported once as `json:unparsed` and scanned as text: `"name": value` and
+  `name=value` pairs with a secret name are masked in place, then cards, userinfo and patterns.
 - `patterns` are byte regexes (write them in ASCII) run over the raw body whatever its type, after
   the field rules, and over each percent-decoded query value. Patterns that can match the empty
   string are refused. `remove` on a JSON body can leave it invalid; prefer `mask`.
 - Headers are replaced whole (a masked `Cookie` loses all its cookies).
 
-`on_redact(rule)` is called once per value replaced or removed, with `header:<lower-case name>`,
-`query:<name>`, `form:<name>`, `json:<dotted.path>`, `pattern:<name>`, or `json:unparsed`, for
-metrics. The input request is never mutated (targets share it): a changed request is a new one, and
-a request that nothing applies to is returned as is. When the body changes, `body_len` moves by the
-same amount, so a truncated body still shows as truncated; callers recompute Content-Length.
+`on_redact(rule)` is called once per value replaced or removed, with `header:<lower-case name>`
+(`header:default` for a secret-looking name not on the list), `query:<name>`, `form:<name>`,
+`json:<dotted.path>` (`query:default`, `form:default`, `json:default`, `text:default` for default
+names), `pattern:<name>` (`pattern:cards`, `pattern:userinfo`), `json:unparsed` or
+`json:duplicate_key`: a bounded set of labels whatever clients send. The input request is never
+mutated (targets share it): a changed request is a new one, and a request that nothing applies to is
+returned as is. When the body changes, `body_len` moves by the same amount, so a truncated body still
+shows as truncated; callers recompute Content-Length.
 
-Cost per call on the 2-core development machine (Python 3.11), for a GET with ten plain headers::
+Cost: a cheap pre-scan (one lookup per header name, remembered per distinct name; one regex search
+over the query, the header values and the body, for the fragments every secret name contains)
+sends requests with nothing to redact back as they came. Bodies over `INLINE_BODY_LIMIT` are meant to
+be redacted off the event loop (`Redactor.offloads`, `Redactor.apply`): the mirror runs them in a
+worker thread. Measured on the 2-core development machine (Python 3.11)::
 
-    .venv/bin/python -m timeit -s "from spoa_mirror.redact import build_redactor; \
-        from spoa_mirror.request import MirrorRequest; \
-        h = [(f'X-Header-{i}', 'v') for i in range(10)]; \
-        r = MirrorRequest('GET', '/api/items?id=42&page=2', '1.1', h); \
+    .venv/bin/python -m timeit -s "from spoa_mirror.redact import build_redactor; \\
+        from spoa_mirror.request import MirrorRequest; \\
+        h = [(f'X-Header-{i}', 'v') for i in range(10)]; \\
+        r = MirrorRequest('GET', '/api/items?id=42&page=2', '1.1', h); \\
         f = build_redactor(None, 't', None, lambda rule: None)" "f(r)"
 
-~0.7 us with the defaults only, nothing to redact (the request comes back as is); ~2.2 us when an
-`Authorization` header among them is masked (a new request is built); ~2.5 us when nothing applies
-but `{'query': {'token': 'mask'}, 'patterns': {'card': {'regex': '[0-9]{13,19}', 'action': 'mask'}}}`
-makes it look at every query value.
+~1.9 us with the defaults, nothing to redact (the request comes back as is); ~4.5 us when an
+`Authorization` header among them is masked (a new request is built).
 """
 
 from __future__ import annotations
@@ -63,19 +78,26 @@ import dataclasses
 import hmac as _hmac
 import json
 import re
+import zlib
 from collections.abc import Callable
 from operator import attrgetter
 from typing import Any
-from urllib.parse import quote_plus, unquote_plus
+from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
+from spoa_mirror import redact_rules
 from spoa_mirror.errors import ConfigError, check_spec_keys
+from spoa_mirror.redact_rules import DEFAULT_HEADERS, is_secret_header, is_secret_name, luhn_valid
 from spoa_mirror.request import MirrorRequest
 
 MASK = "[REDACTED]"
 HMAC_PREFIX = "hmac-sha256:"
-DEFAULT_HEADERS = ("Authorization", "Proxy-Authorization", "Cookie", "X-Api-Key")
 ACTIONS = ("remove", "mask", "hmac", "keep")
 SECTIONS = ("defaults", "headers", "query", "json_fields", "form_fields", "patterns")
+BUILTIN_PATTERNS = ("cards", "userinfo")
+# Bodies larger than this are redacted in a worker thread (Redactor.offloads): ~1 ms of loop time.
+INLINE_BODY_LIMIT = 64 * 1024
+# A gzip/deflate body is decoded to at most this many bytes; a larger one is dropped, counted.
+DECODED_BODY_LIMIT = 16 * 1024 * 1024
 _MAPPING_SECTIONS = ("headers", "query", "json_fields", "form_fields", "patterns")
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -83,16 +105,46 @@ _PATTERN_NAME = re.compile(r"[A-Za-z0-9_.:-]+")
 _ENCODED_MASK = quote_plus(MASK)
 # Zero-width matches would insert the replacement next to the secret and leave the secret in place.
 _EMPTY_MATCH_PROBES = (b"", b"a", b"0", b" ", b'a0 _-.\n{}":,')
+_KEEP = "keep"
 
-Redactor = Callable[[MirrorRequest], MirrorRequest]
+_CARD_TEXT = re.compile(redact_rules.CARD)
+_CARD_BYTES = re.compile(redact_rules.CARD.encode())
+_USERINFO_TEXT = re.compile(redact_rules.USERINFO)
+_USERINFO_BYTES = re.compile(redact_rules.USERINFO.encode())
+_SCAN_ONLY_TEXT = re.compile(f"{redact_rules.CARD_PRESCAN}|://")
+# `"name": value` and `name=value` in text that did not parse as JSON or a form.
+_JSON_PAIR = re.compile(
+    rb'"((?:[^"\\]|\\.){1,128})"(\s*:\s*)("(?:[^"\\]|\\.)*(?:"|$)|[-+0-9.eE]+|true|false)'
+)
+_FORM_PAIR = re.compile(rb"(?<![A-Za-z0-9_.\[\]%+-])([A-Za-z0-9_.\[\]%+-]{1,128})=([^&;\s\"'<>]*)")
+_BOUNDARY = re.compile(r'boundary="?([^";]{1,200})"?', re.IGNORECASE)
+_PART_NAME = re.compile(rb'\bname="([^"]*)"', re.IGNORECASE)
+_PART_TYPE = re.compile(rb"^content-type:\s*([^;\r\n]+)", re.IGNORECASE | re.MULTILINE)
+_PAIR_SEPARATOR = re.compile("([&;])")
+_JSON_START = re.compile(rb"\s*[\[{]")
+_DECODERS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+
 OnRedact = Callable[[str], None]
+Events = list[str]
 # A value transform, from the value's bytes to its replacement; None means "remove it".
 _Op = Callable[[bytes], str] | None
-_Rules = dict[str, tuple[str, _Op]]  # name -> (metric rule, transform)
+_Rule = tuple[str, _Op] | str  # (metric rule, transform), or _KEEP
+_Rules = dict[str, _Rule]
 _Pattern = tuple[str, re.Pattern[bytes], bytes | Callable[[re.Match[bytes]], bytes]]
 # A copy through the constructor with every field, positionally: ~0.3 us where dataclasses.replace
 # takes ~1.3 us, and still right when MirrorRequest gains a field.
 _init_fields = attrgetter(*(f.name for f in dataclasses.fields(MirrorRequest) if f.init))
+_MISSING = object()
+_MEMO_LIMIT = 4096
+
+
+class Unredactable(Exception):
+    """A body that cannot be checked for secrets (compressed beyond the bound, corrupt, or in an
+    encoding we do not decode): the request must be dropped and counted, not sent as it is."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def merge_redaction(global_spec: dict | None, target_spec: dict | None) -> dict | None:
@@ -110,8 +162,8 @@ def merge_redaction(global_spec: dict | None, target_spec: dict | None) -> dict 
         base = merged.get(section)
         if section in _MAPPING_SECTIONS and isinstance(entries, dict) and isinstance(base, dict):
             if section == "headers":
-                overridden = {str(name).lower() for name in entries}
-                base = {name: v for name, v in base.items() if str(name).lower() not in overridden}
+                overridden = {_header_key(str(name)) for name in entries}
+                base = {name: v for name, v in base.items() if _header_key(str(name)) not in overridden}
             merged[section] = {**base, **entries}
         else:
             merged[section] = entries
@@ -125,54 +177,51 @@ def build_redactor(spec: dict | None, where: str, hmac_key: bytes | None, on_red
         spec = {}
     check_spec_keys(spec, where, SECTIONS)
     ops = _Ops(hmac_key or None)
-
     defaults = spec.get("defaults", True)
     if not isinstance(defaults, bool):
         raise ConfigError(f"{where}.defaults", f"must be true or false, got {defaults!r}")
-    header_rules = _header_rules(spec.get("headers"), f"{where}.headers", defaults, ops)
-    query_rules = _pair_rules(spec.get("query"), f"{where}.query", "query", ops)
-    form_rules = _pair_rules(spec.get("form_fields"), f"{where}.form_fields", "form", ops)
-    json_trie = _json_rules(spec.get("json_fields"), f"{where}.json_fields", ops)
-    patterns = _patterns(spec.get("patterns"), f"{where}.patterns", ops)
-    wants_query = bool(query_rules or patterns)
-    wants_content_type = bool(form_rules or json_trie)
+    patterns, builtins = _patterns(spec.get("patterns"), f"{where}.patterns", ops)
+    core = _Core(
+        defaults=defaults,
+        header_rules=_header_rules(spec.get("headers"), f"{where}.headers", ops),
+        query_rules=_pair_rules(spec.get("query"), f"{where}.query", "query", ops),
+        form_rules=_pair_rules(spec.get("form_fields"), f"{where}.form_fields", "form", ops),
+        json_trie=_json_rules(spec.get("json_fields"), f"{where}.json_fields", ops),
+        patterns=patterns,
+        cards=defaults and "cards" in builtins,
+        userinfo=defaults and "userinfo" in builtins,
+    )
+    return Redactor(core, on_redact)
 
-    def redact(req: MirrorRequest) -> MirrorRequest:
-        new_headers = _redact_headers(req.headers, header_rules, on_redact) if header_rules else None
 
-        new_path = None
-        if wants_query:
-            path = req.path
-            mark = path.find("?")
-            if mark >= 0:
-                query = _redact_pairs(path[mark + 1 :], query_rules, patterns, on_redact)
-                if query is not None:
-                    new_path = f"{path[:mark]}?{query}" if query else path[:mark]
+class Redactor:
+    """`redactor(req)` on the event loop; `offloads(req)` says when a request is better redacted in a
+    worker thread with `apply(req)`, whose events the caller then reports with `report`."""
 
-        new_body = None
-        body = req.body
-        if body:
-            if wants_content_type:
-                new_body = _redact_typed_body(req, body, form_rules, json_trie, on_redact)
-            if patterns:
-                patterned = _redact_bytes(body if new_body is None else new_body, patterns, on_redact)
-                if patterned is not None:
-                    new_body = patterned
+    __slots__ = ("_core", "_on_redact")
 
-        if new_headers is None and new_path is None and new_body is None:
-            return req
-        copy = MirrorRequest(*_init_fields(req))
-        if new_headers is not None:
-            copy.headers = new_headers
-        if new_path is not None:
-            copy.path = new_path
-        if new_body is not None:
-            copy.body = new_body
-            if req.body_len is not None:
-                copy.body_len = req.body_len + len(new_body) - len(body)
-        return copy
+    def __init__(self, core: _Core, on_redact: OnRedact) -> None:
+        self._core = core
+        self._on_redact = on_redact
 
-    return redact
+    def __call__(self, req: MirrorRequest) -> MirrorRequest:
+        events: Events = []
+        out = self._core.redact(req, events)
+        for event in events:
+            self._on_redact(event)
+        return out
+
+    def offloads(self, req: MirrorRequest) -> bool:
+        return len(req.body) > INLINE_BODY_LIMIT
+
+    def apply(self, req: MirrorRequest) -> tuple[MirrorRequest, Events]:
+        """Thread-safe: reads only the compiled rules, calls nothing back."""
+        events: Events = []
+        return self._core.redact(req, events), events
+
+    def report(self, events: Events) -> None:
+        for event in events:
+            self._on_redact(event)
 
 
 class _Ops:
@@ -197,6 +246,14 @@ class _Ops:
         return self.hmac_of
 
 
+def _mask_op(value: bytes) -> str:
+    return MASK
+
+
+def _encoded_mask_op(value: bytes) -> str:
+    return _ENCODED_MASK
+
+
 def _action(action: object, key: str) -> str:
     if action not in ACTIONS:
         raise ConfigError(key, f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}")
@@ -211,22 +268,22 @@ def _mapping(value: object, key: str) -> dict:
     return value
 
 
-def _header_rules(value: object, key: str, defaults: bool, ops: _Ops) -> _Rules:
+def _header_key(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
+def _header_rules(value: object, key: str, ops: _Ops) -> _Rules:
     rules: _Rules = {}
-    if defaults:
-        for name in DEFAULT_HEADERS:
-            rules[name.lower()] = (f"header:{name.lower()}", ops.op("mask", key))
-    configured: set[str] = set()
     for name, action in _mapping(value, key).items():
         if not isinstance(name, str) or _TOKEN.fullmatch(name) is None:
             raise ConfigError(key, f"not a header name: {name!r}")
-        lname = name.lower()
-        if lname in configured:
+        normal = _header_key(name)
+        if normal in rules:
             raise ConfigError(f"{key}.{name}", "listed twice (header names are case-insensitive)")
-        configured.add(lname)
-        rules.pop(lname, None)
-        if _action(action, f"{key}.{name}") != "keep":
-            rules[lname] = (f"header:{lname}", ops.op(action, f"{key}.{name}"))
+        if _action(action, f"{key}.{name}") == _KEEP:
+            rules[normal] = _KEEP
+        else:
+            rules[normal] = (f"header:{name.lower()}", ops.op(action, f"{key}.{name}"))
     return rules
 
 
@@ -236,14 +293,16 @@ def _pair_rules(value: object, key: str, kind: str, ops: _Ops) -> _Rules:
     for name, action in _mapping(value, key).items():
         if not isinstance(name, str) or not name:
             raise ConfigError(key, f"names must be non-empty strings, got {name!r}")
-        if _action(action, f"{key}.{name}") != "keep":
+        if _action(action, f"{key}.{name}") == _KEEP:
+            rules[name] = _KEEP
+        else:
             rules[name] = (f"{kind}:{name}", ops.op(action, f"{key}.{name}", mask=_ENCODED_MASK))
     return rules
 
 
 @dataclasses.dataclass(slots=True)
 class _JsonNode:
-    rule: tuple[str, _Op] | None = None
+    rule: _Rule | None = None
     children: dict[str, _JsonNode] = dataclasses.field(default_factory=dict)
 
 
@@ -253,27 +312,33 @@ def _json_rules(value: object, key: str, ops: _Ops) -> dict[str, _JsonNode]:
     for path, action in _mapping(value, key).items():
         if not isinstance(path, str) or not all(path.split(".")):
             raise ConfigError(key, f"not a dotted path of non-empty keys: {path!r}")
-        if _action(action, f"{key}.{path}") == "keep":
-            continue
-        op = ops.op(action, f"{key}.{path}")
+        checked = _action(action, f"{key}.{path}")
+        rule: _Rule = _KEEP if checked == _KEEP else (f"json:{path}", ops.op(checked, f"{key}.{path}"))
         level = root
         segments = path.split(".")
         for segment in segments[:-1]:
             level = level.setdefault(segment, _JsonNode()).children
-        level.setdefault(segments[-1], _JsonNode()).rule = (f"json:{path}", op)
+        level.setdefault(segments[-1], _JsonNode()).rule = rule
     return root
 
 
-def _patterns(value: object, key: str, ops: _Ops) -> list[_Pattern]:
+def _patterns(value: object, key: str, ops: _Ops) -> tuple[list[_Pattern], set[str]]:
     """(metric rule, regex, replacement): the same replacement serves the raw body and a decoded
     query value, which is percent-encoded again afterwards. An entry may be just `keep`, to switch
-    off a global pattern for one target."""
+    off a global pattern (or a built-in one, `cards` or `userinfo`) for one target. Returns the
+    configured patterns and the built-in scans left on."""
     compiled: list[_Pattern] = []
+    builtins = set(BUILTIN_PATTERNS)
     for name, entry in _mapping(value, key).items():
         entry_key = f"{key}.{name}"
         if not isinstance(name, str) or _PATTERN_NAME.fullmatch(name) is None:
             raise ConfigError(key, f"pattern names must be letters, digits or _.:-, got {name!r}")
-        if entry == "keep":
+        if name in BUILTIN_PATTERNS:
+            if entry != _KEEP:
+                raise ConfigError(entry_key, f"{name!r} is the built-in scan; it takes only 'keep'")
+            builtins.discard(name)
+            continue
+        if entry == _KEEP:
             continue
         if not isinstance(entry, dict):
             raise ConfigError(entry_key, f"must be a mapping with regex and action, or keep, got {entry!r}")
@@ -292,7 +357,7 @@ def _patterns(value: object, key: str, ops: _Ops) -> list[_Pattern]:
         if "action" not in entry:
             raise ConfigError(f"{entry_key}.action", f"missing; expected one of {', '.join(ACTIONS)}")
         action = _action(entry["action"], f"{entry_key}.action")
-        if action == "keep":
+        if action == _KEEP:
             continue
         ops.op(action, f"{entry_key}.action")
         replacement: bytes | Callable[[re.Match[bytes]], bytes]
@@ -307,28 +372,517 @@ def _patterns(value: object, key: str, ops: _Ops) -> list[_Pattern]:
                 return hmac_of(match.group()).encode()
 
         compiled.append((f"pattern:{name}", regex, replacement))
-    return compiled
+    return compiled, builtins
 
 
-def _redact_headers(headers: list[tuple[str, str]], rules: _Rules, on_redact: OnRedact) -> list | None:
-    """The new header list, or None when no rule applies: the common case is one set lookup per
-    header, and nothing is copied."""
-    for name, _ in headers:
-        if name.lower() in rules:
-            break
-    else:
-        return None
-    new: list[tuple[str, str]] = []
-    for name, value in headers:
-        rule = rules.get(name.lower())
-        if rule is None:
-            new.append((name, value))
-            continue
-        metric, op = rule
-        on_redact(metric)
-        if op is not None:
-            new.append((name, op(value.encode("utf-8", "surrogateescape"))))
-    return new
+def _json_names(trie: dict[str, _JsonNode]) -> set[str]:
+    names = set()
+    for name, node in trie.items():
+        names.add(name)
+        names |= _json_names(node.children)
+    return names
+
+
+class _Core:
+    """The compiled rules of one redactor and the walk over a request. Holds no per-request state,
+    so one instance serves the event loop and the worker thread alike."""
+
+    def __init__(
+        self,
+        *,
+        defaults: bool,
+        header_rules: _Rules,
+        query_rules: _Rules,
+        form_rules: _Rules,
+        json_trie: dict[str, _JsonNode],
+        patterns: list[_Pattern],
+        cards: bool,
+        userinfo: bool,
+    ) -> None:
+        self.defaults = defaults
+        self.header_rules = header_rules
+        self.query_rules = query_rules
+        self.form_rules = form_rules
+        self.json_trie = json_trie
+        self.patterns = patterns
+        self.cards = cards
+        self.userinfo = userinfo
+        self.scans = cards or userinfo
+        self._header_memo: dict[str, _Rule | None] = {}
+        self._name_memo: dict[str, bool] = {}
+        # The pre-scan: fragments of every name a rule could match, card digits and `://`. Patterns
+        # are arbitrary regexes, so a redactor with patterns always looks.
+        fragments: set[str] = set()
+        if defaults:
+            fragments.update(redact_rules.PRESCAN_FRAGMENTS)
+        fragments.update(name.lower() for name in (*query_rules, *form_rules, *_json_names(json_trie)))
+        alternatives = [re.escape(fragment) for fragment in sorted(fragments)]
+        if cards:
+            alternatives.append(redact_rules.CARD_PRESCAN)
+        if userinfo:
+            alternatives.append("://")
+        self.prescan = re.compile("|".join(alternatives)) if alternatives else None
+        self.prescan_bytes = re.compile("|".join(alternatives).encode()) if alternatives else None
+        self.always_look = bool(patterns)
+
+    # -- names ---------------------------------------------------------------------------------
+
+    def header_rule(self, name: str) -> _Rule | None:
+        rule = self._header_memo.get(name, _MISSING)
+        if rule is _MISSING:
+            normal = _header_key(name)
+            rule = self.header_rules.get(normal)
+            if rule is None and self.defaults:
+                if normal in _DEFAULT_HEADER_KEYS:
+                    rule = (f"header:{normal}", _mask_op)
+                elif is_secret_header(normal):
+                    rule = ("header:default", _mask_op)
+            if len(self._header_memo) < _MEMO_LIMIT:
+                self._header_memo[name] = rule
+        return rule  # type: ignore[return-value]
+
+    def secret_name(self, name: str) -> bool:
+        if not self.defaults:
+            return False
+        secret = self._name_memo.get(name)
+        if secret is None:
+            secret = is_secret_name(name)
+            if len(self._name_memo) < _MEMO_LIMIT:
+                self._name_memo[name] = secret
+        return secret
+
+    def looks(self, text: str) -> bool:
+        """The pre-scan over text (a query, header values): may anything in it need redacting?"""
+        if self.always_look:
+            return True
+        if self.prescan is None:
+            return False
+        if "%" in text or "+" in text:
+            text = unquote_plus(text, errors="surrogateescape")
+        return self.prescan.search(text.lower()) is not None
+
+    def looks_bytes(self, data: bytes) -> bool:
+        if self.always_look or b"\\u" in data or b"%" in data:
+            return True
+        if self.prescan_bytes is None:
+            return False
+        return self.prescan_bytes.search(data.lower()) is not None
+
+    # -- the request ---------------------------------------------------------------------------
+
+    def redact(self, req: MirrorRequest, events: Events) -> MirrorRequest:
+        new_headers = self._headers(req.headers, events)
+
+        new_path = None
+        path = req.path
+        mark = path.find("?")
+        if mark >= 0:
+            query = path[mark + 1 :]
+            if query and self.looks(query):
+                redacted = self._pairs(query, self.query_rules, "query", self.patterns, events)
+                if redacted is not None:
+                    new_path = f"{path[:mark]}?{redacted}" if redacted else path[:mark]
+        if self.scans:
+            bare = path if mark < 0 else path[:mark]
+            scanned = self._path(bare, events)
+            if scanned is not None:
+                rest = (new_path or path)[len(bare) :]
+                new_path = scanned + rest
+
+        new_body = None
+        body = req.body
+        if body:
+            new_body = self._body(req, body, events)
+
+        if new_headers is None and new_path is None and new_body is None:
+            return req
+        copy = MirrorRequest(*_init_fields(req))
+        if new_headers is not None:
+            copy.headers = new_headers
+        if new_path is not None:
+            copy.path = new_path
+        if new_body is not None:
+            copy.body = new_body
+            if req.body_len is not None:
+                copy.body_len = req.body_len + len(new_body) - len(body)
+        return copy
+
+    def _headers(self, headers: list[tuple[str, str]], events: Events) -> list | None:
+        """The new header list, or None when nothing applies: one remembered lookup per header name
+        and, with the scans on, one search over the values joined."""
+        header_rule = self.header_rule
+        for name, _ in headers:
+            if header_rule(name) is not None:
+                break
+        else:
+            if not self.scans or _SCAN_ONLY_TEXT.search("\n".join([value for _, value in headers])) is None:
+                return None
+        changed = False
+        new: list[tuple[str, str]] = []
+        for name, value in headers:
+            rule = header_rule(name)
+            if rule is None or rule == _KEEP:
+                if rule is None:
+                    scanned = self._scan_text(value, events)
+                    if scanned is not None:
+                        changed = True
+                        value = scanned
+                new.append((name, value))
+                continue
+            metric, op = rule  # type: ignore[misc]
+            events.append(metric)
+            changed = True
+            if op is not None:
+                new.append((name, op(value.encode("utf-8", "surrogateescape"))))
+        return new if changed else None
+
+    def _path(self, path: str, events: Events) -> str | None:
+        """Cards and userinfo in the path, as sent or percent-decoded."""
+        if _SCAN_ONLY_TEXT.search(path) is None and "%" not in path:
+            return None
+        scanned = self._scan_text(path, events)
+        if scanned is not None:
+            return scanned
+        if "%" not in path:
+            return None
+        decoded = unquote(path, errors="surrogateescape")
+        scanned = self._scan_text(decoded, events)
+        if scanned is None:
+            return None
+        return quote(scanned, safe="/;:@!$&'()*+,=-._~", errors="surrogateescape")
+
+    # -- text scans ----------------------------------------------------------------------------
+
+    def _scan_text(self, text: str, events: Events) -> str | None:
+        """Card numbers and userinfo in a str; None when there were none."""
+        changed = False
+        if self.cards:
+            out = _CARD_TEXT.sub(lambda m: _card_replacement(m.group(), MASK, events), text)
+            changed = out != text
+            text = out
+        if self.userinfo:
+            out, count = _USERINFO_TEXT.subn(_userinfo_text, text)
+            if count:
+                events.extend(["pattern:userinfo"] * count)
+                changed = True
+                text = out
+        return text if changed else None
+
+    def _scan_bytes(self, data: bytes, events: Events) -> bytes | None:
+        changed = False
+        if self.cards:
+            out = _CARD_BYTES.sub(lambda m: _card_replacement_bytes(m.group(), events), data)
+            changed = out != data
+            data = out
+        if self.userinfo:
+            out, count = _USERINFO_BYTES.subn(_userinfo_bytes, data)
+            if count:
+                events.extend(["pattern:userinfo"] * count)
+                changed = True
+                data = out
+        return data if changed else None
+
+    def _patterns(self, data: bytes, patterns: list[_Pattern], events: Events) -> bytes | None:
+        changed = False
+        for metric, regex, replacement in patterns:
+            data, count = regex.subn(replacement, data)
+            if count:
+                changed = True
+                events.extend([metric] * count)
+        return data if changed else None
+
+    # -- pairs (queries and forms) -------------------------------------------------------------
+
+    def _pairs(
+        self, text: str, rules: _Rules, kind: str, patterns: list[_Pattern], events: Events
+    ) -> str | None:
+        """`a=1&b=2;c=3` with the named pairs' values replaced or removed and the scans and patterns
+        applied to every decoded value; None when nothing changed. Untouched pairs keep their exact
+        bytes, and so do the separators."""
+        if ";" in text:
+            pieces = _PAIR_SEPARATOR.split(text)
+            pairs, separators = pieces[0::2], ["", *pieces[1::2]]
+        else:
+            pairs = text.split("&")
+            separators = ["", *["&"] * (len(pairs) - 1)]
+        changed = False
+        kept: list[tuple[str, str]] = []  # (separator before, pair)
+        for separator, pair in zip(separators, pairs, strict=True):
+            raw_name, _, raw_value = pair.partition("=")
+            name = raw_name if "%" not in raw_name and "+" not in raw_name else _decoded_text(raw_name)
+            rule = rules.get(name)
+            if rule is None and self.secret_name(name):
+                rule = (f"{kind}:default", _encoded_mask_op)
+            if rule is not None and rule != _KEEP:
+                changed = True
+                metric, op = rule  # type: ignore[misc]
+                events.append(metric)
+                if op is not None:
+                    kept.append((separator, f"{raw_name}={op(_decoded(raw_value))}"))
+                continue
+            if raw_value and rule is None and (patterns or self.scans):
+                value = _decoded(raw_value)
+                patterned = self._patterns(value, patterns, events) if patterns else None
+                scanned = self._scan_bytes(patterned or value, events) if self.scans else None
+                if patterned is not None or scanned is not None:
+                    changed = True
+                    kept.append((separator, f"{raw_name}={quote_plus(scanned or patterned, safe=':')}"))
+                    continue
+            kept.append((separator, pair))
+        if not changed:
+            return None
+        return "".join(
+            pair if index == 0 else separator + pair for index, (separator, pair) in enumerate(kept)
+        )
+
+    # -- bodies --------------------------------------------------------------------------------
+
+    def _body(self, req: MirrorRequest, body: bytes, events: Events) -> bytes | None:
+        encoding = req.header("content-encoding")
+        if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+            return self._encoded_body(req, body, encoding.strip().lower(), events)
+        return self._content(req.header("content-type"), body, events, nested=False)
+
+    def _encoded_body(self, req: MirrorRequest, body: bytes, encoding: str, events: Events) -> bytes | None:
+        wbits = _DECODERS.get(encoding)
+        if wbits is None:
+            raise Unredactable("encoding")
+        decoder = zlib.decompressobj(wbits)
+        try:
+            decoded = decoder.decompress(body, DECODED_BODY_LIMIT)
+        except zlib.error:
+            if encoding != "deflate":
+                raise Unredactable("bad_encoding") from None
+            decoder = zlib.decompressobj(-15)  # deflate as many clients send it: raw, no zlib header
+            try:
+                decoded = decoder.decompress(body, DECODED_BODY_LIMIT)
+            except zlib.error:
+                raise Unredactable("bad_encoding") from None
+        if decoder.unconsumed_tail:
+            raise Unredactable("decoded_too_large")
+        redacted = self._content(req.header("content-type"), decoded, events, nested=False)
+        if redacted is None:
+            return None
+        if wbits == 31:
+            encoder = zlib.compressobj(6, zlib.DEFLATED, 31)
+        else:
+            encoder = zlib.compressobj(6, zlib.DEFLATED, 15 if wbits == 15 and body[:1] == b"\x78" else -15)
+        return encoder.compress(redacted) + encoder.flush()
+
+    def _content(
+        self, content_type: str | None, body: bytes, events: Events, *, nested: bool
+    ) -> bytes | None:
+        """One body, or one multipart part (`nested`), by what it is."""
+        media_type = "" if content_type is None else content_type.partition(";")[0].strip().lower()
+        if not self.looks_bytes(body):
+            return None
+        if not nested and (
+            media_type.startswith("multipart/")
+            or (body.startswith(b"--") and b"content-disposition" in body[:1024].lower())
+        ):
+            return self._finish(body, self._multipart(content_type or "", body, events), events)
+        if media_type == "application/x-www-form-urlencoded":
+            text = self._pairs(body.decode("utf-8", "surrogateescape"), self.form_rules, "form", [], events)
+            redacted = None if text is None else text.encode("utf-8", "surrogateescape")
+            return self._finish(body, redacted, events)
+        if media_type == "application/json" or media_type.endswith("+json") or _JSON_START.match(body):
+            redacted, parsed = self._json(body, events)
+            if parsed:
+                return self._finish(body, redacted, events)
+            if media_type == "application/json" or media_type.endswith("+json"):
+                events.append("json:unparsed")
+        # The operator's patterns before the built-in scans, so an `hmac` pattern sees the value.
+        patterned = self._patterns(body, self.patterns, events) if self.patterns else None
+        redacted = self._text(body if patterned is None else patterned, events)
+        return patterned if redacted is None else redacted
+
+    def _finish(self, body: bytes, redacted: bytes | None, events: Events) -> bytes | None:
+        """The configured patterns last, over whatever the field rules left."""
+        if not self.patterns:
+            return redacted
+        patterned = self._patterns(body if redacted is None else redacted, self.patterns, events)
+        return redacted if patterned is None else patterned
+
+    def _text(self, body: bytes, events: Events) -> bytes | None:
+        """A body that is neither a form nor JSON that parsed: secret-named pairs masked in place,
+        then the scans."""
+        changed = False
+        if self.defaults:
+
+            def json_pair(match: re.Match[bytes]) -> bytes:
+                try:
+                    name = json.loads(b'"' + match.group(1) + b'"')
+                except ValueError:
+                    name = match.group(1).decode("utf-8", "surrogateescape")
+                if not self.secret_name(name):
+                    return match.group()
+                events.append("text:default")
+                return b'"' + match.group(1) + b'"' + match.group(2) + b'"' + MASK.encode() + b'"'
+
+            def form_pair(match: re.Match[bytes]) -> bytes:
+                if not match.group(2) or not self.secret_name(
+                    _decoded_text(match.group(1).decode("latin-1"))
+                ):
+                    return match.group()
+                events.append("text:default")
+                return match.group(1) + b"=" + _ENCODED_MASK.encode()
+
+            out = _FORM_PAIR.sub(form_pair, _JSON_PAIR.sub(json_pair, body))
+            changed = out != body
+            body = out
+        scanned = self._scan_bytes(body, events) if self.scans else None
+        if scanned is not None:
+            return scanned
+        return body if changed else None
+
+    def _multipart(self, content_type: str, body: bytes, events: Events) -> bytes | None:
+        found = _BOUNDARY.search(content_type)
+        if found is not None:
+            delimiter = b"--" + found.group(1).encode("latin-1", "replace")
+        elif body.startswith(b"--"):
+            delimiter = body.split(b"\r\n", 1)[0]
+        else:
+            return self._text(body, events)
+        pieces = body.split(delimiter)
+        if len(pieces) < 3:
+            return self._text(body, events)
+        changed = False
+        out = [pieces[0]]
+        for piece in pieces[1:-1]:
+            head, separator, content = piece.partition(b"\r\n\r\n")
+            if not separator:
+                out.append(piece)
+                continue
+            trailer = b"\r\n" if content.endswith(b"\r\n") else b""
+            content = content[: len(content) - len(trailer)]
+            named = _PART_NAME.search(head)
+            name = named.group(1).decode("utf-8", "surrogateescape") if named else ""
+            rule = self.form_rules.get(name)
+            if rule is None and self.secret_name(name):
+                rule = ("multipart:default", _mask_op)
+            if rule == _KEEP:
+                out.append(piece)
+                continue
+            if rule is not None:
+                metric, op = rule  # type: ignore[misc]
+                events.append(metric)
+                changed = True
+                if op is None:
+                    continue
+                replaced = unquote_plus(op(content))  # the form mask is percent-encoded
+                out.append(head + separator + replaced.encode() + trailer)
+                continue
+            typed = _PART_TYPE.search(head)
+            part_type = typed.group(1).decode("latin-1") if typed else None
+            redacted = self._content(part_type, content, events, nested=True)
+            scanned_head = self._scan_bytes(head, events) if self.scans else None
+            if redacted is None and scanned_head is None:
+                out.append(piece)
+                continue
+            changed = True
+            out.append(
+                (scanned_head or head) + separator + (content if redacted is None else redacted) + trailer
+            )
+        out.append(pieces[-1])
+        return delimiter.join(out) if changed else None
+
+    # -- JSON ----------------------------------------------------------------------------------
+
+    def _json(self, body: bytes, events: Events) -> tuple[bytes | None, bool]:
+        """(the redacted document or None when unchanged, whether it parsed). A document nested
+        deeper than the stack allows is treated like one that does not parse."""
+        duplicates = False
+
+        def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            nonlocal duplicates
+            document = dict(pairs)
+            if len(document) != len(pairs):
+                duplicates = True
+            return document
+
+        try:
+            document = json.loads(body, object_pairs_hook=pairs_hook)
+            local: Events = []
+            changed, document = self._json_value(document, self.json_trie, local)
+        except (ValueError, RecursionError):
+            return None, False
+        events.extend(local)
+        if duplicates:
+            events.append("json:duplicate_key")
+        if not changed and not duplicates:
+            return None, True
+        try:
+            return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8"), True
+        except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape: keep it escaped
+            return json.dumps(document, separators=(",", ":")).encode("ascii"), True
+
+    def _json_value(self, node: Any, trie: dict[str, _JsonNode] | None, events: Events) -> tuple[bool, Any]:
+        if isinstance(node, dict):
+            changed = False
+            for key in list(node):
+                child = trie.get(key) if trie else None
+                rule = child.rule if child is not None else None
+                if rule == _KEEP:
+                    continue
+                if rule is not None:
+                    metric, op = rule  # type: ignore[misc]
+                    if op is None:
+                        del node[key]
+                        events.append(metric)
+                    else:
+                        node[key] = _replace_json_value(node[key], op, metric, events)
+                    changed = True
+                    continue
+                if self.secret_name(key):
+                    events.append("json:default")
+                    node[key] = MASK
+                    changed = True
+                    continue
+                value_changed, node[key] = self._json_value(
+                    node[key], child.children if child is not None else None, events
+                )
+                changed = changed or value_changed
+            return changed, node
+        if isinstance(node, list):
+            changed = False
+            for index, item in enumerate(node):
+                item_changed, node[index] = self._json_value(item, trie, events)
+                changed = changed or item_changed
+            return changed, node
+        if isinstance(node, str):
+            if self.scans:
+                scanned = self._scan_text(node, events)
+                if scanned is not None:
+                    return True, scanned
+            return False, node
+        if self.cards and type(node) is int and 10**12 <= node < 10**19:
+            replaced = _card_replacement(str(node), MASK, events)
+            if replaced == MASK:
+                return True, MASK
+        return False, node
+
+
+_DEFAULT_HEADER_KEYS = frozenset(_header_key(name) for name in DEFAULT_HEADERS)
+
+
+def _card_replacement(candidate: str, mask: str, events: Events) -> str:
+    digits = candidate.replace(" ", "").replace("-", "")
+    if not luhn_valid(digits):
+        return candidate
+    events.append("pattern:cards")
+    return mask
+
+
+def _card_replacement_bytes(candidate: bytes, events: Events) -> bytes:
+    return _card_replacement(candidate.decode("ascii"), MASK, events).encode("ascii")
+
+
+def _userinfo_text(match: re.Match[str]) -> str:
+    return f"{match.group(1)}{MASK}@"
+
+
+def _userinfo_bytes(match: re.Match[bytes]) -> bytes:
+    return match.group(1) + MASK.encode() + b"@"
 
 
 def _decoded(raw: str) -> bytes:
@@ -337,108 +891,14 @@ def _decoded(raw: str) -> bytes:
     return raw.encode("utf-8", "surrogateescape")
 
 
-def _redact_pairs(text: str, rules: _Rules, patterns: list[_Pattern], on_redact: OnRedact) -> str | None:
-    """`a=1&b=2` with the named pairs' values replaced or removed and the patterns applied to every
-    decoded value; None when nothing changed. Untouched pairs keep their exact bytes."""
-    changed = False
-    out: list[str] = []
-    for pair in text.split("&"):
-        raw_name, eq, raw_value = pair.partition("=")
-        if rules:
-            plain = "%" not in raw_name and "+" not in raw_name
-            rule = rules.get(raw_name if plain else unquote_plus(raw_name, errors="surrogateescape"))
-            if rule is not None:
-                changed = True
-                metric, op = rule
-                on_redact(metric)
-                if op is not None:
-                    out.append(f"{raw_name}={op(_decoded(raw_value))}")
-                continue
-        if patterns and raw_value:
-            patterned = _redact_bytes(_decoded(raw_value), patterns, on_redact)
-            if patterned is not None:
-                changed = True
-                out.append(f"{raw_name}={quote_plus(patterned, safe=':')}")
-                continue
-        out.append(f"{raw_name}{eq}{raw_value}")
-    return "&".join(out) if changed else None
+def _decoded_text(raw: str) -> str:
+    return unquote_plus(raw, errors="surrogateescape")
 
 
-def _redact_bytes(data: bytes, patterns: list[_Pattern], on_redact: OnRedact) -> bytes | None:
-    changed = False
-    for metric, regex, replacement in patterns:
-        data, count = regex.subn(replacement, data)
-        if count:
-            changed = True
-            for _ in range(count):
-                on_redact(metric)
-    return data if changed else None
-
-
-def _media_type(req: MirrorRequest) -> str:
-    content_type = req.header("content-type")
-    if content_type is None:
-        return ""
-    return content_type.partition(";")[0].strip().lower()
-
-
-def _redact_typed_body(
-    req: MirrorRequest,
-    body: bytes,
-    form_rules: _Rules,
-    json_trie: dict[str, _JsonNode],
-    on_redact: OnRedact,
-) -> bytes | None:
-    media_type = _media_type(req)
-    if form_rules and media_type == "application/x-www-form-urlencoded":
-        text = _redact_pairs(body.decode("utf-8", "surrogateescape"), form_rules, [], on_redact)
-        return None if text is None else text.encode("utf-8", "surrogateescape")
-    if json_trie and (media_type == "application/json" or media_type.endswith("+json")):
-        # A document nested deeper than the stack allows is treated like one that does not parse:
-        # the half-redacted copy is dropped and the original goes on to the patterns.
-        try:
-            document = json.loads(body)
-            if not _redact_json(document, json_trie, on_redact):
-                return None
-            try:
-                return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-            except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape: keep it escaped
-                return json.dumps(document, separators=(",", ":")).encode("ascii")
-        except (ValueError, RecursionError):
-            on_redact("json:unparsed")
-            return None
-    return None
-
-
-def _redact_json(node: Any, trie: dict[str, _JsonNode], on_redact: OnRedact) -> bool:
-    if isinstance(node, list):
-        changed = False
-        for item in node:
-            changed = _redact_json(item, trie, on_redact) or changed
-        return changed
-    if not isinstance(node, dict):
-        return False
-    changed = False
-    for key, child in trie.items():
-        if key not in node:
-            continue
-        if child.rule is None:
-            changed = _redact_json(node[key], child.children, on_redact) or changed
-            continue
-        metric, op = child.rule
-        if op is None:
-            del node[key]
-            on_redact(metric)
-        else:
-            node[key] = _replace_json_value(node[key], op, metric, on_redact)
-        changed = True
-    return changed
-
-
-def _replace_json_value(value: Any, op: Callable[[bytes], str], metric: str, on_redact: OnRedact) -> Any:
+def _replace_json_value(value: Any, op: Callable[[bytes], str], metric: str, events: Events) -> Any:
     if isinstance(value, list):
-        return [_replace_json_value(item, op, metric, on_redact) for item in value]
-    on_redact(metric)
+        return [_replace_json_value(item, op, metric, events) for item in value]
+    events.append(metric)
     if isinstance(value, str):
         return op(value.encode("utf-8", "surrogatepass"))
     return op(json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8"))

@@ -246,8 +246,10 @@ def test_a_request_carrying_the_loop_marker_is_not_mirrored(shared: MirrorStack)
     again would loop. Counted `loop` for every target, before any filter. The marker's value is a
     MAC of the agent's key: a client sending the header with any other value (`1`, what the marker
     used to be) is mirrored anyway, with the value replaced, so no client can opt out of mirroring."""
+    before = shared.metrics()
     with client(shared) as http:
         assert_served(http.get("/basic/first"))
+    assert shared.settle("basic", 1, before) == {"sent_2xx": 1}
     [first] = shared.shadows["basic"].wait_for(1)
     [marker] = first.header_values("x-spoa-mirror")
     assert marker.startswith("v1-") and len(marker) == 35
