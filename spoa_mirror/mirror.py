@@ -14,11 +14,13 @@ import asyncio
 import functools
 import hashlib
 import hmac
+import multiprocessing
 import os
 import ssl
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import structlog
@@ -30,7 +32,7 @@ from .accounting import STATUS_OUTCOME, MessageStats, TargetStats
 from .filters import build_filter, methods_allowed
 from .limits import build_circuit_breaker, build_rate_limiter
 from .message import BadMessage, is_mirror_message, to_request
-from .redact import Unredactable, build_redactor
+from .redact import INLINE_BODY_LIMIT, Unredactable, build_redactor, redact_in_worker
 from .request import MirrorRequest
 from .sampling import build_sampler
 from .transport import Pool, TransportError
@@ -81,6 +83,7 @@ class Target:
         self.redact = build_redactor(
             config.redact, f"targets.{self.name}.redact", hmac_key, stats.count_redaction
         )
+        self.redact_spec = (config.redact, f"targets.{self.name}.redact", hmac_key)
         self.mark_truncated = truncated_body != "drop"
         self.serialise = self._build_builder(config, (loop_header, loop_value), truncated_body)
         self.pool = Pool(
@@ -178,7 +181,7 @@ class Target:
         if outcome is not None:
             stats.outcomes[outcome] += 1
             return
-        if self.redact.offloads(req):
+        if len(req.body) > INLINE_BODY_LIMIT:
             self._redact_off_loop(req)
             return
         try:
@@ -198,9 +201,11 @@ class Target:
             self._log_error("mirror.invalid_request", error.reason, reason=error.reason)
 
     def _redact_off_loop(self, req: MirrorRequest) -> None:
-        """A large body is redacted in the worker thread so the event loop, and every other
-        connection's ACK, never waits on it (a 1.2 MB JSON body took 32 ms on the loop). One worker
-        keeps these requests in order; while it works the request counts as in flight."""
+        """A large body is redacted in the worker process so the event loop, and every other
+        connection's ACK, never waits on it: a 1.2 MB JSON body takes 30-100 ms to parse, redact and
+        re-serialise, and a thread would hold the GIL through most of it (json's C code), which is
+        what the ACKs wait on. One worker keeps these requests in order; while it works the request
+        counts as in flight."""
         size = len(req.body)
         if self.offloaded_bytes + size > OFFLOADED_BYTES_LIMIT:
             self.stats.outcomes["queue_full"] += 1
@@ -210,7 +215,9 @@ class Target:
         self.pending += 1
         self.offloaded += 1
         self.offloaded_bytes += size
-        future = asyncio.get_running_loop().run_in_executor(_redaction_executor(), self.redact.apply, req)
+        future = asyncio.get_running_loop().run_in_executor(
+            _redaction_executor(), redact_in_worker, *self.redact_spec, req
+        )
         future.add_done_callback(functools.partial(self._redacted, req, truncated, size))
 
     def _redacted(self, req: MirrorRequest, truncated: bool, size: int, future: Future) -> None:
@@ -223,10 +230,16 @@ class Target:
         self.pending -= 1
         try:
             redacted, events = future.result()
-            self.redact.report(events)
+            for event in events:
+                stats.count_redaction(event)
             payload = self.serialise(redacted, truncated)
         except (WireError, Unredactable) as error:
             self._count_unsendable(error)
+            return
+        except BrokenProcessPool as error:  # the worker died (killed for memory?): start another
+            _reset_redaction_executor()
+            stats.outcomes["error_internal"] += 1
+            self._log_error("mirror.redaction_worker_died", "worker", error=repr(error))
             return
         except Exception as error:  # a bug of ours must still leave the account exact
             stats.outcomes["error_internal"] += 1
@@ -425,15 +438,23 @@ class Mirror:
         return queued - dropped, dropped
 
 
-_executor: ThreadPoolExecutor | None = None
+_executor: ProcessPoolExecutor | None = None
 
 
-def _redaction_executor() -> ThreadPoolExecutor:
-    """The one worker thread that redacts large bodies, started on first use."""
+def _redaction_executor() -> ProcessPoolExecutor:
+    """The one worker process that redacts large bodies, started on first use. Spawned, not forked:
+    a fresh interpreter holds none of the agent's sockets or threads."""
     global _executor
     if _executor is None:
-        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spoa-mirror-redact")
+        _executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     return _executor
+
+
+def _reset_redaction_executor() -> None:
+    global _executor
+    if _executor is not None:
+        _executor.shutdown(wait=False, cancel_futures=True)
+    _executor = None
 
 
 def loop_marker_value(key: bytes) -> str:

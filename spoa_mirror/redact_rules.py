@@ -57,8 +57,9 @@ CARD = (
     r"(?<![0-9])(?:[0-9]{13,19}|[0-9]{4}([ -])[0-9]{4}\1[0-9]{4}\1[0-9]{1,7}"
     r"|[0-9]{4}[ -][0-9]{6}[ -][0-9]{4,5})(?![0-9])"
 )
-# scheme://userinfo@ ; in JSON text the slashes may be escaped (`http:\/\/`).
-USERINFO = r"(?i)([a-z][a-z0-9+.-]{0,30}:\\?/\\?/)([^/?#@\s\"'<>\\]{1,256})@"
+# scheme://userinfo@ ; in JSON text the slashes may be escaped (`http:\/\/`). The match starts at
+# the `:` (a literal the regex engine finds fast), the scheme before it does not matter.
+USERINFO = r"(:\\?/\\?/)([^/?#@\s\"'<>\\]{1,256})@"
 
 
 def is_secret_name(name: str) -> bool:
