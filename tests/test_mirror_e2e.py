@@ -438,6 +438,38 @@ def test_one_mib_body_arrives_whole(shared: MirrorStack) -> None:
     assert request.body == body
 
 
+def test_large_body_is_redacted_off_the_loop_and_unreadable_bodies_are_dropped(shared: MirrorStack) -> None:
+    """A 300 KB JSON body (over the 64 KiB the loop redacts itself) goes to the worker process and
+    arrives redacted, its redaction counted; a body in an encoding the agent cannot read (br) is not
+    sent at all and counts as `unredactable`."""
+    records = [{"id": i, "name": f"user-{i}", "note": "x" * 40} for i in range(4000)]
+    records[1234]["password"] = CANARY
+    body = json.dumps({"records": records}).encode()
+    assert len(body) > 64 * 1024
+    rule = series("spoa_mirror_redactions_total", rule="json:default", target="body")
+    before = shared.metrics()
+    with client(shared) as http:
+        assert_served(http.post("/body/json", content=body, headers={"Content-Type": "application/json"}))
+        assert_served(
+            http.post(
+                "/body/br", content=b"\x0b\x02\x80" + CANARY.encode(), headers={"Content-Encoding": "br"}
+            )
+        )
+    [request] = shared.shadows["body"].wait_for(1)
+    assert shared.settle("body", 2, before) == {"sent_2xx": 1, "unredactable": 1}
+    assert request.target == "/body/json"
+    assert CANARY.encode() not in request.raw
+    sent = json.loads(request.body)
+    assert sent["records"][1234] == {
+        "id": 1234,
+        "name": "user-1234",
+        "note": "x" * 40,
+        "password": "[REDACTED]",
+    }
+    assert sent["records"][:3] == records[:3]
+    assert shared.metrics()[rule] - before.get(rule, 0) == 1
+
+
 def test_truncated_body_is_sent_marked_with_its_real_length(shared: MirrorStack) -> None:
     """A body larger than HAProxy's buffer is cut; with `truncated_body: send_marked` the shadow
     gets the part HAProxy had, framed by a Content-Length of that part (so it never waits for
