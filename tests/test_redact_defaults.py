@@ -78,6 +78,9 @@ def test_secret_names_and_headers() -> None:
         "X-Amz-Signature",
         "pin",
         "key",
+        "user[pin]",
+        "card.cvv",
+        "a[b][otp]",
     ):
         assert is_secret_name(name), name
     for name in ("user", "page", "id", "name", "keyboard", "pinned", "monkey", "tokenize"[:0] or "sort"):
@@ -187,3 +190,23 @@ def test_requests_with_nothing_to_redact_come_back_as_they_are() -> None:
         MirrorRequest("POST", "/x", "1.1", [], b"plain text"),
     ):
         assert redact(req) is req
+
+
+def test_multipart_fields_by_name_and_content_with_a_preamble() -> None:
+    """Parts are found from the Content-Type's boundary (here after a preamble, where sniffing the
+    body's first line would not find it): a secret-named field is masked whole, a JSON part is
+    redacted as JSON, other parts keep their bytes."""
+    seen: list[str] = []
+    redact = build_redactor(None, "r", None, seen.append)
+    body = (
+        b'preamble\r\n--XyZ\r\nContent-Disposition: form-data; name="user[pin]"\r\n\r\n1234\r\n'
+        b'--XyZ\r\nContent-Disposition: form-data; name="meta"\r\nContent-Type: application/json\r\n\r\n'
+        b'{"otp": "99", "a": 1}\r\n'
+        b'--XyZ\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n--XyZ--\r\n'
+    )
+    headers = [("Content-Type", 'multipart/form-data; boundary="XyZ"')]
+    out = redact(MirrorRequest("POST", "/", "1.1", headers, body))
+    assert out.body == body.replace(b"\r\n\r\n1234", b"\r\n\r\n[REDACTED]").replace(
+        b'{"otp": "99", "a": 1}', b'{"otp":"[REDACTED]","a":1}'
+    )
+    assert seen == ["multipart:default", "json:default"]
