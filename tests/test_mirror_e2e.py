@@ -468,6 +468,15 @@ def test_large_body_is_redacted_off_the_loop_and_unreadable_bodies_are_dropped(s
     }
     assert sent["records"][:3] == records[:3]
     assert shared.metrics()[rule] - before.get(rule, 0) == 1
+    # It was redacted in the worker process (a child of the agent), not on the event loop.
+    assert any(b"spawn_main" in cmdline for cmdline in child_cmdlines(shared.agent.pid))
+
+
+def child_cmdlines(pid: int) -> list[bytes]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += (task / "children").read_text().split()
+    return [Path(f"/proc/{child}/cmdline").read_bytes() for child in children]
 
 
 def test_truncated_body_is_sent_marked_with_its_real_length(shared: MirrorStack) -> None:
