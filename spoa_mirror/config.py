@@ -375,7 +375,7 @@ def describe(config: Config) -> str:
     lines.append(f"Logs: {config.log.format} format at level {config.log.level}")
     names = ", ".join(config.messages) if config.messages else "any message carrying a method and a path"
     lines.append(f"SPOE messages mirrored: {names}")
-    lines.append(f"Loop protection: adds {config.loop_header}; requests already carrying it are not mirrored")
+    lines.append(f"Loop protection: adds {config.loop_header} (a MAC); requests carrying it are not mirrored")
     if config.truncated_body == "drop":
         lines.append("Bodies truncated by HAProxy: not mirrored")
     else:
