@@ -40,8 +40,10 @@ Where each kind applies, and the decisions an operator should know:
   (last value wins, as most parsers read it), so `{"user":{"password":"S"},"user":{}}` cannot carry
   S past the rules; counted as `json:duplicate_key`. A changed body is re-serialised compactly, so it
   is the same JSON, not the same bytes. A body that claims JSON but does not parse (often one HAProxy
-  truncated) is reported once as `json:unparsed` and scanned as text: `"name": value` and
-  `name=value` pairs with a secret name are masked in place, then cards, userinfo and patterns.
+  truncated), or one over `JSON_PARSE_LIMIT` (2 MiB), is reported once as `json:unparsed` and scanned
+  as text: `"name": value` and `name=value` pairs with a secret name are masked in place (a secret
+  name whose value is an object or array is not: the parser is needed for that), then cards,
+  userinfo and patterns.
 - `patterns` are byte regexes (write them in ASCII) run over the raw body whatever its type, after
   the field rules, and over each percent-decoded query value. Patterns that can match the empty
   string are refused. `remove` on a JSON body can leave it invalid; prefer `mask`.
@@ -98,6 +100,9 @@ BUILTIN_PATTERNS = ("cards", "userinfo")
 INLINE_BODY_LIMIT = 64 * 1024
 # A gzip/deflate body is decoded to at most this many bytes; a larger one is dropped, counted.
 DECODED_BODY_LIMIT = 16 * 1024 * 1024
+# Larger JSON is not parsed (a parsed document takes ~15 times its size in memory) but scanned as text,
+# like JSON that does not parse: `"secret-name": value` pairs masked in place, then cards and userinfo.
+JSON_PARSE_LIMIT = 2 * 1024 * 1024
 _MAPPING_SECTIONS = ("headers", "query", "json_fields", "form_fields", "patterns")
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -697,9 +702,10 @@ class _Core:
             redacted = None if text is None else text.encode("utf-8", "surrogateescape")
             return self._finish(body, redacted, events)
         if media_type == "application/json" or media_type.endswith("+json") or _JSON_START.match(body):
-            redacted, parsed = self._json(body, events)
-            if parsed:
-                return self._finish(body, redacted, events)
+            if len(body) <= JSON_PARSE_LIMIT:
+                redacted, parsed = self._json(body, events)
+                if parsed:
+                    return self._finish(body, redacted, events)
             if media_type == "application/json" or media_type.endswith("+json"):
                 events.append("json:unparsed")
         # The operator's patterns before the built-in scans, so an `hmac` pattern sees the value.

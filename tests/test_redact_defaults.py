@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spoa_mirror.redact import DECODED_BODY_LIMIT, Unredactable, build_redactor
+from spoa_mirror.redact import DECODED_BODY_LIMIT, JSON_PARSE_LIMIT, Unredactable, build_redactor
 from spoa_mirror.redact_rules import is_secret_header, is_secret_name, luhn_valid
 from spoa_mirror.request import MirrorRequest
 from spoa_mirror.wire import build_request
@@ -210,3 +210,19 @@ def test_multipart_fields_by_name_and_content_with_a_preamble() -> None:
         b'{"otp": "99", "a": 1}', b'{"otp":"[REDACTED]","a":1}'
     )
     assert seen == ["multipart:default", "json:default"]
+
+
+def test_json_over_the_parse_limit_is_scanned_as_text() -> None:
+    """Parsing costs ~15 times a document's size in the worker's memory: above the limit the secret
+    pairs are masked in place instead, counted as unparsed."""
+    seen: list[str] = []
+    redact = build_redactor(None, "r", None, seen.append)
+    filler = "x" * (JSON_PARSE_LIMIT + 10)
+    body = json.dumps({"fill": filler, "user": {"Password": SECRET, "n": 1}, "pan": CARD}).encode()
+    out = redact(MirrorRequest("POST", "/", "1.1", [("Content-Type", "application/json")], body))
+    assert json.loads(out.body) == {
+        "fill": filler,
+        "user": {"Password": "[REDACTED]", "n": 1},
+        "pan": "[REDACTED]",
+    }
+    assert seen == ["json:unparsed", "text:default", "pattern:cards"]
