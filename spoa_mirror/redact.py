@@ -88,7 +88,7 @@ from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 from spoa_mirror import redact_rules
 from spoa_mirror.errors import ConfigError, check_spec_keys
-from spoa_mirror.redact_rules import DEFAULT_HEADERS, is_secret_header, is_secret_name, luhn_valid
+from spoa_mirror.redact_rules import DEFAULT_HEADERS, is_card_number, is_secret_header, is_secret_name
 from spoa_mirror.request import MirrorRequest
 
 MASK = "[REDACTED]"
@@ -922,8 +922,9 @@ def _has_card_digits(data: bytes) -> bool:
 def _needs_scan(text: str) -> bool:
     if "%" in text or _SCAN_ONLY_TEXT.search(text) is not None:
         return True
-    if len(_SCAN_CLEAN) < _SCAN_CLEAN_LIMIT:
-        _SCAN_CLEAN.add(text)
+    if len(_SCAN_CLEAN) >= _SCAN_CLEAN_LIMIT:  # unique values (request ids) filled it: start over
+        _SCAN_CLEAN.clear()
+    _SCAN_CLEAN.add(text)
     return False
 
 
@@ -932,7 +933,7 @@ _DEFAULT_HEADER_KEYS = frozenset(_header_key(name) for name in DEFAULT_HEADERS)
 
 def _card_replacement(candidate: str, mask: str, events: Events) -> str:
     digits = candidate.replace(" ", "").replace("-", "")
-    if not luhn_valid(digits):
+    if not is_card_number(digits):
         return candidate
     events.append("pattern:cards")
     return mask

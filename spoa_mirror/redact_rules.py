@@ -12,7 +12,10 @@ README's Security section states it; `keep` entries opt a name back out (see red
   are seen as their parts): a name is secret when any part is in `SECRET_NAMES` or contains one of
   `SECRET_WORDS`.
 - Card numbers: 13 to 19 digits, plain or in groups of 4 (4-6-5 for Amex) separated by one space
-  or dash, passing the Luhn check, anywhere in the path, query, header values and bodies.
+  or dash, starting with 2 to 6 (the card networks' ranges: Mastercard 2 and 5, Amex and Diners 3,
+  Visa 4, Discover and UnionPay 6) and passing the Luhn check, anywhere in the path, query, header
+  values and bodies. The first digit keeps millisecond timestamps (13 digits starting with 1 until
+  2033) from being masked one time in ten.
 - Userinfo: `scheme://user:password@` anywhere (a URL in a header, a query value or a body).
 """
 
@@ -76,6 +79,10 @@ def is_secret_header(lower_name: str) -> bool:
     if _SECRET_WORD.search(lower_name.replace("-", "_")) is not None:
         return True
     return any(part in SECRET_HEADER_PARTS for part in lower_name.split("-"))
+
+
+def is_card_number(digits: str) -> bool:
+    return digits[:1] in ("2", "3", "4", "5", "6") and luhn_valid(digits)
 
 
 def luhn_valid(digits: str) -> bool:

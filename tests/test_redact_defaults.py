@@ -92,6 +92,15 @@ def test_secret_names_and_headers() -> None:
     assert luhn_valid("4111111111111111") and not luhn_valid("4111111111111112")
 
 
+def test_millisecond_timestamps_are_not_card_numbers() -> None:
+    """1733312345676 passes the Luhn check, but no card network issues numbers starting with 1."""
+    assert luhn_valid("1733312345676")
+    redact = build_redactor(None, "r", None, lambda rule: None)
+    body = b'{"createdAt": 1733312345676, "at": "1733312345676"}'
+    req = MirrorRequest("POST", "/", "1.1", [("X-Request-Start", "t=1733312345676")], body)
+    assert redact(req) is req
+
+
 def test_a_non_luhn_number_is_left_alone() -> None:
     redact = build_redactor(None, "r", None, lambda rule: None)
     req = MirrorRequest(
