@@ -70,8 +70,9 @@ a worker process. Measured on the 2-core development machine (Python 3.11)::
         r = MirrorRequest('GET', '/api/items?id=42&page=2', '1.1', h); \\
         f = build_redactor(None, 't', None, lambda rule: None)" "f(r)"
 
-~1.9 us with the defaults, nothing to redact (the request comes back as is); ~4.5 us when an
-`Authorization` header among them is masked (a new request is built).
+~1.3 us with the defaults, nothing to redact (the request comes back as is; 1.0 us before the
+default list, on the same loaded machine); ~5.4 us when an `Authorization` header is added and
+masked (a new request is built; 3.6 us before).
 """
 
 from __future__ import annotations
