@@ -34,6 +34,7 @@ DROPS = (
     "body_truncated",
     "body_too_large",
     "invalid",
+    "unredactable",
     "shutdown",
 )
 OUTCOMES = SENT + ERRORS + DROPS

@@ -71,8 +71,9 @@ defaults ({}): target keys (any but name, url, upstream) for every target that d
 truncated_body (drop): a body HAProxy cut short (larger than its buffer) is either dropped with its
     mirror (drop) or sent marked X-Mirror-Truncated: true (send_marked).
 drain_timeout (5): on SIGTERM, how long queued mirrors may still be sent (duration).
-loop_header (X-Spoa-Mirror): header added to every mirrored request; a request already carrying it
-    is never mirrored again.
+loop_header (X-Spoa-Mirror): header added to every mirrored request, its value a MAC only this agent
+    (or a replica with the same secrets key) can make; a request carrying that value is never
+    mirrored again, one carrying any other value is mirrored with the value replaced.
 targets (required): the shadow backends, at least one unless mirroring.enabled is false.
 targets[].name (host:port of the URL): unique name used in logs and metrics.
 targets[].url (required): http:// or https:// URL; its path, if any, is put before every request
@@ -89,7 +90,8 @@ targets[].host (target): Host header sent: target (the URL's authority), origina
     or suffix (the client's with -shadow appended, as Envoy and kgateway do).
 targets[].path_rewrite (unset): {regex, replacement}; the first match in the path is replaced,
     re.sub syntax (\\1, \\g<name>).
-targets[].methods (all): only these methods are mirrored.
+targets[].methods (all): only these methods are mirrored; a method-override header
+    (X-HTTP-Method-Override, ...) claiming another method is filtered.
 targets[].max_body_size (10MiB): requests with a larger body are not mirrored (size).
 targets[].tls_verify (true): verify an https target's certificate and host name.
 targets[].ca_file (system CAs): CA bundle for an https target.
@@ -102,8 +104,8 @@ targets[].max_queue_age (5): a mirror queued longer than this is dropped, counte
     (duration).
 targets[].rate_limit (unset): {requests_per_second, bytes_per_second, burst_seconds} (limits.py).
 targets[].circuit_breaker (unset): {failure_threshold, backoff, max_backoff} (limits.py).
-targets[].filters (unset): {allow: RULES, deny: RULES}: which requests the target sees at all
-    (filters.py).
+targets[].filters (unset): {allow: RULES, deny: RULES, ignore_path_case: false}: which requests
+    the target sees at all, matched on the normalised path (filters.py).
 targets[].redact (unset): per-target redaction, merged over the global redact.
 targets[].mirror_body (true): send the request body; false sends the request without it.
 targets[].mirror_headers (true): forward the client's headers; false forwards none but Host.
@@ -454,7 +456,7 @@ def describe(config: Config) -> str:
     lines.append(f"Logs: {config.log.format} format at level {config.log.level}")
     names = ", ".join(config.messages) if config.messages else "any message carrying a method and a path"
     lines.append(f"SPOE messages mirrored: {names}")
-    lines.append(f"Loop protection: adds {config.loop_header}; requests already carrying it are not mirrored")
+    lines.append(f"Loop protection: adds {config.loop_header} (a MAC); requests carrying it are not mirrored")
     if config.truncated_body == "drop":
         lines.append("Bodies truncated by HAProxy: not mirrored")
     else:

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 # Called with the grpc-status of each gRPC response (None when it had none).
 GrpcObserver = Callable[[int | None], None]
 
-# (method, target, headers, body, host) -> what the target's pool sends
-Serialiser = Callable[[str, str, list[tuple[str, str]], bytes, str], Any]
+# (method, target, headers, body, host, protected header names) -> what the target's pool sends
+Serialiser = Callable[[str, str, list[tuple[str, str]], bytes, str, frozenset[str]], Any]
 GRPC_CONTENT_TYPE = "application/grpc"
 
 
@@ -45,15 +45,31 @@ def build_serialiser(config: Any) -> Serialiser:
 
     scheme, cap = config.scheme, config.timeout
 
-    def h2(method: str, target: str, headers: list[tuple[str, str]], body: bytes, host: str) -> Any:
-        return build_h2_request(method, target, headers, body, host, scheme=scheme, timeout_cap=cap)
+    def h2(
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        host: str,
+        protected: frozenset[str] = frozenset(),
+    ) -> Any:
+        return build_h2_request(
+            method, target, headers, body, host, scheme=scheme, timeout_cap=cap, protected=protected
+        )
 
     if config.protocol != "auto":
         return h2
 
-    def both(method: str, target: str, headers: list[tuple[str, str]], body: bytes, host: str) -> Any:
-        http1 = build_request(method, target, headers, body, host)
-        return AutoRequest(http1, h2(method, target, headers, body, host))
+    def both(
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        host: str,
+        protected: frozenset[str] = frozenset(),
+    ) -> Any:
+        http1 = build_request(method, target, headers, body, host, protected)
+        return AutoRequest(http1, h2(method, target, headers, body, host, protected))
 
     return both
 

@@ -64,9 +64,20 @@ class WireError(ValueError):
         self.reason = reason
 
 
-def build_request(method: str, target: str, headers: list[tuple[str, str]], body: bytes, host: str) -> bytes:
+def build_request(
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    host: str,
+    protected: frozenset[str] = frozenset(),
+) -> bytes:
     """HTTP/1.1 request bytes for the shadow: `Host` first, then `Content-Length` when it frames a body,
     then the client's end-to-end headers in their order, duplicates kept.
+
+    `protected` holds lower-case names a client's `Connection` header cannot remove: the headers the
+    agent and the operator add (and HAProxy's request id). Without it, `Connection: X-Env, X-Spoa-Mirror`
+    from any client stripped the operator's headers and the loop marker from the mirror.
 
     Strings are encoded UTF-8 with surrogateescape, the inverse of how the SPOP decoder made them, so
     the bytes HAProxy saw are the bytes the shadow gets."""
@@ -93,7 +104,8 @@ def build_request(method: str, target: str, headers: list[tuple[str, str]], body
             continue
         lines.append(f"{name}: {value}")
     if connection_options and not _OPTIONS_NAMING_NOTHING_NEW.issuperset(connection_options):
-        lines = lines[:end_of_preamble] + _end_to_end_lines(headers, set(connection_options))
+        hop_by_hop = set(connection_options).difference(protected)
+        lines = lines[:end_of_preamble] + _end_to_end_lines(headers, hop_by_hop)
     lines.append("\r\n")
     head = "\r\n".join(lines)
 

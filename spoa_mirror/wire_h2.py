@@ -75,6 +75,7 @@ def build_h2_request(
     *,
     scheme: str,
     timeout_cap: float,
+    protected: frozenset[str] = frozenset(),
 ) -> H2Request:
     if method not in _COMMON_METHODS and _TOKEN.fullmatch(method) is None:
         raise WireError("bad_method", repr(method))
@@ -119,6 +120,7 @@ def build_h2_request(
                 grpc_timeout = timeout_cap
                 value = f"{max(1, int(timeout_cap * 1000))}m"
         fields.append((lname, value.strip(" \t")))  # RFC 9113 8.2.1: no whitespace at either end
+    connection_options -= protected  # what the agent and the operator add cannot be named away
     if connection_options:
         fields = [field for field in fields if field[0][0] == ":" or field[0] not in connection_options]
     try:

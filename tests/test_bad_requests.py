@@ -385,7 +385,8 @@ def sent_one(agent: Agent, message: Message) -> ShadowRequest:
     assert result.outcomes == {"sent_2xx": 1}
     [request] = result.requests
     assert request.values(b"host") == [f"127.0.0.1:{agent.shadow.port}".encode()]
-    assert request.values(b"x-spoa-mirror") == [b"1"]
+    [marker] = request.values(b"x-spoa-mirror")
+    assert marker.startswith(b"v1-")
     head = request.raw.partition(b"\r\n\r\n")[0].lower()
     assert b"smuggled" not in head and b"evil" not in head
     return request

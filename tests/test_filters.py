@@ -107,7 +107,7 @@ W = "targets[0].filters"
         ({"allow": {"paths": ["/a"]}}, f"{W}.allow.paths: unknown key"),
         ({"allow": {}}, f"{W}.allow: must list at least one of path_prefix"),
         ({"deny": []}, f"{W}.deny: must be a mapping"),
-        ({"alow": {"methods": ["GET"]}}, f"{W}.alow: unknown key; expected allow or deny"),
+        ({"alow": {"methods": ["GET"]}}, f"{W}.alow: unknown key; expected one of allow, deny"),
         (["allow"], f"{W}: must be a mapping with allow and/or deny"),
     ],
 )
@@ -115,3 +115,62 @@ def test_config_errors_name_the_key(spec: object, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         build_filter(spec, W)  # type: ignore[arg-type]
     assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/admin",
+        "/api//admin",
+        "/api/./admin",
+        "/api/%61dmin",
+        "/api/%61%64min/x",
+        "//api/admin",
+        "/x/../api/admin",
+        "/x/y/../../api/admin?q=1",
+        "/../api/admin",
+        "/api/admin/.",
+        "/api/%2e/admin",
+        "/api/.%2e/api/admin",
+    ],
+)
+def test_deny_matches_every_spelling_of_the_denied_path(path: str) -> None:
+    """Spellings a server resolves to /api/admin..., which the red-team pass got past the filter."""
+    for rules in ({"path_prefix": ["/api/admin"]}, {"path_regex": ["^/api/admin"]}):
+        passes = build({"deny": rules})
+        assert not passes(request(path=path)), (rules, path)
+
+
+def test_normalisation_keeps_reserved_escapes_and_different_paths_apart() -> None:
+    passes = build({"deny": {"path_prefix": ["/api/admin"]}})
+    assert passes(request(path="/api%2Fadmin"))  # an escaped slash is not a separator
+    assert passes(request(path="/api/users/../adm"))
+    assert passes(request(path="/API/admin"))  # case-sensitive unless asked
+    assert passes(request(path="/api/x?next=/api/admin"))
+
+
+def test_ignore_path_case_folds_prefixes_and_regexes() -> None:
+    for rules in ({"path_prefix": ["/api/Admin"]}, {"path_regex": ["^/api/admin"]}):
+        passes = build({"deny": rules, "ignore_path_case": True})
+        for path in ("/API/admin", "/api/ADMIN/x", "/Api//%41dmin"):
+            assert not passes(request(path=path)), (rules, path)
+        assert passes(request(path="/api/user"))
+
+
+@pytest.mark.parametrize("header", ["X-HTTP-Method-Override", "x-http-method", "X-Method-Override"])
+def test_method_overrides_count_as_methods(header: str) -> None:
+    """The side-effect guard: under `allow: methods: [GET, HEAD]` a GET claiming DELETE does not pass;
+    a deny on DELETE matches it."""
+    allow = build({"allow": {"methods": ["GET", "HEAD"]}})
+    deny = build({"deny": {"methods": ["DELETE"]}})
+    assert allow(request("GET", headers=[(header, "GET")]))
+    assert not allow(request("GET", headers=[(header, "DELETE")]))
+    assert not allow(request("GET", headers=[(header, " delete ")]))
+    assert not allow(request("GET", headers=[("X-Other", "1"), (header, "GET"), (header, "PUT")]))
+    assert not deny(request("GET", headers=[(header, "DELETE")]))
+    assert deny(request("GET", headers=[(header, "GET")]))
+
+
+def test_ignore_path_case_must_be_a_boolean() -> None:
+    with pytest.raises(ConfigError, match=r"^targets\[0\]\.filters\.ignore_path_case: must be true or false"):
+        build({"ignore_path_case": "yes", "deny": {"methods": ["GET"]}})

@@ -26,6 +26,7 @@ import hmac
 import json
 import random
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,6 +124,7 @@ def main_config(shadows: dict[str, ShadowServer], hmac_key_file: Path) -> dict:
                 "filters": {
                     "allow": {"path_prefix": ["/filter/"]},
                     "deny": {"path_prefix": ["/filter/private"]},
+                    "ignore_path_case": True,
                 },
             },
             target("get_only", "/filter/", methods=["GET", "HEAD"]),
@@ -219,7 +221,7 @@ def test_replay_sends_the_request_with_base_path_headers_and_body(shared: Mirror
     assert post.header("x-internal") is None
     assert post.header("x-env") == "shadow"
     assert post.header("x-forwarded-for") == "10.9.8.7, 127.0.0.1"
-    assert post.header_values("x-spoa-mirror") == ["1"]
+    assert post.header_values("x-spoa-mirror")[0].startswith("v1-")
     assert post.header_values("host") == [f"127.0.0.1:{shared.shadows['basic'].port}"]
 
     assert get.method == "GET"
@@ -241,13 +243,63 @@ def test_host_policies_original_and_suffix(shared: MirrorStack) -> None:
 
 def test_a_request_carrying_the_loop_marker_is_not_mirrored(shared: MirrorStack) -> None:
     """A shadow that is itself behind a mirroring HAProxy sends our marker back in: mirroring it
-    again would loop. Counted `loop` for every target, before any filter."""
+    again would loop. Counted `loop` for every target, before any filter. The marker's value is a
+    MAC of the agent's key: a client sending the header with any other value (`1`, what the marker
+    used to be) is mirrored anyway, with the value replaced, so no client can opt out of mirroring."""
     before = shared.metrics()
     with client(shared) as http:
-        assert_served(http.get("/basic/again", headers={"X-Spoa-Mirror": "1"}))
+        assert_served(http.get("/basic/first"))
+    assert shared.settle("basic", 1, before) == {"sent_2xx": 1}
+    [first] = shared.shadows["basic"].wait_for(1)
+    [marker] = first.header_values("x-spoa-mirror")
+    assert marker.startswith("v1-") and len(marker) == 35
+    shared.shadows["basic"].clear()
+
+    before = shared.metrics()
+    with client(shared) as http:
+        assert_served(http.get("/basic/again", headers={"X-Spoa-Mirror": marker}))
     assert shared.settle("basic", 1, before) == {"loop": 1}
     assert shared.settle("load", 1, before) == {"loop": 1}
     assert shared.shadows["basic"].requests == []
+
+    before = shared.metrics()
+    with client(shared) as http:
+        assert_served(http.get("/basic/opt-out", headers={"X-Spoa-Mirror": "1"}))
+        assert_served(http.get("/basic/opt-out", headers={"x-spoa-mirror": marker[:-1] + "0"}))
+    assert shared.settle("basic", 2, before) == {"sent_2xx": 2}
+    for request in shared.shadows["basic"].wait_for(2):
+        assert request.header_values("x-spoa-mirror") == [marker]
+
+
+def test_client_headers_cannot_override_or_remove_what_is_added(shared: MirrorStack) -> None:
+    """The operator's `X-Env: shadow` is the only X-Env the shadow sees, whatever the client sent;
+    a client's `Connection` header naming the operator's header, the loop marker, the truncation
+    marker, X-Forwarded-For or the request id removes none of them (the red-team pass found the
+    shadow received none), while a header of the client's own named there is still dropped as
+    hop-by-hop."""
+    before = shared.metrics()
+    listed = "keep-alive, X-Env, X-Spoa-Mirror, X-Forwarded-For, X-Request-ID, X-Mirror-Truncated, X-Hop"
+    with client(shared) as http:
+        assert_served(
+            http.get(
+                "/basic/conn",
+                headers={
+                    "Connection": listed,
+                    "X-Env": "production",
+                    "X-Request-ID": "req-42",
+                    "X-Mirror-Truncated": "true",
+                    "X-Hop": "hop-by-hop",
+                },
+            )
+        )
+    [request] = shared.shadows["basic"].wait_for(1)
+    assert shared.settle("basic", 1, before) == {"sent_2xx": 1}
+    assert request.header_values("x-env") == ["shadow"]
+    assert len(request.header_values("x-spoa-mirror")) == 1
+    assert request.header_values("x-forwarded-for") == ["127.0.0.1"]
+    assert request.header_values("x-request-id") == ["req-42"]
+    assert request.header_values("x-mirror-truncated") == []  # the client's claim is not forwarded
+    assert request.header_values("x-hop") == []
 
 
 # -- redaction -------------------------------------------------------------------------------
@@ -386,6 +438,47 @@ def test_one_mib_body_arrives_whole(shared: MirrorStack) -> None:
     assert request.body == body
 
 
+def test_large_body_is_redacted_off_the_loop_and_unreadable_bodies_are_dropped(shared: MirrorStack) -> None:
+    """A 300 KB JSON body (over the 64 KiB the loop redacts itself) goes to the worker process and
+    arrives redacted, its redaction counted; a body in an encoding the agent cannot read (br) is not
+    sent at all and counts as `unredactable`."""
+    records = [{"id": i, "name": f"user-{i}", "note": "x" * 40} for i in range(4000)]
+    records[1234]["password"] = CANARY
+    body = json.dumps({"records": records}).encode()
+    assert len(body) > 64 * 1024
+    rule = series("spoa_mirror_redactions_total", rule="json:default", target="body")
+    before = shared.metrics()
+    with client(shared) as http:
+        assert_served(http.post("/body/json", content=body, headers={"Content-Type": "application/json"}))
+        assert_served(
+            http.post(
+                "/body/br", content=b"\x0b\x02\x80" + CANARY.encode(), headers={"Content-Encoding": "br"}
+            )
+        )
+    [request] = shared.shadows["body"].wait_for(1)
+    assert shared.settle("body", 2, before) == {"sent_2xx": 1, "unredactable": 1}
+    assert request.target == "/body/json"
+    assert CANARY.encode() not in request.raw
+    sent = json.loads(request.body)
+    assert sent["records"][1234] == {
+        "id": 1234,
+        "name": "user-1234",
+        "note": "x" * 40,
+        "password": "[REDACTED]",
+    }
+    assert sent["records"][:3] == records[:3]
+    assert shared.metrics()[rule] - before.get(rule, 0) == 1
+    # It was redacted in the worker process (a child of the agent), not on the event loop.
+    assert any(b"spawn_main" in cmdline for cmdline in child_cmdlines(shared.agent.pid))
+
+
+def child_cmdlines(pid: int) -> list[bytes]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += (task / "children").read_text().split()
+    return [Path(f"/proc/{child}/cmdline").read_bytes() for child in children]
+
+
 def test_truncated_body_is_sent_marked_with_its_real_length(shared: MirrorStack) -> None:
     """A body larger than HAProxy's buffer is cut; with `truncated_body: send_marked` the shadow
     gets the part HAProxy had, framed by a Content-Length of that part (so it never waits for
@@ -479,6 +572,49 @@ def test_filters_and_methods(shared: MirrorStack) -> None:
         ("GET", "/filter/private/d"),
         ("HEAD", "/filter/c"),
     ]
+
+
+BYPASS_SPELLINGS = (
+    "/filter//private/d",
+    "/filter/./private/d",
+    "/FILTER/Private/d",
+    "/filter/%70rivate/d",
+    "//filter/private/d",
+    "/x/../filter/private/d",
+    "/filter/private/../private/d?x=1",
+)
+
+
+def raw_get(stack: MirrorStack, target: str, extra_headers: str = "") -> bytes:
+    """One request with its target byte for byte as written (HTTP clients normalise dot segments)."""
+    port = int(urlsplit(stack.url).port or 80)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            f"GET {target} HTTP/1.1\r\nHost: app\r\n{extra_headers}Connection: close\r\n\r\n".encode()
+        )
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    return response
+
+
+def test_filters_match_the_normalised_path_and_method_overrides(shared: MirrorStack) -> None:
+    """The red-team pass found `deny: [/filter/private]` passed every spelling below, through
+    HAProxy 2.6, and a GET/HEAD-only target was sent a GET carrying `X-HTTP-Method-Override:
+    DELETE`. Each is now `filtered`; the target with `ignore_path_case` also stops `/FILTER/...`."""
+    before = shared.metrics()
+    for target in BYPASS_SPELLINGS:
+        assert raw_get(shared, target).startswith(b"HTTP/1.1 200"), target
+    assert shared.settle("filters", len(BYPASS_SPELLINGS), before) == {"filtered": len(BYPASS_SPELLINGS)}
+    assert shared.shadows["filters"].requests == []
+
+    shared.settle("get_only", len(BYPASS_SPELLINGS), before)  # it allows these GETs: let them land
+    shared.shadows["get_only"].clear()
+    before = shared.metrics()
+    for override in ("X-HTTP-Method-Override: DELETE", "X-HTTP-Method: put", "X-Method-Override: POST"):
+        assert raw_get(shared, "/filter/override", f"{override}\r\n").startswith(b"HTTP/1.1 200")
+    assert shared.settle("get_only", 3, before) == {"filtered": 3}
+    assert shared.shadows["get_only"].requests == []
 
 
 def test_rate_limit_drops_the_excess_and_counts_it(shared: MirrorStack) -> None:

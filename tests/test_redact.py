@@ -206,7 +206,10 @@ def test_removing_the_only_parameter_drops_the_question_mark() -> None:
 
 def test_json_fields_nested_and_inside_arrays() -> None:
     redact, seen = redactor(
-        {"json_fields": {"card.number": "mask", "user.email": "hmac", "password": "remove"}}
+        {
+            "json_fields": {"card.number": "mask", "user.email": "hmac", "password": "remove"},
+            "defaults": False,
+        }
     )
     document = {
         "card": [{"number": CARD, "exp": "12/30"}, {"number": 4012888888881881}],
@@ -236,10 +239,20 @@ def test_json_top_level_array_leaf_arrays_and_non_strings() -> None:
     assert seen.count("json:tokens") == 3
 
 
-def test_json_rules_need_a_json_content_type() -> None:
-    redact, _ = redactor({"json_fields": {"password": "mask"}})
-    req = json_request({"password": "x"}, "text/plain")
-    assert redact(req) is req
+@pytest.mark.parametrize("content_type", ["text/plain", "application/octet-stream", None])
+def test_json_is_recognised_by_content_whatever_the_content_type(content_type: str | None) -> None:
+    """The red-team pass sent JSON as text/plain and without a Content-Type past every JSON rule."""
+    for spec, rule in (
+        ({"json_fields": {"pin": "mask"}, "defaults": False}, "json:pin"),
+        (None, "json:default"),
+    ):
+        redact, seen = redactor(spec)
+        headers = [] if content_type is None else [("Content-Type", content_type)]
+        out = redact(request(headers=headers, body=b' \n{"pin": "x", "n": 1}'))
+        assert json.loads(out.body) == {"pin": "[REDACTED]", "n": 1}
+        assert seen == [rule]
+    req = request(headers=[("Content-Type", "text/plain")], body=b"just {text}")
+    assert redactor(None)[0](req) is req
 
 
 def test_unparsed_json_is_counted_and_left_to_patterns() -> None:
@@ -277,10 +290,14 @@ def test_form_fields() -> None:
     assert seen == ["form:password", "form:otp", "form:email"]
 
 
-def test_form_rules_need_the_form_content_type() -> None:
-    redact, _ = redactor({"form_fields": {"password": "mask"}})
-    req = request(headers=[("Content-Type", "text/plain")], body=b"password=x")
+def test_form_rules_need_the_form_content_type_but_defaults_read_text() -> None:
+    redact, _ = redactor({"form_fields": {"pass": "mask"}, "defaults": False})
+    req = request(headers=[("Content-Type", "text/plain")], body=b"pass=x")
     assert redact(req) is req
+    redact, seen = redactor(None)
+    out = redact(request(headers=[("Content-Type", "text/plain")], body=b"a=1&Pass%77ord=x y"))
+    assert out.body == b"a=1&Pass%77ord=%5BREDACTED%5D y"
+    assert seen == ["text:default"]
 
 
 # Patterns
@@ -288,7 +305,10 @@ def test_form_rules_need_the_form_content_type() -> None:
 
 def test_card_pattern_over_body_and_decoded_query_values() -> None:
     redact, seen = redactor(
-        {"patterns": {"card": {"regex": r"\b(?:[0-9][ -]?){12,18}[0-9]\b", "action": "mask"}}}
+        {
+            "patterns": {"card": {"regex": r"\b(?:[0-9][ -]?){12,18}[0-9]\b", "action": "mask"}},
+            "defaults": False,
+        }
     )
     out = redact(
         request(
