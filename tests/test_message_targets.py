@@ -8,7 +8,7 @@ import pytest
 from spoa_mirror.accounting import TargetStats
 from spoa_mirror.config import parse_config
 from spoa_mirror.message import BadMessage, to_request
-from spoa_mirror.mirror import Target
+from spoa_mirror.mirror import MemoryBudget, Target
 
 
 def request(path: str, headers: str = "") -> object:
@@ -58,6 +58,7 @@ def test_host_policy_uses_the_authority_of_an_absolute_form(policy: str, host: b
         truncated_body="drop",
         hmac_key=None,
         stats=TargetStats(),
+        budget=MemoryBudget(config.memory_budget),
     )
     raw = target.build(request("https://app.test:8443/a", "Accept: */*\r\n"))
     assert raw.startswith(b"GET /a HTTP/1.1\r\nHost: " + host + b"\r\n")
