@@ -39,6 +39,7 @@ from spoa_mirror.accounting import OUTCOMES
 from tests.support.procs import (
     HAProxyProcess,
     ManagedProcess,
+    current_haproxy,
     free_port,
     log_events,
     run_haproxy,
@@ -89,7 +90,7 @@ frontend web
 hdr X-Spoe-Error "%[var(txn.mirror.error)]"
 
 backend spoe-mirror
-    mode tcp
+    mode $agents_mode
     timeout connect 1s
     timeout server 30s
     server agent1 127.0.0.1:$agent_port$server_options
@@ -311,6 +312,7 @@ def write_haproxy_config(
         )
     )
     return HAPROXY_CONFIG.substitute(
+        agents_mode=current_haproxy().agents_mode,
         bufsize=bufsize,
         http_port=http_port,
         spoe_config=spoe_config,
