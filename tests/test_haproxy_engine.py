@@ -27,6 +27,13 @@ Facts of HAProxy 2.6.12 these tests pin (seen on the wire through the echo agent
   (set-on-error 1); once a health check has marked the agent server DOWN, it proceeds at once
   (set-on-error 2, resource allocation);
 * on a reload the old worker ends its SPOP connections with HAPROXY-DISCONNECT 0 "normal".
+
+Every test runs on 3.2 too (tests/conftest.py), where HAProxy 3.2.26 differs, and the tests say so:
+its HELLO offers "pipelining" or nothing (`option async` is ignored); it never fragments, so a
+message larger than the negotiated frame fails every time (SPOE error 3, or 259 when encoded for its
+own frame size), `send-frag-payload` or not, and without any HAPROXY-DISCONNECT; with the agent
+server DOWN it fails at once with SPOP status 1 (257); a reload's old worker closes its SPOP
+connection without a frame. Its health-check HELLO is 2.6's.
 """
 
 from __future__ import annotations
