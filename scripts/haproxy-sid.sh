@@ -37,7 +37,7 @@ command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || {
 echo "setup: fetching HAProxy 3.x from Debian sid into $cache (debootstrap, about a minute)" >&2
 tree=$($sudo mktemp -d "$link.$(date -u +%Y%m%dT%H%M%S).XXXX")
 $sudo chmod 755 "$tree"  # mktemp makes it 0700; the tests may run as another user
-log=$tree.log
+log=$(mktemp "${TMPDIR:-/tmp}/haproxy-sid-debootstrap.XXXX")  # ours, not root's: written without sudo
 if ! $sudo debootstrap --variant=minbase --include=haproxy sid "$tree" >"$log" 2>&1 || ! works "$tree"; then
     echo "setup: debootstrap of Debian sid with haproxy failed; its log: $log" >&2
     tail -n 20 "$log" >&2
@@ -54,5 +54,5 @@ fi
 $sudo ln -sfn "$(basename "$tree")" "$link.new"
 $sudo mv -T "$link.new" "$link"
 [ -z "$old" ] || [ "$old" = "$tree" ] || $sudo rm -rf "$old"
-$sudo rm -f "$log"
+rm -f "$log"
 echo "setup: $("$wrapper" -v | head -1) in $tree" >&2
