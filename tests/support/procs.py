@@ -124,7 +124,6 @@ HAPROXY_3_2 = HAProxyRelease(
     "3.2", os.environ.get("SPOA_MIRROR_HAPROXY_3_2", str(ROOT / "scripts" / "haproxy-sid"))
 )
 HAPROXY_RELEASES = (HAPROXY_2_6, HAPROXY_3_2)
-HAPROXY = HAPROXY_2_6.binary  # Debian 12's; whatever starts HAProxy for a test uses current_haproxy()
 
 _current_haproxy = [HAPROXY_2_6]
 
@@ -142,11 +141,6 @@ def using_haproxy(release: HAProxyRelease) -> Iterator[HAProxyRelease]:
         yield release
     finally:
         _current_haproxy.pop()
-
-
-def haproxy_version() -> tuple[int, int, int]:
-    """The current release's version, e.g. (2, 6, 12)."""
-    return current_haproxy().version()
 
 
 class ManagedProcess:
