@@ -1,9 +1,11 @@
-"""The shipped HAProxy configs (haproxy/): valid for the installed HAProxy 2.6, the 3.x variant one
-documented line away from the 2.x one, their numbers consistent with each other, and the 2.x config
-doing what its comments promise when run for real in front of two spoa-mirror agents.
+"""The shipped HAProxy configs (haproxy/): valid for HAProxy 2.6 and 3.2, the 3.x variant one
+documented line away from the 2.x one, their numbers consistent with each other, equal to the
+README's snippet, starting under 1024 open files, and each release's config doing what its comments
+promise when run for real in front of two spoa-mirror agents (haproxy.cfg on 2.6, haproxy-3.x.cfg
+on 3.2).
 
-HAProxy 2.6 cannot parse haproxy-3.x.cfg (`mode spop` came with 3.1), so that file is checked as
-"haproxy.cfg but for the mode line" plus `haproxy -c` with the line switched back to `mode tcp`.
+HAProxy 2.6 cannot parse haproxy-3.x.cfg (`mode spop` came with 3.1), so there that file is checked
+with the line switched back to `mode tcp`; 3.2 checks it as shipped.
 """
 
 from __future__ import annotations
@@ -230,7 +232,7 @@ def test_both_messages_carry_the_same_fields_but_the_body() -> None:
     ]
 
 
-# --- haproxy.cfg for real: HAProxy 2.6, two spoa-mirror agents, a primary and a shadow -----------
+# --- each release's config for real: two spoa-mirror agents, a primary and a shadow ---------------
 
 
 @dataclass
