@@ -301,8 +301,8 @@ def test_healthcheck_gets_agent_hello_then_close(run: Callable[[AsyncTest], None
 
 
 def test_tcp_reset_by_peer_is_logged_as_a_normal_close(run: Callable[[AsyncTest], None]) -> None:
-    """HAProxy 3.x often resets idle SPOP connections; even with a handler still running, that is
-    routine and must not show up as an error."""
+    """HAProxy 3.2 resets its SPOP connections on a soft stop (tests/test_haproxy_spop.py), busy or
+    idle; even with a handler still running, that is routine and must not show up as an error."""
     agent = Agent()
 
     async def test() -> None:
