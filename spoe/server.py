@@ -14,7 +14,7 @@ import inspect
 import ipaddress
 import socket
 import ssl as ssl_module
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -296,7 +296,7 @@ class SpopProtocol(asyncio.Protocol):
         for task in self._pending:
             task.cancel()
         if self._closed_event is None:
-            # HAProxy 3.x closes idle SPOP connections with a reset rather than a DISCONNECT: normal.
+            # HAProxy 3.x ends SPOP connections without a DISCONNECT, with a reset on a soft stop: normal.
             reason = "reset by peer" if isinstance(exc, ConnectionResetError) else "closed by peer"
             if exc is not None and not isinstance(exc, ConnectionResetError):
                 reason = f"{type(exc).__name__}: {exc}"
@@ -348,7 +348,9 @@ class SpopProtocol(asyncio.Protocol):
                         self._frame_timer = self._loop.call_later(agent.frame_timeout, deadline)
 
     def _on_notify(self, event: Notify) -> None:
-        actions: list[Action] = []
+        # A handler's own list or tuple goes to the ACK as it is (a constant tuple is then encoded
+        # once, see encode_ack_actions); several handlers' results are joined into a new list.
+        actions: Sequence[Action] = ()
         awaiting: list[Awaitable[Any]] = []
         handlers = self.agent._handlers
         default = self.agent._default
@@ -366,7 +368,7 @@ class SpopProtocol(asyncio.Protocol):
             if is_async or (type(result) not in _PLAIN_RESULTS and inspect.isawaitable(result)):
                 awaiting.append(result)  # type: ignore[arg-type]
             elif result:
-                actions.extend(result)
+                actions = [*actions, *result] if actions else result
         if awaiting:
             task = self._loop.create_task(self._ack_later(event, actions, awaiting))
             self._pending.add(task)
@@ -374,7 +376,9 @@ class SpopProtocol(asyncio.Protocol):
         else:
             self._ack(event, actions)
 
-    async def _ack_later(self, event: Notify, actions: list[Action], awaiting: list[Awaitable[Any]]) -> None:
+    async def _ack_later(
+        self, event: Notify, actions: Sequence[Action], awaiting: list[Awaitable[Any]]
+    ) -> None:
         for awaitable in awaiting:
             try:
                 result = await awaitable
@@ -382,11 +386,11 @@ class SpopProtocol(asyncio.Protocol):
                 self._handler_failed("async", event)
                 continue
             if result:
-                actions.extend(result)
+                actions = [*actions, *result]
         self._ack(event, actions)
         self._process()
 
-    def _ack(self, event: Notify, actions: list[Action]) -> None:
+    def _ack(self, event: Notify, actions: Sequence[Action]) -> None:
         try:
             self.conn.send_ack(event.stream_id, event.frame_id, actions)
         except Exception as error:

@@ -1,26 +1,40 @@
 """Shared fixtures. Integration tests drive the real HAProxy and nginx that scripts/setup.sh installs:
-when one is missing those tests fail (FileNotFoundError), they are never skipped."""
+when one is missing those tests fail (FileNotFoundError), they are never skipped.
+
+Every test marked `haproxy` runs once per HAProxy release the project supports (2.6 and 3.2, see
+tests/support/procs.py), with the release in its id (`test_x[haproxy-3.2]`); the helpers that start
+or check HAProxy use that test's release. A test that asserts one release's own behaviour asks for
+the `haproxy_release` fixture."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
-from tests.support.procs import HAPROXY, NGINX, ManagedProcess, run_process
+from tests.support.procs import (
+    HAPROXY_RELEASES,
+    NGINX,
+    HAProxyRelease,
+    ManagedProcess,
+    current_haproxy,
+    run_process,
+    using_haproxy,
+)
 from tests.support.wheels import build_wheelhouse
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_report_header() -> list[str]:
-    """Which HAProxy and nginx the integration tests ran against, in every test report."""
+    """Which HAProxy releases and nginx the integration tests ran against, in every test report."""
     lines = []
-    for name, argv in (("haproxy", [HAPROXY, "-v"]), ("nginx", [NGINX, "-v"])):
+    programs = [(f"haproxy-{release.branch}", [release.binary, "-v"]) for release in HAPROXY_RELEASES]
+    for name, argv in [*programs, ("nginx", [NGINX, "-v"])]:
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
             version = (done.stdout or done.stderr).splitlines()[0]
@@ -28,6 +42,37 @@ def pytest_report_header() -> list[str]:
             version = "NOT INSTALLED: its integration tests will fail (run scripts/setup.sh)"
         lines.append(f"{name}: {version}")
     return lines
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked `haproxy` runs against each release: `haproxy_release` is parametrised, per
+    module, so pytest runs a module's tests release by release, and a module-scoped fixture that
+    starts HAProxy (it must ask for `haproxy_release`) is started once per release."""
+    if metafunc.definition.get_closest_marker("haproxy") is not None:
+        metafunc.parametrize(
+            "haproxy_release",
+            HAPROXY_RELEASES,
+            ids=[release.test_id for release in HAPROXY_RELEASES],
+            indirect=True,
+            scope="module",
+        )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def haproxy_release(request: pytest.FixtureRequest) -> Iterator[HAProxyRelease]:
+    """The HAProxy release of this test (tests not marked `haproxy`: 2.6). The binary must be that
+    release, or the test fails saying so: a missing 3.2 never turns into a skip or a 2.6 run.
+    Module-scoped, so that module-scoped fixtures that start HAProxy can ask for it."""
+    release = getattr(request, "param", None)
+    if release is None:
+        yield current_haproxy()
+        return
+    try:
+        release.check()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        pytest.fail(f"HAProxy {release.branch} is not usable ({error}): run scripts/setup.sh", pytrace=False)
+    with using_haproxy(release):
+        yield release
 
 
 EchoAgentFactory = Callable[..., AbstractContextManager[ManagedProcess]]

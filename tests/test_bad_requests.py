@@ -37,6 +37,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from spoa_mirror.mirror import ACK_ACCEPTED, ACK_REFUSED
 from spoe import FrameType, Message
 from spoe.data import encode_varint
 from spoe.frames import encode_messages
@@ -46,6 +47,7 @@ from tests.support.spop_peer import (
     ack_actions,
     haproxy_disconnect,
     hello_2x,
+    hello_3x,
     notify,
     notify_fragments,
 )
@@ -323,7 +325,8 @@ async def _notify_and_ack(port: int, messages: list[Message]) -> float:
         elapsed = loop.time() - sent
         assert ack.type == FrameType.ACK, f"expected an ACK, got frame type {ack.type}"
         assert (ack.stream_id, ack.frame_id) == (7, 1)
-        assert ack_actions(ack) == []
+        actions = ack_actions(ack)  # one per message, never none: see spoa_mirror.mirror.ACK_ACCEPTED
+        assert actions and all(action in (*ACK_ACCEPTED, *ACK_REFUSED) for action in actions), actions
         await peer.send(haproxy_disconnect())
         return elapsed
     finally:
@@ -450,6 +453,22 @@ def test_other_messages_are_not_mirror_requests(agent: Agent) -> None:
     result = deliver(agent, mirror("check-request"), offered=0)
     assert result.not_mirror == 1 and result.invalid == {}
     assert result.requests == []
+
+
+def test_an_ack_to_haproxy_3x_is_never_empty(agent: Agent) -> None:
+    """HAProxy 3.1.0 never wakes the SPOE filter on an ACK without actions, so the scripted 3.x peer
+    fails on one: even a message the agent refuses at once gets an ACK carrying its verdict."""
+
+    async def exchange_3x() -> list[list[Any]]:
+        peer = await TcpPeer.connect(("127.0.0.1", agent.spop_port))
+        try:
+            await peer.handshake(hello_3x())
+            await peer.send(notify(1, 1, [mirror("check-request")]), notify(3, 1, [mirror("other")]))
+            return [ack_actions(frame) for frame in await peer.recv_frames(2)]
+        finally:
+            peer.close()
+
+    assert asyncio.run(exchange_3x()) == [list(ACK_REFUSED)] * 2
 
 
 # -- requests that cannot be sent safely ---------------------------------------------------------

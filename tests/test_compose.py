@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.procs import HAPROXY, NGINX
+from tests.support.procs import NGINX, HAProxyRelease
 from tests.support.shipped_configs import (
     DOCKERFILE,
     assert_check_config,
@@ -221,18 +221,21 @@ def test_haproxy_servers_name_compose_services_on_the_ports_they_listen_on() -> 
     assert target["url"] == f"http://shadow:{nginx_port}"
 
 
-def test_mounted_haproxy_config_passes_haproxy_check(tmp_path: Path) -> None:
+@pytest.mark.haproxy
+def test_mounted_haproxy_config_passes_haproxy_check(tmp_path: Path, haproxy_release: HAProxyRelease) -> None:
     """The container's files laid out under tmp_path as compose mounts them, so the config's
-    relative SPOE path is checked too. 2.6 cannot resolve the compose names here: its only warnings
-    must be about those, servers it then starts without an address (init-addr none)."""
+    relative SPOE path is checked too; 2.6 checks it with the agents' backend in `mode tcp`. The
+    compose names do not resolve here: the only warnings must be about those, servers HAProxy then
+    starts without an address (init-addr none)."""
     for container_path, local in bind_mounts(haproxy_service()).items():
         target = tmp_path / container_path.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(
-            to_mode_tcp(local.read_text()) if container_path == HAPROXY_CONFIG_PATH else local.read_text()
-        )
+        text = local.read_text()
+        if container_path == HAPROXY_CONFIG_PATH and not haproxy_release.at_least_3_1:
+            text = to_mode_tcp(text)
+        target.write_text(text)
     result = subprocess.run(
-        [HAPROXY, "-c", "-f", str(tmp_path / HAPROXY_CONFIG_PATH.lstrip("/"))],
+        [haproxy_release.binary, "-c", "-f", str(tmp_path / HAPROXY_CONFIG_PATH.lstrip("/"))],
         capture_output=True,
         text=True,
         timeout=30,

@@ -416,7 +416,8 @@ def test_haproxy_disconnect_with_an_error_reports_its_status() -> None:
 
 @pytest.mark.parametrize("mid_frame", [False, True])
 def test_eof_without_disconnect_is_a_normal_close_by_peer(mid_frame: bool) -> None:
-    """HAProxy 3.x often just closes (or resets) idle connections: that is not an error."""
+    """HAProxy 3.2 closes idle and reloaded connections without a DISCONNECT (and resets them on a
+    soft stop): that is not an error."""
     conn = ready_connection(hello_3x())
     if mid_frame:
         conn.receive_data(notify(1, 1, MESSAGES)[:6])

@@ -143,6 +143,7 @@ def wait_health(container: str, timeout: float = 60) -> str:
         time.sleep(1)
 
 
+@pytest.mark.haproxy
 def test_container_mirrors_behind_haproxy_read_only_unprivileged(image: str, tmp_path: Path) -> None:
     # The host's network namespace: every address in play is loopback (this workplace's rule for
     # test traffic), and HAProxy reaches the agent the way a sidecar deployment does.

@@ -49,6 +49,7 @@ from tests.support.load import LoadResult, run_load, start_load
 from tests.support.mirror_stack import Account, parse_metrics, series
 from tests.support.procs import (
     HAProxyProcess,
+    HAProxyRelease,
     ManagedProcess,
     free_port,
     log_events,
@@ -58,6 +59,7 @@ from tests.support.procs import (
 )
 from tests.support.shadow import ShadowServer, self_signed_tls
 from tests.support.shadow_h2 import H2ShadowServer
+from tests.support.shipped_configs import shipped_haproxy_config
 
 pytestmark = pytest.mark.haproxy
 
@@ -107,8 +109,10 @@ $agents_backend""")
 
 
 def agents_backend(ports: list[int]) -> str:
-    """The shipped `backend mirror-agents` section, with our agents as its servers."""
-    section = _shipped(r"^(backend mirror-agents\n(?:[ \t]+.*\n?|\n)*)", SHIPPED_HAPROXY)
+    """The shipped `backend mirror-agents` section of the running HAProxy's config (2.x or 3.x),
+    with our agents as its servers."""
+    shipped = shipped_haproxy_config().read_text()
+    section = _shipped(r"^(backend mirror-agents\n(?:[ \t]+.*\n?|\n)*)", shipped)
     section, servers = re.subn(r"^\s+server agent\d+ .*\n?", "", section, flags=re.MULTILINE)
     assert servers, "the shipped mirror-agents backend has no `server agentN` line: update this test"
     lines = [f"    server agent{n} 127.0.0.1:{port}" for n, port in enumerate(ports, 1)]
@@ -372,8 +376,9 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def healthy(tmp_path_factory: pytest.TempPathFactory, primary: int) -> Run:
-    """The reference run: one agent, one healthy shadow, the same load as the fault tests."""
+def healthy(tmp_path_factory: pytest.TempPathFactory, primary: int, haproxy_release: HAProxyRelease) -> Run:
+    """The reference run, per HAProxy release: one agent, one healthy shadow, the same load as the
+    fault tests."""
     tmp_path = tmp_path_factory.mktemp("healthy")
     shadow = ShadowServer()
     with fault_stack(tmp_path, primary, {"shadow": shadow}, one_target) as stack:

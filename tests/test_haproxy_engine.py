@@ -27,6 +27,13 @@ Facts of HAProxy 2.6.12 these tests pin (seen on the wire through the echo agent
   (set-on-error 1); once a health check has marked the agent server DOWN, it proceeds at once
   (set-on-error 2, resource allocation);
 * on a reload the old worker ends its SPOP connections with HAPROXY-DISCONNECT 0 "normal".
+
+Every test runs on 3.2 too (tests/conftest.py), where HAProxy 3.2.26 differs, and the tests say so:
+its HELLO offers "pipelining" or nothing (`option async` is ignored); it never fragments, so a
+message larger than the negotiated frame fails every time (SPOE error 3, or 259 when encoded for its
+own frame size), `send-frag-payload` or not, and without any HAPROXY-DISCONNECT; with the agent
+server DOWN it fails at once with SPOP status 1 (257); a reload's old worker closes its SPOP
+connection without a frame. Its health-check HELLO is 2.6's.
 """
 
 from __future__ import annotations
@@ -48,9 +55,10 @@ import pytest
 from tests.conftest import EchoAgentFactory
 from tests.support.procs import (
     HAProxyProcess,
+    HAProxyRelease,
     ManagedProcess,
+    current_haproxy,
     free_port,
-    haproxy_version,
     log_events,
     run_haproxy,
     run_nginx,
@@ -100,7 +108,7 @@ frontend web
 $responder
 
 backend spoe-agents
-    mode tcp
+    mode $agents_mode
     timeout server 30s
 $backend_options
     server echo 127.0.0.1:$agent_port$server_options
@@ -172,6 +180,7 @@ def spoe_stack(
         SPOE_CONFIG.substitute(agent_options=_indent(agent_options), processing=processing)
     )
     haproxy_config = HAPROXY_CONFIG.substitute(
+        agents_mode=current_haproxy().agents_mode,
         bufsize=BUFSIZE,
         stats_port=free_port(),
         http_port=http_port,
@@ -237,14 +246,16 @@ def test_echo_round_trip(tmp_path: Path, echo_agent: EchoAgentFactory, mode: str
         assert not stack.agent_events("spop.protocol_error")
 
 
-@pytest.mark.skipif(haproxy_version()[:2] != (2, 6), reason="pins what HAProxy 2.6 announces")
 @pytest.mark.parametrize("mode", PROTOCOL_MODES)
 def test_haproxy_hello_offers_options_but_never_fragmentation(
-    tmp_path: Path, echo_agent: EchoAgentFactory, mode: str
+    tmp_path: Path, echo_agent: EchoAgentFactory, mode: str, haproxy_release: HAProxyRelease
 ) -> None:
     """What HAProxy offers decides what the engine may negotiate: pipelining and async follow the
-    spoe-agent options, fragmentation is never offered (the engine announces it on its own)."""
+    spoe-agent options on 2.6; 3.2 ignores `option async` (deprecated) and offers pipelining alone;
+    fragmentation is never offered (the engine announces it on its own)."""
     agent_options, capabilities = PROTOCOL_MODES[mode]
+    if haproxy_release.at_least_3_1:
+        capabilities = "pipelining" if "pipelining" in capabilities else ""
     with spoe_stack(tmp_path, echo_agent, agent_options=agent_options, agent_args=("--wire-log",)) as stack:
         with http_client(stack) as client:
             assert_echoed(client.get("/"), "GET", "/", 0)
@@ -256,12 +267,24 @@ def test_haproxy_hello_offers_options_but_never_fragmentation(
     assert "healthcheck" not in hello
 
 
-def test_small_frames_carry_a_large_body_in_fragments(tmp_path: Path, echo_agent: EchoAgentFactory) -> None:
+def test_small_frames_carry_a_large_body_in_fragments(
+    tmp_path: Path, echo_agent: EchoAgentFactory, haproxy_release: HAProxyRelease
+) -> None:
     """max-frame-size 512 on both sides: a 64 KB body can only reach the engine in fragments, which
-    HAProxy sends although its own HELLO does not offer fragmentation."""
+    HAProxy 2.6 sends although its own HELLO does not offer fragmentation. 3.2 never fragments: a
+    message that does not fit a frame fails (SPOE error 3) and nothing of it is sent."""
     agent_options = "option send-frag-payload\nmax-frame-size 512"
     agent_args = ("--max-frame-size", "512", "--wire-log")
     with spoe_stack(tmp_path, echo_agent, agent_options=agent_options, agent_args=agent_args) as stack:
+        if haproxy_release.at_least_3_1:
+            with http_client(stack) as client:
+                assert_echoed(client.post("/small", content=bytes(10)), "POST", "/small", 10)
+                for size in BODY_SIZES[1:]:
+                    assert client.post(f"/post/{size}", content=bytes(size)).headers["x-spoe-error"] == "3"
+            frames = stack.frames()
+            assert all(f["fin"] and f["length"] <= 512 for f in frames)
+            assert [f["type"] for f in frames if f["type"] in ("NOTIFY", "UNSET")] == ["NOTIFY"]
+            return
         exchange_all_sizes(stack)
         frames = stack.frames()
         (hello,) = {f["items"]["capabilities"] for f in stack.frames("agent>haproxy", "AGENT_HELLO")}
@@ -272,15 +295,15 @@ def test_small_frames_carry_a_large_body_in_fragments(tmp_path: Path, echo_agent
     assert any(f["type"] == "NOTIFY" and not f["fin"] for f in frames)
 
 
-@pytest.mark.skipif(haproxy_version()[:2] != (2, 6), reason="pins HAProxy 2.6's behaviour")
 def test_large_first_request_fails_when_haproxy_frames_exceed_the_agents(
-    tmp_path: Path, echo_agent: EchoAgentFactory
+    tmp_path: Path, echo_agent: EchoAgentFactory, haproxy_release: HAProxyRelease
 ) -> None:
     """HAProxy encodes a NOTIFY before it has a connection, for the frame size it last negotiated,
     initially its own max-frame-size (tune.bufsize - 4 here). A message between the agent's
     max-frame-size and that is then refused as too big (SPOP status 3), although the agent
-    announces fragmentation; once a HELLO has told HAProxy the agent's size, it fragments. So set
-    the spoe-agent's `max-frame-size` to the agent's."""
+    announces fragmentation; once a HELLO has told HAProxy the agent's size, 2.6 fragments, while
+    3.2, which never fragments, refuses every such message. So set the spoe-agent's `max-frame-size`
+    to the agent's."""
     with (
         spoe_stack(tmp_path, echo_agent, agent_args=("--max-frame-size", "16384")) as stack,
         http_client(stack) as client,
@@ -288,16 +311,19 @@ def test_large_first_request_fails_when_haproxy_frames_exceed_the_agents(
         first = client.post("/big", content=bytes(65536))
         second = client.post("/big", content=bytes(65536))
     assert first.headers["x-spoe-error"] == str(256 + 3)
-    assert_echoed(second, "POST", "/big", 65536)
+    if haproxy_release.at_least_3_1:
+        assert second.headers["x-spoe-error"] == str(256 + 3)
+    else:
+        assert_echoed(second, "POST", "/big", 65536)
 
 
-@pytest.mark.skipif(haproxy_version()[:2] != (2, 6), reason="pins HAProxy 2.6's behaviour")
 def test_agent_without_fragmentation_gets_no_oversized_notify(
-    tmp_path: Path, echo_agent: EchoAgentFactory
+    tmp_path: Path, echo_agent: EchoAgentFactory, haproxy_release: HAProxyRelease
 ) -> None:
     """An agent that does not announce fragmentation never receives a message larger than its
-    frames: HAProxy 2.6 neither truncates nor fragments it, and the request goes on without the
-    variables. How it fails depends on whether HAProxy has learnt the agent's frame size yet."""
+    frames: HAProxy neither truncates nor fragments it, and the request goes on without the
+    variables. On 2.6 how it fails depends on whether HAProxy has learnt the agent's frame size yet;
+    3.2 refuses it the same way every time, at once, without disconnecting."""
     agent_args = ("--capability", "pipelining", "async", "--wire-log")
     with spoe_stack(tmp_path, echo_agent, agent_args=agent_args, processing="300ms") as stack:
         with http_client(stack) as client:
@@ -311,18 +337,23 @@ def test_agent_without_fragmentation_gets_no_oversized_notify(
         notifies = [f for f in stack.frames() if f["type"] == "NOTIFY"]
     assert before_handshake.headers["x-spoe-error"] == str(256 + 3)  # SPOP status 3: frame too big
     assert_echoed(small, "POST", "/small", 100)
-    assert after_handshake.headers["x-spoe-error"] == "1"  # timeout
     assert "x-method" not in before_handshake.headers and "x-method" not in after_handshake.headers
+    assert [n["fin"] for n in notifies] == [True]
+    if haproxy_release.at_least_3_1:
+        assert after_handshake.headers["x-spoe-error"] == str(256 + 3)
+        assert not disconnects
+        return
+    assert after_handshake.headers["x-spoe-error"] == "1"  # timeout
     assert disconnects
     assert {d["status-code"] for d in disconnects} == {10}
-    assert [n["fin"] for n in notifies] == [True]
 
 
 def test_no_send_frag_payload_fails_oversized_event_at_once(
-    tmp_path: Path, echo_agent: EchoAgentFactory
+    tmp_path: Path, echo_agent: EchoAgentFactory, haproxy_release: HAProxyRelease
 ) -> None:
     """With `no option send-frag-payload` an oversized message is an error 3 (payload too big, not
-    fragmented) for that request only, and nothing is sent for it."""
+    fragmented; 259, SPOP status 3, on 3.2, which ignores the option) for that request only, and
+    nothing is sent for it."""
     with spoe_stack(
         tmp_path, echo_agent, agent_options="no option send-frag-payload", agent_args=("--wire-log",)
     ) as stack:
@@ -333,7 +364,7 @@ def test_no_send_frag_payload_fails_oversized_event_at_once(
             small_again = client.post("/small", content=bytes(100))
             elapsed = time.monotonic() - started
         notifies = [f for f in stack.frames() if f["type"] == "NOTIFY"]
-    assert big.headers["x-spoe-error"] == "3"
+    assert big.headers["x-spoe-error"] == (str(256 + 3) if haproxy_release.at_least_3_1 else "3")
     assert "x-body-len" not in big.headers
     assert_echoed(small, "POST", "/small", 100)
     assert_echoed(small_again, "POST", "/small", 100)
@@ -360,7 +391,6 @@ def wait_for_server_status(haproxy: HAProxyProcess, status: str, timeout: float 
         time.sleep(0.05)
 
 
-@pytest.mark.skipif(haproxy_version()[:2] != (2, 6), reason="pins HAProxy 2.6's health check HELLO")
 def test_spop_check_marks_agent_up(tmp_path: Path, echo_agent: EchoAgentFactory) -> None:
     """`option spop-check` sends a HELLO flagged as a health check; the engine answers it like any
     HELLO and closes, which HAProxy counts as L7OK, and real traffic then flows as usual."""
@@ -387,7 +417,7 @@ def test_spop_check_marks_agent_up(tmp_path: Path, echo_agent: EchoAgentFactory)
 
 @pytest.mark.parametrize("handler", ["sync", "async"])
 def test_concurrent_requests_each_get_their_own_answer(
-    tmp_path: Path, echo_agent: EchoAgentFactory, handler: str
+    tmp_path: Path, echo_agent: EchoAgentFactory, handler: str, haproxy_release: HAProxyRelease
 ) -> None:
     """200 requests over 20 connections: HAProxy spreads their NOTIFYs over its pipelined SPOP
     connections, the 20 KB ones in fragments; with the async handler the ACKs also leave out of
@@ -395,7 +425,8 @@ def test_concurrent_requests_each_get_their_own_answer(
 
     HAProxy's max-frame-size is set to the agent's: left at tune.bufsize - 4, the first requests
     of each thread would be encoded for 128 KB frames before any HELLO told HAProxy the agent's
-    16 KB, and fail with SPOP error 3 (frame too big)."""
+    16 KB, and fail with SPOP error 3 (frame too big). 3.2 never fragments: there the 20 KB ones
+    fail with SPOE error 3 and the others must still get their own answers."""
     agent_args = ("--max-frame-size", "16384")
     if handler == "async":
         agent_args += ("--async-delay", "0.01")
@@ -415,7 +446,10 @@ def test_concurrent_requests_each_get_their_own_answer(
         results = asyncio.run(load(stack.url))
         assert not stack.agent_events("spop.protocol_error")
     for path, size, response in results:
-        assert_echoed(response, "POST", path, size)
+        if size > 16384 and haproxy_release.at_least_3_1:
+            assert response.headers["x-spoe-error"] == "3", path
+        else:
+            assert_echoed(response, "POST", path, size)
 
 
 @pytest.mark.parametrize(
@@ -424,10 +458,17 @@ def test_concurrent_requests_each_get_their_own_answer(
     ids=["unchecked", "checked-down"],
 )
 def test_agent_down_request_proceeds_without_variables(
-    tmp_path: Path, health_check: bool, expected_error: str, waits_for_timeout: bool
+    tmp_path: Path,
+    health_check: bool,
+    expected_error: str,
+    waits_for_timeout: bool,
+    haproxy_release: HAProxyRelease,
 ) -> None:
     """HAProxy never fails a request because its agent is gone: it waits `timeout processing` (or
-    not at all once a health check marked the agent DOWN) and goes on without the variables."""
+    not at all once a health check marked the agent DOWN) and goes on without the variables. With
+    the server DOWN, 3.2 reports SPOP status 1 (I/O error, 257) where 2.6 reports 2 (no agent)."""
+    if health_check and haproxy_release.at_least_3_1:
+        expected_error = str(256 + 1)
     checks = {"backend_options": "option spop-check", "server_options": "check inter 100ms"}
     with spoe_stack(tmp_path, None, processing="300ms", **(checks if health_check else {})) as stack:
         if health_check:
@@ -442,16 +483,33 @@ def test_agent_down_request_proceeds_without_variables(
     assert (elapsed >= 0.3) is waits_for_timeout, elapsed
 
 
-def test_haproxy_reload_hands_over_to_new_connections(tmp_path: Path, echo_agent: EchoAgentFactory) -> None:
-    """A reload (master-worker, SIGUSR2) replaces the worker: the old one ends its SPOP connection
-    with HAPROXY-DISCONNECT 0, which the engine answers in kind; the new worker is a new engine
-    with connections of its own, and requests keep getting their variables."""
+def test_haproxy_reload_hands_over_to_new_connections(
+    tmp_path: Path, echo_agent: EchoAgentFactory, haproxy_release: HAProxyRelease
+) -> None:
+    """A reload (master-worker, SIGUSR2) replaces the worker: the new worker is a new engine with
+    connections of its own, and requests keep getting their variables. The old 2.6 worker ends its
+    SPOP connection with HAPROXY-DISCONNECT 0, which the engine answers in kind; the old 3.2 worker
+    just closes it (no frame), which the engine takes as a normal end."""
     with spoe_stack(tmp_path, echo_agent, agent_args=("--wire-log",), master_worker=True) as stack:
         with http_client(stack) as client:
             assert_echoed(client.get("/before"), "GET", "/before", 0)
         stack.haproxy.reload()
         with http_client(stack) as client:
             assert_echoed(client.get("/after"), "GET", "/after", 0)
+        if haproxy_release.at_least_3_1:
+            [old_conn] = [hello["conn"] for hello in stack.agent_events("spop.hello")][:1]
+
+            def old_connection_closed() -> list[dict]:
+                return [c for c in stack.agent_events("spop.connection.closed") if c["conn"] == old_conn]
+
+            wait_until(lambda: bool(old_connection_closed()))
+            [closed] = old_connection_closed()
+            assert (closed["by_peer"], closed["status"]) == (True, "NORMAL")
+            assert not stack.frames(frame_type="HAPROXY_DISCONNECT")
+            assert not stack.frames("agent>haproxy", "AGENT_DISCONNECT")
+            assert len({hello["engine-id"] for hello in stack.haproxy_hellos()}) == 2
+            assert not stack.agent_events("spop.protocol_error")
+            return
         wait_until(lambda: bool(stack.frames("agent>haproxy", "AGENT_DISCONNECT")))
         goodbyes = [(f["conn"], f["items"]) for f in stack.frames("haproxy>agent", "HAPROXY_DISCONNECT")]
         replies = [(f["conn"], f["items"]) for f in stack.frames("agent>haproxy", "AGENT_DISCONNECT")]

@@ -353,6 +353,7 @@ def test_haproxy_snippet_backend_is_the_production_one_but_for_its_servers() -> 
     assert without_servers(BACKEND_SNIPPET.read_text()) == without_servers(production)
 
 
+@pytest.mark.haproxy
 def test_haproxy_snippet_passes_haproxy_check(tmp_path: Path) -> None:
     """Inside the smallest config that uses it: a frontend whose backend carries the SPOE filter
     of haproxy/mirror.spoe.conf, whose use-backend names the snippet's backend."""

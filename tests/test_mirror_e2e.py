@@ -37,6 +37,7 @@ import pytest
 
 from spoa_mirror.sampling import bucket_of
 from tests.support.mirror_stack import MirrorStack, SpoeMessage, mirror_stack, series
+from tests.support.procs import HAProxyRelease
 from tests.support.shadow import ShadowServer
 
 pytestmark = pytest.mark.haproxy
@@ -152,9 +153,11 @@ def hmac_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, hmac_key: tuple[Path, bytes]) -> Iterator[MirrorStack]:
-    """One HAProxy + agent + 18 shadows for the module. The agent's frames are as large as
-    HAProxy's (tune.bufsize), so no message is ever fragmented here."""
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, hmac_key: tuple[Path, bytes], haproxy_release: HAProxyRelease
+) -> Iterator[MirrorStack]:
+    """One HAProxy + agent + 18 shadows for the module, per HAProxy release. The agent's frames are
+    as large as HAProxy's (tune.bufsize), so no message is ever fragmented here."""
     with mirror_stack(
         tmp_path_factory.mktemp("stack"),
         SHADOWS,
@@ -166,9 +169,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, hmac_key: tuple[Path, bytes]
 
 
 @pytest.fixture
-def shared(stack: MirrorStack) -> Iterator[MirrorStack]:
+def shared(stack: MirrorStack, haproxy_release: HAProxyRelease) -> Iterator[MirrorStack]:
     """The module's stack with empty shadow recordings, and an agent still running (a test that
-    killed it would otherwise make every later one fail obscurely)."""
+    killed it would otherwise make every later one fail obscurely), in front of this test's HAProxy."""
+    assert stack.haproxy.release == haproxy_release, "the module's stack runs another HAProxy"
     for shadow in stack.shadows.values():
         shadow.clear()
     stack.agent.assert_running()
@@ -497,17 +501,18 @@ def test_truncated_body_is_sent_marked_with_its_real_length(shared: MirrorStack)
     assert shared.metrics()[truncated] - before[truncated] == 1
 
 
-def test_truncated_body_is_dropped_by_default(tmp_path: Path) -> None:
+def test_truncated_body_is_dropped_by_default(tmp_path: Path, haproxy_release: HAProxyRelease) -> None:
     """`truncated_body: drop` (the default): the mirror of a cut body is counted body_truncated and
-    the shadow gets nothing, while a body that fits goes through. Small frames on both sides here
-    (`max-frame-size 16384`), so the 60 KB body also crosses SPOP in fragments."""
+    the shadow gets nothing, while a body that fits goes through. On 2.6, small frames on both sides
+    (`max-frame-size 16384`), so the 60 KB body also crosses SPOP in fragments; 3.2 cannot fragment,
+    so there the frames are as large as the buffer."""
+    small_frames = {"max_frame_size": 16384, "agent_options": "max-frame-size 16384"}
     with mirror_stack(
         tmp_path,
         {"a": "ok"},
         lambda s: {"targets": [{"name": "a", "url": s["a"].url}]},
         bufsize=65536,
-        max_frame_size=16384,
-        agent_options="max-frame-size 16384",
+        **({} if haproxy_release.at_least_3_1 else small_frames),  # type: ignore[arg-type]
     ) as stack:
         fits, too_big = random.randbytes(60_000), random.randbytes(200_000)
         before = stack.metrics()

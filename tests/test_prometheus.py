@@ -27,7 +27,7 @@ import yaml
 
 from tests.support.dashboard_plot import plot_dashboard, promql
 from tests.support.mirror_stack import MirrorStack, mirror_stack
-from tests.support.procs import free_port, run_process
+from tests.support.procs import HAProxyRelease, free_port, run_process
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -122,7 +122,9 @@ def prometheus_config(agent_admin: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
+def scraped(
+    tmp_path_factory: pytest.TempPathFactory, haproxy_release: HAProxyRelease
+) -> Iterator[Scraped]:
     """An agent mirroring to a healthy shadow ("ok"), one that refuses connections ("down", so error
     and breaker series exist) and one sampled at 50%, scraped by Prometheus while a bounded load
     (LOAD_ROUNDS x REQUESTS_PER_ROUND requests) goes through HAProxy."""
@@ -177,11 +179,13 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
         yield scraped
 
 
+@pytest.mark.haproxy
 def test_prometheus_scrapes_the_agent(scraped: Scraped) -> None:
     [up] = scraped.query('up{job="spoa-mirror"}')
     assert up["value"][1] == "1"
 
 
+@pytest.mark.haproxy
 def test_prometheus_has_the_agents_counts(scraped: Scraped) -> None:
     """The stored counters are the agent's own: every request of the load was offered to each
     target, and the TSDB's latest value equals /metrics now (nothing moves after settle)."""
@@ -202,6 +206,7 @@ def test_prometheus_has_the_agents_counts(scraped: Scraped) -> None:
         assert agent[key] == count, key
 
 
+@pytest.mark.haproxy
 def test_prometheus_sees_latency_and_the_event_loop(scraped: Scraped) -> None:
     [p99] = scraped.query(
         "histogram_quantile(0.99, sum by (le) "
@@ -214,6 +219,7 @@ def test_prometheus_sees_latency_and_the_event_loop(scraped: Scraped) -> None:
     assert capacity["value"][1] == "8192"
 
 
+@pytest.mark.haproxy
 def test_every_alerting_rule_evaluates_without_error(scraped: Scraped) -> None:
     """Prometheus loaded alerts.yml and evaluated each rule on the agent's real series."""
     rules = scraped.rules()
@@ -222,6 +228,7 @@ def test_every_alerting_rule_evaluates_without_error(scraped: Scraped) -> None:
         assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
 
 
+@pytest.mark.haproxy
 def test_no_alert_fires_on_a_healthy_target(scraped: Scraped) -> None:
     """The errors and drops alerts are per target: the refusing shadow's errors must not show up
     under the healthy target's name (a `for` keeps them pending at most, within seconds)."""
@@ -247,6 +254,7 @@ def exported_names(scraped: Scraped) -> set[str]:
         return metric_names(" ".join(json.load(response)["data"]))
 
 
+@pytest.mark.haproxy
 @pytest.mark.parametrize("source", [ALERTS, DASHBOARD], ids=["alerts", "dashboard"])
 def test_metric_names_exist_or_are_pending(scraped: Scraped, source: Path) -> None:
     """Every metric the rules or the dashboard name is one the agent exports, but PENDING_METRICS."""
@@ -282,6 +290,7 @@ def test_dashboard_panels_are_laid_out_and_use_the_datasource_variable() -> None
         assert panel["targets"], panel["title"]
 
 
+@pytest.mark.haproxy
 @pytest.mark.parametrize(("title", "expr"), panel_queries())
 def test_every_dashboard_query_evaluates_and_returns_data(scraped: Scraped, title: str, expr: str) -> None:
     """On the test Prometheus, with the variables as Grafana fills them: no error, and data, unless
@@ -292,6 +301,7 @@ def test_every_dashboard_query_evaluates_and_returns_data(scraped: Scraped, titl
     assert result, f"{title}: {expr} returned no data"
 
 
+@pytest.mark.haproxy
 def test_dashboard_rendered_with_matplotlib(scraped: Scraped, tmp_path: Path) -> None:
     """Every panel's queries over the load, drawn; UPDATE_DOCS=1 writes the README's picture."""
     out = tmp_path / "dashboard.png"

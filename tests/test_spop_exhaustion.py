@@ -223,6 +223,7 @@ def test_busy_peer_whose_reads_end_mid_frame_is_never_cut(run: Callable[[AsyncTe
 # -- connection slots --------------------------------------------------------------------------------
 
 
+@pytest.mark.haproxy
 def test_idle_peers_holding_every_slot_do_not_lock_haproxy_out(tmp_path: Path) -> None:
     """Eight peers take every slot of `max_connections: 8` and sit idle: four never send a HELLO,
     four stop after it. A real HAProxy 2.6 started after them still gets its connections and every

@@ -135,7 +135,8 @@ async def relay(host: str, port: int, upstream_port: int) -> asyncio.base_events
                 await writer.drain()
             if writer.can_write_eof():
                 writer.write_eof()
-        except (ConnectionError, OSError):
+        # RuntimeError: uvloop's write_eof on a transport the other side has just reset (HAProxy 3.x).
+        except (ConnectionError, OSError, RuntimeError):
             writer.close()
 
     async def serve(haproxy_reader: asyncio.StreamReader, haproxy_writer: asyncio.StreamWriter) -> None:

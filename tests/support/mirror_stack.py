@@ -39,6 +39,7 @@ from spoa_mirror.accounting import OUTCOMES
 from tests.support.procs import (
     HAProxyProcess,
     ManagedProcess,
+    current_haproxy,
     free_port,
     log_events,
     run_haproxy,
@@ -87,7 +88,7 @@ $extra_binds    option http-buffer-request
     filter spoe engine mirror config $spoe_config
 $answer
 backend spoe-mirror
-    mode tcp
+    mode $agents_mode
     timeout connect 1s
     timeout server 30s
     server agent1 127.0.0.1:$agent_port$server_options
@@ -326,6 +327,7 @@ def write_haproxy_config(
         )
     )
     return HAPROXY_CONFIG.substitute(
+        agents_mode=current_haproxy().agents_mode,
         bufsize=bufsize,
         http_port=http_port,
         spoe_config=spoe_config,

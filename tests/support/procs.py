@@ -22,12 +22,14 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+ROOT = Path(__file__).resolve().parents[2]
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 LOCALHOST = "127.0.0.1"
 STDERR_TAIL = 8000  # characters of a process's stderr attached to a failure
@@ -70,14 +72,75 @@ def wait_for_port(
             time.sleep(0.02)
 
 
-def haproxy_version() -> tuple[int, int, int]:
-    """The installed HAProxy's version, e.g. (2, 6, 12): tests that depend on a version say so."""
-    out = subprocess.run([HAPROXY, "-v"], capture_output=True, text=True, check=True).stdout
+@dataclass(frozen=True)
+class HAProxyRelease:
+    """One HAProxy branch the suite runs against: `branch` "2.6" or "3.2", and the binary that is it.
+
+    Tests that start HAProxy run once per release (tests/conftest.py parametrises every test marked
+    `haproxy`, with `haproxy-<branch>` in its id); the helpers here start `current_haproxy()`."""
+
+    branch: str
+    binary: str
+
+    @property
+    def test_id(self) -> str:
+        return f"haproxy-{self.branch}"
+
+    @property
+    def at_least_3_1(self) -> bool:
+        """The SPOE rewrite of 3.1: `mode spop` backends, no async or fragmentation, connection
+        reuse across streams, resets instead of DISCONNECT frames."""
+        return tuple(int(part) for part in self.branch.split(".")) >= (3, 1)
+
+    @property
+    def agents_mode(self) -> str:
+        """The `mode` of the backend an SPOE agent uses: 3.1+ has its own, 2.x knows only tcp."""
+        return "spop" if self.at_least_3_1 else "tcp"
+
+    def version(self) -> tuple[int, int, int]:
+        """What the binary says it is, e.g. (2, 6, 12). Raises FileNotFoundError when it is
+        missing and RuntimeError when it is another branch: either way, run scripts/setup.sh."""
+        return _binary_version(self.binary)
+
+    def check(self) -> None:
+        major, minor, _ = self.version()
+        if f"{major}.{minor}" != self.branch:
+            raise RuntimeError(f"{self.binary} is HAProxy {major}.{minor}, not {self.branch}")
+
+
+@cache
+def _binary_version(binary: str) -> tuple[int, int, int]:
+    out = subprocess.run([binary, "-v"], capture_output=True, text=True, check=True, timeout=30).stdout
     match = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
     if match is None:
         raise RuntimeError(f"cannot read the HAProxy version from {out!r}")
     major, minor, patch = (int(part) for part in match.groups())
     return major, minor, patch
+
+
+# Debian 12's own package, and Debian sid's run from the tree scripts/haproxy-sid.sh caches.
+HAPROXY_2_6 = HAProxyRelease("2.6", shutil.which("haproxy") or "/usr/sbin/haproxy")
+HAPROXY_3_2 = HAProxyRelease(
+    "3.2", os.environ.get("SPOA_MIRROR_HAPROXY_3_2", str(ROOT / "scripts" / "haproxy-sid"))
+)
+HAPROXY_RELEASES = (HAPROXY_2_6, HAPROXY_3_2)
+
+_current_haproxy = [HAPROXY_2_6]
+
+
+def current_haproxy() -> HAProxyRelease:
+    """The release the running test is for (2.6 outside tests parametrised over releases)."""
+    return _current_haproxy[-1]
+
+
+@contextmanager
+def using_haproxy(release: HAProxyRelease) -> Iterator[HAProxyRelease]:
+    """Within the block, every HAProxy the helpers start or check is `release`."""
+    _current_haproxy.append(release)
+    try:
+        yield release
+    finally:
+        _current_haproxy.pop()
 
 
 class ManagedProcess:
@@ -210,7 +273,8 @@ class HAProxyProcess(ManagedProcess):
     def __init__(self, config_path: Path, log_dir: Path, *, master_cli_port: int | None) -> None:
         self.config_path = config_path
         self.master_cli_port = master_cli_port
-        argv = [HAPROXY, "-db", "-f", str(config_path)]
+        self.release = current_haproxy()
+        argv = [self.release.binary, "-db", "-f", str(config_path)]
         if master_cli_port is not None:
             argv[1:1] = ["-W", "-S", f"ipv4@{LOCALHOST}:{master_cli_port}"]
         super().__init__("haproxy", argv, log_dir)
@@ -284,7 +348,7 @@ def _check_haproxy_config(config_text: str, config_path: Path) -> None:
     """Write the config and have HAProxy validate it; fail the test with HAProxy's own words."""
     config_path.write_text(config_text)
     check = subprocess.run(
-        [HAPROXY, "-c", "-f", str(config_path)], capture_output=True, text=True, timeout=30
+        [current_haproxy().binary, "-c", "-f", str(config_path)], capture_output=True, text=True, timeout=30
     )
     if check.returncode != 0:
         numbered = "\n".join(f"{n:4} {line}" for n, line in enumerate(config_text.splitlines(), 1))

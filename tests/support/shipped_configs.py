@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.procs import HAPROXY
+from tests.support.procs import HAProxyRelease, current_haproxy
 
 ROOT = Path(__file__).resolve().parents[2]
 SPOE_CONF = ROOT / "haproxy" / "mirror.spoe.conf"
+CONFIG_2X = ROOT / "haproxy" / "haproxy.cfg"
+CONFIG_3X = ROOT / "haproxy" / "haproxy-3.x.cfg"
 DOCKERFILE = ROOT / "Dockerfile"
 AGENT = Path(sys.executable).with_name("spoa-mirror")
 
@@ -19,10 +21,20 @@ AGENT = Path(sys.executable).with_name("spoa-mirror")
 # --- HAProxy ----------------------------------------------------------------------------------------
 
 
+def shipped_haproxy_config(release: HAProxyRelease | None = None) -> Path:
+    """The shipped config for `release` (the running test's by default): haproxy-3.x.cfg for 3.1+."""
+    return CONFIG_3X if (release or current_haproxy()).at_least_3_1 else CONFIG_2X
+
+
 def haproxy_check(config: Path, *, cwd: Path | None = None) -> None:
-    """`haproxy -c -dW`: the config must parse with no warning at all; fail with HAProxy's words."""
+    """`haproxy -c -dW` by the running test's HAProxy: the config must parse with no warning at all;
+    fail with HAProxy's words."""
     check = subprocess.run(
-        [HAPROXY, "-c", "-dW", "-f", str(config)], capture_output=True, text=True, timeout=30, cwd=cwd
+        [current_haproxy().binary, "-c", "-dW", "-f", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=cwd,
     )
     assert check.returncode == 0, f"haproxy -c {config}:\n{check.stdout}{check.stderr}"
 

@@ -10,7 +10,12 @@ What the two HAProxy generations do differently, and why the flavours exist:
     may split a NOTIFY payload anywhere, even inside a value: NOTIFY without FIN, then UNSET frames
     with the same ids, the last one with FIN; an UNSET with FIN|ABORT cancels it.
   * 3.1+ offers "pipelining" only, never fragments, sets FIN on every frame, pipelines up to 20
-    streams per connection and often ends a connection with a reset instead of a DISCONNECT.
+    streams per connection, and ends a connection without a DISCONNECT: a plain close when idle or
+    on a reload, a reset on a soft stop. It sends HAPROXY-DISCONNECT only for an AGENT-HELLO it
+    refuses (tests/test_haproxy_spop.py pins all this on the real 3.2).
+    3.1.0 never wakes the SPOE filter on an ACK without actions (each such request waits the full
+    `timeout processing`; fixed by upstream commit 851e52b5), so a `TcpPeer` that said HELLO as 3.x
+    fails on an empty ACK.
 """
 
 from __future__ import annotations
@@ -167,7 +172,8 @@ class FrameParser:
 
 def parse_frames(data: bytes) -> list[Frame]:
     """Every frame in `data`, which must hold whole frames only: the agent never writes half a
-    frame (HAProxy 3.2+ resets a connection whose AGENT-HELLO arrives in pieces)."""
+    frame (HAProxy 3.2.26 and 2.6 both accept an AGENT-HELLO in pieces, but nothing guarantees that
+    every release does)."""
     parser = FrameParser()
     frames = parser.feed(data)
     if parser.buffer:
@@ -238,6 +244,7 @@ class TcpPeer:
         self.parser = FrameParser()
         self._loop = asyncio.get_running_loop()
         self._ready: list[Frame] = []
+        self.haproxy_3x = False  # set by handshake(): then an empty ACK is an error
 
     @classmethod
     async def connect(cls, address: tuple[str, int], timeout: float = 2.0) -> TcpPeer:
@@ -266,7 +273,13 @@ class TcpPeer:
             if not data:
                 raise AssertionError("connection closed while a frame was expected")
             self._ready += self.parser.feed(data)
-        return self._ready.pop(0)
+        frame = self._ready.pop(0)
+        if self.haproxy_3x and frame.type == FrameType.ACK and not frame.payload:
+            raise AssertionError(
+                f"empty ACK (stream {frame.stream_id}, frame {frame.frame_id}): HAProxy 3.1.0 would "
+                "leave the request waiting until timeout processing"
+            )
+        return frame
 
     async def recv_frames(self, count: int, timeout: float = 2.0) -> list[Frame]:
         deadline = self._loop.time() + timeout
@@ -274,7 +287,10 @@ class TcpPeer:
 
     async def handshake(self, hello: bytes | None = None) -> dict[str, Any]:
         """Send a HELLO (2.x flavour by default) and return the AGENT-HELLO's items."""
-        await self.send(hello or hello_2x())
+        hello = hello or hello_2x()
+        sent = kv(decode_frame(hello[LENGTH_PREFIX:]))
+        self.haproxy_3x = sent["capabilities"] == HAPROXY_3X_CAPABILITIES and not sent.get("healthcheck")
+        await self.send(hello)
         reply = await self.recv_frame()
         assert reply.type == FrameType.AGENT_HELLO, f"expected AGENT-HELLO, got frame type {reply.type}"
         return kv(reply)
@@ -304,7 +320,7 @@ class TcpPeer:
         raise AssertionError(f"expected silence, got {data!r}")
 
     def reset(self) -> None:
-        """Close with a TCP RST, as HAProxy 3.x often does with idle SPOP connections."""
+        """Close with a TCP RST, as HAProxy 3.2 does on a soft stop (SIGUSR1) or after a refused HELLO."""
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.sock.close()
 
