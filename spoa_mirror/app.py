@@ -214,7 +214,10 @@ class App:
                 memory=lambda: (
                     mirror.budget.used(),
                     mirror.budget.limit,
-                    {target.name: target.queued_bytes + target.pool.bytes_held for target in mirror.targets},
+                    {
+                        target.name: target.queued_bytes + target.offloaded_bytes + target.pool.bytes_held
+                        for target in mirror.targets
+                    },
                 ),
             )
         )

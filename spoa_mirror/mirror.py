@@ -64,10 +64,6 @@ INTAKE_LIMIT = 10_000
 # messages of 1,000 headers each would otherwise hold it, and every ACK, for seconds.
 INTAKE_SLICE = 0.002
 
-# Bytes of request bodies one target may have waiting for, or in, the redaction thread; beyond this
-# they are dropped as queue_full, so a burst of large bodies cannot pile up in memory.
-OFFLOADED_BYTES_LIMIT = 32 * 1024 * 1024
-
 Check = Callable[[MirrorRequest], str | None]
 
 # Every ACK carries one action, never none: HAProxy 3.1.0's SPOE never wakes the waiting stream on
@@ -109,10 +105,11 @@ class MemoryBudget:
 
 
 def _held(targets: list[Target]) -> int:
-    """Bytes these targets hold: their queues and their pools (a pool shared by a target and the
-    one it replaced counted once)."""
+    """Bytes these targets hold: their queues, the bodies in the redaction worker, and their pools
+    (a pool shared by a target and the one it replaced counted once)."""
     pools = {id(target.pool): target.pool.bytes_held for target in targets}
-    return sum(target.queued_bytes for target in targets) + sum(pools.values())
+    own = sum(target.queued_bytes + target.offloaded_bytes for target in targets)
+    return own + sum(pools.values())
 
 
 def _pool_settings(config: Any) -> tuple[Any, ...]:
@@ -158,7 +155,7 @@ class Target:
         self.share = 0  # see MemoryBudget; set once the target is in place
         self.queued_bytes = 0
         self.active = 0  # slots taken: requests in flight (a predecessor's too), at most concurrency
-        self.offloaded_bytes = 0  # bodies of requests being redacted in the worker thread
+        self.offloaded_bytes = 0  # bodies of requests being redacted in the worker process
         self.offloaded = 0
         self.pending = 0  # this target object's share of stats.pending (stats outlive reloads)
         self.closing = False
@@ -331,10 +328,11 @@ class Target:
         connection's ACK, never waits on it: a 1.2 MB JSON body takes 30-100 ms to parse, redact and
         re-serialise, and a thread would hold the GIL through most of it (json's C code), which is
         what the ACKs wait on. One worker keeps these requests in order; while it works the request
-        counts as in flight."""
+        counts as in flight, and its body as held under the memory budget."""
         size = len(req.body)
-        if self.offloaded_bytes + size > OFFLOADED_BYTES_LIMIT:
-            self.stats.outcomes["queue_full"] += 1
+        held = self.queued_bytes + self.pool.bytes_held + self.offloaded_bytes + size
+        if held > self.share and not self._fits(held, size):
+            self.stats.outcomes["budget_exceeded"] += 1
             return
         truncated = self.mark_truncated and is_truncated(req)
         self.stats.pending += 1
@@ -381,7 +379,7 @@ class Target:
         memory budget has no room for it."""
         stats = self.stats
         size = len(payload)
-        held = self.queued_bytes + self.pool.bytes_held + size
+        held = self.queued_bytes + self.pool.bytes_held + self.offloaded_bytes + size
         if held > self.share and not self._fits(held, size):
             stats.outcomes["budget_exceeded"] += 1
             return

@@ -10,7 +10,9 @@ from spoa_mirror.mirror import Mirror, loop_marker_value
 
 
 def mirror(hmac_key: bytes | None) -> Mirror:
-    config = SimpleNamespace(targets=[], loop_header="X-Spoa-Mirror", truncated_body="drop", messages=[])
+    config = SimpleNamespace(
+        targets=[], loop_header="X-Spoa-Mirror", truncated_body="drop", messages=[], memory_budget=64 << 20
+    )
 
     async def build() -> Mirror:
         return Mirror(config, hmac_key)
