@@ -29,7 +29,14 @@ from .config import Config, load_config
 from .errors import ConfigError, StartupError
 from .heartbeat import TICK, Heartbeat
 from .listeners import bind_listener
-from .metrics import LoopCollector, MirrorCollector, QueueCapacityCollector, ReloadStats, build_registry
+from .metrics import (
+    LoopCollector,
+    MirrorCollector,
+    OnLoop,
+    QueueCapacityCollector,
+    ReloadStats,
+    build_registry,
+)
 from .mirror import Mirror
 from .tls import server_context
 
@@ -204,21 +211,24 @@ class App:
     def _registry(self) -> Any:
         mirror = self.mirror
         registry = build_registry(
-            MirrorCollector(
-                agent_stats=lambda: self.agent.stats,
-                messages=lambda: mirror.messages,
-                targets=lambda: mirror.target_stats,
-                queue_depth=lambda: {target.name: len(target.queue) for target in mirror.targets},
-                circuits=lambda: {target.name: target.breaker.state for target in mirror.targets},
-                reloads=lambda: self.reloads,
-                memory=lambda: (
-                    mirror.budget.used(),
-                    mirror.budget.limit,
-                    {
-                        target.name: target.queued_bytes + target.offloaded_bytes + target.pool.bytes_held
-                        for target in mirror.targets
-                    },
+            OnLoop(
+                MirrorCollector(
+                    agent_stats=lambda: self.agent.stats,
+                    messages=lambda: mirror.messages,
+                    targets=lambda: mirror.target_stats,
+                    queue_depth=lambda: {target.name: len(target.queue) for target in mirror.targets},
+                    circuits=lambda: {target.name: target.breaker.state for target in mirror.targets},
+                    reloads=lambda: self.reloads,
+                    memory=lambda: (
+                        mirror.budget.used(),
+                        mirror.budget.limit,
+                        {
+                            target.name: target.queued_bytes + target.offloaded_bytes + target.pool.bytes_held
+                            for target in mirror.targets
+                        },
+                    ),
                 ),
+                asyncio.get_running_loop(),
             )
         )
         registry.register(LoopCollector(self.heartbeat))

@@ -6,7 +6,10 @@ The hot path only bumps ints (see accounting.py for the figures); the collector 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import platform
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -236,6 +239,40 @@ def build_registry(collector: Collector) -> CollectorRegistry:
     registry.register(PROCESS_COLLECTOR)
     registry.register(PLATFORM_COLLECTOR)
     return registry
+
+
+class OnLoop(Collector):
+    """A collector whose families are built on the event loop that owns the counters it reads, so
+    one scrape sees one moment: read from the admin thread, a scrape could land between a
+    request's `received` and its outcome, or count a request moving from a queue into a pool twice
+    (received = sum(outcomes) + in flight must hold on every scrape). While the loop is stuck (the
+    TIMEOUT), the families are read directly, so /metrics still answers. Built on the loop's thread."""
+
+    TIMEOUT = 2.0
+
+    def __init__(self, collector: Collector, loop: asyncio.AbstractEventLoop) -> None:
+        self._collector = collector
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+
+    def collect(self) -> Iterator[Metric]:
+        if threading.get_ident() == self._loop_thread:
+            yield from self._collector.collect()
+            return
+        future: concurrent.futures.Future[list[Metric]] = concurrent.futures.Future()
+
+        def snapshot() -> None:
+            try:
+                future.set_result(list(self._collector.collect()))
+            except BaseException as error:  # handed to the scraping thread
+                future.set_exception(error)
+
+        try:
+            self._loop.call_soon_threadsafe(snapshot)
+            families = future.result(self.TIMEOUT)
+        except (RuntimeError, concurrent.futures.TimeoutError):  # loop closed, or stuck
+            families = list(self._collector.collect())
+        yield from families
 
 
 class LoopCollector(Collector):

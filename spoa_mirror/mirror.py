@@ -57,9 +57,12 @@ log = structlog.get_logger("spoa_mirror")
 TRUNCATED_MARKER = ("X-Mirror-Truncated", "true")
 # The header HAProxy's shipped config sets to its unique-id: a client cannot remove it from a mirror.
 REQUEST_ID_HEADER = "x-request-id"
-# Requests waiting between the SPOP handler and the targets; beyond this, HAProxy sends faster than
-# the pipeline drains and requests are dropped (counted as queue_full) instead of buffered.
+# Requests waiting between the SPOP handler and the targets; beyond either bound, HAProxy sends
+# faster than the pipeline drains and requests are dropped (counted as queue_full) instead of
+# buffered. In bytes too (bodies and header blocks): 10,000 messages of 1 MiB bodies would be 10 GB,
+# and 4,000 POSTs of 24 KiB to four slow targets held ~100 MB here before the pipeline caught up.
 INTAKE_LIMIT = 10_000
+INTAKE_BYTES = 16 * 1024 * 1024
 # One intake callback runs at most this long, then yields the loop to the SPOP side: 10,000 queued
 # messages of 1,000 headers each would otherwise hold it, and every ACK, for seconds.
 INTAKE_SLICE = 0.002
@@ -547,6 +550,7 @@ class Mirror:
         self.targets: list[Target] = []
         self.retired: list[Target] = []
         self._intake: deque[dict[str, Any]] = deque()
+        self._intake_bytes = 0
         self._scheduled = False
         self._log_throttle = LogThrottle()
         # Without a configured secret the loop marker is this process's own: stable across reloads.
@@ -614,11 +618,14 @@ class Mirror:
         if self.message_names and message.name not in self.message_names:
             self.messages.not_mirror += 1
             return ACK_REFUSED
-        if len(self._intake) >= INTAKE_LIMIT:
+        args = message.args
+        size = _message_bytes(args)
+        if len(self._intake) >= INTAKE_LIMIT or self._intake_bytes + size > INTAKE_BYTES:
             self.messages.mirrored += 1
             self._drop_for_every_target("queue_full")
             return ACK_REFUSED
-        self._intake.append(message.args)
+        self._intake_bytes += size
+        self._intake.append(args)
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._process_intake)
@@ -635,6 +642,7 @@ class Mirror:
                 asyncio.get_running_loop().call_soon(self._process_intake)
                 return
             args = intake.popleft()
+            self._intake_bytes -= _message_bytes(args)
             if not self.message_names and not is_mirror_message(args):
                 self.messages.not_mirror += 1
                 continue
@@ -724,6 +732,16 @@ def is_truncated(req: MirrorRequest) -> bool:
     # With Transfer-Encoding, Content-Length means nothing (RFC 9112 section 6.3): HAProxy framed
     # the body by its chunks and hands over all of it. Looked up only when the length says "cut".
     return (len(digits) > 19 or int(digits or "0") > size) and req.header("transfer-encoding") is None
+
+
+def _message_bytes(args: dict[str, Any]) -> int:
+    """What a message in the intake holds, near enough: its body and header block (the C agent's
+    arg names, or the plain ones)."""
+    body = args.get("arg_body") or args.get("body") or b""
+    headers = args.get("arg_hdrs") or args.get("hdrs") or args.get("headers") or b""
+    return (len(body) if isinstance(body, bytes | str) else 0) + (
+        len(headers) if isinstance(headers, bytes | str) else 0
+    )
 
 
 def _append_forwarded_for(headers: list[tuple[str, str]], src: str) -> list[tuple[str, str]]:

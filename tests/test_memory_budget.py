@@ -91,6 +91,17 @@ def check_accounts(stack: MirrorStack, names: list[str]) -> dict[str, dict[str, 
     return outcomes
 
 
+def wait_until_received(stack: MirrorStack, names: list[str], count: int) -> None:
+    """The agent ACKs at once and works through its intake after: the accounts are read once every
+    request has reached every target (a generous bound, for a slow shared machine)."""
+
+    def all_received() -> bool:
+        metrics = stack.metrics()
+        return all(stack.account(name, metrics).received >= count for name in names)
+
+    wait_for(all_received, 120, f"{count} requests received by {names}")
+
+
 def test_large_bodies_to_slow_and_hung_shadows_stay_under_the_budget(tmp_path: Path) -> None:
     """400 POSTs of 1 MiB to four targets with default settings, two shadows answering after 4 s
     and two never: the agent's peak RSS stays under 200 MB, the agent-wide budget is never
@@ -110,6 +121,7 @@ def test_large_bodies_to_slow_and_hung_shadows_stay_under_the_budget(tmp_path: P
     ) as stack:
         _, baseline = rss_mb(stack)
         summary = post_bodies(stack.url, tmp_path, 400)
+        wait_until_received(stack, names, 400)
         rss, peak = rss_mb(stack)
         metrics = stack.metrics()
         used = metrics.get("spoa_mirror_memory_budget_used_bytes", 0)
@@ -146,6 +158,7 @@ def test_shipped_buffer_bodies_to_slow_shadows_stay_under_the_budget(tmp_path: P
         )
         _, baseline = rss_mb(stack)
         post_bodies(stack.url, tmp_path, 4000, size=24 * 1024)
+        wait_until_received(stack, list(shadows), 4000)
         rss, peak = rss_mb(stack)
         outcomes = check_accounts(stack, list(shadows))
         close_all(shadows)
@@ -226,3 +239,4 @@ def test_an_opening_breaker_sheds_the_queue(tmp_path: Path) -> None:
     print(f"\noutcomes {outcomes}; shadow got {shadow.requests}")
     assert outcomes == {"error_timeout": 2, "circuit_open": 18}
     assert shadow.requests == 2
+
