@@ -384,7 +384,10 @@ def test_resets_are_logged_at_debug_level_only(tmp_path: Path, haproxy_release: 
         }
         lines = [line for line in stack.agent.stderr_text().splitlines() if line.startswith("{")]
     assert closed == {'spoa_mirror_spop_closed_total{status="normal"}': 1.0}
-    assert [event for line in lines if (event := _event(line))[1] != "debug"] == [("agent.started", "info")]
+    assert [event for line in lines if (event := _event(line))[1] != "debug"] == [
+        ("agent.c_agent_differences", "info"),
+        ("agent.started", "info"),
+    ]
 
 
 def _event(line: str) -> tuple[str, str]:
