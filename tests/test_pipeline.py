@@ -1,0 +1,324 @@
+"""The agent's structural promises, checked in-process over real sockets.
+
+The production wiring (`App`: `spoe.Agent` + `Mirror` + its targets and pools) is served on
+127.0.0.1 to the scripted HAProxy peer, and replays go to recording shadow servers. Order is
+observed, not timed: the agent's SPOP writes are recorded as they are handed to the transport
+(tests/support/recording.py), beside the calls into the pipeline. Every test builds its own agent,
+shadows and counters, so each passes alone and in any order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spoa_mirror import mirror as mirror_module
+from spoa_mirror.accounting import TargetStats
+from spoa_mirror.app import App
+from spoa_mirror.config import parse_config
+from spoe import Message
+from spoe.frames import FrameType
+from tests.support.live_agent import LOOPS, AsyncTest, Served, loop_runner, serving, wait_until
+from tests.support.recording import record_writes
+from tests.support.shadow import ShadowServer, self_signed_tls
+from tests.support.spop_peer import FrameParser, TcpPeer, notify
+
+TEST_DEADLINE = 30.0
+SETTLE = 5.0  # hang bound: every wait below normally ends in milliseconds
+
+
+@pytest.fixture(params=LOOPS)
+def run(request: pytest.FixtureRequest) -> Callable[[AsyncTest], None]:
+    return loop_runner(request.param, TEST_DEADLINE)
+
+
+@pytest.fixture
+def run_asyncio() -> Callable[[AsyncTest], None]:
+    return loop_runner("asyncio", TEST_DEADLINE)
+
+
+def mirror_message(path: str = "/x", *, body: bytes = b"", headers: str = "host: example\r\n") -> Message:
+    method = "POST" if body else "GET"
+    args: dict[str, Any] = {
+        "arg_method": method,
+        "arg_path": path,
+        "arg_ver": "1.1",
+        "arg_hdrs": headers + (f"content-length: {len(body)}\r\n" if body else "") + "\r\n",
+        "arg_body": body,
+    }
+    return Message("mirror", args)
+
+
+def target(name: str, shadow: ShadowServer, **options: Any) -> dict[str, Any]:
+    return {"name": name, "url": shadow.url, **options}
+
+
+@asynccontextmanager
+async def running(config: dict[str, Any]) -> AsyncIterator[tuple[App, Served, TcpPeer]]:
+    """The agent as the CLI wires it, serving one handshaken HAProxy peer."""
+    app = App(parse_config(config, env={}), config_path=None, overrides={})
+    async with serving(app.agent) as served:
+        peer = await served.ready_peer()
+        try:
+            yield app, served, peer
+        finally:
+            await app.mirror.drain(0.1)
+
+
+async def settled(stats: TargetStats, received: int) -> dict[str, int]:
+    """The outcomes once `received` requests reached the target and none is pending."""
+    await wait_until(lambda: stats.received == received and stats.pending == 0, SETTLE)
+    assert stats.balanced()
+    return {outcome: count for outcome, count in stats.outcomes.items() if count}
+
+
+async def send_and_ack(peer: TcpPeer, frame_id: int, messages: list[Message]) -> None:
+    await peer.send(notify(1, frame_id, messages))
+    ack = await peer.recv_frame()
+    assert (ack.type, ack.frame_id) == (FrameType.ACK, frame_id)
+
+
+# The ACK comes first -----------------------------------------------------------------------------
+
+
+def test_ack_is_handed_to_the_transport_before_any_pipeline_stage_runs(
+    run: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: the agent ACKs at once and replays after. Recorded in order: each write of the
+    agent's SPOP side (with the frames it holds and the intake's length at that moment) and each
+    call into a target. The ACK must be written while the request still waits in the intake, and
+    before any target sees it; the replay then reaches the shadow."""
+    events: list[tuple[str, Any]] = []
+    app_box: list[App] = []
+
+    def on_write(data: bytes) -> None:
+        frames = FrameParser().feed(data)
+        waiting = len(app_box[0].mirror._intake) if app_box else None  # None: still in the handshake
+        events.append(("write", ([frame.type for frame in frames], waiting)))
+
+    record_writes(monkeypatch, on_write)
+
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            async with running({"targets": [target("a", shadow)]}) as (app, _, peer):
+                app_box.append(app)
+                for each in app.mirror.targets:
+                    offer = each.offer
+
+                    def recording_offer(req: Any, offer: Callable[[Any], None] = offer) -> None:
+                        events.append(("offer", req.path))
+                        offer(req)
+
+                    each.offer = recording_offer  # type: ignore[method-assign]
+                await send_and_ack(peer, 1, [mirror_message("/first")])
+                await wait_until(lambda: len(shadow.requests) == 1, SETTLE)
+
+        app_box.clear()
+        run(test)
+
+    writes = [(index, what) for index, (kind, what) in enumerate(events) if kind == "write"]
+    ack_writes = [index for index, (frame_types, _) in writes if FrameType.ACK in frame_types]
+    offers = [index for index, (kind, _) in enumerate(events) if kind == "offer"]
+    assert len(ack_writes) == 1 and len(offers) == 1, events
+    assert ack_writes[0] < offers[0], events
+    assert events[ack_writes[0]][1] == ([FrameType.ACK], 1), "the ACK went out after the intake ran"
+    assert shadow.requests[0].target == "/first"
+
+
+def test_agent_hello_and_each_ack_are_written_in_one_call(
+    run: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HAProxy 3.2+ resets a connection whose AGENT-HELLO comes in several TCP segments: each
+    frame must be handed to the transport whole, in one `write`. Counted at the transport, so a
+    frame split over two writes fails however the kernel happens to join the segments."""
+    writes: list[bytes] = []
+    record_writes(monkeypatch, writes.append)
+
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            async with running({"targets": [target("a", shadow)]}) as (_, _, peer):
+                assert len(writes) == 1, writes  # the handshake: one write
+                for frame_id in (1, 2, 3):
+                    await send_and_ack(peer, frame_id, [mirror_message(f"/{frame_id}")])
+                    assert len(writes) == 1 + frame_id, writes
+
+        run(test)
+
+    parser = FrameParser()
+    frames_per_write = [[frame.type for frame in parser.feed(data)] for data in writes]
+    acks = [[FrameType.ACK]] * 3
+    assert frames_per_write == [[FrameType.AGENT_HELLO], *acks, [FrameType.AGENT_DISCONNECT]]  # at stop
+    assert not parser.buffer, "a write ended inside a frame"
+
+
+# Every request gets exactly one outcome per target ---------------------------------------------
+
+
+def test_intake_overflow_counts_queue_full_on_every_target(
+    run_asyncio: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond INTAKE_LIMIT waiting requests, HAProxy sends faster than the pipeline drains: the
+    excess is dropped as queue_full on each target, and still ACKed. The limit (10,000) is made 2
+    here; five messages in one NOTIFY all reach the handler before the intake runs."""
+    monkeypatch.setattr(mirror_module, "INTAKE_LIMIT", 2)
+    with ShadowServer() as a, ShadowServer() as b:
+
+        async def test() -> None:
+            config = {"targets": [target("a", a), target("b", b)]}
+            async with running(config) as (app, _, peer):
+                await send_and_ack(peer, 1, [mirror_message(f"/{n}") for n in range(5)])
+                for name in ("a", "b"):
+                    outcomes = await settled(app.mirror.target_stats[name], 5)
+                    assert outcomes == {"sent_2xx": 2, "queue_full": 3}, (name, outcomes)
+                assert app.mirror.messages.mirrored == 5
+
+        run_asyncio(test)
+        assert [r.target for r in a.requests] == [r.target for r in b.requests] == ["/0", "/1"]
+
+
+def test_loop_marker_counts_loop_on_every_target(run_asyncio: Callable[[AsyncTest], None]) -> None:
+    """A request that carries the agent's own loop header came from a mirror: never replayed,
+    counted `loop` once on each target."""
+    with ShadowServer() as a, ShadowServer() as b:
+
+        async def test() -> None:
+            config = {"targets": [target("a", a), target("b", b)]}
+            async with running(config) as (app, _, peer):
+                looped = mirror_message("/looped", headers="host: example\r\nX-Spoa-Mirror: 1\r\n")
+                await send_and_ack(peer, 1, [looped, mirror_message("/fresh")])
+                for name in ("a", "b"):
+                    outcomes = await settled(app.mirror.target_stats[name], 2)
+                    assert outcomes == {"loop": 1, "sent_2xx": 1}, (name, outcomes)
+
+        run_asyncio(test)
+        assert [r.target for r in a.requests] == [r.target for r in b.requests] == ["/fresh"]
+
+
+def test_drain_counts_what_is_left_as_shutdown(run_asyncio: Callable[[AsyncTest], None]) -> None:
+    """SIGTERM's drain: a hung shadow holds 2 requests in flight (concurrency 2) and 3 queued; at
+    the deadline all five are counted `shutdown`, nothing is left pending, and drain says so."""
+    with ShadowServer(mode="hang") as shadow:
+
+        async def test() -> None:
+            config = {"targets": [target("a", shadow, concurrency=2, timeout=60)]}
+            async with running(config) as (app, _, peer):
+                await send_and_ack(peer, 1, [mirror_message(f"/{n}") for n in range(5)])
+                await wait_until(lambda: len(shadow.requests) == 2, SETTLE)
+                stats = app.mirror.target_stats["a"]
+                assert (stats.received, stats.pending) == (5, 5)
+                assert await app.mirror.drain(0.05) == (0, 5)
+                assert await settled(stats, 5) == {"shutdown": 5}
+
+        run_asyncio(test)
+
+
+def test_queue_size_bounds_what_waits_for_a_busy_target(run_asyncio: Callable[[AsyncTest], None]) -> None:
+    """concurrency 2, queue_size 2, a hung shadow: of six requests two are in flight, two wait in
+    the queue and two are queue_full at once; memory is bounded by the queue, not by the load."""
+    with ShadowServer(mode="hang") as shadow:
+
+        async def test() -> None:
+            config = {"targets": [target("a", shadow, concurrency=2, queue_size=2, timeout=60)]}
+            async with running(config) as (app, _, peer):
+                await send_and_ack(peer, 1, [mirror_message(f"/{n}") for n in range(6)])
+                stats = app.mirror.target_stats["a"]
+                await wait_until(lambda: stats.received == 6 and len(shadow.requests) == 2, SETTLE)
+                assert (stats.pending, stats.outcomes["queue_full"]) == (4, 2)
+                assert len(app.mirror.targets[0].queue) == 2
+                assert stats.balanced()
+
+        run_asyncio(test)
+
+
+def test_reload_retires_old_targets_and_counts_their_leftovers(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """SIGHUP replaces target a by b: a's queue drains in the background until drain_timeout,
+    what it could not send is counted `shutdown` on a, and new requests go to b only."""
+    with ShadowServer(mode="hang") as old, ShadowServer() as new:
+
+        async def test() -> None:
+            config = {"targets": [target("a", old, concurrency=1, timeout=60)]}
+            async with running(config) as (app, _, peer):
+                await send_and_ack(peer, 1, [mirror_message(f"/{n}") for n in range(3)])
+                await wait_until(lambda: len(old.requests) == 1, SETTLE)
+                reloaded = parse_config({"targets": [target("b", new)], "drain_timeout": 0.05}, env={})
+                app.mirror.apply(reloaded, None)
+                assert [t.name for t in app.mirror.targets] == ["b"]
+                await wait_until(lambda: not app.mirror.retired, SETTLE)
+                assert await settled(app.mirror.target_stats["a"], 3) == {"shutdown": 3}
+                await send_and_ack(peer, 2, [mirror_message("/after")])
+                assert await settled(app.mirror.target_stats["b"], 1) == {"sent_2xx": 1}
+                assert app.mirror.target_stats["a"].received == 3
+
+        run_asyncio(test)
+        assert [r.target for r in new.requests] == ["/after"]
+
+
+# Limits, end to end ---------------------------------------------------------------------------
+
+
+def test_bytes_per_second_limits_body_bytes_through_the_pipeline(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """bytes_per_second 100 with a 10 s burst: 1000 body bytes may pass at once. Of four 400-byte
+    POSTs in one batch two pass and two are rate_limited (the refill would take seconds); bodiless
+    GETs spend nothing and always pass."""
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            limit = {"bytes_per_second": 100, "burst_seconds": 10}
+            async with running({"targets": [target("a", shadow, rate_limit=limit)]}) as (app, _, peer):
+                batch = [mirror_message("/get-before")]
+                batch += [mirror_message(f"/post/{n}", body=b"x" * 400) for n in range(4)]
+                batch.append(mirror_message("/get-after"))
+                await send_and_ack(peer, 1, batch)
+                outcomes = await settled(app.mirror.target_stats["a"], 6)
+                assert outcomes == {"sent_2xx": 4, "rate_limited": 2}, outcomes
+
+        run_asyncio(test)
+        sent = sorted(r.target for r in shadow.requests)
+        assert sent == ["/get-after", "/get-before", "/post/0", "/post/1"]
+
+
+BREAKER_FAULTS = {
+    "refuse": ("error_connect", {}),
+    "hang": ("error_timeout", {"timeout": 0.2}),
+    "reset": ("error_reset", {}),
+    "garbage": ("error_protocol", {}),
+    "tls": ("error_tls", {}),
+}
+
+
+@pytest.mark.parametrize("fault", list(BREAKER_FAULTS))
+def test_every_kind_of_shadow_failure_opens_the_breaker(
+    fault: str, run_asyncio: Callable[[AsyncTest], None], tmp_path: Path
+) -> None:
+    """README: every failure of the shadow opens the circuit breaker, not only connect and timeout.
+    failure_threshold 1, backoff 60 s: the first request fails with its own outcome, the next three
+    are circuit_open and never reach the shadow."""
+    outcome, options = BREAKER_FAULTS[fault]
+    if fault == "tls":
+        shadow = ShadowServer(ssl_context=self_signed_tls(str(tmp_path))[0])
+    else:
+        shadow = ShadowServer(mode=fault)
+    with shadow:
+
+        async def test() -> None:
+            breaker = {"failure_threshold": 1, "backoff": 60}
+            config = {"targets": [target("a", shadow, circuit_breaker=breaker, **options)]}
+            async with running(config) as (app, _, peer):
+                stats = app.mirror.target_stats["a"]
+                await send_and_ack(peer, 1, [mirror_message("/first")])
+                assert await settled(stats, 1) == {outcome: 1}
+                await send_and_ack(peer, 2, [mirror_message(f"/later/{n}") for n in range(3)])
+                assert await settled(stats, 4) == {outcome: 1, "circuit_open": 3}
+
+        run_asyncio(test)
+        assert [r.target for r in shadow.requests] == ([] if fault in ("refuse", "tls") else ["/first"])
