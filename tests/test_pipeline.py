@@ -287,6 +287,22 @@ def test_bytes_per_second_limits_body_bytes_through_the_pipeline(
         assert sent == ["/get-after", "/get-before", "/post/0", "/post/1"]
 
 
+def test_requests_per_second_limits_through_the_pipeline(run_asyncio: Callable[[AsyncTest], None]) -> None:
+    """requests_per_second 1 with a 5 s burst: of twelve requests in one batch exactly five pass
+    (a sixth would need a second of refill); every one is accounted."""
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            limit = {"requests_per_second": 1, "burst_seconds": 5}
+            async with running({"targets": [target("a", shadow, rate_limit=limit)]}) as (app, _, peer):
+                await send_and_ack(peer, 1, [mirror_message(f"/{n}") for n in range(12)])
+                outcomes = await settled(app.mirror.target_stats["a"], 12)
+                assert outcomes == {"sent_2xx": 5, "rate_limited": 7}, outcomes
+
+        run_asyncio(test)
+        assert sorted(r.target for r in shadow.requests) == ["/0", "/1", "/2", "/3", "/4"]
+
+
 BREAKER_FAULTS = {
     "refuse": ("error_connect", {}),
     "hang": ("error_timeout", {"timeout": 0.2}),
