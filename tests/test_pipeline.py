@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -338,3 +339,134 @@ def test_every_kind_of_shadow_failure_opens_the_breaker(
 
         run_asyncio(test)
         assert [r.target for r in shadow.requests] == ([] if fault in ("refuse", "tls") else ["/first"])
+
+
+# What each target sends ---------------------------------------------------------------------------
+
+
+def request_message(
+    path: str, headers: list[tuple[str, str]], body: bytes = b"", method: str = "POST", **extra: Any
+) -> Message:
+    block = "".join(f"{name}: {value}\r\n" for name, value in headers) + "\r\n"
+    args = {"arg_method": method, "arg_path": path, "arg_ver": "1.1", "arg_hdrs": block, "arg_body": body}
+    return Message("mirror", {**args, **extra})
+
+
+def test_each_target_rewrites_the_request_as_configured(run_asyncio: Callable[[AsyncTest], None]) -> None:
+    """One request, five targets: the exact request line, Host and headers each one receives."""
+    shadows = {name: ShadowServer() for name in ("plain", "based", "original", "suffix", "bare")}
+    headers = [("Host", "app.example:8080"), ("X-Forwarded-For", "10.0.0.1"), ("X-Drop", "secret"),
+               ("Content-Length", "4"), ("X-Keep", "yes")]  # fmt: skip
+    message = request_message("/api/v1/items?id=7", headers, b"data", src=IPv4Address("192.0.2.9"))
+    try:
+        for shadow in shadows.values():
+            shadow.start()
+
+        async def test() -> None:
+            config = {
+                "targets": [
+                    target("plain", shadows["plain"]),
+                    {
+                        "name": "based",
+                        "url": shadows["based"].url + "/base/",
+                        "path_rewrite": {"regex": "^/api/v1/", "replacement": "/v2/"},
+                        "headers": {"X-Env": "shadow"},
+                        "remove_headers": ["X-Drop"],
+                    },
+                    target("original", shadows["original"], host="original"),
+                    target("suffix", shadows["suffix"], host="suffix"),
+                    target("bare", shadows["bare"], mirror_body=False, mirror_headers=False),
+                ]
+            }
+            async with running(config) as (app, _, peer):
+                await send_and_ack(peer, 1, [message])
+                for name in shadows:
+                    assert await settled(app.mirror.target_stats[name], 1) == {"sent_2xx": 1}, name
+
+        run_asyncio(test)
+        seen = {name: shadow.requests[0] for name, shadow in shadows.items()}
+    finally:
+        for shadow in shadows.values():
+            shadow.stop()
+
+    def host(name: str) -> str:
+        return f"127.0.0.1:{shadows[name].port}"
+
+    forwarded = ("X-Forwarded-For", "10.0.0.1, 192.0.2.9")
+    marker = ("X-Spoa-Mirror", "1")
+    expected = {
+        "plain": ("/api/v1/items?id=7", [("Host", host("plain")), forwarded, ("X-Drop", "secret"),
+                                        ("X-Keep", "yes"), marker], b"data"),
+        "based": ("/base/v2/items?id=7", [("Host", host("based")), forwarded, ("X-Keep", "yes"),
+                                         ("X-Env", "shadow"), marker], b"data"),
+        "original": ("/api/v1/items?id=7", [("Host", "app.example:8080"), forwarded, ("X-Drop", "secret"),
+                                           ("X-Keep", "yes"), marker], b"data"),
+        "suffix": ("/api/v1/items?id=7", [("Host", "app.example-shadow:8080"), forwarded,
+                                         ("X-Drop", "secret"), ("X-Keep", "yes"), marker], b"data"),
+        "bare": ("/api/v1/items?id=7", [("Host", host("bare")), ("X-Forwarded-For", "192.0.2.9"), marker],
+                 b""),
+    }  # fmt: skip
+    for name, (path, sent_headers, body) in expected.items():
+        request = seen[name]
+        framing = {"content-length", "transfer-encoding", "connection"}
+        got = [(key, value) for key, value in request.headers if key.lower() not in framing]
+        assert (request.method, request.target, got, request.body) == ("POST", path, sent_headers, body), name
+
+
+def test_each_drop_reason_is_counted_once_per_target(run_asyncio: Callable[[AsyncTest], None]) -> None:
+    """filtered (methods, filters), sampled_out, body_too_large, body_truncated and invalid, each on
+    the target whose rule drops it; what no rule drops is sent, and a 5xx is counted as sent_5xx."""
+    with ShadowServer() as shadow, ShadowServer(status=503) as failing:
+
+        async def test() -> None:
+            config = {
+                "targets": [
+                    target("get_only", shadow, methods=["GET"]),
+                    target("public", shadow, filters={"deny": {"path_prefix": ["/private"]}}),
+                    target("none", shadow, sample_percentage=0),
+                    target("small", shadow, max_body_size=3),
+                    target("failing", failing),
+                ]
+            }
+            messages = [
+                request_message("/private/a", [("Host", "h")], method="GET"),
+                request_message("/big", [("Host", "h"), ("Content-Length", "4")], b"data"),
+                request_message("/cut", [("Host", "h"), ("Content-Length", "9")], b"ab"),
+                request_message("/bad", [("Host", "h"), ("Bad Name", "x")], method="GET"),
+            ]
+            async with running(config) as (app, _, peer):
+                await send_and_ack(peer, 1, messages)
+                outcomes = {name: await settled(app.mirror.target_stats[name], 4) for name in
+                            ("get_only", "public", "none", "small", "failing")}  # fmt: skip
+            assert outcomes == {
+                "get_only": {"sent_2xx": 1, "filtered": 2, "invalid": 1},
+                "public": {"filtered": 1, "sent_2xx": 1, "body_truncated": 1, "invalid": 1},
+                "none": {"sampled_out": 4},
+                "small": {"sent_2xx": 1, "body_too_large": 1, "body_truncated": 1, "invalid": 1},
+                "failing": {"sent_5xx": 2, "body_truncated": 1, "invalid": 1},
+            }
+
+        run_asyncio(test)
+
+
+def test_truncated_bodies_are_sent_marked_when_asked(run_asyncio: Callable[[AsyncTest], None]) -> None:
+    """truncated_body: send_marked: a body shorter than its Content-Length (or its body_len) goes out
+    with X-Mirror-Truncated: true, and is counted; a whole body goes out unmarked."""
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            config = {"truncated_body": "send_marked", "targets": [target("a", shadow)]}
+            messages = [
+                request_message("/cut", [("Host", "h"), ("Content-Length", "9")], b"ab"),
+                request_message("/short", [("Host", "h")], b"ab", body_len=5),
+                request_message("/whole", [("Host", "h"), ("Content-Length", "2")], b"ab"),
+            ]
+            async with running(config) as (app, _, peer):
+                await send_and_ack(peer, 1, messages)
+                stats = app.mirror.target_stats["a"]
+                assert await settled(stats, 3) == {"sent_2xx": 3}
+                assert stats.truncated_sent == 2
+
+        run_asyncio(test)
+        marked = {r.target: r.header("x-mirror-truncated") for r in shadow.requests}
+        assert marked == {"/cut": "true", "/short": "true", "/whole": None}
