@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from spoa_mirror import mirror as mirror_module
-from spoa_mirror.accounting import TargetStats
+from spoa_mirror.accounting import LATENCY_BUCKETS, Histogram, TargetStats
 from spoa_mirror.app import App
 from spoa_mirror.config import parse_config
 from spoe import Message
@@ -470,3 +470,44 @@ def test_truncated_bodies_are_sent_marked_when_asked(run_asyncio: Callable[[Asyn
         run_asyncio(test)
         marked = {r.target: r.header("x-mirror-truncated") for r in shadow.requests}
         assert marked == {"/cut": "true", "/short": "true", "/whole": None}
+
+
+# The other counters ---------------------------------------------------------------------------------
+
+
+def test_latency_histogram_buckets_like_prometheus() -> None:
+    """An observation on a bound counts in that bucket (le), the buckets are cumulative, +Inf last."""
+    histogram = Histogram((0.1, 1.0))
+    for seconds in (0.05, 0.1, 0.5, 5.0):
+        histogram.observe(seconds)
+    assert histogram.counts == [2, 1, 1]
+    assert histogram.cumulative() == [("0.1", 2), ("1.0", 3), ("+Inf", 4)]
+    assert (histogram.count, histogram.total) == (4, pytest.approx(5.65))
+    assert Histogram().cumulative() == [(repr(bound), 0) for bound in LATENCY_BUCKETS] + [("+Inf", 0)]
+
+
+def test_messages_redactions_and_latency_are_counted(run_asyncio: Callable[[AsyncTest], None]) -> None:
+    """Beside the outcomes: SPOP messages that are not mirror requests or cannot be read, each
+    redaction rule applied, and one latency observation per answered replay."""
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            async with running({"targets": [target("a", shadow)]}) as (app, _, peer):
+                secret = [("Host", "h"), ("Authorization", "Bearer x")]
+                messages = [
+                    request_message("/1", secret, method="GET"),
+                    Message("other", {"ip": "10.0.0.1"}),
+                    Message("mirror", {"arg_method": "GET", "arg_path": "/", "arg_hdrs": 5}),
+                    request_message("/2", secret, method="GET"),
+                ]
+                await send_and_ack(peer, 1, messages)
+                stats = app.mirror.target_stats["a"]
+                assert await settled(stats, 2) == {"sent_2xx": 2}
+                counted = app.mirror.messages
+                assert (counted.mirrored, counted.not_mirror, counted.invalid) == (2, 1, {"bad_headers": 1})
+                assert stats.redactions == {"header:authorization": 2}
+                assert stats.latency.count == 2 and sum(stats.latency.counts) == 2
+                assert stats.latency.cumulative()[-1] == ("+Inf", 2) and stats.latency.total > 0
+
+        run_asyncio(test)
+        assert [r.header("authorization") for r in shadow.requests] == ["[REDACTED]", "[REDACTED]"]
