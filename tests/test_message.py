@@ -106,8 +106,11 @@ def test_binary_header_blocks() -> None:
     assert parse_binary_headers(block) == [("Host", "h"), ("X-é", "é")]
     assert parse_headers(block) == [("Host", "h"), ("X-é", "é")]
     assert parse_binary_headers(b"\x00\x00\x04Host\x01h") == []
-    with pytest.raises(InvalidFrame, match="without its end marker"):
+    with pytest.raises(InvalidFrame) as info:
         parse_binary_headers(b"\x04Host\x01h")
+    assert str(info.value) == "binary header block without its end marker"
+    # An empty value is a header, not the end of the block.
+    assert parse_binary_headers(b"\x07X-Empty\x00\x01B\x011\x00\x00") == [("X-Empty", ""), ("B", "1")]
     # Not a binary block after all: read as text.
     assert parse_headers(b"Host: h\r\n\r\n") == [("Host", "h")]
     assert parse_headers("Host: h\r\n") == [("Host", "h")]
@@ -117,3 +120,21 @@ def test_text_header_blocks_keep_order_duplicates_and_inner_colons() -> None:
     block = "A: 1\r\nB: x:y\r\nA: 2\r\n:empty name\r\n\r\n"
     assert parse_text_headers(block) == [("A", "1"), ("B", "x:y"), ("A", "2"), ("", "empty name")]
     assert parse_text_headers("") == []
+
+
+def test_bytes_that_are_not_utf8_travel_unchanged() -> None:
+    """STRING and BINARY arguments are bytes on the wire: what is not UTF-8 is kept as surrogates and
+    written back byte for byte by the wire layer (surrogateescape), never refused or replaced."""
+    raw = b"\xff\xfe"
+    text = raw.decode("utf-8", "surrogateescape")
+    req = to_request({"method": raw, "path": b"/" + raw, "ver": raw, "unique_id": raw, "body": text,
+                      "hdrs": b"X-Raw: " + raw + b"\r\n\r\n"})  # fmt: skip
+    assert (req.method, req.path, req.version, req.unique_id) == (text, "/" + text, text, text)
+    assert req.body == raw
+    assert req.headers == [("X-Raw", text)]
+    binary = b"\x02\xff\xfe\x02\xff\xfe\x00\x00"
+    assert parse_binary_headers(binary) == [(text, text)]
+
+
+def test_header_values_lose_only_spaces_and_tabs_around_them() -> None:
+    assert parse_text_headers("A: \x0b v \t\x0c\r\n\r\n") == [("A", "\x0b v \t\x0c")]
