@@ -288,6 +288,18 @@ def test_a_success_between_failures_restarts_the_count() -> None:
     assert breaker.state == "open"
 
 
+def test_a_successful_probe_starts_the_failure_count_afresh() -> None:
+    clock = FakeClock()
+    breaker = open_breaker(clock, threshold=2)
+    clock.advance(1.0)
+    assert breaker.allow() and breaker.state == "half_open"
+    breaker.record_success()
+    breaker.record_failure()
+    assert breaker.state == "closed"
+    breaker.record_failure()
+    assert breaker.state == "open"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
