@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from spoa_mirror import mirror as mirror_module
 from spoa_mirror.accounting import LATENCY_BUCKETS, Histogram, TargetStats
@@ -511,3 +512,134 @@ def test_messages_redactions_and_latency_are_counted(run_asyncio: Callable[[Asyn
 
         run_asyncio(test)
         assert [r.header("authorization") for r in shadow.requests] == ["[REDACTED]", "[REDACTED]"]
+
+
+# Mutation-testing survivors of mirror.py, killed ------------------------------------------------------
+
+
+def test_https_targets_verify_the_certificate_by_name_or_skip_it_when_told(
+    run_asyncio: Callable[[AsyncTest], None], tmp_path: Path
+) -> None:
+    """A shadow whose certificate the agent trusts (ca_file) is verified against the target's host
+    name; tls_verify false sends to a self-signed one (test_every_kind_of_shadow_failure_opens_the_
+    breaker[tls] covers the failed verification)."""
+    context, cert = self_signed_tls(str(tmp_path))
+    with ShadowServer(ssl_context=context) as shadow:
+
+        async def test() -> None:
+            https = f"https://localhost:{shadow.port}/"
+            config = {"targets": [{"name": "trusted", "url": https, "ca_file": cert},
+                                  {"name": "unverified", "url": https, "tls_verify": False}]}  # fmt: skip
+            async with running(config) as (app, _, peer):
+                await send_and_ack(peer, 1, [mirror_message("/tls")])
+                for name in ("trusted", "unverified"):
+                    assert await settled(app.mirror.target_stats[name], 1) == {"sent_2xx": 1}, name
+
+        run_asyncio(test)
+
+
+def test_head_replies_carry_no_body_and_the_connection_goes_on(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """A HEAD's response has a Content-Length and no body: the next request on the same connection
+    (concurrency 1) must still be answered."""
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            config = {"targets": [target("a", shadow, concurrency=1, timeout=2)]}
+            async with running(config) as (app, _, peer):
+                head = request_message("/head", [("Host", "h")], method="HEAD")
+                await send_and_ack(peer, 1, [head, mirror_message("/after")])
+                assert await settled(app.mirror.target_stats["a"], 2) == {"sent_2xx": 2}
+
+        run_asyncio(test)
+        assert shadow.connections_accepted == 1
+
+
+def test_suffix_host_policy_without_a_host_uses_the_target_and_rewrites_once(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            rewrite = {"regex": "a", "replacement": "A"}
+            config = {"targets": [target("a", shadow, host="suffix", path_rewrite=rewrite)]}
+            async with running(config) as (app, _, peer):
+                await send_and_ack(peer, 1, [request_message("/banana", [("X-No-Host", "1")], method="GET")])
+                assert await settled(app.mirror.target_stats["a"], 1) == {"sent_2xx": 1}
+
+        run_asyncio(test)
+        [request] = shadow.requests
+        assert (request.target, request.header("host")) == ("/bAnana", f"127.0.0.1:{shadow.port}")
+
+
+def test_keyed_sampling_and_the_body_size_limit_at_its_edge(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """sample_key: the same user always gets the same fate (requests without the key are sampled at
+    random); a body of exactly max_body_size passes; two invalid requests count two."""
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            keyed = {"sample_percentage": 50, "sample_key": {"header": "X-User"}}
+            config = {"targets": [target("half", shadow, **keyed), target("small", shadow, max_body_size=3)]}
+            users = [f"user-{n}" for n in range(20)] * 2
+            messages = [request_message(f"/{user}", [("Host", "h"), ("X-User", user)], method="GET")
+                        for user in users]  # fmt: skip
+            messages += [request_message("/three", [("Host", "h"), ("Content-Length", "3")], b"abc")]
+            messages += [request_message("/bad", [("Host", "h"), ("Bad Name", "x")], method="GET")] * 2
+            async with running(config) as (app, _, peer):
+                await send_and_ack(peer, 1, messages)
+                half = await settled(app.mirror.target_stats["half"], 43)
+                small = await settled(app.mirror.target_stats["small"], 43)
+            assert small == {"sent_2xx": 41, "invalid": 2}
+            assert 0 < half["sampled_out"] < 43 and half["sent_2xx"] > 0  # keyless ones sample at random
+
+        run_asyncio(test)
+        sent = [r.target for r in shadow.requests]
+        # Each user's two requests go to "small"; to "half" both or neither: 4 or 2 arrivals each.
+        per_user = {f"/user-{n}": sent.count(f"/user-{n}") for n in range(20)}
+        assert set(per_user.values()) == {2, 4}, per_user
+        assert sent.count("/three") in (1, 2)
+
+
+def test_a_retired_target_finishes_its_queue_before_its_drain_deadline(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """A reload with drain_timeout 10 s: the old target's queued requests to a slow shadow (0.2 s
+    each) are still sent, not counted shutdown."""
+    with ShadowServer(mode="delay", delay=0.2) as old, ShadowServer() as new:
+
+        async def test() -> None:
+            async with running({"targets": [target("a", old, concurrency=1)]}) as (app, _, peer):
+                await send_and_ack(peer, 1, [mirror_message(f"/{n}") for n in range(3)])
+                reloaded = parse_config({"targets": [target("b", new)], "drain_timeout": 10}, env={})
+                app.mirror.apply(reloaded, None)
+                await wait_until(lambda: not app.mirror.retired, SETTLE)
+                assert await settled(app.mirror.target_stats["a"], 3) == {"sent_2xx": 3}
+
+        run_asyncio(test)
+
+
+def test_failures_are_logged_once_per_reason_with_the_target(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """Repetitive errors are rate-limited per reason: the first of each is logged, with its target."""
+    with ShadowServer(mode="garbage") as shadow:
+
+        async def test() -> None:
+            config = {"targets": [target("a", shadow, circuit_breaker={"failure_threshold": 100})]}
+            with capture_logs() as logs:
+                async with running(config) as (app, _, peer):
+                    bad = request_message("/bad", [("Host", "h"), ("Bad Name", "x")], method="GET")
+                    await send_and_ack(peer, 1, [mirror_message("/1"), bad, mirror_message("/2"), bad])
+                    outcomes = await settled(app.mirror.target_stats["a"], 4)
+                    assert outcomes == {"error_protocol": 2, "invalid": 2}
+            warnings = [entry for entry in logs if entry["event"].startswith("mirror.")]
+            assert [(e["event"], e["target"], e["reason"], e["suppressed"]) for e in warnings] == [
+                ("mirror.invalid_request", "a", "bad_header", 0),
+                ("mirror.send_failed", "a", "protocol", 0),
+            ]
+            assert "error" in warnings[1]
+
+        run_asyncio(test)
