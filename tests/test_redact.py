@@ -456,3 +456,46 @@ def test_config_errors_name_the_key(spec: object, key: bytes | None, message: st
     with pytest.raises(ConfigError) as info:
         build_redactor(spec, "t", key, lambda rule: None)  # type: ignore[arg-type]
     assert str(info.value).startswith(message)
+
+
+# Bytes that are not UTF-8, and JSON that is not ASCII (mutation-testing survivors)
+
+
+def test_form_bodies_that_are_not_utf8_keep_their_other_bytes() -> None:
+    redact, seen = redactor({"form_fields": {"password": "mask"}})
+    body = b"name=\xff\xfe&password=hunter2&note=caf%C3%A9"
+    req = redact(request(headers=[("Content-Type", "application/x-www-form-urlencoded")], body=body))
+    assert req.body == b"name=\xff\xfe&password=%5BREDACTED%5D&note=caf%C3%A9"
+    assert seen == ["form:password"]
+
+
+def test_json_keeps_non_ascii_text_as_utf8_and_compact() -> None:
+    redact, _ = redactor({"json_fields": {"password": "mask"}})
+    req = redact(json_request({"name": "café", "password": "x", "list": [1, 2]}))
+    assert req.body == '{"name":"café","password":"[REDACTED]","list":[1,2]}'.encode()
+
+
+def test_json_with_a_lone_surrogate_escape_stays_escaped() -> None:
+    redact, _ = redactor({"json_fields": {"password": "mask"}})
+    body = b'{"name": "\\ud800 caf\\u00e9", "password": "x"}'
+    req = redact(request(headers=[("Content-Type", "application/json")], body=body))
+    assert req.body == b'{"name":"\\ud800 caf\\u00e9","password":"[REDACTED]"}'
+
+
+def test_query_values_holding_an_equals_sign_and_encoded_names_are_redacted() -> None:
+    redact, seen = redactor({"query": {"token": "mask"}})
+    assert redact(request("/a?token=x=y&id=1")).path == "/a?token=%5BREDACTED%5D&id=1"
+    assert redact(request("/a?t%6Fken=x&id=1")).path == "/a?t%6Fken=%5BREDACTED%5D&id=1"
+    assert seen == ["query:token", "query:token"]
+
+
+def test_a_keep_pattern_does_not_stop_the_patterns_after_it() -> None:
+    patterns = {
+        "first": {"regex": "a+", "action": "keep"},
+        "digits": {"regex": "[0-9]+", "action": "mask"},
+        "second": {"regex": "b+", "action": "keep"},
+        "zed": {"regex": "z", "action": "remove"},
+    }
+    redact, seen = redactor({"patterns": patterns})
+    assert redact(request(body=b"aa 123 bb z")).body == b"aa [REDACTED] bb "
+    assert seen == ["pattern:digits", "pattern:zed"]
