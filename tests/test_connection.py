@@ -429,13 +429,15 @@ def test_haproxy_disconnect_with_an_error_reports_its_status() -> None:
         ({"status-code": Uint32(2), "message": Uint32(7)}, Status.TIMEOUT, "timeout"),
         ({"status-code": True, "message": "odd"}, Status.UNKNOWN, "odd"),
         ({"message": "no code"}, Status.UNKNOWN, "no code"),
+        ({"status-code": Uint32(13), "message": b"bin"}, Status.RESOURCE_ALLOCATION, "resource allocation"),
+        ({"status-code": Uint32(0), "message": "m" * 300}, Status.NORMAL, "m" * 200),
     ],
 )
 def test_haproxy_disconnect_with_odd_items_is_still_answered(
     items: dict[str, Any], status: Status, reply: str
 ) -> None:
     """A message that is not a string is ignored (the reply names the status instead); a status that
-    is not an integer is UNKNOWN, a BOOL included."""
+    is not an integer is UNKNOWN, a BOOL included; the reply's message is cut at 200 characters."""
     conn = ready_connection()
     frame = encode_frame(FrameType.HAPROXY_DISCONNECT, FLAG_FIN, 0, 0, encode_kv_list(items))
     events, frames = exchange(conn, frame)
