@@ -499,3 +499,21 @@ def test_a_keep_pattern_does_not_stop_the_patterns_after_it() -> None:
     redact, seen = redactor({"patterns": patterns})
     assert redact(request(body=b"aa 123 bb z")).body == b"aa [REDACTED] bb "
     assert seen == ["pattern:digits", "pattern:zed"]
+
+
+def test_hmac_digests_the_original_bytes_even_when_they_are_not_utf8() -> None:
+    """A header value, a query value and a JSON string can hold bytes that are not UTF-8 (kept as
+    surrogates): the digest is of the bytes the client sent."""
+    spec = {"headers": {"X-Id": "hmac"}, "query": {"id": "hmac"}, "json_fields": {"id": "hmac"}}
+    redact, _ = redactor(spec)
+    byte_ff, lone_surrogate = expected_hmac(b"\xff"), expected_hmac(b"\xed\xa0\x80")
+    out = redact(request("/a?id=%FF&q=1?x", [("X-Id", "\udcff")]))
+    assert out.headers == [("X-Id", byte_ff)]
+    assert out.path == f"/a?id={byte_ff}&q=1?x"
+    out = redact(request(headers=[("Content-Type", "application/json")], body=b'{"id": "\\ud800"}'))
+    assert out.body == f'{{"id":"{lone_surrogate}"}}'.encode()
+
+
+def test_the_query_starts_at_the_first_question_mark() -> None:
+    redact, _ = redactor({"query": {"token": "mask"}})
+    assert redact(request("/a?token=x?y&id=1")).path == "/a?token=%5BREDACTED%5D&id=1"
