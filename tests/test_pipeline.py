@@ -549,8 +549,9 @@ def test_head_replies_carry_no_body_and_the_connection_goes_on(
             config = {"targets": [target("a", shadow, concurrency=1, timeout=2)]}
             async with running(config) as (app, _, peer):
                 head = request_message("/head", [("Host", "h")], method="HEAD")
-                await send_and_ack(peer, 1, [head, mirror_message("/after")])
-                assert await settled(app.mirror.target_stats["a"], 2) == {"sent_2xx": 2}
+                # The first goes out at once, the HEAD and the last wait in the queue.
+                await send_and_ack(peer, 1, [mirror_message("/before"), head, mirror_message("/after")])
+                assert await settled(app.mirror.target_stats["a"], 3) == {"sent_2xx": 3}
 
         run_asyncio(test)
         assert shadow.connections_accepted == 1
@@ -641,5 +642,33 @@ def test_failures_are_logged_once_per_reason_with_the_target(
                 ("mirror.send_failed", "a", "protocol", 0),
             ]
             assert "error" in warnings[1]
+
+        run_asyncio(test)
+
+
+def test_a_status_outside_http_and_a_crash_of_ours_still_get_one_outcome(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """A shadow answering status 999 is a protocol error; an exception that is not a transport
+    failure (a bug of ours reaching the pool's callback) is error_internal, logged, and the target
+    goes on with its queue."""
+    with ShadowServer(status=999) as odd, ShadowServer(mode="hang") as hung:
+
+        async def test() -> None:
+            config = {"targets": [target("odd", odd), target("hung", hung, concurrency=1, timeout=60)]}
+            async with running(config) as (app, _, peer):
+                await send_and_ack(peer, 1, [mirror_message("/1"), mirror_message("/2")])
+                assert await settled(app.mirror.target_stats["odd"], 2) == {"error_protocol": 2}
+                await wait_until(lambda: len(hung.requests) == 1, SETTLE)
+                [target_hung] = [t for t in app.mirror.targets if t.name == "hung"]
+                with capture_logs() as logs:
+                    target_hung._sent(RuntimeError("boom"), 0.0)  # what the pool would call back
+                stats = app.mirror.target_stats["hung"]
+                assert (stats.outcomes["error_internal"], stats.pending) == (1, 1)
+                assert not target_hung.queue  # the queued one was handed to the pool
+                [crash] = [entry for entry in logs if entry["event"] == "mirror.send_crashed"]
+                fields = (crash["target"], crash["error"], crash["suppressed"])
+                assert fields == ("hung", "RuntimeError('boom')", 0)
+                assert isinstance(crash["exc_info"], RuntimeError)
 
         run_asyncio(test)
