@@ -9,6 +9,8 @@ shadows and counters, so each passes alone and in any order.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from ipaddress import IPv4Address
@@ -672,3 +674,41 @@ def test_a_status_outside_http_and_a_crash_of_ours_still_get_one_outcome(
                 assert isinstance(crash["exc_info"], RuntimeError)
 
         run_asyncio(test)
+
+
+def test_named_messages_hmac_key_bad_message_log_and_a_drain_that_sends(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """With `messages` set, only those names are mirrored and the others are counted not_mirror; the
+    HMAC key reaches each target's redaction; a message that cannot be read is logged once with its
+    reason; the SIGTERM drain sends what a slow shadow can take before the deadline."""
+    with ShadowServer(mode="delay", delay=0.1) as shadow:
+
+        async def test() -> None:
+            hmac_target = target("a", shadow, concurrency=1, redact={"headers": {"X-Id": "hmac"}})
+            config = parse_config(
+                {"messages": ["mirror"], "drain_timeout": 10, "secrets": {"hmac_key_env": "KEY"},
+                 "targets": [hmac_target]},
+                env={"KEY": "k" * 16},
+            )  # fmt: skip
+            app = App(config, config_path=None, overrides={})
+            async with serving(app.agent) as served:
+                peer = await served.ready_peer()
+                bad = Message("mirror", {"arg_method": "GET", "arg_path": "/", "arg_hdrs": 5})
+                other = request_message("/other", [("Host", "h")], method="GET")
+                other = Message("not-mirror", other.args)
+                with capture_logs() as logs:
+                    mirrored = [request_message(f"/{n}", [("Host", "h"), ("X-Id", "v")], method="GET")
+                                for n in range(3)]  # fmt: skip
+                    await send_and_ack(peer, 1, [other, bad, other, bad, *mirrored])
+                    counted = app.mirror.messages
+                    assert (counted.mirrored, counted.not_mirror) == (3, 2)
+                    assert counted.invalid == {"bad_headers": 2}
+                    assert await app.mirror.drain(10) == (3, 0)
+                [logged] = [entry for entry in logs if entry["event"] == "mirror.bad_message"]
+                assert (logged["reason"], logged["suppressed"]) == ("bad_headers", 0) and "error" in logged
+                assert await settled(app.mirror.target_stats["a"], 3) == {"sent_2xx": 3}
+
+        run_asyncio(test)
+        expected = "hmac-sha256:" + hmac.new(b"k" * 16, b"v", hashlib.sha256).hexdigest()[:32]
+        assert [r.header("x-id") for r in shadow.requests] == [expected] * 3
