@@ -517,3 +517,31 @@ def test_hmac_digests_the_original_bytes_even_when_they_are_not_utf8() -> None:
 def test_the_query_starts_at_the_first_question_mark() -> None:
     redact, _ = redactor({"query": {"token": "mask"}})
     assert redact(request("/a?token=x?y&id=1")).path == "/a?token=%5BREDACTED%5D&id=1"
+
+
+def test_json_without_a_matching_field_is_left_byte_for_byte() -> None:
+    redact, seen = redactor({"json_fields": {"password": "mask", "user.card": "mask"}})
+    body = b'{"user": {"name": "a"},  "items": [ {"x": 1} ]}'
+    assert redact(request(headers=[("Content-Type", "application/json")], body=body)).body == body
+    assert seen == []
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"query": {"": "mask"}}, "t.query: names must be non-empty strings, got ''"),
+        ({"form_fields": {"": "mask"}}, "t.form_fields: names must be non-empty strings, got ''"),
+        ({"patterns": {"x": {"regex": "", "action": "mask"}}},
+         "t.patterns.x.regex: must be a non-empty string"),
+        ({"query": {"a": "zap"}}, "t.query.a: unknown action 'zap'; expected one of remove, mask, hmac, "),
+    ],
+)
+def test_empty_names_and_regexes_are_config_errors(spec: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_redactor(spec, "t", KEY, lambda rule: None)
+    assert str(info.value).startswith(message)
+
+
+def test_a_pattern_hmac_in_a_query_value_keeps_its_colon() -> None:
+    redact, _ = redactor({"patterns": {"card": {"regex": "[0-9]{16}", "action": "hmac"}}})
+    assert redact(request(f"/pay?card={CARD}")).path == f"/pay?card={expected_hmac(CARD)}"
