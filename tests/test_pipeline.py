@@ -205,19 +205,22 @@ def test_loop_marker_counts_loop_on_every_target(run_asyncio: Callable[[AsyncTes
 
 
 def test_drain_counts_what_is_left_as_shutdown(run_asyncio: Callable[[AsyncTest], None]) -> None:
-    """SIGTERM's drain: a hung shadow holds 2 requests in flight (concurrency 2) and 3 queued; at
-    the deadline all five are counted `shutdown`, nothing is left pending, and drain says so."""
+    """SIGTERM's drain: a hung shadow holds 2 requests in flight (concurrency 2) and 3 queued, for
+    each of two targets; at the deadline all are counted `shutdown`, nothing is left pending, and
+    drain says so."""
     with ShadowServer(mode="hang") as shadow:
 
         async def test() -> None:
-            config = {"targets": [target("a", shadow, concurrency=2, timeout=60)]}
+            config = {"targets": [target("a", shadow, concurrency=2, timeout=60),
+                                  target("b", shadow, concurrency=2, timeout=60)]}  # fmt: skip
             async with running(config) as (app, _, peer):
                 await send_and_ack(peer, 1, [mirror_message(f"/{n}") for n in range(5)])
-                await wait_until(lambda: len(shadow.requests) == 2, SETTLE)
+                await wait_until(lambda: len(shadow.requests) == 4, SETTLE)
                 stats = app.mirror.target_stats["a"]
                 assert (stats.received, stats.pending) == (5, 5)
-                assert await app.mirror.drain(0.05) == (0, 5)
+                assert await app.mirror.drain(0.05) == (0, 10)
                 assert await settled(stats, 5) == {"shutdown": 5}
+                assert await settled(app.mirror.target_stats["b"], 5) == {"shutdown": 5}
 
         run_asyncio(test)
 
@@ -463,16 +466,22 @@ def test_truncated_bodies_are_sent_marked_when_asked(run_asyncio: Callable[[Asyn
                 request_message("/cut", [("Host", "h"), ("Content-Length", "9")], b"ab"),
                 request_message("/short", [("Host", "h")], b"ab", body_len=5),
                 request_message("/whole", [("Host", "h"), ("Content-Length", "2")], b"ab"),
+                request_message("/exact", [("Host", "h")], b"ab", body_len=2),
+                request_message("/padded", [("Host", "h"), ("Content-Length", "0" * 20 + "2")], b"ab"),
+                request_message("/ten", [("Host", "h"), ("Content-Length", "10")], b"ab"),
+                request_message("/zero", [("Host", "h"), ("Content-Length", "000")], method="GET"),
+                request_message("/word", [("Host", "h"), ("Content-Length", "abc")], method="GET"),
             ]
             async with running(config) as (app, _, peer):
                 await send_and_ack(peer, 1, messages)
                 stats = app.mirror.target_stats["a"]
-                assert await settled(stats, 3) == {"sent_2xx": 3}
-                assert stats.truncated_sent == 2
+                assert await settled(stats, 8) == {"sent_2xx": 8}
+                assert stats.truncated_sent == 3
 
         run_asyncio(test)
         marked = {r.target: r.header("x-mirror-truncated") for r in shadow.requests}
-        assert marked == {"/cut": "true", "/short": "true", "/whole": None}
+        assert marked == {"/cut": "true", "/short": "true", "/whole": None, "/exact": None, "/padded": None,
+                          "/ten": "true", "/zero": None, "/word": None}  # fmt: skip
 
 
 # The other counters ---------------------------------------------------------------------------------
@@ -635,15 +644,18 @@ def test_failures_are_logged_once_per_reason_with_the_target(
             with capture_logs() as logs:
                 async with running(config) as (app, _, peer):
                     bad = request_message("/bad", [("Host", "h"), ("Bad Name", "x")], method="GET")
-                    await send_and_ack(peer, 1, [mirror_message("/1"), bad, mirror_message("/2"), bad])
-                    outcomes = await settled(app.mirror.target_stats["a"], 4)
-                    assert outcomes == {"error_protocol": 2, "invalid": 2}
+                    bad_method = request_message("/m", [("Host", "h")], method="G T")
+                    batch = [mirror_message("/1"), bad, mirror_message("/2"), bad, bad_method]
+                    await send_and_ack(peer, 1, batch)
+                    outcomes = await settled(app.mirror.target_stats["a"], 5)
+                    assert outcomes == {"error_protocol": 2, "invalid": 3}
             warnings = [entry for entry in logs if entry["event"].startswith("mirror.")]
             assert [(e["event"], e["target"], e["reason"], e["suppressed"]) for e in warnings] == [
                 ("mirror.invalid_request", "a", "bad_header", 0),
+                ("mirror.invalid_request", "a", "bad_method", 0),
                 ("mirror.send_failed", "a", "protocol", 0),
             ]
-            assert "error" in warnings[1]
+            assert "error" in warnings[2]
 
         run_asyncio(test)
 
@@ -712,3 +724,23 @@ def test_named_messages_hmac_key_bad_message_log_and_a_drain_that_sends(
         run_asyncio(test)
         expected = "hmac-sha256:" + hmac.new(b"k" * 16, b"v", hashlib.sha256).hexdigest()[:32]
         assert [r.header("x-id") for r in shadow.requests] == [expected] * 3
+
+
+def test_shutdown_counts_add_up_across_a_reload_of_the_same_target(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """A reload that keeps target a: the old a's leftovers and, at SIGTERM, the new a's are both
+    counted shutdown on a's one set of counters."""
+    with ShadowServer(mode="hang") as shadow:
+
+        async def test() -> None:
+            hung = target("a", shadow, concurrency=1, timeout=60)
+            async with running({"targets": [hung], "drain_timeout": 0.05}) as (app, _, peer):
+                await send_and_ack(peer, 1, [mirror_message(f"/old/{n}") for n in range(3)])
+                app.mirror.apply(parse_config({"targets": [hung], "drain_timeout": 0.05}, env={}), None)
+                await wait_until(lambda: not app.mirror.retired, SETTLE)
+                await send_and_ack(peer, 2, [mirror_message(f"/new/{n}") for n in range(2)])
+                assert await app.mirror.drain(0.05) == (0, 2)
+                assert await settled(app.mirror.target_stats["a"], 5) == {"shutdown": 5}
+
+        run_asyncio(test)
