@@ -521,8 +521,10 @@ def test_the_query_starts_at_the_first_question_mark() -> None:
 
 def test_json_without_a_matching_field_is_left_byte_for_byte() -> None:
     redact, seen = redactor({"json_fields": {"password": "mask", "user.card": "mask"}})
-    body = b'{"user": {"name": "a"},  "items": [ {"x": 1} ]}'
-    assert redact(request(headers=[("Content-Type", "application/json")], body=body)).body == body
+    bodies = (b'{"user": {"name": "a"},  "items": [ {"x": 1} ]}', b'{"user": ["x", {"name": "a"}]}',
+              b'{"user": "scalar" }')  # fmt: skip
+    for body in bodies:
+        assert redact(request(headers=[("Content-Type", "application/json")], body=body)).body == body
     assert seen == []
 
 
