@@ -138,3 +138,4 @@ def test_bytes_that_are_not_utf8_travel_unchanged() -> None:
 
 def test_header_values_lose_only_spaces_and_tabs_around_them() -> None:
     assert parse_text_headers("A: \x0b v \t\x0c\r\n\r\n") == [("A", "\x0b v \t\x0c")]
+    assert parse_text_headers("A: X-y X\r\n\r\n") == [("A", "X-y X")]
