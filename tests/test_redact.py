@@ -547,3 +547,12 @@ def test_empty_names_and_regexes_are_config_errors(spec: dict, message: str) -> 
 def test_a_pattern_hmac_in_a_query_value_keeps_its_colon() -> None:
     redact, _ = redactor({"patterns": {"card": {"regex": "[0-9]{16}", "action": "hmac"}}})
     assert redact(request(f"/pay?card={CARD}")).path == f"/pay?card={expected_hmac(CARD)}"
+
+
+def test_a_keep_entry_does_not_stop_the_rules_after_it() -> None:
+    """`keep` switches one inherited rule off, not the rest of its section."""
+    patterns = {"off": "keep", "digits": {"regex": "[0-9]+", "action": "mask"}}
+    redact, seen = redactor({"json_fields": {"name": "keep", "password": "mask"}, "patterns": patterns})
+    out = redact(json_request({"name": "n", "password": "p", "note": "call 123"}))
+    assert out.body == b'{"name":"n","password":"[REDACTED]","note":"call [REDACTED]"}'
+    assert seen == ["json:password", "pattern:digits"]
