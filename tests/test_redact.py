@@ -556,3 +556,9 @@ def test_a_keep_entry_does_not_stop_the_rules_after_it() -> None:
     out = redact(json_request({"name": "n", "password": "p", "note": "call 123"}))
     assert out.body == b'{"name":"n","password":"[REDACTED]","note":"call [REDACTED]"}'
     assert seen == ["json:password", "pattern:digits"]
+
+
+def test_keep_leaves_query_and_form_values_alone_even_with_an_hmac_key() -> None:
+    redact, seen = redactor({"query": {"token": "keep"}, "form_fields": {"token": "keep"}})
+    req = redact(form_request("token=abc"))
+    assert (req.body, redact(request("/a?token=abc")).path, seen) == (b"token=abc", "/a?token=abc", [])
