@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -78,6 +79,32 @@ targets:
 """
 
 
+# Every secret the traffic carries. The demo's "secrets found" counts each of them in what the
+# shadows received, and checks the primary did get them all (so each was really planted).
+BEARER_TOKEN = "s3cr3t-token"
+SESSION_COOKIE = "abc123"
+QUERY_TOKEN = "tok-{i}"
+PASSWORD = "hunter2"
+CARD_NUMBER = "4111111111111111"
+PLANTED_SECRETS = {
+    "bearer token": re.compile(re.escape(BEARER_TOKEN)),
+    "session cookie": re.compile(re.escape(SESSION_COOKIE)),
+    "query token": re.compile(re.escape(QUERY_TOKEN).replace(r"\{i\}", r"\d+")),
+    "JSON password": re.compile(re.escape(PASSWORD)),
+    "card number": re.compile(re.escape(CARD_NUMBER)),
+}
+
+
+def secrets_found(requests: list[dict]) -> dict[str, int]:
+    """How many of `requests` carry each planted secret anywhere: path, headers or body."""
+    found = dict.fromkeys(PLANTED_SECRETS, 0)
+    for request in requests:
+        text = json.dumps(request)
+        for name, pattern in PLANTED_SECRETS.items():
+            found[name] += bool(pattern.search(text))
+    return found
+
+
 class Recorder(http.server.BaseHTTPRequestHandler):
     """A shadow (or the primary) that answers 200 and remembers what it received."""
 
@@ -141,9 +168,13 @@ def traffic(web: int, count: int) -> int:
     ok = 0
     for i in range(count):
         user = f"user-{random.randrange(50)}"
-        headers = {"X-User": user, "Authorization": "Bearer s3cr3t-token", "Cookie": "session=abc123"}
+        headers = {
+            "X-User": user,
+            "Authorization": f"Bearer {BEARER_TOKEN}",
+            "Cookie": f"session={SESSION_COOKIE}",
+        }
         if i % 3 == 0:
-            data = json.dumps({"user": user, "password": "hunter2", "card": {"number": "4111111111111111"}})
+            data = json.dumps({"user": user, "password": PASSWORD, "card": {"number": CARD_NUMBER}})
             request = urllib.request.Request(
                 f"http://127.0.0.1:{web}/orders",
                 data=data.encode(),
@@ -151,7 +182,7 @@ def traffic(web: int, count: int) -> int:
             )
         else:
             request = urllib.request.Request(
-                f"http://127.0.0.1:{web}/items/{i}?token=tok-{i}&page=2", headers=headers
+                f"http://127.0.0.1:{web}/items/{i}?token={QUERY_TOKEN.format(i=i)}&page=2", headers=headers
             )
         with urllib.request.urlopen(request, timeout=5) as response:
             ok += response.status == 200
@@ -205,13 +236,14 @@ def run(haproxy: str, ports: dict[str, int], primary: list, shadow: list, canary
             agent.send_signal(signal.SIGTERM)
             agent.wait(timeout=10)
             proxy.wait(timeout=10)
-    report(served, primary, shadow, canary, m, workdir)
+    leaked = report(served, primary, shadow, canary, m, workdir)
     show_metrics(page)
     explain(served, primary, shadow, canary, m)
-    return 0
+    return 1 if leaked else 0
 
 
-def report(served: int, primary: list, shadow: list, canary: list, m: dict, workdir: Path) -> None:
+def report(served: int, primary: list, shadow: list, canary: list, m: dict, workdir: Path) -> int:
+    """Prints the summary; returns how many secrets reached a shadow, or were never planted."""
     print(f"\nprimary served {served} requests ({len(primary)} reached the primary server)")
     for name, received in (("shadow-v2", shadow), ("canary", canary)):
         sent = sum(
@@ -244,8 +276,12 @@ def report(served: int, primary: list, shadow: list, canary: list, m: dict, work
                 print(f"  {key}: {sample['headers'].get(key.lower())}")
             if sample["body"]:
                 print(f"  body: {sample['body']}")
-    leaked = [r for r in (*shadow, *canary) if "s3cr3t" in json.dumps(r) or "hunter2" in json.dumps(r)]
-    print(f"\nsecrets found in any shadow request: {len(leaked)}")
+    planted = secrets_found(primary)
+    leaked = secrets_found([*shadow, *canary])
+    print(f"\nsecrets found in any shadow request: {sum(leaked.values())}")
+    for name in PLANTED_SECRETS:
+        print(f"  {name}: in {planted[name]} primary requests, {leaked[name]} shadow requests")
+    return sum(leaked.values()) + sum(1 for count in planted.values() if not count)
 
 
 METRICS_SHOWN = (

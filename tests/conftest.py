@@ -75,6 +75,19 @@ def haproxy_release(request: pytest.FixtureRequest) -> Iterator[HAProxyRelease]:
         yield release
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reverse",
+        action="store_true",
+        help="run the collected tests in reverse order: a test that passes only after another fails",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--reverse"):
+        items.reverse()
+
+
 EchoAgentFactory = Callable[..., AbstractContextManager[ManagedProcess]]
 
 

@@ -53,7 +53,6 @@ from tests.support.spop_peer import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-ACK_DEADLINE = 0.5  # seconds: a typical `timeout processing`; the ACK must never come close to it
 SETTLE_TIMEOUT = 10.0
 MAX_BODY = 64 * 1024  # the target's max_body_size
 FRAGMENT = 16000  # NOTIFY payload per frame: under the 16380 bytes HAProxy 2.6 negotiates
@@ -304,10 +303,10 @@ def with_body(body: bytes, *header_lines: str, method: str = "POST") -> dict[str
     return {"arg_method": method, "arg_hdrs": block, "arg_body": body, "body_len": len(body)}
 
 
-async def _notify_and_ack(port: int, messages: list[Message]) -> float:
+async def _notify_and_ack(port: int, messages: list[Message]) -> None:
     """One SPOP connection: HELLO, the NOTIFY (fragmented when it does not fit a frame, as HAProxy 2.x
-    does towards an agent announcing fragmentation), the ACK. Returns the seconds from the last byte
-    of the NOTIFY to the ACK."""
+    does towards an agent announcing fragmentation), the ACK. That the ACK goes out before any replay
+    work is checked structurally in test_pipeline.py; the 5 s wait here only catches a hang."""
     peer = await TcpPeer.connect(("127.0.0.1", port))
     try:
         hello = await peer.handshake(hello_2x())
@@ -317,18 +316,14 @@ async def _notify_and_ack(port: int, messages: list[Message]) -> float:
             frames = [notify(7, 1, messages)]
         else:
             frames = notify_fragments(7, 1, messages, range(FRAGMENT, len(payload), FRAGMENT))
-        loop = asyncio.get_running_loop()
         for frame in frames:  # frame by frame, as HAProxy writes them
             await peer.send(frame)
-        sent = loop.time()
         ack = await peer.recv_frame(timeout=5.0)
-        elapsed = loop.time() - sent
         assert ack.type == FrameType.ACK, f"expected an ACK, got frame type {ack.type}"
         assert (ack.stream_id, ack.frame_id) == (7, 1)
         actions = ack_actions(ack)  # one per message, never none: see spoa_mirror.mirror.ACK_ACCEPTED
         assert actions and all(action in (*ACK_ACCEPTED, *ACK_REFUSED) for action in actions), actions
         await peer.send(haproxy_disconnect())
-        return elapsed
     finally:
         peer.close()
 
@@ -342,12 +337,11 @@ class Result:
 
 
 def deliver(agent: Agent, *messages: Message, offered: int) -> Result:
-    """Send `messages` in one NOTIFY, check the ACK is prompt, wait until every message is counted,
+    """Send `messages` in one NOTIFY, check it is ACKed, wait until every message is counted,
     `offered` of them reached the target and none is in flight, and return what moved."""
     before = agent.metrics()
     seen, refused = agent.shadow.snapshot()
-    elapsed = asyncio.run(_notify_and_ack(agent.spop_port, list(messages)))
-    assert elapsed < ACK_DEADLINE, f"ACK after {elapsed:.3f} s"
+    asyncio.run(_notify_and_ack(agent.spop_port, list(messages)))
 
     deadline = time.monotonic() + SETTLE_TIMEOUT
     while True:

@@ -32,7 +32,7 @@ from spoe import (
     VarScope,
 )
 from spoe.data import encode_string
-from spoe.frames import FLAG_ABORT, FLAG_FIN, FrameType, encode_frame, encode_messages
+from spoe.frames import FLAG_ABORT, FLAG_FIN, FrameType, encode_frame, encode_kv_list, encode_messages
 from tests.support.spop_peer import (
     HAPROXY_2X_CAPABILITIES,
     HAPROXY_3X_CAPABILITIES,
@@ -324,6 +324,15 @@ def test_fragments_split_at_every_byte_offset_are_reassembled(cut: int) -> None:
     assert (ack.type, ack.stream_id, ack.frame_id) == (FrameType.ACK, 5, 8)
 
 
+def test_fragments_larger_than_the_smallest_frame_are_joined_whole() -> None:
+    """Fragments of 256 bytes or more are kept as separate parts (smaller ones are merged), and
+    reassembled byte for byte."""
+    messages = [Message("big", {"a": "x" * 700, "b": b"y" * 700})]
+    conn = ready_connection()
+    events, _ = exchange(conn, *notify_fragments(5, 8, messages, [300, 700, 1100]))
+    assert events == [Notify(5, 8, messages)]
+
+
 @settings(max_examples=200, deadline=None)
 @given(cuts=st.lists(st.integers(0, len(PAYLOAD)), min_size=1, max_size=8), one_read=st.booleans())
 def test_fragments_split_anywhere_are_reassembled(cuts: list[int], one_read: bool) -> None:
@@ -412,6 +421,29 @@ def test_haproxy_disconnect_with_an_error_reports_its_status() -> None:
     assert events == [Closed(Status.TIMEOUT, "a timeout occurred", by_peer=True)]
     assert len(frames) == 1
     disconnect_status(frames[0])
+
+
+@pytest.mark.parametrize(
+    ("items", "status", "reply"),
+    [
+        ({"status-code": Uint32(2), "message": Uint32(7)}, Status.TIMEOUT, "timeout"),
+        ({"status-code": True, "message": "odd"}, Status.UNKNOWN, "odd"),
+        ({"message": "no code"}, Status.UNKNOWN, "no code"),
+        ({"status-code": Uint32(13), "message": b"bin"}, Status.RESOURCE_ALLOCATION, "resource allocation"),
+        ({"status-code": Uint32(0), "message": "m" * 300}, Status.NORMAL, "m" * 200),
+    ],
+)
+def test_haproxy_disconnect_with_odd_items_is_still_answered(
+    items: dict[str, Any], status: Status, reply: str
+) -> None:
+    """A message that is not a string is ignored (the reply names the status instead); a status that
+    is not an integer is UNKNOWN, a BOOL included; the reply's message is cut at 200 characters."""
+    conn = ready_connection()
+    frame = encode_frame(FrameType.HAPROXY_DISCONNECT, FLAG_FIN, 0, 0, encode_kv_list(items))
+    events, frames = exchange(conn, frame)
+    text = items["message"] if isinstance(items["message"], str) else ""
+    assert events == [Closed(status, text, by_peer=True)]
+    assert [disconnect_status(f) for f in frames] == [(status, reply)]
 
 
 @pytest.mark.parametrize("mid_frame", [False, True])

@@ -495,3 +495,18 @@ def test_frame_truncated_in_its_header_is_invalid(frame: Frame) -> None:
     for end in range(len(packet)):
         with pytest.raises(InvalidFrame):
             spec.parse_packet(packet[:end])
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"\x01\x03", "truncated action"),
+        (b"\x01\x03\x09\x01a\x08\x01x", "unknown variable scope 9"),
+        (b"\x07\x03\x02\x01a", "unknown action 7 with 3 args"),
+        (b"\x01\x02\x02\x01a", "unknown action 1 with 2 args"),
+    ],
+)
+def test_bad_actions_say_what_is_wrong(payload: bytes, message: str) -> None:
+    with pytest.raises(InvalidFrame) as info:
+        decode_actions(payload)
+    assert str(info.value) == message

@@ -10,12 +10,11 @@ wrk load (tests/support/load.py: -t1 -c16, a few seconds) while something breaks
 - once quiet, for every target: received == sum(outcomes) and nothing in flight (/metrics);
 - what the fault must produce: its outcome class, mirroring going on through the other agent, etc.
 
-Latency is printed, not judged: the primary's p99 next to the healthy run's, with only a generous
-bound asserted that catches real harm, max(2 x healthy, healthy + 50 ms), plus HAProxy's
-`timeout processing` where the test takes every agent away (a request may then wait that long for
-its ACK, by design). One short run on a shared two-core machine is too noisy for finer comparisons;
-those belong to bench/e2e_bench.py. `pytest -s` or `-rA` shows the figures; they are also recorded
-as junit properties.
+Latency is printed, not judged: the primary's p99 next to the healthy run's, with only a hang
+bound asserted, HANG_P99_MS plus HAProxy's `timeout processing` where the test takes every agent
+away (a request may then wait that long for its ACK, by design). One short run on a shared two-core
+machine is too noisy for comparisons; those belong to bench/e2e_bench.py. `pytest -s` or `-rA`
+shows the figures; they are also recorded as junit properties.
 
 HAProxy runs what we ship where faults are handled: the agents' backend of haproxy/haproxy.cfg
 (option spop-check, inter 1s fall 2 rise 2, observe layer4) and haproxy/mirror.spoe.conf as is
@@ -312,12 +311,16 @@ def settle(agent: Agent, targets: list[str], timeout: float = 15.0) -> dict[str,
     return accounts
 
 
+# Catches a primary stuck behind the mirror, not a slower one: the healthy p99 is a few ms.
+HANG_P99_MS = 1000.0
+
+
 def p99_bound(healthy: LoadResult, extra_ms: float = 0.0) -> float:
-    return max(2 * healthy.p99_ms, healthy.p99_ms + 50.0) + extra_ms
+    return HANG_P99_MS + extra_ms
 
 
 def check_primary(load: LoadResult, healthy: LoadResult, extra_ms: float = 0.0) -> None:
-    """No failed primary request, and a p99 that shows no real harm."""
+    """No failed primary request, and no primary request held anywhere near a hang."""
     assert load.failed == 0, f"primary requests failed: {load.summary()}\n{load.output}"
     bound = p99_bound(healthy, extra_ms)
     assert load.p99_ms < bound, f"primary p99 {load.p99_ms:.2f} ms over {bound:.2f} ms: {load.summary()}"

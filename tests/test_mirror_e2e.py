@@ -623,14 +623,16 @@ def test_filters_match_the_normalised_path_and_method_overrides(shared: MirrorSt
 
 
 def test_rate_limit_drops_the_excess_and_counts_it(shared: MirrorStack) -> None:
-    """5 requests a second with a 1 s burst: of 30 requests sent in a few milliseconds about 5 pass
-    and the rest are rate_limited, each one accounted; HAProxy serves them all."""
+    """5 requests a second with a 1 s burst: of 30 requests sent at once the burst passes and the
+    excess is rate_limited, each one accounted; HAProxy serves them all. How many pass depends on
+    how long the 30 take (the bucket refills meanwhile): only a run slower than 5 s could let them
+    all through. The exact count is checked in-process, in test_pipeline.py."""
     before = shared.metrics()
     responses = shared.blast([(f"/rate/{n}", {}) for n in range(30)], concurrency=5)
     assert {response.status for response in responses} == {200}
     outcomes = shared.settle("rate", 30, before)
     assert set(outcomes) == {"sent_2xx", "rate_limited"}
-    assert 5 <= outcomes["sent_2xx"] <= 8
+    assert outcomes["sent_2xx"] >= 5
     assert outcomes["sent_2xx"] == len(shared.shadows["rate"].requests)
 
 
@@ -654,15 +656,12 @@ def test_circuit_breaker_opens_on_a_refused_target(shared: MirrorStack) -> None:
 def test_shadow_faults_are_classified_and_never_reach_the_client(shared: MirrorStack) -> None:
     """A shadow that hangs (target timeout 300 ms), resets the connection mid-response, or answers
     bytes that are not HTTP: error_timeout, error_reset, error_protocol; meanwhile HAProxy answers
-    every client request at once with 200, because the agent ACKs before it replays."""
+    every client request with 200 and no SPOE error. (That the ACK goes out before any replay work
+    is checked structurally, by the order of writes, in test_pipeline.py.)"""
     before = shared.metrics()
     with client(shared) as http:
         for n in range(3):
-            started = time.monotonic()
-            response = http.get(f"/fault/{n}")
-            elapsed = time.monotonic() - started
-            assert_served(response)
-            assert elapsed < 0.25, elapsed  # under the 300 ms the hung shadow holds its mirror
+            assert_served(http.get(f"/fault/{n}"))
     assert shared.settle("hang", 3, before) == {"error_timeout": 3}
     assert shared.settle("reset", 3, before) == {"error_reset": 3}
     assert shared.settle("garbage", 3, before) == {"error_protocol": 3}
@@ -707,16 +706,12 @@ def test_every_request_is_accounted_after_load(shared: MirrorStack) -> None:
 def test_invalid_message_is_counted_and_still_acked(shared: MirrorStack) -> None:
     """A message named as a mirror message but without a method: the agent counts it
     (`spoa_mirror_messages_total{result="invalid",reason="missing_method"}`), offers it to no
-    target, and ACKs it at once: HAProxy answers 200 without an SPOE error, far inside `timeout
-    processing` (500 ms)."""
+    target, and ACKs it: HAProxy answers 200 without an SPOE error, so within `timeout processing`."""
     invalid = series("spoa_mirror_messages_total", reason="missing_method", result="invalid")
     before = shared.metrics()
     with client(shared) as http:
-        started = time.monotonic()
         response = http.get("/invalid/no-method")
-        elapsed = time.monotonic() - started
     assert_served(response)
-    assert elapsed < 0.2, elapsed
     deadline = time.monotonic() + 5
     while (after := shared.metrics()).get(invalid, 0) == before.get(invalid, 0):
         assert time.monotonic() < deadline, "the invalid message was never counted"

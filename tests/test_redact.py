@@ -476,3 +476,109 @@ def test_config_errors_name_the_key(spec: object, key: bytes | None, message: st
     with pytest.raises(ConfigError) as info:
         build_redactor(spec, "t", key, lambda rule: None)  # type: ignore[arg-type]
     assert str(info.value).startswith(message)
+
+
+# Bytes that are not UTF-8, and JSON that is not ASCII (mutation-testing survivors)
+
+
+def test_form_bodies_that_are_not_utf8_keep_their_other_bytes() -> None:
+    redact, seen = redactor({"form_fields": {"password": "mask"}})
+    body = b"name=\xff\xfe&password=hunter2&note=caf%C3%A9"
+    req = redact(request(headers=[("Content-Type", "application/x-www-form-urlencoded")], body=body))
+    assert req.body == b"name=\xff\xfe&password=%5BREDACTED%5D&note=caf%C3%A9"
+    assert seen == ["form:password"]
+
+
+def test_json_keeps_non_ascii_text_as_utf8_and_compact() -> None:
+    redact, _ = redactor({"json_fields": {"password": "mask"}})
+    req = redact(json_request({"name": "café", "password": "x", "list": [1, 2]}))
+    assert req.body == '{"name":"café","password":"[REDACTED]","list":[1,2]}'.encode()
+
+
+def test_json_with_a_lone_surrogate_escape_stays_escaped() -> None:
+    redact, _ = redactor({"json_fields": {"password": "mask"}})
+    body = b'{"name": "\\ud800 caf\\u00e9", "password": "x"}'
+    req = redact(request(headers=[("Content-Type", "application/json")], body=body))
+    assert req.body == b'{"name":"\\ud800 caf\\u00e9","password":"[REDACTED]"}'
+
+
+def test_query_values_holding_an_equals_sign_and_encoded_names_are_redacted() -> None:
+    redact, seen = redactor({"query": {"token": "mask"}})
+    assert redact(request("/a?token=x=y&id=1")).path == "/a?token=%5BREDACTED%5D&id=1"
+    assert redact(request("/a?t%6Fken=x&id=1")).path == "/a?t%6Fken=%5BREDACTED%5D&id=1"
+    assert seen == ["query:token", "query:token"]
+
+
+def test_a_keep_pattern_does_not_stop_the_patterns_after_it() -> None:
+    patterns = {
+        "first": {"regex": "a+", "action": "keep"},
+        "digits": {"regex": "[0-9]+", "action": "mask"},
+        "second": {"regex": "b+", "action": "keep"},
+        "zed": {"regex": "z", "action": "remove"},
+    }
+    redact, seen = redactor({"patterns": patterns})
+    assert redact(request(body=b"aa 123 bb z")).body == b"aa [REDACTED] bb "
+    assert seen == ["pattern:digits", "pattern:zed"]
+
+
+def test_hmac_digests_the_original_bytes_even_when_they_are_not_utf8() -> None:
+    """A header value, a query value and a JSON string can hold bytes that are not UTF-8 (kept as
+    surrogates): the digest is of the bytes the client sent."""
+    spec = {"headers": {"X-Id": "hmac"}, "query": {"id": "hmac"}, "json_fields": {"id": "hmac"}}
+    redact, _ = redactor(spec)
+    byte_ff, lone_surrogate = expected_hmac(b"\xff"), expected_hmac(b"\xed\xa0\x80")
+    out = redact(request("/a?id=%FF&q=1?x", [("X-Id", "\udcff")]))
+    assert out.headers == [("X-Id", byte_ff)]
+    assert out.path == f"/a?id={byte_ff}&q=1?x"
+    out = redact(request(headers=[("Content-Type", "application/json")], body=b'{"id": "\\ud800"}'))
+    assert out.body == f'{{"id":"{lone_surrogate}"}}'.encode()
+
+
+def test_the_query_starts_at_the_first_question_mark() -> None:
+    redact, _ = redactor({"query": {"token": "mask"}})
+    assert redact(request("/a?token=x?y&id=1")).path == "/a?token=%5BREDACTED%5D&id=1"
+
+
+def test_json_without_a_matching_field_is_left_byte_for_byte() -> None:
+    redact, seen = redactor({"json_fields": {"password": "mask", "user.card": "mask"}})
+    bodies = (b'{"user": {"name": "a"},  "items": [ {"x": 1} ]}', b'{"user": ["x", {"name": "a"}]}',
+              b'{"user": "scalar" }')  # fmt: skip
+    for body in bodies:
+        assert redact(request(headers=[("Content-Type", "application/json")], body=body)).body == body
+    assert seen == []
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"query": {"": "mask"}}, "t.query: names must be non-empty strings, got ''"),
+        ({"form_fields": {"": "mask"}}, "t.form_fields: names must be non-empty strings, got ''"),
+        ({"patterns": {"x": {"regex": "", "action": "mask"}}},
+         "t.patterns.x.regex: must be a non-empty string"),
+        ({"query": {"a": "zap"}}, "t.query.a: unknown action 'zap'; expected one of remove, mask, hmac, "),
+    ],
+)
+def test_empty_names_and_regexes_are_config_errors(spec: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_redactor(spec, "t", KEY, lambda rule: None)
+    assert str(info.value).startswith(message)
+
+
+def test_a_pattern_hmac_in_a_query_value_keeps_its_colon() -> None:
+    redact, _ = redactor({"patterns": {"card": {"regex": "[0-9]{16}", "action": "hmac"}}})
+    assert redact(request(f"/pay?card={CARD}")).path == f"/pay?card={expected_hmac(CARD)}"
+
+
+def test_a_keep_entry_does_not_stop_the_rules_after_it() -> None:
+    """`keep` switches one inherited rule off, not the rest of its section."""
+    patterns = {"off": "keep", "digits": {"regex": "[0-9]+", "action": "mask"}}
+    redact, seen = redactor({"json_fields": {"name": "keep", "password": "mask"}, "patterns": patterns})
+    out = redact(json_request({"name": "n", "password": "p", "note": "call 123"}))
+    assert out.body == b'{"name":"n","password":"[REDACTED]","note":"call [REDACTED]"}'
+    assert seen == ["json:password", "pattern:digits"]
+
+
+def test_keep_leaves_query_and_form_values_alone_even_with_an_hmac_key() -> None:
+    redact, seen = redactor({"query": {"token": "keep"}, "form_fields": {"token": "keep"}})
+    req = redact(form_request("token=abc"))
+    assert (req.body, redact(request("/a?token=abc")).path, seen) == (b"token=abc", "/a?token=abc", [])

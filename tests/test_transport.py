@@ -113,9 +113,7 @@ def test_head_with_content_length_does_not_wait_for_a_body(shadow: ShadowServer)
         finally:
             await pool.close()
 
-    started = time.monotonic()
-    assert run(exchange) == (200, 200, 200)
-    assert time.monotonic() - started < 1.0
+    assert run(exchange) == (200, 200, 200)  # a parser left waiting would time the GET out
     assert shadow.connections_accepted == 1
 
 
@@ -179,7 +177,7 @@ def test_silent_server_is_reason_timeout(shadow: ShadowServer) -> None:
     error = run(lambda: failure_of(make_pool(shadow, timeout=0.3)))
     elapsed = time.monotonic() - started
     assert isinstance(error, RequestTimeout) and error.reason == "timeout"
-    assert 0.3 <= elapsed < 1.0
+    assert elapsed >= 0.3  # not before the timeout; a slow machine can only make it later
     shadow.wait_for(1)  # it did get the request
 
 

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from spoa_mirror import wire
 from spoa_mirror.wire import WireError, build_request
 from tests.support.shadow import ShadowServer
 
@@ -278,3 +279,47 @@ def test_a_real_server_sees_exactly_what_was_built() -> None:
         ("Cookie", "a=1"),
         ("Cookie", "b=2"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("G T", "/", [], b"", "h"), "bad_method: 'G T'"),
+        (("GET", "x", [], b"", "h"), "bad_target: 'x'"),
+        (("GET", "/", [], b"", ""), "bad_host: empty"),
+        (("GET", "/", [("X A", "1")], b"", "h"), "bad_header: name 'X A'"),
+        (("GET", "/", [("Te", "a\r\nb")], b"", "h"), "bad_header: value of 'Te'"),
+        (("GET", "/", [("X-A", "a\nb")], b"", "h"), "bad_header: value of 'X-A'"),
+        (("GET", "/", [], b"", "h\r\nX: y"), "bad_header: value of 'Host'"),
+        (("GET", "/", [("X-A", "\ud800")], b"", "h"),
+         "bad_encoding: 'utf-8' codec can't encode character '\\ud800' in position 30: surrogates not "
+         "allowed"),
+    ],
+)  # fmt: skip
+def test_each_refusal_says_what_and_where(args: tuple, message: str) -> None:
+    """The reason is the metrics label; the text names the offending field for logs and errors."""
+    with pytest.raises(WireError) as info:
+        build_request(*args)
+    assert str(info.value) == message
+    assert str(WireError("bad_method")) == "bad_method"
+
+
+def test_connection_options_without_spaces_are_dropped_too() -> None:
+    headers = [("Connection", "close,X-Trace"), ("X-Trace", "1"), ("X-Keep", "2")]
+    raw = build_request("GET", "/", headers, b"", "h")
+    assert raw == b"GET / HTTP/1.1\r\nHost: h\r\nX-Keep: 2\r\n\r\n"
+
+
+def test_hop_by_hop_names_in_any_case_are_dropped_the_first_time_they_are_seen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Header names are validated and lowercased once, then cached (bounded): a name's first
+    appearance must be classified as well as its later ones, and the cache stops at its limit."""
+    monkeypatch.setattr(wire, "_validated_lowercase_names", {})
+    monkeypatch.setattr(wire, "_VALIDATED_NAMES_LIMIT", 3)
+    headers = [("CONNECTION", "close"), ("tRaNsFeR-eNcOdInG", "chunked"), ("X-A", "1"), ("X-B", "2")]
+    for _ in range(2):
+        raw = build_request("GET", "/", headers, b"", "h")
+        assert raw == b"GET / HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nX-B: 2\r\n\r\n"
+    cached = {"CONNECTION": "connection", "tRaNsFeR-eNcOdInG": "transfer-encoding", "X-A": "x-a"}
+    assert wire._validated_lowercase_names == cached

@@ -6,8 +6,10 @@ HAProxy variables.
                                        [--async-delay S] [--wire-log]
 
 For each "check" message it sets txn vars `method`, `path`, `body_len` (int), `seen` (the sorted arg
-names, comma-joined). Other messages are ACKed without actions. With `--async-delay S` the handler
-is a coroutine that answers after a random delay of up to S seconds, so ACKs leave out of order.
+names, comma-joined); for each "types" or "types-res" message, a variable of every data type in
+every scope and an unset-var (`every_action`). Other messages are ACKed without actions. With
+`--async-delay S` the handler is a coroutine that answers after a random delay of up to S seconds,
+so ACKs leave out of order.
 
 Logs are JSON lines on stderr, at debug level so the engine's own `spop.hello` lines (negotiated
 capabilities, health check flag) are there. With `--wire-log` HAProxy connects to a relay on
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import itertools
 import logging
 import random
@@ -55,6 +58,28 @@ def echo_actions(message: spoe.Message) -> list[spoe.SetVar]:
     ]
 
 
+def every_action(message: spoe.Message) -> list[spoe.SetVar | spoe.UnsetVar]:
+    """For a "types" message: a variable of each data type, in each scope, and an unset-var after
+    a set-var of the same variable (tests/test_oracle.py reads them back from HAProxy)."""
+    scope = spoe.VarScope
+    return [
+        spoe.SetVar(scope.PROCESS, "proc_str", "in proc"),
+        spoe.SetVar(scope.SESSION, "sess_true", True),
+        spoe.SetVar(scope.TRANSACTION, "txn_false", False),
+        spoe.SetVar(scope.REQUEST, "req_int32", spoe.Int32(-1)),
+        spoe.SetVar(scope.RESPONSE, "res_uint32", spoe.Uint32(4294967295)),
+        spoe.SetVar(scope.TRANSACTION, "int64", spoe.Int64(-9007199254740993)),
+        spoe.SetVar(scope.TRANSACTION, "uint64", spoe.Uint64(2**63 - 1)),
+        spoe.SetVar(scope.TRANSACTION, "ipv4", ipaddress.IPv4Address("192.0.2.1")),
+        spoe.SetVar(scope.TRANSACTION, "ipv6", ipaddress.IPv6Address("2001:db8::1")),
+        spoe.SetVar(scope.TRANSACTION, "null", None),
+        spoe.SetVar(scope.TRANSACTION, "binary", b"\x00\xff"),
+        spoe.SetVar(scope.TRANSACTION, "string", "caf\u00e9"),
+        spoe.SetVar(scope.TRANSACTION, "gone", "set, then unset"),
+        spoe.UnsetVar(scope.TRANSACTION, "gone"),
+    ]
+
+
 def build_agent(max_frame_size: int, capabilities: list[str] | None, async_delay: float) -> spoe.Agent:
     options: dict[str, Any] = {"max_frame_size": max_frame_size}
     if capabilities is not None:
@@ -70,6 +95,8 @@ def build_agent(max_frame_size: int, capabilities: list[str] | None, async_delay
 
     else:
         agent.add_handler("check", echo_actions)
+    agent.add_handler("types", every_action)
+    agent.add_handler("types-res", every_action)
     return agent
 
 

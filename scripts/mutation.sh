@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Mutation testing of the modules that carry the README's promises, each against its fast unit tests.
+#
+#   bash scripts/mutation.sh                         # every module below (~1-2 h on 2 shared cores)
+#   bash scripts/mutation.sh spoa_mirror/limits.py   # one module (or a few)
+#
+# mutmut (pyproject's test extras) plants one small change at a time (a flipped comparison, a constant
+# off by one, a dropped call...) and runs the tests that cover the mutated function: a mutant the
+# tests do not notice "survived". Each module runs in its own scratch copy of the checkout (mutmut
+# writes a mutants/ tree beside the code), niced, bounded by MUTATION_TIMEOUT seconds per module.
+# Prints the count of each result per module (killed, survived, timeout, no tests, not checked when
+# the time ran out) and where the survivors' names are; `mutmut show NAME` in the scratch copy (kept
+# under $MUTATION_DIR) shows a survivor's diff. Reviewed survivors are listed in
+# tests/mutation-survivors.md: each is killed by a test or explained as equivalent.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+MUTMUT="$ROOT/.venv/bin/mutmut"
+WORK=${MUTATION_DIR:-${TMPDIR:-/tmp}/spoa-mirror-mutation}
+TIMEOUT=${MUTATION_TIMEOUT:-1200}
+JOBS=${MUTATION_JOBS:-1}
+
+# module -> the fast tests that exercise it (no HAProxy, no subprocess agent)
+declare -A TESTS=(
+    [spoe/connection.py]="tests/test_connection.py"
+    [spoe/frames.py]="tests/test_connection.py tests/test_data.py tests/test_oracle.py"
+    [spoa_mirror/mirror.py]="tests/test_pipeline.py"
+    [spoa_mirror/accounting.py]="tests/test_pipeline.py"
+    [spoa_mirror/limits.py]="tests/test_limits.py tests/test_pipeline.py"
+    [spoa_mirror/redact.py]="tests/test_redact.py"
+    [spoa_mirror/wire.py]="tests/test_wire.py"
+    [spoa_mirror/message.py]="tests/test_pipeline.py tests/test_message.py"
+)
+MODULES=("$@")
+if [ ${#MODULES[@]} -eq 0 ]; then
+    MODULES=(spoe/connection.py spoe/frames.py spoa_mirror/mirror.py spoa_mirror/accounting.py
+             spoa_mirror/limits.py spoa_mirror/redact.py spoa_mirror/wire.py spoa_mirror/message.py)
+fi
+
+for module in "${MODULES[@]}"; do
+    tests=${TESTS[$module]:?"no tests listed for $module in scripts/mutation.sh"}
+    scratch="$WORK/${module//\//_}"
+    rm -rf "$scratch"
+    mkdir -p "$scratch"
+    (cd "$ROOT" && git ls-files -z spoe spoa_mirror tests pyproject.toml | xargs -0 cp --parents -t "$scratch")
+    {
+        echo "[mutmut]"
+        echo "source_paths="
+        echo "    spoe"
+        echo "    spoa_mirror"
+        echo "only_mutate=$module"
+        echo "pytest_add_cli_args_test_selection="
+        for test in $tests; do
+            [ -e "$ROOT/$test" ] && echo "    $test"
+        done
+        echo "pytest_add_cli_args="
+        echo "    -p"
+        echo "    no:cacheprovider"
+        echo "    -q"
+    } > "$scratch/setup.cfg"
+    echo "== $module ($tests)"
+    status=0
+    (cd "$scratch" && timeout "$TIMEOUT" nice -n 10 "$MUTMUT" run --max-children "$JOBS" >run.log 2>&1) || status=$?
+    [ "$status" -eq 124 ] && echo "   stopped after ${TIMEOUT}s: results are partial"
+    (cd "$scratch" && "$MUTMUT" results --all true >results.txt 2>&1) || true
+    echo "   $(sed -n 's/^.*: //p' "$scratch/results.txt" | sort | uniq -c | awk '{n=$1; $1=""; printf "%s%s %d", sep, substr($0, 2), n; sep=", "}')"
+    grep ': survived$' "$scratch/results.txt" | cut -d: -f1 > "$scratch/survivors.txt" || true
+    echo "   survivors: $scratch/survivors.txt"
+done

@@ -1,0 +1,141 @@
+"""The contract with HAProxy's spoe-message (spoa_mirror/message.py): which arguments make a mirror
+request, under which names and types, and the reason a message that cannot be mirrored is counted
+under. Unit tests, so mutation testing can run them by the hundred; tests/test_bad_requests.py drives
+the same contract through a running agent."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any
+
+import pytest
+
+from spoa_mirror.message import (
+    BadMessage,
+    is_mirror_message,
+    parse_binary_headers,
+    parse_headers,
+    parse_text_headers,
+    to_request,
+)
+from spoa_mirror.request import MirrorRequest
+from spoe.data import Int64, Uint32
+from spoe.errors import InvalidFrame
+
+GET = {"method": "GET", "path": "/"}
+C_AGENT_ARGS = {
+    "arg_method": "POST",
+    "arg_path": "/p?q=1",
+    "arg_ver": "1.1",
+    "arg_hdrs": "Host: h\r\nX-A:  spaced \t\r\nno colon line\r\n\r\nX-After: ignored\r\n",
+    "arg_body": b"body",
+}
+
+
+def test_the_c_agents_arguments() -> None:
+    assert to_request(C_AGENT_ARGS) == MirrorRequest(
+        "POST", "/p?q=1", "1.1", [("Host", "h"), ("X-A", "spaced")], b"body", None, None, None
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"method": "GET", "path": "/x", "ver": "2.0", "hdrs": "Host: h\r\n\r\n", "body": b""},
+        {"method": b"GET", "url": b"/x", "version": b"2.0", "headers": b"Host: h\r\n\r\n"},
+        {"arg_method": None, "method": "GET", "arg_path": None, "path": "/x", "arg_ver": None,
+         "ver": "2.0", "arg_hdrs": None, "hdrs": "Host: h\r\n\r\n", "arg_body": None},
+    ],
+)  # fmt: skip
+def test_plain_names_and_aliases_and_bytes(args: dict[str, Any]) -> None:
+    assert to_request(args) == MirrorRequest("GET", "/x", "2.0", [("Host", "h")], b"", None, None, None)
+
+
+def test_optional_arguments_and_defaults() -> None:
+    req = to_request({"method": "GET", "path": "/", "body_len": Int64(12), "src": IPv6Address("::1"),
+                      "unique_id": "u-1"})  # fmt: skip
+    assert (req.version, req.headers, req.body, req.body_len, req.src, req.unique_id) == (
+        "1.1", [], b"", 12, "::1", "u-1"
+    )
+    assert type(req.body_len) is int
+    req = to_request({"arg_method": "GET", "arg_path": "/", "arg_unique_id": "u-2", "arg_src": "10.0.0.1",
+                      "arg_body_len": 0, "body": "text é"})  # fmt: skip
+    assert (req.unique_id, req.src, req.body_len, req.body) == ("u-2", "10.0.0.1", 0, "text é".encode())
+    assert to_request({"method": "GET", "path": "/", "unique-id": b"u-3"}).unique_id == "u-3"
+    assert to_request({"method": "GET", "path": "/", "src": IPv4Address("192.0.2.1")}).src == "192.0.2.1"
+
+
+@pytest.mark.parametrize(
+    ("args", "reason", "detail"),
+    [
+        ({"path": "/"}, "missing_method", "no method argument (one of arg_method, method)"),
+        ({"method": "GET"}, "missing_path", "no path argument (one of arg_path, path, url)"),
+        ({"method": 5, "path": "/"}, "bad_method", "method must be a string, got int"),
+        ({**GET, "ver": Uint32(2)}, "bad_version", "version must be a string, got Uint32"),
+        ({**GET, "body": 5}, "bad_body", "body must be BINARY, got int"),
+        ({**GET, "hdrs": 5}, "bad_headers", "headers must be STRING or BINARY, got int"),
+        ({**GET, "body_len": "9"}, "bad_body_len", "body_len must be an integer, got str"),
+        ({**GET, "body_len": True}, "bad_body_len", "body_len must be an integer, got bool"),
+        ({**GET, "src": 5}, "bad_src", "src must be an address, got int"),
+        ({**GET, "unique_id": 5}, "bad_unique_id", "unique_id must be a string, got int"),
+    ],
+)  # fmt: skip
+def test_what_cannot_be_mirrored_says_why(args: dict[str, Any], reason: str, detail: str) -> None:
+    with pytest.raises(BadMessage) as info:
+        to_request(args)
+    assert (info.value.reason, str(info.value)) == (reason, f"{reason}: {detail}")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ({"arg_method": "GET", "arg_path": "/"}, True),
+        ({"method": "GET", "url": "/"}, True),
+        ({"arg_method": "GET"}, False),
+        ({"arg_path": "/"}, False),
+        ({"ip": "10.0.0.1"}, False),
+        ({"arg_method": None, "method": "GET", "arg_path": None, "path": "/"}, True),
+    ],
+)
+def test_a_mirror_message_has_a_method_and_a_path(args: dict[str, Any], expected: bool) -> None:
+    assert is_mirror_message(args) is expected
+
+
+def test_binary_header_blocks() -> None:
+    block = b"\x04Host\x01h\x04X-\xc3\xa9\x02\xc3\xa9" + b"\x00\x00"
+    assert parse_binary_headers(block) == [("Host", "h"), ("X-é", "é")]
+    assert parse_headers(block) == [("Host", "h"), ("X-é", "é")]
+    assert parse_binary_headers(b"\x00\x00\x04Host\x01h") == []
+    with pytest.raises(InvalidFrame) as info:
+        parse_binary_headers(b"\x04Host\x01h")
+    assert str(info.value) == "binary header block without its end marker"
+    # An empty value is a header, not the end of the block.
+    assert parse_binary_headers(b"\x07X-Empty\x00\x01B\x011\x00\x00") == [("X-Empty", ""), ("B", "1")]
+    # Not a binary block after all: read as text.
+    assert parse_headers(b"Host: h\r\n\r\n") == [("Host", "h")]
+    assert parse_headers("Host: h\r\n") == [("Host", "h")]
+
+
+def test_text_header_blocks_keep_order_duplicates_and_inner_colons() -> None:
+    block = "A: 1\r\nB: x:y\r\nA: 2\r\n:empty name\r\n\r\n"
+    assert parse_text_headers(block) == [("A", "1"), ("B", "x:y"), ("A", "2"), ("", "empty name")]
+    assert parse_text_headers("") == []
+
+
+def test_bytes_that_are_not_utf8_travel_unchanged() -> None:
+    """STRING and BINARY arguments are bytes on the wire: what is not UTF-8 is kept as surrogates and
+    written back byte for byte by the wire layer (surrogateescape), never refused or replaced."""
+    raw = b"\xff\xfe"
+    text = raw.decode("utf-8", "surrogateescape")
+    req = to_request({"method": raw, "path": b"/" + raw, "ver": raw, "unique_id": raw, "body": text,
+                      "hdrs": b"X-Raw: " + raw + b"\r\n\r\n"})  # fmt: skip
+    assert (req.method, req.path, req.version, req.unique_id) == (text, "/" + text, text, text)
+    assert req.body == raw
+    assert req.headers == [("X-Raw", text)]
+    binary = b"\x02\xff\xfe\x02\xff\xfe\x00\x00"
+    assert parse_binary_headers(binary) == [(text, text)]
+
+
+def test_header_values_lose_only_spaces_and_tabs_around_them() -> None:
+    assert parse_text_headers("A: \x0b v \t\x0c\r\n\r\n") == [("A", "\x0b v \t\x0c")]
+    assert parse_text_headers("A: X-y X\r\n\r\n") == [("A", "X-y X")]
