@@ -11,8 +11,10 @@ for pair in haproxy:haproxy nginx:nginx-light wrk:wrk hey:hey systemd-analyze:sy
     debootstrap:debootstrap curl:curl; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")
 done
-# --- issue 16: Debian's Docker engine and CLI, for tests/test_container.py (started below) ---
+# --- issue 16: Debian's Docker engine and CLI, for tests/test_container.py (started below), and
+# docker-compose, whose `config` checks compose.yaml in tests/test_compose.py ---
 command -v dockerd >/dev/null 2>&1 || [ -x /usr/sbin/dockerd ] || need+=(docker.io)
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 # --- end issue 16 ---
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""

@@ -4,7 +4,8 @@ HAProxy 2.6 accepts the HAProxy config as mounted (with its one 3.x-only line
 switched back), the agents' config passes `spoa-mirror check-config`, and nginx accepts its own.
 
 tests/test_container.py builds the image (both builders) and runs it behind HAProxy; compose.yaml
-itself is not brought up (no compose tool is installed here).
+is read by Debian's docker-compose (`config`), but not brought up: its images (haproxy, nginx) come
+from Docker Hub, which cannot be reached here.
 """
 
 from __future__ import annotations
@@ -175,6 +176,21 @@ def test_image_config_listens_on_all_interfaces_and_runs_once_given_a_target() -
 
 
 # --- compose.yaml -----------------------------------------------------------------------------------
+
+
+def test_docker_compose_reads_the_file_as_the_tests_do() -> None:
+    """The real compose tool (Debian's docker-compose, file format 2.4, which `docker compose` reads
+    too) accepts compose.yaml, and what it resolves keeps the agents' hardening."""
+    done = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE), "config"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)["services"]
+    assert set(resolved) == set(services())
+    for name in agent_services():
+        agent = resolved[name]
+        assert agent["read_only"] is True and agent["cap_drop"] == ["ALL"], agent
+        assert agent["depends_on"]["shadow"]["condition"] == "service_healthy"
 
 
 def test_compose_has_haproxy_two_agents_a_primary_and_a_shadow() -> None:
