@@ -24,7 +24,7 @@ from spoe.data import Int32, Int64, Uint32, Uint64
 from spoe.events import Closed, Hello, Notify
 from tests.conftest import EchoAgentFactory
 from tests.support import spop_oracle
-from tests.support.procs import free_port, run_haproxy
+from tests.support.procs import current_haproxy, free_port, run_haproxy
 from tests.support.shadow import ShadowServer
 from tests.support.spop_peer import drain
 
@@ -226,7 +226,7 @@ frontend web
 backend app
     server app 127.0.0.1:{app_port}
 backend agents
-    mode tcp
+    mode {agents_mode}
     timeout server 30s
     server agent 127.0.0.1:{agent_port}
 """
@@ -237,7 +237,7 @@ def test_haproxy_reads_every_type_and_scope_the_agent_sets(
     tmp_path: Path, echo_agent: EchoAgentFactory
 ) -> None:
     """The echo agent's ACK of every kind of action (tests/support/echo_agent.py, every_action) as
-    HAProxy 2.6 reads it: each variable holds the value sent, in the scope sent, and an unset-var
+    HAProxy reads it (2.6 and 3.2): each variable holds the value sent, in the scope sent, and an unset-var
     after a set-var leaves the variable unset. HAProxy's own rules print them, so this checks our
     encoding against HAProxy's decoder, not against ours."""
     agent_port, http_port = free_port(), free_port()
@@ -252,6 +252,7 @@ def test_haproxy_reads_every_type_and_scope_the_agent_sets(
             app_port=app.port,
             spoe_config=tmp_path / "types.conf",
             response_rules=rules,
+            agents_mode=current_haproxy().agents_mode,
         )
         with echo_agent(agent_port), run_haproxy(config, tmp_path, extra_files={"types.conf": SPOE_TYPES}):
             response = httpx.get(f"http://127.0.0.1:{http_port}/", timeout=10, trust_env=False)
