@@ -222,10 +222,7 @@ class App:
                     memory=lambda: (
                         mirror.budget.used(),
                         mirror.budget.limit,
-                        {
-                            target.name: target.queued_bytes + target.offloaded_bytes + target.pool.bytes_held
-                            for target in mirror.targets
-                        },
+                        {target.name: target.held_bytes() for target in mirror.targets},
                     ),
                 ),
                 asyncio.get_running_loop(),

@@ -402,9 +402,20 @@ class Target:
             self.queued_bytes += size
 
     def _fits(self, held: int, size: int) -> bool:
-        """Past its share (see MemoryBudget): the target's own budget, then the exact sum."""
+        """Past its share (see MemoryBudget): the target's own budget, then the exact sum, keeping
+        free what the other targets may still take within their shares without asking (their fast
+        path): borrowing that too let four targets end at 65 MiB of a 64 MiB budget."""
+        if held > self.memory_budget:
+            return False
         budget = self.budget
-        return held <= self.memory_budget and budget.used() + size <= budget.limit
+        reserved = sum(
+            max(0, other.share - other.held_bytes()) for other in budget.targets if other is not self
+        )
+        return budget.used() + size + reserved <= budget.limit
+
+    def held_bytes(self) -> int:
+        """What this target holds: queued, in the redaction worker, and in its pool."""
+        return self.queued_bytes + self.offloaded_bytes + self.pool.bytes_held
 
     def _sent(self, result: int | Exception, elapsed: float) -> None:
         """The pool's callback, once per submitted request: its outcome, then the next queued one on
