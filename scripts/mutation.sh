@@ -23,10 +23,10 @@ JOBS=${MUTATION_JOBS:-1}
 declare -A TESTS=(
     [spoe/connection.py]="tests/test_connection.py"
     [spoe/frames.py]="tests/test_connection.py tests/test_data.py tests/test_oracle.py"
-    [spoa_mirror/mirror.py]="tests/test_pipeline.py"
+    [spoa_mirror/mirror.py]="tests/test_pipeline.py tests/test_budget_shares.py tests/test_intake.py tests/test_loop_marker.py"
     [spoa_mirror/accounting.py]="tests/test_pipeline.py"
     [spoa_mirror/limits.py]="tests/test_limits.py tests/test_pipeline.py"
-    [spoa_mirror/redact.py]="tests/test_redact.py"
+    [spoa_mirror/redact.py]="tests/test_redact.py tests/test_redact_defaults.py"
     [spoa_mirror/wire.py]="tests/test_wire.py"
     [spoa_mirror/message.py]="tests/test_pipeline.py tests/test_message.py"
 )
