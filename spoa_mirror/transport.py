@@ -64,6 +64,16 @@ class ProtocolError(TransportError):
     reason = "protocol"
 
 
+def check_pool_limits(
+    max_connections: int, connect_timeout: float, timeout: float, idle_timeout: float
+) -> None:
+    """What every pool (HTTP/1.1 here, HTTP/2 in transport_h2) refuses to be built with."""
+    if max_connections < 1:
+        raise ValueError(f"max_connections must be at least 1, got {max_connections}")
+    if timeout <= 0 or connect_timeout <= 0 or idle_timeout <= 0:
+        raise ValueError("timeouts must be positive")
+
+
 class PoolClosed(TransportError):
     reason = "closed"
 
@@ -119,10 +129,7 @@ class Pool:
     ) -> None:
         """`source_ip`, `source_ports`: where connections come from (the C agent's -I and -P); each
         connect tries the ports of the range in turn, from where the previous one left off."""
-        if max_connections < 1:
-            raise ValueError(f"max_connections must be at least 1, got {max_connections}")
-        if timeout <= 0 or connect_timeout <= 0 or idle_timeout <= 0:
-            raise ValueError("timeouts must be positive")
+        check_pool_limits(max_connections, connect_timeout, timeout, idle_timeout)
         self.host = host
         self.port = port
         self.max_connections = max_connections

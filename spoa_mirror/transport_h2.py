@@ -58,6 +58,7 @@ from .transport import (
     TLSError,
     TransportError,
     _resolve,
+    check_pool_limits,
 )
 from .wire_h2 import H2Request
 
@@ -93,10 +94,7 @@ class H2Pool:
         idle_timeout: float = 30.0,
         on_grpc_status: GrpcObserver | None = None,
     ) -> None:
-        if max_connections < 1:
-            raise ValueError(f"max_connections must be at least 1, got {max_connections}")
-        if timeout <= 0 or connect_timeout <= 0 or idle_timeout <= 0:
-            raise ValueError("timeouts must be positive")
+        check_pool_limits(max_connections, connect_timeout, timeout, idle_timeout)
         self.host = host
         self.port = port
         self.max_connections = max_connections
