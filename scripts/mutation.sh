@@ -41,12 +41,14 @@ for module in "${MODULES[@]}"; do
     scratch="$WORK/${module//\//_}"
     rm -rf "$scratch"
     mkdir -p "$scratch"
-    (cd "$ROOT" && git ls-files -z spoe spoa_mirror tests pyproject.toml | xargs -0 cp --parents -t "$scratch")
+    (cd "$ROOT" && git ls-files -z spoe spoa_mirror tests examples pyproject.toml | xargs -0 cp --parents -t "$scratch")
     {
         echo "[mutmut]"
         echo "source_paths="
         echo "    spoe"
         echo "    spoa_mirror"
+        echo "also_copy="
+        echo "    examples"
         echo "only_mutate=$module"
         echo "pytest_add_cli_args_test_selection="
         for test in $tests; do
