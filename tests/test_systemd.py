@@ -403,25 +403,24 @@ def test_hmac_key_comes_from_the_credentials_directory(tmp_path: Path) -> None:
     assert not log_events((tmp_path / "agent.stderr").read_text(), "config.error")
 
 
-def test_install_script_creates_what_the_unit_names(tmp_path: Path, wheelhouse: Path) -> None:
-    """deploy/systemd/install.sh into a scratch root, offline from the session's wheels: the venv
-    and console script of ExecStart, the config ExecStart names (which passes check-config), the
-    key LoadCredential= reads (0600, enough bytes), the README Documentation= points at, the unit."""
-    root = tmp_path / "root"
-    result = subprocess.run(
-        [
-            "bash",
-            str(ROOT / "deploy" / "systemd" / "install.sh"),
-            "--root",
-            str(root),
-            "--wheels",
-            str(wheelhouse),
-        ],
+def install(root: Path, wheelhouse: Path) -> subprocess.CompletedProcess[str]:
+    """deploy/systemd/install.sh into `root`, offline from `wheelhouse`."""
+    script = ROOT / "deploy" / "systemd" / "install.sh"
+    return subprocess.run(
+        ["bash", str(script), "--root", str(root), "--wheels", str(wheelhouse)],
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "PYTHON": sys.executable},
     )
+
+
+def test_install_script_creates_what_the_unit_names(tmp_path: Path, wheelhouse: Path) -> None:
+    """deploy/systemd/install.sh into a scratch root, offline from the session's wheels: the venv
+    and console script of ExecStart, the config ExecStart names (which passes check-config), the
+    key LoadCredential= reads (0600, enough bytes), the README Documentation= points at, the unit."""
+    root = tmp_path / "root"
+    result = install(root, wheelhouse)
     assert result.returncode == 0, result.stdout + result.stderr
     settings = unit_settings((root / "etc/systemd/system/spoa-mirror.service").read_text())
     executable, *arguments = settings["Service.ExecStart"][0].split()
@@ -443,19 +442,6 @@ def test_install_script_creates_what_the_unit_names(tmp_path: Path, wheelhouse: 
     # Run again: an upgrade keeps the operator's config and key.
     config.write_text(config.read_text() + "# edited\n")
     key_before = key_file.read_bytes()
-    again = subprocess.run(
-        [
-            "bash",
-            str(ROOT / "deploy" / "systemd" / "install.sh"),
-            "--root",
-            str(root),
-            "--wheels",
-            str(wheelhouse),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHON": sys.executable},
-    )
+    again = install(root, wheelhouse)
     assert again.returncode == 0, again.stderr
     assert config.read_text().endswith("# edited\n") and key_file.read_bytes() == key_before
