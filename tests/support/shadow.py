@@ -48,6 +48,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Any, Self
 
 import httptools
 
@@ -96,7 +97,72 @@ class _Message:
     body: bytearray = field(default_factory=bytearray)
 
 
-class ShadowServer:
+class LoopThreadServer:
+    """An asyncio server on an event loop of its own, in a daemon thread: `start()` returns once it
+    listens on a free loopback port, `stop()` aborts its connections and closes it. The recording
+    shadows (HTTP/1.1 here, HTTP/2 in shadow_h2.py) add their protocol and what they record."""
+
+    thread_name = "loop-server"
+
+    def __init__(self, ssl_context: ssl.SSLContext | None) -> None:
+        self.ssl_context = ssl_context
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.Server | None = None
+        self._connections: set[Any] = set()
+        self._listening_port = 0
+
+    def _protocol(self) -> asyncio.Protocol:
+        raise NotImplementedError
+
+    def _prepare(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Before the thread starts: what the subclass sets up around the loop."""
+
+    def start(self) -> Self:
+        self._loop = asyncio.new_event_loop()
+        self._prepare(self._loop)
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(started,), name=self.thread_name, daemon=True)
+        self._thread.start()
+        if not started.wait(5) or self._server is None:
+            raise RuntimeError(f"{self.thread_name} did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None or self._thread is None:
+            return
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+        self._loop.close()
+        self._loop = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _run(self, started: threading.Event) -> None:
+        loop = self._loop
+        assert loop is not None
+        asyncio.set_event_loop(loop)
+        try:
+            self._server = loop.run_until_complete(
+                loop.create_server(self._protocol, "127.0.0.1", 0, ssl=self.ssl_context)
+            )
+            self._listening_port = self._server.sockets[0].getsockname()[1]
+        finally:
+            started.set()
+        loop.run_forever()
+        for connection in list(self._connections):
+            connection.transport.abort()
+        self._server.close()
+        loop.run_until_complete(self._server.wait_closed())
+        loop.run_until_complete(loop.shutdown_asyncgens())
+
+
+class ShadowServer(LoopThreadServer):
     """The recording shadow (see the module docstring); `start()`/`stop()` or a `with` block."""
 
     def __init__(
@@ -112,17 +178,12 @@ class ShadowServer:
         self.status = status
         self.body = body
         self.delay = delay
-        self.ssl_context = ssl_context
+        super().__init__(ssl_context)
         self.connections_accepted = 0
         self.peak_connections = 0  # most connections open at the same time
         self.loop_errors: list[dict[str, object]] = []  # what the loop would have logged (TLS failures)
         self._requests: list[RecordedRequest] = []
         self._recorded = threading.Condition()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.Server | None = None
-        self._connections: set[_ShadowConnection] = set()
-        self._listening_port = 0
         self._refusing_socket: socket.socket | None = None
 
     @property
@@ -191,52 +252,20 @@ class ShadowServer:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def start(self) -> ShadowServer:
+    thread_name = "shadow-server"
+
+    def _protocol(self) -> asyncio.Protocol:
+        return _ShadowConnection(self)
+
+    def _prepare(self, loop: asyncio.AbstractEventLoop) -> None:
         self._refusing_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._refusing_socket.bind((self.host, 0))  # bound, never listening: connects get RST
-        self._loop = asyncio.new_event_loop()
-        self._loop.set_exception_handler(lambda _loop, context: self.loop_errors.append(context))
-        started = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(started,), name="shadow-server", daemon=True)
-        self._thread.start()
-        if not started.wait(5) or self._server is None:
-            raise RuntimeError("shadow server did not start")
-        return self
+        loop.set_exception_handler(lambda _loop, context: self.loop_errors.append(context))
 
     def stop(self) -> None:
-        if self._loop is None or self._thread is None:
-            return
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(5)
-        self._loop.close()
-        self._loop = None
+        super().stop()
         if self._refusing_socket is not None:
             self._refusing_socket.close()
-
-    def __enter__(self) -> ShadowServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _run(self, started: threading.Event) -> None:
-        loop = self._loop
-        assert loop is not None
-        asyncio.set_event_loop(loop)
-        try:
-            self._server = loop.run_until_complete(
-                loop.create_server(lambda: _ShadowConnection(self), self.host, 0, ssl=self.ssl_context)
-            )
-            self._listening_port = self._server.sockets[0].getsockname()[1]
-        finally:
-            started.set()
-        loop.run_forever()
-        for connection in list(self._connections):
-            connection.transport.abort()
-        self._server.close()
-        loop.run_until_complete(self._server.wait_closed())
-        loop.run_until_complete(loop.shutdown_asyncgens())
 
     def _call_in_loop(self, function: Callable[[], None]) -> None:
         assert self._loop is not None

@@ -35,6 +35,8 @@ from h2.events import ConnectionTerminated, DataReceived, RequestReceived, Strea
 from h2.exceptions import H2Error
 from h2.settings import SettingCodes
 
+from tests.support.shadow import LoopThreadServer
+
 MODES = frozenset({"ok", "hang", "frozen", "delay", "reset", "refuse", "goaway", "garbage", "grpc"})
 
 
@@ -57,7 +59,7 @@ class H2Request:
         return self.header(":path") or ""
 
 
-class H2ShadowServer:
+class H2ShadowServer(LoopThreadServer):
     def __init__(
         self,
         mode: str = "ok",
@@ -72,7 +74,7 @@ class H2ShadowServer:
     ) -> None:
         assert mode in MODES, mode
         self.mode = mode
-        self.ssl_context = ssl_context
+        super().__init__(ssl_context)
         if ssl_context is not None:
             ssl_context.set_alpn_protocols(["h2"])
         self.max_streams = max_streams
@@ -88,11 +90,15 @@ class H2ShadowServer:
         self.refused_paths: set[str] = set()
         self._requests: list[H2Request] = []
         self._recorded = threading.Condition()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.Server | None = None
-        self._connections: set[_H2ServerConnection] = set()
-        self.port = 0
+
+    thread_name = "h2-shadow"
+
+    @property
+    def port(self) -> int:
+        return self._listening_port
+
+    def _protocol(self) -> asyncio.Protocol:
+        return _H2ServerConnection(self)
 
     @property
     def url(self) -> str:
@@ -121,46 +127,6 @@ class H2ShadowServer:
     def open_connections(self) -> int:
         return len(self._connections)
 
-    def start(self) -> H2ShadowServer:
-        self._loop = asyncio.new_event_loop()
-        started = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(started,), name="h2-shadow", daemon=True)
-        self._thread.start()
-        if not started.wait(5) or self._server is None:
-            raise RuntimeError("h2 shadow did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is None or self._thread is None:
-            return
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(5)
-        self._loop.close()
-        self._loop = None
-
-    def __enter__(self) -> H2ShadowServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _run(self, started: threading.Event) -> None:
-        loop = self._loop
-        assert loop is not None
-        asyncio.set_event_loop(loop)
-        try:
-            self._server = loop.run_until_complete(
-                loop.create_server(lambda: _H2ServerConnection(self), "127.0.0.1", 0, ssl=self.ssl_context)
-            )
-            self.port = self._server.sockets[0].getsockname()[1]
-        finally:
-            started.set()
-        loop.run_forever()
-        for connection in list(self._connections):
-            connection.transport.abort()
-        self._server.close()
-        loop.run_until_complete(self._server.wait_closed())
 
     def _record(self, request: H2Request) -> None:
         with self._recorded:
