@@ -19,6 +19,9 @@ from collections.abc import Callable
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
+from pydantic import Field
+
+from .config_types import Address, Bool, Port, Section
 
 BACKLOG = 1024  # the kernel caps it at net.core.somaxconn (4096 on current kernels)
 READ_TIMEOUT = 5.0  # seconds for a request head to arrive, and for an idle keep-alive connection
@@ -162,3 +165,12 @@ async def _respond(
     )
     writer.write(head.encode() + (b"" if head_only else data))
     await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
+
+
+class AdminConfig(Section):
+    """Prometheus /metrics, /livez (= /healthz) and /readyz over HTTP; with workers, the supervisor
+    serves them for all."""
+
+    enabled: Bool = Field(True, description="serve /metrics, /livez (= /healthz) and /readyz over HTTP")
+    address: Address = Field("127.0.0.1", description="admin listener address")
+    port: Port = Field(9180, description="admin listener port")

@@ -25,13 +25,25 @@ with a key relative to the field being validated (how the stage builders report 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Strict, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    Strict,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 from pydantic.json_schema import JsonSchemaValue, SkipJsonSchema
 from pydantic_core import PydanticCustomError, core_schema
 
@@ -52,14 +64,14 @@ _SIZE_UNITS = {
 }  # fmt: skip
 # The same grammars, for the JSON Schema (case-insensitive units spelt out: JSON Schema has no flags).
 _DURATION_PATTERN = r"^\s*(\d+(\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$"
-_SIZE_PATTERN = (
-    r"^\s*(\d+(\.\d*)?|\.\d+)\s*([bB]|[kKmMgG]([iI][bB]?|[bB])?)?\s*$"
-)
+_SIZE_PATTERN = r"^\s*(\d+(\.\d*)?|\.\d+)\s*([bB]|[kKmMgG]([iI][bB]?|[bB])?)?\s*$"
 
 
-def problem(text: str) -> PydanticCustomError:
-    """The error a validator raises: `text` becomes the problem half of the one-line message."""
-    return PydanticCustomError("config", "{problem}", {"problem": text})
+def problem(text: str, key: str | None = None) -> PydanticCustomError:
+    """The error a validator raises: `text` becomes the problem half of the one-line message, about
+    the value being validated or, with `key`, about that key below it (dotted, relative)."""
+    context = {"problem": text} if key is None else {"problem": text, "key": key}
+    return PydanticCustomError("config", "{problem}", context)
 
 
 def show(value: object) -> str:
@@ -226,6 +238,17 @@ Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
 
 
+def _non_empty_string(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise problem(f"must be a non-empty string, got {show(value)}")
+    return value
+
+
+NonEmptyStr = Annotated[
+    str, PlainValidator(_non_empty_string, json_schema_input_type=str), Field(min_length=1)
+]
+
+
 def bounded_duration(*, allow_zero: bool = False, low: float | None = None, high: float | None = None) -> Any:
     """A Duration with bounds: `bounded_duration(low=1, high=3600)`."""
     return Annotated[float, DurationRule(allow_zero=allow_zero, low=low, high=high)]
@@ -254,14 +277,24 @@ class Section(BaseModel):
     extra_keys: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
-    def input_keys(cls) -> list[str]:
-        """The keys a config file may set in this section, in declaration order."""
-        keys = [
-            field.alias or name
+    def input_fields(cls) -> list[tuple[str, str, FieldInfo]]:
+        """(key in the file, attribute name, field) of every key a config file may set, in order."""
+        return [
+            (field.alias or name, name, field)
             for name, field in cls.model_fields.items()
             if not any(isinstance(meta, SkipJsonSchema) for meta in field.metadata)
         ]
-        return keys + list(cls.extra_keys)
+
+    @classmethod
+    def input_keys(cls) -> list[str]:
+        """The keys a config file may set in this section, in declaration order."""
+        return [key for key, _, _ in cls.input_fields()] + list(cls.extra_keys)
+
+    @classmethod
+    def prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Hook run on the raw mapping before keys are checked: a section refuses a key with a
+        better message than "unknown key" (`secrets.hmac_key`), or names what is missing."""
+        return data
 
     @model_validator(mode="wrap")
     @classmethod
@@ -270,10 +303,12 @@ class Section(BaseModel):
             return data
         if not isinstance(data, Mapping):
             raise problem(f"must be a mapping, got {show(data)}")
-        known = cls.input_keys()
         for name in data:
             if not isinstance(name, str):
                 raise problem(f"keys must be strings, got {show(name)}")
+        data = cls.prepare(dict(data))
+        known = cls.input_keys()
+        for name in data:
             if name not in known:
                 raise PydanticCustomError(
                     "config", "{problem}", {"problem": unknown_key(name, known), "key": name}
@@ -354,3 +389,88 @@ def _join(key: str, name: str) -> str:
     if not key:
         return name
     return f"{key}{name}" if name.startswith("[") else f"{key}.{name}"
+
+
+def _plain(check: Any, schema: dict[str, Any]) -> Any:
+    """A validator with its own error messages, and the JSON Schema of what it accepts."""
+    return (PlainValidator(check), WithJsonSchema(schema))
+
+
+TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: header names, methods
+_TOKEN_PATTERN = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$"
+HOSTNAME = re.compile(
+    r"(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
+)
+
+
+def _header_name(value: object) -> str:
+    name = _non_empty_string(value)
+    if not TOKEN.fullmatch(name):
+        raise problem(f"must be a valid header name, got {name!r}")
+    return name
+
+
+def _address(value: object) -> str:
+    address = _non_empty_string(value)
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        if not HOSTNAME.fullmatch(address):
+            raise problem(f"must be an IP address or a host name, got {address!r}") from None
+    return address
+
+
+def _existing_file(value: object) -> str:
+    path = _non_empty_string(value)
+    if not os.path.isfile(path):
+        raise problem(f"file not found: {path}")
+    return path
+
+
+def _percentage(value: object) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise problem(f"must be a number from 0 to 100, got {show(value)}")
+    if not 0 <= value <= 100:
+        raise problem(f"must be between 0 and 100, got {show(value)}")
+    return float(value)
+
+
+def _positive_number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise problem(f"must be a positive number, got {show(value)}")
+    if value <= 0:
+        raise problem(f"must be positive, got {show(value)}")
+    return float(value)
+
+
+HeaderName = Annotated[str, *_plain(_header_name, {"type": "string", "pattern": _TOKEN_PATTERN})]
+Address = Annotated[str, *_plain(_address, {"type": "string", "minLength": 1})]
+ExistingFile = Annotated[str, *_plain(_existing_file, {"type": "string", "minLength": 1})]
+Percentage = Annotated[float, *_plain(_percentage, {"type": "number", "minimum": 0, "maximum": 100})]
+PositiveNumber = Annotated[float, *_plain(_positive_number, {"type": "number", "exclusiveMinimum": 0})]
+Port = int_between(0, 65535)
+
+
+@dataclass(frozen=True, slots=True)
+class SpecOf:
+    """Annotated marker for a stage's sub-spec (a target's filters, rate_limit, ...): checked
+    against the stage's model (keys, with "did you mean", and shapes), documented by its schema,
+    and kept as the mapping written, which the stage's builder compiles (its checks the model cannot
+    express, a regex that does not compile, stay there)."""
+
+    model: type[Section]
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
+        def keep_as_written(value: Any, validate: Any) -> Any:
+            validate(value)
+            return value
+
+        return core_schema.no_info_wrap_validator_function(
+            keep_as_written, handler.generate_schema(self.model)
+        )
+
+
+def spec_of(model: type[Section]) -> Any:
+    """`filters: spec_of(FilterSpec) | None`: the mapping as written, validated by `model`."""
+    return Annotated[dict[str, Any], SpecOf(model)]

@@ -55,6 +55,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from pydantic import Field
+
+from spoa_mirror.config_types import Bool, Section
 from spoa_mirror.errors import ConfigError
 from spoa_mirror.request import MirrorRequest
 
@@ -317,3 +320,26 @@ def _headers(value: object, key: str) -> _Criterion:
         return False
 
     return header_matches
+
+
+class FilterRules(Section):
+    """One block of criteria: every kind listed must match (AND); within a kind, any entry (OR)."""
+
+    path_prefix: list[str] | None = Field(
+        None, description="normalised path starts with one of these; each starts with /"
+    )
+    path_regex: list[str] | None = Field(None, description="normalised path matches one of these (searched)")
+    methods: list[str] | None = Field(
+        None, description="request method (and any method-override header) among these registered methods"
+    )
+    headers: dict[str, bool | str] | None = Field(
+        None, description="NAME: true (present) or NAME: regex (a value matches); names case-insensitive"
+    )
+
+
+class FilterSpec(Section):
+    """Which requests a target sees at all, matched on the normalised path (see filters.py)."""
+
+    allow: FilterRules | None = Field(None, description="when present, only matching requests pass")
+    deny: FilterRules | None = Field(None, description="matching requests never pass, even when allowed")
+    ignore_path_case: Bool = Field(False, description="compare paths case-insensitively")

@@ -25,6 +25,9 @@ import math
 import time
 from collections.abc import Callable
 
+from pydantic import Field
+
+from spoa_mirror.config_types import PositiveNumber, Section, int_between
 from spoa_mirror.errors import ConfigError, check_spec_keys
 
 Clock = Callable[[], float]
@@ -261,3 +264,30 @@ def _positive(value: object, key: str) -> float:
     if value <= 0:
         raise ConfigError(key, f"must be positive, got {value!r}")
     return float(value)
+
+
+class RateLimitSpec(Section):
+    """Excess over the rate is dropped, never queued: at least one of the two rates."""
+
+    requests_per_second: PositiveNumber | None = Field(
+        None, description="requests mirrored per second at most"
+    )
+    bytes_per_second: PositiveNumber | None = Field(
+        None, description="body bytes mirrored per second at most"
+    )
+    burst_seconds: PositiveNumber = Field(
+        DEFAULT_BURST_SECONDS,
+        description="seconds' worth of traffic that may pass at once after a quiet spell",
+    )
+
+
+class CircuitBreakerSpec(Section):
+    """A shadow that keeps failing is left alone for a growing window."""
+
+    failure_threshold: int_between(1, 1_000_000) = Field(
+        DEFAULT_FAILURE_THRESHOLD, description="consecutive failures that open the breaker"
+    )
+    backoff: PositiveNumber = Field(DEFAULT_BACKOFF, description="first open window, in seconds")
+    max_backoff: PositiveNumber = Field(
+        DEFAULT_MAX_BACKOFF, description="cap of the doubling window, in seconds (at least backoff)"
+    )

@@ -19,7 +19,28 @@ import ipaddress
 import os
 import socket
 from collections.abc import Iterable
+from typing import Annotated, Any
 
+from pydantic import Field, PlainValidator, WithJsonSchema
+
+from spoe.connection import CAPABILITIES
+from spoe.frames import MIN_FRAME_SIZE
+
+from .config_types import (
+    Address,
+    Duration,
+    DurationOrZero,
+    ExistingFile,
+    MiB,
+    Port,
+    Section,
+    Size,
+    bounded_duration,
+    bounded_size,
+    int_between,
+    problem,
+    show,
+)
 from .errors import StartupError
 
 _LISTEN_STATE = "0A"  # include/net/tcp_states.h: TCP_LISTEN
@@ -125,3 +146,100 @@ def _bind_problem(where: str, error: OSError) -> str:
 
 def _join(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _capability(value: object) -> str:
+    if value not in CAPABILITIES:
+        raise problem(f"must be one of {', '.join(sorted(CAPABILITIES))}, got {show(value)}")
+    return value  # type: ignore[return-value]
+
+
+def _network(value: object) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=False))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise problem(f"must be an IP network such as 10.0.0.0/8, got {show(value)}") from None
+
+
+Capability = Annotated[str, PlainValidator(_capability), WithJsonSchema({"enum": sorted(CAPABILITIES)})]
+Network = Annotated[str, PlainValidator(_network), WithJsonSchema({"type": "string", "format": "ip-network"})]
+
+
+class TlsConfig(Section):
+    """SPOP over TLS (HAProxy: `server ... ssl ca-file ... crt ...`)."""
+
+    cert_file: ExistingFile = Field(description="the agent's certificate (PEM)")
+    key_file: ExistingFile = Field(
+        description="its private key (PEM); a secret file, see secrets.file_permissions"
+    )
+    ca_file: ExistingFile | None = Field(
+        None, description="when set, HAProxy must present a client certificate signed by this CA"
+    )
+
+    @classmethod
+    def prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
+        if data.get("cert_file") is None or data.get("key_file") is None:
+            raise problem("needs both cert_file and key_file")
+        return data
+
+
+class ListenConfig(Section):
+    """The SPOP listener HAProxy's `filter spoe` connects to."""
+
+    address: Address = Field(
+        "127.0.0.1",
+        description="address the SPOP listener binds; loopback by default, unlike the C agent's 0.0.0.0: "
+        "exposing the agent is a decision",
+    )
+    port: Port = Field(12345, description="SPOP port; 0 picks a free one")
+    max_frame_size: bounded_size(minimum=MIN_FRAME_SIZE, maximum=16 * MiB) = Field(
+        16384, description="largest SPOP frame announced in AGENT-HELLO; match HAProxy's tune.bufsize"
+    )
+    capabilities: frozenset[Capability] = Field(
+        CAPABILITIES, description="SPOP capabilities announced in AGENT-HELLO, a subset of the three"
+    )
+    workers: int_between(1, 1024) = Field(
+        1,
+        description="worker processes, each with its own SO_REUSEPORT socket bound by the supervisor, "
+        "which serves admin for all of them",
+    )
+    runtime: DurationOrZero = Field(0.0, description="stop after this long; 0 runs until signalled")
+    max_connections: int_between(1, 1_000_000) = Field(
+        1000,
+        description="SPOP connections open at once; at the limit a new connection takes the slot of the "
+        "one longest without a HELLO or NOTIFY (if over 1 s and nothing unanswered), else it is refused",
+    )
+    hello_timeout: Duration = Field(5.0, description="time a new connection has to send HAPROXY-HELLO")
+    idle_timeout: Duration = Field(60.0, description="an SPOP connection silent this long is closed")
+    max_inflight: int_between(1, 1_000_000) = Field(
+        256, description="NOTIFY frames one connection may have unanswered before reading pauses"
+    )
+    allow_networks: tuple[Network, ...] = Field(
+        (), description="CIDRs allowed to connect, e.g. [10.0.0.0/8, '::1/128']; empty allows any peer"
+    )
+    tls: TlsConfig | None = Field(None, description="serve SPOP over TLS")
+    backlog: int_between(1, 65535) = Field(
+        1024, description="the SPOP listen backlog (the C agent's -b; its default is 10)"
+    )
+    processing_delay: bounded_duration(low=0.0, high=1.0) = Field(
+        0.0, description="wait this long before handling each NOTIFY, up to 1 s (the C agent's -t)"
+    )
+    monitor_interval: bounded_duration(low=1.0, high=3600.0) = Field(
+        5.0,
+        description="how often each worker logs agent.monitor at debug level, 1 s to 1 h (the C agent's -i)",
+    )
+    worker_restarts: int_between(0, 1000) = Field(
+        5,
+        description="with workers > 1, how many times in a row a crashing worker is restarted (back-off "
+        "0.5 s doubling to 30 s) before the supervisor gives up and stops",
+    )
+    frame_timeout: Duration = Field(
+        5.0,
+        description="a frame, or a fragmented NOTIFY, must arrive whole this long after its first byte, "
+        "or the connection is closed",
+    )
+    reassembly_budget: Size = Field(
+        32 * MiB,
+        description="bytes all connections together may hold in fragmented NOTIFYs not yet complete; a "
+        "fragmented body larger than this cannot arrive",
+    )

@@ -6,8 +6,31 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Literal
 
 import structlog
+from pydantic import Field, field_validator
+
+from .config_types import Section
+
+LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class LogConfig(Section):
+    """Structured logs on stderr."""
+
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="json, console, or auto (console on a terminal, JSON otherwise)"
+    )
+    level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="debug, info, warning, error or critical (any case)"
+    )
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _any_case(cls, level: object) -> object:
+        return level.lower() if isinstance(level, str) else level
 
 
 def configure(fmt: str = "auto", level: str = "info") -> None:

@@ -42,6 +42,7 @@ from spoe.log import LogThrottle
 from .accounting import STATUS_OUTCOME, MessageStats, TargetStats
 from .config import NO_OUTGOING, OutgoingConfig
 from .filters import build_filter, methods_allowed
+from .header_templates import split_added_headers
 from .limits import build_circuit_breaker, build_rate_limiter
 from .message import BadMessage, is_mirror_message, to_request
 from .protocols import build_grpc_guard, build_pool, build_serialiser
@@ -241,8 +242,9 @@ class Target:
         cannot name any of them, nor X-Forwarded-For or HAProxy's X-Request-ID, away."""
         base_path = config.base_path.rstrip("/")
         rewrite = config.path_rewrite
-        add = [*config.headers.items(), loop_marker]
-        added_names = {name.lower() for name, _ in add} | {TRUNCATED_MARKER[0].lower()}
+        static, templated = split_added_headers(config.headers)
+        add = [*static, loop_marker]
+        added_names = {name.lower() for name, _ in (*add, *templated)} | {TRUNCATED_MARKER[0].lower()}
         removed = {name.lower() for name in config.remove_headers} | added_names
         protected = frozenset(added_names | {REQUEST_ID_HEADER})
         protected_with_forwarded_for = protected | {"x-forwarded-for"}
@@ -279,6 +281,8 @@ class Target:
                 headers = _append_forwarded_for(headers, req.src)
                 keep = protected_with_forwarded_for
             headers.extend(add)
+            if templated:  # only targets whose added headers carry a template pay for this
+                headers.extend([(name, render()) for name, render in templated])
             if truncated:
                 stats.truncated_sent += 1
                 headers.append(TRUNCATED_MARKER)

@@ -13,11 +13,19 @@ replaying HTTP/1.1 only keeps its heap, and so its garbage collector's work per 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import ipaddress
+import re
+import socket
 import ssl
+import struct
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
+from pydantic import Field, PlainValidator, WithJsonSchema, model_validator
+
+from .config_types import Derived, NonEmptyStr, Section, problem, show
 from .request import MirrorRequest
 from .tls import client_context
 from .transport import ConnectError, Done, Pool, RequestTimeout, TLSError
@@ -232,3 +240,75 @@ def _connect_failure(error: Exception, where: str) -> Exception:
     if isinstance(error, OSError):
         return ConnectError(f"connecting to {where} failed: {error}")
     return error
+
+
+_SIOCGIFADDR = 0x8915  # linux/sockios.h: an interface's address
+_PORT_RANGE = re.compile(r"\s*(\d{1,5})\s*(?:-\s*(\d{1,5})\s*)?")
+
+
+def _port_range(value: object) -> tuple[int, int]:
+    """A port, or "LOW-HIGH", as the C agent's -P takes it."""
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    match = _PORT_RANGE.fullmatch(text) if isinstance(text, str) else None
+    low = int(match[1]) if match else 0
+    high = int(match[2]) if match and match[2] else low
+    if match is None or not 1 <= low <= high <= 65535:
+        raise problem(f'must be a port or a range "LOW-HIGH" within 1-65535, got {show(value)}')
+    return low, high
+
+
+def _source_ip(address: str) -> str:
+    """An IP address as it is, or the IPv4 address of the interface of that name (curl's
+    CURLOPT_INTERFACE, which the C agent's -I sets, takes either)."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        pass
+    if address not in {name for _index, name in socket.if_nameindex()}:
+        raise problem(f"must be an IP address or a network interface name, got {address!r}", "address")
+    request = struct.pack("256s", address.encode()[:15])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            answer = fcntl.ioctl(probe.fileno(), _SIOCGIFADDR, request)
+        except OSError as error:
+            raise problem(f"interface {address} has no IPv4 address ({error.strerror})", "address") from None
+    return socket.inet_ntoa(answer[20:24])
+
+
+PortRange = Annotated[
+    tuple[int, int],
+    PlainValidator(_port_range),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 1, "maximum": 65535},
+                {"type": "string", "pattern": r"^\s*\d{1,5}\s*(-\s*\d{1,5}\s*)?$"},
+            ]
+        }
+    ),
+]
+
+
+class OutgoingConfig(Section):
+    """Where connections to the shadows come from (the C agent's -I and -P); unset: the kernel chooses."""
+
+    address: NonEmptyStr | None = Field(
+        None,
+        description="source address of connections to the shadows: an IP address or an interface name "
+        "(its IPv4 address is used) (the C agent's -I)",
+    )
+    ports: PortRange | None = Field(
+        None,
+        description='source port, or range "LOW-HIGH", of connections to the shadows; a connection fails '
+        "with error_connect when every port of the range is in use (the C agent's -P)",
+    )
+    source_ip: Derived[str | None] = None  # the address bound: `address`, or its interface's IPv4 address
+
+    @model_validator(mode="after")
+    def _resolve_interface(self) -> OutgoingConfig:
+        if self.address is not None:
+            self.derive(source_ip=_source_ip(self.address))
+        return self
+
+
+NO_OUTGOING = OutgoingConfig()

@@ -84,10 +84,13 @@ import re
 import zlib
 from collections.abc import Callable
 from operator import attrgetter
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
+from pydantic import Field
+
 from spoa_mirror import redact_rules
+from spoa_mirror.config_types import Bool, Section
 from spoa_mirror.errors import ConfigError, check_spec_keys
 from spoa_mirror.redact_rules import DEFAULT_HEADERS, is_card_number, is_secret_header, is_secret_name
 from spoa_mirror.request import MirrorRequest
@@ -997,3 +1000,25 @@ def _replace_json_value(value: Any, op: Callable[[bytes], str], metric: str, eve
 
 
 _worker_cores: dict[tuple[str, str, bytes | None], _Core] = {}
+
+
+Action = Literal["remove", "mask", "hmac", "keep"]
+
+
+class RedactSpec(Section):
+    """Redaction rules (see redact.py); a target's are merged over the global ones."""
+
+    defaults: Bool = Field(
+        True, description="the default list of redact_rules.py; false switches all of it off"
+    )
+    headers: dict[str, Action] | None = Field(
+        None, description="header name (case-insensitive, _ and - alike): action"
+    )
+    query: dict[str, Action] | None = Field(None, description="query parameter (decoded name): action")
+    json_fields: dict[str, Action] | None = Field(None, description="dotted JSON path from the root: action")
+    form_fields: dict[str, Action] | None = Field(None, description="form or multipart field: action")
+    patterns: dict[str, Any] | None = Field(
+        None,
+        description="name: {regex, action} (a byte regex, ASCII, that cannot match the empty string; "
+        "action mask, remove or hmac), or cards: keep / userinfo: keep to switch a built-in scan off",
+    )

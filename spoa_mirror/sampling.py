@@ -38,8 +38,12 @@ import random
 import re
 from collections.abc import Callable
 from hashlib import blake2b
+from typing import Literal
 from urllib.parse import unquote_plus
 
+from pydantic import Field
+
+from spoa_mirror.config_types import NonEmptyStr, Section
 from spoa_mirror.errors import ConfigError
 from spoa_mirror.request import MirrorRequest
 
@@ -214,3 +218,15 @@ def _decoded(raw: str) -> str:
     if "%" in raw or "+" in raw:
         return unquote_plus(raw, errors="surrogateescape")
     return raw
+
+
+class SampleKeySpec(Section):
+    """Sample a stable subset of users instead of random requests: exactly one of header, cookie, query."""
+
+    header: NonEmptyStr | None = Field(None, description="sample by this request header's value")
+    cookie: NonEmptyStr | None = Field(None, description="sample by this cookie's value")
+    query: NonEmptyStr | None = Field(None, description="sample by this query parameter's value")
+    missing: Literal["random", "skip"] = Field(
+        "random",
+        description="requests without a value: random samples them at the same rate, skip never mirrors them",
+    )

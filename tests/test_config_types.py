@@ -68,7 +68,7 @@ def test_sizes(value: object, size: int) -> None:
         ({"inner": {"timeout": 0}}, "inner.timeout: must be a positive number of seconds, got 0"),
         ({"inner": {"drain": -1}}, "inner.drain: must be a 0 or more number of seconds, got -1"),
         ({"inner": {"delay": "2s"}}, "inner.delay: must be between 0 and 1 seconds, got '2s'"),
-        ({"inner": {"timeout": "soon"}}, 'inner.timeout: must be a number of seconds or a duration like'),
+        ({"inner": {"timeout": "soon"}}, "inner.timeout: must be a number of seconds or a duration like"),
         ({"inner": {"body": "1 lots"}}, 'inner.body: must be a number of bytes or a size like "512k"'),
         ({"inner": {"budget": "1k"}}, "inner.budget: must be at least 64KiB, got '1k'"),
         ({"inner": {"workers": 11}}, "inner.workers: must be between 1 and 10, got 11"),

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from ipaddress import IPv4Address
@@ -420,6 +422,39 @@ def test_each_target_rewrites_the_request_as_configured(run_asyncio: Callable[[A
         framing = {"content-length", "transfer-encoding", "connection"}
         got = [(key, value) for key, value in request.headers if key.lower() not in framing]
         assert (request.method, request.target, got, request.body) == ("POST", path, sent_headers, body), name
+
+
+def test_uuid_template_gives_every_mirrored_request_a_fresh_id_over_haproxys(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """`X-Request-ID: "{{uuid}}"` (the GAL guide's tracing practice): a fresh UUID per mirrored
+    request, replacing the id HAProxy's unique-id-header put on the request, so the shadow's traces
+    never share an id with production's; a header without a template is sent as written."""
+    shadow = ShadowServer()
+    try:
+        shadow.start()
+
+        async def test() -> None:
+            headers = {"X-Request-ID": "{{uuid}}", "X-Trace": "mirror-{{ uuid }}-end", "X-Env": "shadow"}
+            async with running({"targets": [target("t", shadow, headers=headers)]}) as (app, _, peer):
+                for frame_id in (1, 2):
+                    message = request_message("/x", [("Host", "h"), ("X-Request-ID", "haproxy-id-1")])
+                    await send_and_ack(peer, frame_id, [message])
+                assert await settled(app.mirror.target_stats["t"], 2) == {"sent_2xx": 2}
+
+        run_asyncio(test)
+    finally:
+        shadow.stop()
+    ids, traces = [], []
+    for request in shadow.requests:
+        sent = dict(request.headers)
+        assert [name for name, _ in request.headers].count("X-Request-ID") == 1
+        assert sent["X-Env"] == "shadow"
+        ids.append(str(uuid.UUID(sent["X-Request-ID"], version=4)))
+        traces.append(sent["X-Trace"])
+    assert len(set(ids)) == 2 and "haproxy-id-1" not in ids
+    assert all(re.fullmatch(r"mirror-[0-9a-f-]{36}-end", trace) for trace in traces)
+    assert len(set(traces)) == 2
 
 
 def test_each_drop_reason_is_counted_once_per_target(run_asyncio: Callable[[AsyncTest], None]) -> None:
