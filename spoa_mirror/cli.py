@@ -1,4 +1,4 @@
-"""`spoa-mirror`: run the agent, or `spoa-mirror check-config FILE`.
+"""`spoa-mirror`: run the agent, `spoa-mirror check-config FILE`, or `spoa-mirror config-schema`.
 
 Exit codes: 0 after a clean stop; 2 for a bad config, bad flags, or a start-up failure (a port in
 use, a certificate that does not load), as one line naming the setting, which the shipped systemd
@@ -10,6 +10,7 @@ supervisor of -n workers)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -25,7 +26,7 @@ import spoe
 from .admin import BACKLOG as ADMIN_BACKLOG
 from .app import App
 from .cli_args import C_AGENT_DIFFERENCES, overrides_from_args, parse_args
-from .config import Config, describe, load_config
+from .config import Config, config_schema, describe, load_config
 from .errors import ConfigError, StartupError
 from .listeners import bind_listener
 from .logs import configure
@@ -38,6 +39,9 @@ log = structlog.get_logger("spoa_mirror")
 
 def main(argv: list[str] | None = None) -> int:
     command, options = parse_args(sys.argv[1:] if argv is None else argv)
+    if command == "config-schema":
+        print(json.dumps(config_schema(), indent=2))
+        return 0
     overrides = overrides_from_args(options)
     if command == "run" and options.config:
         options.config = os.path.abspath(options.config)  # -D changes directory; SIGHUP re-reads it

@@ -4,6 +4,7 @@ entrypoint) keeps working; plus a config file and `check-config`.
 
     spoa-mirror [run] [--config FILE] [C agent flags]...
     spoa-mirror check-config FILE [the flags that change the configuration]
+    spoa-mirror config-schema   (the config file's JSON Schema, for editors)
 
 Times are the C agent's: milliseconds unless suffixed with us, ms, s, m, h or d (`-r 5000` is five
 seconds). Capability and libev backend names are case-insensitive, as there. Flags override the file
@@ -24,6 +25,7 @@ from spoe.connection import CAPABILITIES
 
 from . import __version__
 from .config import LOG_FORMATS, LOG_LEVELS, OVERRIDE_KEYS, parse_size
+from .config_doc import help_text
 from .errors import ConfigError
 
 PROG = "spoa-mirror"
@@ -47,6 +49,8 @@ def parse_args(argv: list[str]) -> tuple[str, argparse.Namespace]:
     because the C agent has no subcommands."""
     if argv and argv[0] == "check-config":
         return "check-config", _check_config_parser().parse_args(argv[1:])
+    if argv and argv[0] == "config-schema":
+        return "config-schema", _config_schema_parser().parse_args(argv[1:])
     if argv and argv[0] == "run":
         argv = argv[1:]
     return "run", _run_parser().parse_args(argv)
@@ -114,9 +118,20 @@ def _check_config_parser() -> argparse.ArgumentParser:
         prog=f"{PROG} check-config",
         parents=[_override_flags()],
         description="Validate a configuration and describe what the agent would do with it.",
+        epilog=help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", metavar="FILE", help="YAML configuration file")
     return parser
+
+
+def _config_schema_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog=f"{PROG} config-schema",
+        description="Print the config file's JSON Schema (also shipped as docs/config.schema.json), for "
+        "editors: yaml-language-server (VS Code's YAML extension and others) completes and checks a "
+        "file that starts with `# yaml-language-server: $schema=URL-or-path`.",
+    )
 
 
 def _override_flags() -> argparse.ArgumentParser:

@@ -69,7 +69,6 @@ OVERRIDE_KEYS = (
     "backlog", "processing_delay", "monitor_interval", "outgoing_address", "outgoing_ports",
     "log_format", "log_level",
 )  # fmt: skip
-SCHEMA_URL = "https://raw.githubusercontent.com/spoa-mirror/spoa-mirror/main/docs/config.schema.json"
 
 
 class SecretsConfig(Section):
@@ -287,7 +286,7 @@ def config_schema() -> dict[str, Any]:
         for name, prop in definition.get("properties", {}).items():
             prop.pop("title", None)
             definition["properties"][name] = _nullable(prop)
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_URL, **schema}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
 def _nullable(prop: dict[str, Any]) -> dict[str, Any]:

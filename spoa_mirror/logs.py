@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from typing import Annotated, Literal
 
 import structlog
-from pydantic import Field, field_validator
+from pydantic import Field, WithJsonSchema, field_validator
 
 from .config_types import Section
 
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_ANY_CASE_LEVEL = "^(" + "|".join("".join(f"[{c}{c.upper()}]" for c in level) for level in LOG_LEVELS) + ")$"
 
 
 class LogConfig(Section):
@@ -23,9 +24,13 @@ class LogConfig(Section):
     format: Literal["auto", "json", "console"] = Field(
         "auto", description="json, console, or auto (console on a terminal, JSON otherwise)"
     )
-    level: Literal["debug", "info", "warning", "error", "critical"] = Field(
-        "info", description="debug, info, warning, error or critical (any case)"
-    )
+    level: Annotated[
+        Literal["debug", "info", "warning", "error", "critical"],
+        # Completion offers the lower-case names; any case validates, as the agent accepts it.
+        WithJsonSchema(
+            {"anyOf": [{"enum": list(LOG_LEVELS)}, {"type": "string", "pattern": _ANY_CASE_LEVEL}]}
+        ),
+    ] = Field("info", description="debug, info, warning, error or critical (any case)")
 
     @field_validator("level", mode="before")
     @classmethod

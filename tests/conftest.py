@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.config_schema import as_json, recording_accepted_configs, validator
 from tests.support.procs import (
     HAPROXY_RELEASES,
     NGINX,
@@ -107,3 +108,18 @@ def echo_agent(tmp_path: Path) -> EchoAgentFactory:
 def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """This checkout and its dependencies as wheels (tests/support/wheels.py), built once."""
     return build_wheelhouse(tmp_path_factory.mktemp("wheels"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def accepted_configs_match_the_schema() -> Iterator[None]:
+    """Every config a test got the agent to accept must pass the shipped JSON Schema too, or an editor
+    would flag a valid file (tests/test_config_schema.py checks the other direction)."""
+    with recording_accepted_configs() as accepted:
+        yield
+    check = validator()
+    refused = [
+        f"{error.json_path}: {error.message}"
+        for document in accepted
+        for error in check.iter_errors(as_json(document))
+    ]
+    assert not refused, f"configs the agent accepts but docs/config.schema.json refuses: {refused[:5]}"

@@ -450,7 +450,10 @@ def test_uuid_template_gives_every_mirrored_request_a_fresh_id_over_haproxys(
         sent = dict(request.headers)
         assert [name for name, _ in request.headers].count("X-Request-ID") == 1
         assert sent["X-Env"] == "shadow"
-        ids.append(str(uuid.UUID(sent["X-Request-ID"], version=4)))
+        request_id = uuid.UUID(sent["X-Request-ID"])
+        assert (request_id.version, request_id.variant) == (4, uuid.RFC_4122)
+        assert str(request_id) == sent["X-Request-ID"]
+        ids.append(sent["X-Request-ID"])
         traces.append(sent["X-Trace"])
     assert len(set(ids)) == 2 and "haproxy-id-1" not in ids
     assert all(re.fullmatch(r"mirror-[0-9a-f-]{36}-end", trace) for trace in traces)
