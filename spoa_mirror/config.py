@@ -53,7 +53,7 @@ from .errors import ConfigError
 from .listeners import ListenConfig, TlsConfig
 from .logs import LOG_FORMATS, LOG_LEVELS, LogConfig
 from .protocols import NO_OUTGOING, OutgoingConfig
-from .redact import RedactSpec
+from .redact import redact_spec_model
 from .targets import PathRewrite, TargetConfig
 
 __all__ = [
@@ -215,7 +215,7 @@ class Config(Section):
         description="SPOE message names treated as mirror requests; empty accepts any message carrying "
         "a method and a path",
     )
-    redact: spec_of(RedactSpec) | None = Field(
+    redact: spec_of(redact_spec_model()) | None = Field(
         None, description="redaction for every target (see redact.py); a target's redact is merged over it"
     )
     truncated_body: Literal["drop", "send_marked"] = Field(

@@ -78,6 +78,7 @@ masked (a new request is built; 3.6 us before).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hmac as _hmac
 import json
 import re
@@ -87,10 +88,7 @@ from operator import attrgetter
 from typing import Any, Literal
 from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
-from pydantic import Field
-
 from spoa_mirror import redact_rules
-from spoa_mirror.config_types import Bool, Section
 from spoa_mirror.errors import ConfigError, check_spec_keys
 from spoa_mirror.redact_rules import DEFAULT_HEADERS, is_card_number, is_secret_header, is_secret_name
 from spoa_mirror.request import MirrorRequest
@@ -1005,20 +1003,33 @@ _worker_cores: dict[tuple[str, str, bytes | None], _Core] = {}
 Action = Literal["remove", "mask", "hmac", "keep"]
 
 
-class RedactSpec(Section):
-    """Redaction rules (see redact.py); a target's are merged over the global ones."""
+@functools.cache
+def redact_spec_model() -> type[Any]:
+    """The `redact` block's model (for targets.py and config.py). Built on first use, with pydantic
+    imported only then, because the redaction worker process imports this module too and would
+    otherwise carry pydantic (~11 MiB of RSS, measured with ru_maxrss) for nothing."""
+    from pydantic import Field
 
-    defaults: Bool = Field(
-        True, description="the default list of redact_rules.py; false switches all of it off"
-    )
-    headers: dict[str, Action] | None = Field(
-        None, description="header name (case-insensitive, _ and - alike): action"
-    )
-    query: dict[str, Action] | None = Field(None, description="query parameter (decoded name): action")
-    json_fields: dict[str, Action] | None = Field(None, description="dotted JSON path from the root: action")
-    form_fields: dict[str, Action] | None = Field(None, description="form or multipart field: action")
-    patterns: dict[str, Any] | None = Field(
-        None,
-        description="name: {regex, action} (a byte regex, ASCII, that cannot match the empty string; "
-        "action mask, remove or hmac), or cards: keep / userinfo: keep to switch a built-in scan off",
-    )
+    from spoa_mirror.config_types import Bool, Section
+
+    class RedactSpec(Section):
+        """Redaction rules (see redact.py); a target's are merged over the global ones."""
+
+        defaults: Bool = Field(
+            True, description="the default list of redact_rules.py; false switches all of it off"
+        )
+        headers: dict[str, Action] | None = Field(
+            None, description="header name (case-insensitive, _ and - alike): action"
+        )
+        query: dict[str, Action] | None = Field(None, description="query parameter (decoded name): action")
+        json_fields: dict[str, Action] | None = Field(
+            None, description="dotted JSON path from the root: action"
+        )
+        form_fields: dict[str, Action] | None = Field(None, description="form or multipart field: action")
+        patterns: dict[str, Any] | None = Field(
+            None,
+            description="name: {regex, action} (a byte regex, ASCII, that cannot match the empty string; "
+            "action mask, remove or hmac), or cards: keep / userinfo: keep to switch a built-in scan off",
+        )
+
+    return RedactSpec

@@ -35,7 +35,7 @@ from .config_types import (
 from .filters import FilterSpec
 from .header_templates import AddedHeaders
 from .limits import CircuitBreakerSpec, RateLimitSpec
-from .redact import RedactSpec
+from .redact import redact_spec_model
 from .sampling import SampleKeySpec
 
 HOST_POLICIES = ("target", "original", "suffix")
@@ -238,7 +238,7 @@ class TargetConfig(Section):
         None,
         description="{allow: RULES, deny: RULES, ignore_path_case}: which requests the target sees at all",
     )
-    redact: spec_of(RedactSpec) | None = Field(
+    redact: spec_of(redact_spec_model()) | None = Field(
         None, description="per-target redaction, merged over the global redact"
     )
     mirror_body: Bool = Field(True, description="send the request body; false sends the request without it")

@@ -108,3 +108,16 @@ def test_a_config_error_raised_by_a_validator_keeps_its_relative_key() -> None:
     with pytest.raises(ValidationError) as caught:
         Stage.model_validate({"spec": {"allow": ["x"]}})
     assert str(config_error(caught.value, "targets[2]")) == "targets[2].spec.allow[0]: bad rule"
+
+
+def test_the_redaction_worker_process_does_not_load_pydantic() -> None:
+    """The worker that redacts large bodies is spawned and imports redact.py alone; pydantic there would
+    cost ~11 MiB of RSS for nothing (redact.py builds its model only when config.py asks for it)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, spoa_mirror.redact; print(sorted(m for m in sys.modules if 'pydantic' in m))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"
