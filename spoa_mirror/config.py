@@ -14,6 +14,13 @@ suggestion, because a misspelt key silently taking its default is how a shadow e
 100% of production traffic instead of 1%. The models then hold parsed values (ports, floats,
 compiled regexes) so the request path never parses or checks configuration again.
 
+Adding a section: declare it as a `config_types.Section` in its own module, with a
+`Field(default, description=...)` per key, and add one field here to `Config`
+(`compare: CompareConfig = Field(default_factory=CompareConfig, description=CompareConfig.__doc__)`),
+or to `TargetConfig` for a per-target key (`defaults` then takes it too). Regenerate the shipped schema
+(`spoa-mirror config-schema > docs/config.schema.json`) and the README's table (`python -m
+spoa_mirror.config_doc`); tests/test_config_schema.py fails while either is stale.
+
 Precedence, lowest first: built-in default, `defaults`, `mirroring.mirror_request_body` /
 `mirroring.mirror_headers`, the target's own key; command-line overrides win over the file.
 """
@@ -269,11 +276,6 @@ class Config(Section):
                 raise problem(error.problem, error.key) from None
             self.secrets.derive(readable_files=self.secrets.readable_files + opened)
         enabled = self.mirroring.enabled
-        if enabled and not self.targets:
-            raise problem(
-                "at least one target is required (or pass --mirror-url, or set mirroring.enabled: false)",
-                "targets",
-            )
         self.derive(mirroring_enabled=enabled, targets=self.targets if enabled else ())
         return self
 
@@ -409,7 +411,14 @@ def _blame(key: str, targets_key: str, inherited_from: Mapping[str, str]) -> str
 
 
 def _finish(config: Config, targets_key: str, source: str | None) -> Config:
-    """Where each target was written, the global redaction merged into each target's, unique names."""
+    """What only a loaded file must have: at least one target unless mirroring is off (a bare
+    `Config()` is the defaults), unique names; and where each target was written, the global
+    redaction merged into each target's."""
+    if config.mirroring_enabled and not config.targets:
+        raise ConfigError(
+            "targets",
+            "at least one target is required (or pass --mirror-url, or set mirroring.enabled: false)",
+        )
     named: dict[str, str] = {}
     for index, target in enumerate(config.targets):
         key = f"{targets_key}[{index}]"
