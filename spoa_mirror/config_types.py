@@ -31,7 +31,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -273,8 +273,6 @@ class Section(BaseModel):
     meaning "the default"."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    # Input keys this section also accepts though they are not fields (handled by a before-validator).
-    extra_keys: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def input_fields(cls) -> list[tuple[str, str, FieldInfo]]:
@@ -288,7 +286,7 @@ class Section(BaseModel):
     @classmethod
     def input_keys(cls) -> list[str]:
         """The keys a config file may set in this section, in declaration order."""
-        return [key for key, _, _ in cls.input_fields()] + list(cls.extra_keys)
+        return [key for key, _, _ in cls.input_fields()]
 
     @classmethod
     def prepare(cls, data: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, PlainValidator, WithJsonSchema, model_validator
 
 from .config_types import (
+    HOSTNAME,
+    TOKEN,
     Bool,
     Derived,
     Duration,
@@ -38,14 +40,7 @@ from .limits import CircuitBreakerSpec, RateLimitSpec
 from .redact import redact_spec_model
 from .sampling import SampleKeySpec
 
-HOST_POLICIES = ("target", "original", "suffix")
-PROTOCOLS = ("http1", "h2", "h2c", "auto")
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _GRPC_METHOD = re.compile(r"/[A-Za-z0-9_.]+/(?:[A-Za-z0-9_]+|\*)")
-_HOSTNAME = re.compile(
-    r"(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
-)
 _NAME = re.compile(r"[\x21-\x7e]{1,128}")
 
 
@@ -71,7 +66,7 @@ def _methods(value: object) -> frozenset[str]:
     for index, method in enumerate(methods):
         if not isinstance(method, str) or not method:
             raise _item_error(index, f"must be a non-empty string, got {show(method)}")
-        if not _TOKEN.fullmatch(method):
+        if not TOKEN.fullmatch(method):
             raise _item_error(index, f"must be an HTTP method, got {method!r}")
     return frozenset(method.upper() for method in methods)
 
@@ -93,7 +88,7 @@ def _header_set(value: object) -> frozenset[str]:
     for index, name in enumerate(names):
         if not isinstance(name, str) or not name:
             raise _item_error(index, f"must be a non-empty string, got {show(name)}")
-        if not _TOKEN.fullmatch(name):
+        if not TOKEN.fullmatch(name):
             raise _item_error(index, f"must be a valid header name, got {name!r}")
     return frozenset(name.lower() for name in names)
 
@@ -140,14 +135,16 @@ def _string_list_schema(**items: Any) -> WithJsonSchema:
     return WithJsonSchema({"type": "array", "minItems": 1, "items": {"type": "string", **items}})
 
 
-Methods = Annotated[frozenset[str], PlainValidator(_methods), _string_list_schema(pattern=_TOKEN.pattern)]
+Methods = Annotated[
+    frozenset[str], PlainValidator(_methods), _string_list_schema(pattern=f"^{TOKEN.pattern}$")
+]
 GrpcMethods = Annotated[
-    frozenset[str], PlainValidator(_grpc_methods), _string_list_schema(pattern=_GRPC_METHOD.pattern)
+    frozenset[str], PlainValidator(_grpc_methods), _string_list_schema(pattern=f"^{_GRPC_METHOD.pattern}$")
 ]
 HeaderSet = Annotated[
     frozenset[str],
     PlainValidator(_header_set),
-    WithJsonSchema({"type": "array", "items": {"type": "string", "pattern": f"^{_TOKEN.pattern}$"}}),
+    WithJsonSchema({"type": "array", "items": {"type": "string", "pattern": f"^{TOKEN.pattern}$"}}),
 ]
 PathRewriteSpec = Annotated[
     PathRewrite,
@@ -345,5 +342,5 @@ def _check_host(host: str, key: str, *, ipv6: bool) -> None:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise problem(f"has an invalid IPv6 address, got {host!r}", key) from None
-    elif not _HOSTNAME.fullmatch(host):
+    elif not HOSTNAME.fullmatch(host):
         raise problem(f"has an invalid host name {host!r} (international names go in their xn-- form)", key)
