@@ -272,16 +272,20 @@ def test_reload_retires_old_targets_and_counts_their_leftovers(
 # Limits, end to end ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("requests_per_second", [None, 1000], ids=["bytes-only", "with-requests"])
 def test_bytes_per_second_limits_body_bytes_through_the_pipeline(
-    run_asyncio: Callable[[AsyncTest], None],
+    run_asyncio: Callable[[AsyncTest], None], requests_per_second: int | None
 ) -> None:
     """bytes_per_second 100 with a 10 s burst: 1000 body bytes may pass at once. Of four 400-byte
     POSTs in one batch two pass and two are rate_limited (the refill would take seconds); bodiless
-    GETs spend nothing and always pass."""
+    GETs spend nothing and always pass. The same with a requests_per_second limit that lets every
+    request through: the body bytes are still charged."""
     with ShadowServer() as shadow:
 
         async def test() -> None:
-            limit = {"bytes_per_second": 100, "burst_seconds": 10}
+            limit: dict[str, float] = {"bytes_per_second": 100, "burst_seconds": 10}
+            if requests_per_second is not None:
+                limit["requests_per_second"] = requests_per_second
             async with running({"targets": [target("a", shadow, rate_limit=limit)]}) as (app, _, peer):
                 batch = [mirror_message("/get-before")]
                 batch += [mirror_message(f"/post/{n}", body=b"x" * 400) for n in range(4)]
