@@ -23,12 +23,12 @@ JOBS=${MUTATION_JOBS:-1}
 declare -A TESTS=(
     [spoe/connection.py]="tests/test_connection.py"
     [spoe/frames.py]="tests/test_connection.py tests/test_data.py tests/test_oracle.py"
-    [spoa_mirror/mirror.py]="tests/test_pipeline.py tests/test_budget_shares.py tests/test_intake.py tests/test_loop_marker.py"
+    [spoa_mirror/mirror.py]="tests/test_pipeline.py tests/test_budget_shares.py tests/test_intake.py tests/test_loop_marker.py tests/test_hardening_config.py tests/test_message_targets.py"
     [spoa_mirror/accounting.py]="tests/test_pipeline.py"
     [spoa_mirror/limits.py]="tests/test_limits.py tests/test_pipeline.py"
-    [spoa_mirror/redact.py]="tests/test_redact.py tests/test_redact_defaults.py"
+    [spoa_mirror/redact.py]="tests/test_redact.py tests/test_redact_defaults.py tests/test_redact_shapes.py tests/test_config.py"
     [spoa_mirror/wire.py]="tests/test_wire.py"
-    [spoa_mirror/message.py]="tests/test_pipeline.py tests/test_message.py"
+    [spoa_mirror/message.py]="tests/test_pipeline.py tests/test_message.py tests/test_message_targets.py"
 )
 MODULES=("$@")
 if [ ${#MODULES[@]} -eq 0 ]; then
