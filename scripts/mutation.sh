@@ -19,7 +19,7 @@ WORK=${MUTATION_DIR:-${TMPDIR:-/tmp}/spoa-mirror-mutation}
 TIMEOUT=${MUTATION_TIMEOUT:-1200}
 JOBS=${MUTATION_JOBS:-1}
 
-# module -> the fast tests that exercise it (no HAProxy, no subprocess agent)
+# module -> the fast tests that exercise it (no subprocess agent; tests marked haproxy are left out)
 declare -A TESTS=(
     [spoe/connection.py]="tests/test_connection.py"
     [spoe/frames.py]="tests/test_connection.py tests/test_data.py tests/test_oracle.py"
@@ -57,12 +57,16 @@ for module in "${MODULES[@]}"; do
         echo "pytest_add_cli_args="
         echo "    -p"
         echo "    no:cacheprovider"
+        echo "    -m"
+        echo "    not haproxy"
         echo "    -q"
     } > "$scratch/setup.cfg"
     echo "== $module ($tests)"
     status=0
     (cd "$scratch" && timeout "$TIMEOUT" nice -n 10 "$MUTMUT" run --max-children "$JOBS" >run.log 2>&1) || status=$?
     [ "$status" -eq 124 ] && echo "   stopped after ${TIMEOUT}s: results are partial"
+    grep -q "failed to collect stats" "$scratch/run.log" &&
+        echo "   the tests fail on the unmutated code, so no mutant was tried: see $scratch/run.log"
     (cd "$scratch" && "$MUTMUT" results --all true >results.txt 2>&1) || true
     echo "   $(sed -n 's/^.*: //p' "$scratch/results.txt" | sort | uniq -c | awk '{n=$1; $1=""; printf "%s%s %d", sep, substr($0, 2), n; sep=", "}')"
     grep ': survived$' "$scratch/results.txt" | cut -d: -f1 > "$scratch/survivors.txt" || true

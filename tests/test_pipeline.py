@@ -505,6 +505,15 @@ def test_latency_histogram_buckets_like_prometheus() -> None:
     assert Histogram().cumulative() == [(repr(bound), 0) for bound in LATENCY_BUCKETS] + [("+Inf", 0)]
 
 
+def test_grpc_statuses_are_counted_by_name() -> None:
+    """The HTTP/2 pool reports each gRPC reply's grpc-status (None when the trailers carry none):
+    counted under the code's name, out-of-range codes as `other`."""
+    stats = TargetStats()
+    for code in (0, 0, 5, 16, None, 17, -1):
+        stats.count_grpc_status(code)
+    assert stats.grpc_status == {"OK": 2, "NOT_FOUND": 1, "UNAUTHENTICATED": 1, "missing": 1, "other": 2}
+
+
 def test_messages_redactions_and_latency_are_counted(run_asyncio: Callable[[AsyncTest], None]) -> None:
     """Beside the outcomes: SPOP messages that are not mirror requests or cannot be read, each
     redaction rule applied, and one latency observation per answered replay."""
