@@ -9,6 +9,7 @@ shadows and counters, so each passes alone and in any order.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from collections.abc import AsyncIterator, Callable
@@ -267,6 +268,96 @@ def test_reload_retires_old_targets_and_counts_their_leftovers(
 
         run_asyncio(test)
         assert [r.target for r in new.requests] == ["/after"]
+
+
+@pytest.mark.parametrize(
+    "change", [{"headers": {"X-Env": "b"}}, {"timeout": 30}], ids=["pool kept", "new pool"]
+)
+def test_a_changed_target_takes_over_the_queue_and_the_slot_of_the_one_it_replaces(
+    run_asyncio: Callable[[AsyncTest], None], change: dict[str, Any]
+) -> None:
+    """A reload that changes target a while one request is in flight (concurrency 1, a shadow that
+    answers after 1 s) and two wait: the new a takes the two queued and the slot, so the shadow still
+    sees one request at a time, in order, the new a's last; every request is counted once on a's one
+    set of counters."""
+    with ShadowServer(mode="delay", delay=1.0) as shadow:
+
+        async def test() -> None:
+            before = target("a", shadow, concurrency=1, timeout=60)
+            async with running({"targets": [before], "drain_timeout": 30}) as (app, _, peer):
+                await send_and_ack(peer, 1, [mirror_message(f"/old/{n}") for n in range(3)])
+                old = app.mirror.targets[0]
+                await wait_until(lambda: len(shadow.requests) == 1 and len(old.queue) == 2, SETTLE)
+                reloaded = parse_config({"targets": [{**before, **change}], "drain_timeout": 30}, env={})
+                app.mirror.apply(reloaded, None)
+                [new] = app.mirror.targets
+                assert new is not old and (len(new.queue), len(old.queue)) == (2, 0)
+                await send_and_ack(peer, 2, [mirror_message("/new")])
+                stats = app.mirror.target_stats["a"]
+                assert await settled(stats, 4) == {"sent_2xx": 4}
+                await wait_until(lambda: not app.mirror.retired, SETTLE)
+
+        run_asyncio(test)
+        assert [r.target for r in shadow.requests] == ["/old/0", "/old/1", "/old/2", "/new"]
+        if "headers" in change:
+            assert [r.header("X-Env") for r in shadow.requests] == [None, None, None, "b"]
+
+
+def test_requests_queued_longer_than_max_queue_age_are_dropped_as_stale(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """A hung shadow holds the one slot; what waits behind it past max_queue_age is counted stale:
+    a batch queued half an age after the first is still waiting at the first sweep, so the sweep
+    comes again for it (on a stalled machine both may go at the first: the counts are the same), and
+    a batch queued once the queue was empty starts the sweeps anew."""
+    with ShadowServer(mode="hang") as shadow:
+
+        async def test() -> None:
+            config = {"targets": [target("a", shadow, concurrency=1, timeout=60, max_queue_age=0.2)]}
+            async with running(config) as (app, _, peer):
+                stats = app.mirror.target_stats["a"]
+                await send_and_ack(peer, 1, [mirror_message(f"/first/{n}") for n in range(3)])
+                await asyncio.sleep(0.1)
+                await send_and_ack(peer, 2, [mirror_message(f"/second/{n}") for n in range(2)])
+                await wait_until(lambda: stats.outcomes["stale"] == 4, SETTLE)
+                await send_and_ack(peer, 3, [mirror_message(f"/third/{n}") for n in range(2)])
+                await wait_until(lambda: stats.outcomes["stale"] == 6, SETTLE)
+                assert (stats.received, stats.pending, len(app.mirror.targets[0].queue)) == (7, 1, 0)
+                assert app.mirror.targets[0].held_bytes() == app.mirror.targets[0].pool.bytes_held
+                assert await app.mirror.drain(0.05) == (0, 1)
+                assert await settled(stats, 7) == {"stale": 6, "shutdown": 1}
+
+        run_asyncio(test)
+        assert [r.target for r in shadow.requests] == ["/first/0"]
+
+
+def test_a_body_over_the_inline_limit_is_redacted_in_the_worker_and_sent(
+    run_asyncio: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bodies over INLINE_BODY_LIMIT are redacted in the worker process, off the event loop: the
+    shadow gets them redacted, counted once, the redaction too, and the bytes held for them while
+    the worker had them are given back. The limit is lowered to 1 KiB here so that one unfragmented
+    NOTIFY carries such a body."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+    big = b'{"password": "hunter2", "fill": "' + b"x" * 2048 + b'"}'
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            async with running({"targets": [target("a", shadow, concurrency=1)]}) as (app, _, peer):
+                batch = [
+                    mirror_message("/big", body=big, headers="host: e\r\ncontent-type: application/json\r\n")
+                ]
+                await send_and_ack(peer, 1, batch)
+                stats = app.mirror.target_stats["a"]
+                assert await settled(stats, 1) == {"sent_2xx": 1}
+                assert stats.redactions == {"json:default": 1}
+                assert app.mirror.targets[0].held_bytes() == 0
+
+        run_asyncio(test)
+        [sent] = shadow.requests
+        assert sent.body == big.replace(
+            b'"password": "hunter2", "fill": ', b'"password":"[REDACTED]","fill":'
+        )
 
 
 # Limits, end to end ---------------------------------------------------------------------------
