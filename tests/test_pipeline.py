@@ -25,6 +25,7 @@ from spoa_mirror import mirror as mirror_module
 from spoa_mirror.accounting import LATENCY_BUCKETS, Histogram, TargetStats
 from spoa_mirror.app import App
 from spoa_mirror.config import parse_config
+from spoa_mirror.message import to_request
 from spoe import Message
 from spoe.frames import FrameType
 from tests.support.live_agent import LOOPS, AsyncTest, Served, loop_runner, serving, wait_until
@@ -441,6 +442,97 @@ def test_every_kind_of_shadow_failure_opens_the_breaker(
 
         run_asyncio(test)
         assert [r.target for r in shadow.requests] == ([] if fault in ("refuse", "tls") else ["/first"])
+
+
+def test_an_opening_breaker_sheds_the_queue_and_both_transitions_are_logged(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """concurrency 1: the first request fails, the breaker (threshold 1) opens and the three queued
+    behind it are dropped as circuit_open at once instead of failing one by one; after the backoff a
+    probe succeeds and the breaker closes. Opening is a warning naming the target, threshold and
+    backoff; closing is info."""
+    with ShadowServer(mode="garbage") as shadow:
+
+        async def test() -> None:
+            breaker = {"failure_threshold": 1, "backoff": 0.2}
+            config = {"targets": [target("a", shadow, concurrency=1, circuit_breaker=breaker)]}
+            with capture_logs() as logs:
+                async with running(config) as (app, _, peer):
+                    stats = app.mirror.target_stats["a"]
+                    await send_and_ack(peer, 1, [mirror_message(f"/{n}") for n in range(4)])
+                    assert await settled(stats, 4) == {"error_protocol": 1, "circuit_open": 3}
+                    shadow.mode = "ok"
+                    await asyncio.sleep(0.25)
+                    await send_and_ack(peer, 2, [mirror_message("/probe")])
+                    assert await settled(stats, 5) == {"error_protocol": 1, "circuit_open": 3, "sent_2xx": 1}
+            circuit = [entry for entry in logs if entry["event"].startswith("circuit.")]
+            assert circuit == [
+                {
+                    "event": "circuit.opened",
+                    "log_level": "warning",
+                    "target": "a",
+                    "failures": 1,
+                    "retry_in": 0.2,
+                },
+                {"event": "circuit.closed", "log_level": "info", "target": "a"},
+            ]
+
+        run_asyncio(test)
+        assert [r.target for r in shadow.requests] == ["/0", "/probe"]
+
+
+def test_a_body_that_cannot_be_checked_is_dropped_as_unredactable_and_logged_per_reason(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """Redaction cannot look inside a Brotli body or a broken gzip one: neither leaves, each counts
+    unredactable, and each reason is logged once (a second reason is not taken for a repeat)."""
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            brotli = request_message("/br", [("Host", "h"), ("Content-Encoding", "br")], b"\x1b\x00")
+            broken = request_message("/gz", [("Host", "h"), ("Content-Encoding", "gzip")], b"not gzip")
+            with capture_logs() as logs:
+                async with running({"targets": [target("a", shadow)]}) as (app, _, peer):
+                    await send_and_ack(peer, 1, [brotli, broken, brotli, mirror_message("/ok")])
+                    outcomes = await settled(app.mirror.target_stats["a"], 4)
+                    assert outcomes == {"unredactable": 3, "sent_2xx": 1}
+            dropped = [entry for entry in logs if entry["event"] == "mirror.unredactable"]
+            assert [(e["target"], e["reason"], e["suppressed"]) for e in dropped] == [
+                ("a", "encoding", 0),
+                ("a", "bad_encoding", 0),
+            ]
+
+        run_asyncio(test)
+        assert [r.target for r in shadow.requests] == ["/ok"]
+
+
+def test_a_targets_memory_budget_refuses_what_would_pass_it(run_asyncio: Callable[[AsyncTest], None]) -> None:
+    """memory_budget 64 KiB and requests of exactly 8 KiB on the wire, a hung shadow, concurrency 1:
+    one in flight and seven queued hold the budget exactly; the ninth and tenth are budget_exceeded."""
+    budget = 64 * 1024
+    with ShadowServer(mode="hang") as shadow:
+        spec = target("a", shadow, concurrency=1, timeout=60, memory_budget="64KiB")
+
+        def wire_size(body_size: int) -> int:
+            app = App(parse_config({"targets": [spec]}, env={}), config_path=None, overrides={})
+            message = mirror_message("/m", body=b"x" * body_size)
+            return len(app.mirror.targets[0].build(to_request(message.args)))
+
+        body_size = 8192
+        for _ in range(3):  # the Content-Length's digits move with the body's size
+            body_size += 8192 - wire_size(body_size)
+        assert wire_size(body_size) * 8 == budget
+
+        async def test() -> None:
+            async with running({"targets": [spec]}) as (app, _, peer):
+                for n in range(10):
+                    await send_and_ack(peer, n + 1, [mirror_message(f"/{n}", body=b"x" * body_size)])
+                stats = app.mirror.target_stats["a"]
+                await wait_until(lambda: stats.received == 10, SETTLE)
+                assert (stats.pending, stats.outcomes["budget_exceeded"]) == (8, 2)
+                assert app.mirror.targets[0].held_bytes() == budget
+
+        run_asyncio(test)
 
 
 # What each target sends ---------------------------------------------------------------------------
