@@ -297,11 +297,39 @@ def test_a_changed_target_takes_over_the_queue_and_the_slot_of_the_one_it_replac
                 stats = app.mirror.target_stats["a"]
                 assert await settled(stats, 4) == {"sent_2xx": 4}
                 await wait_until(lambda: not app.mirror.retired, SETTLE)
+                assert new.held_bytes() == 0
+                assert stats.bytes_sent == sum(len(r.raw) for r in shadow.requests)
 
         run_asyncio(test)
         assert [r.target for r in shadow.requests] == ["/old/0", "/old/1", "/old/2", "/new"]
         if "headers" in change:
             assert [r.header("X-Env") for r in shadow.requests] == [None, None, None, "b"]
+
+
+def test_what_a_retired_target_held_is_given_back_to_the_agents_budget(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """memory_budget 1 MiB: a reload retires target a while it holds a request in flight, so b's
+    share of the budget is 1 MiB less what a holds; once a has drained, b's share is the whole
+    budget again (its requests would otherwise be refused as budget_exceeded sooner than needed)."""
+    with ShadowServer(mode="hang") as shadow:
+
+        async def test() -> None:
+            hung = target("a", shadow, concurrency=1, timeout=60)
+            config = {"memory_budget": "1MiB", "targets": [hung]}
+            async with running(config) as (app, _, peer):
+                await send_and_ack(peer, 1, [mirror_message("/held", body=b"x" * 4096)])
+                [a] = app.mirror.targets
+                await wait_until(lambda: a.held_bytes() > 4096, SETTLE)
+                held = a.held_bytes()
+                reloaded = {"memory_budget": "1MiB", "drain_timeout": 0.05, "targets": [target("b", shadow)]}
+                app.mirror.apply(parse_config(reloaded, env={}), None)
+                [b] = app.mirror.targets
+                assert b.share == 1024 * 1024 - held
+                await wait_until(lambda: not app.mirror.retired, SETTLE)
+                assert (b.share, app.mirror.budget.used()) == (1024 * 1024, 0)
+
+        run_asyncio(test)
 
 
 def test_requests_queued_longer_than_max_queue_age_are_dropped_as_stale(
