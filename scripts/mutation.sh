@@ -19,16 +19,16 @@ WORK=${MUTATION_DIR:-${TMPDIR:-/tmp}/spoa-mirror-mutation}
 TIMEOUT=${MUTATION_TIMEOUT:-1200}
 JOBS=${MUTATION_JOBS:-1}
 
-# module -> the fast tests that exercise it (no HAProxy, no subprocess agent)
+# module -> the fast tests that exercise it (no subprocess agent; tests marked haproxy are left out)
 declare -A TESTS=(
     [spoe/connection.py]="tests/test_connection.py"
     [spoe/frames.py]="tests/test_connection.py tests/test_data.py tests/test_oracle.py"
-    [spoa_mirror/mirror.py]="tests/test_pipeline.py tests/test_budget_shares.py tests/test_intake.py tests/test_loop_marker.py"
+    [spoa_mirror/mirror.py]="tests/test_pipeline.py tests/test_budget_shares.py tests/test_intake.py tests/test_loop_marker.py tests/test_hardening_config.py tests/test_message_targets.py"
     [spoa_mirror/accounting.py]="tests/test_pipeline.py"
     [spoa_mirror/limits.py]="tests/test_limits.py tests/test_pipeline.py"
-    [spoa_mirror/redact.py]="tests/test_redact.py tests/test_redact_defaults.py"
+    [spoa_mirror/redact.py]="tests/test_redact.py tests/test_redact_defaults.py tests/test_redact_shapes.py tests/test_config.py"
     [spoa_mirror/wire.py]="tests/test_wire.py"
-    [spoa_mirror/message.py]="tests/test_pipeline.py tests/test_message.py"
+    [spoa_mirror/message.py]="tests/test_pipeline.py tests/test_message.py tests/test_message_targets.py"
 )
 MODULES=("$@")
 if [ ${#MODULES[@]} -eq 0 ]; then
@@ -57,12 +57,16 @@ for module in "${MODULES[@]}"; do
         echo "pytest_add_cli_args="
         echo "    -p"
         echo "    no:cacheprovider"
+        echo "    -m"
+        echo "    not haproxy"
         echo "    -q"
     } > "$scratch/setup.cfg"
     echo "== $module ($tests)"
     status=0
     (cd "$scratch" && timeout "$TIMEOUT" nice -n 10 "$MUTMUT" run --max-children "$JOBS" >run.log 2>&1) || status=$?
     [ "$status" -eq 124 ] && echo "   stopped after ${TIMEOUT}s: results are partial"
+    grep -q "failed to collect stats" "$scratch/run.log" &&
+        echo "   the tests fail on the unmutated code, so no mutant was tried: see $scratch/run.log"
     (cd "$scratch" && "$MUTMUT" results --all true >results.txt 2>&1) || true
     echo "   $(sed -n 's/^.*: //p' "$scratch/results.txt" | sort | uniq -c | awk '{n=$1; $1=""; printf "%s%s %d", sep, substr($0, 2), n; sep=", "}')"
     grep ': survived$' "$scratch/results.txt" | cut -d: -f1 > "$scratch/survivors.txt" || true

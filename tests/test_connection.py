@@ -31,6 +31,7 @@ from spoe import (
     UnsetVar,
     VarScope,
 )
+from spoe.connection import ReassemblyBudget
 from spoe.data import encode_string
 from spoe.frames import FLAG_ABORT, FLAG_FIN, FrameType, encode_frame, encode_kv_list, encode_messages
 from tests.support.spop_peer import (
@@ -399,6 +400,48 @@ def test_reassembly_is_capped_with_status_13() -> None:
     over_cap = ready_connection(max_reassembly=len(PAYLOAD) - 1)
     events, frames = exchange(over_cap, *notify_fragments(1, 1, MESSAGES, [10, 30]))
     assert_closed_with(events, frames, Status.RESOURCE_ALLOCATION)
+
+
+def test_the_reassembly_budget_is_shared_by_connections_and_given_back() -> None:
+    """One budget of exactly one NOTIFY's payload for two connections: while the first holds part
+    of its NOTIFY in fragments, the second's fragment that would pass the budget is refused (status
+    13); completed or aborted, a fragmented NOTIFY gives its bytes back, and a NOTIFY of exactly the
+    budget fits, again and again on the same connection."""
+    budget = ReassemblyBudget(len(PAYLOAD))
+    first = ready_connection(reassembly_budget=budget)
+    second = ready_connection(reassembly_budget=budget)
+    fragments = notify_fragments(1, 1, MESSAGES, [10, 30])
+    events, _ = exchange(first, *fragments[:-1])
+    assert (events, budget.used) == ([], 30)
+    over = notify_fragments(2, 1, MESSAGES, [len(PAYLOAD) - 29])
+    events, frames = exchange(second, over[0])
+    assert_closed_with(events, frames, Status.RESOURCE_ALLOCATION)
+    assert budget.used == 30
+    events, _ = exchange(first, fragments[-1])
+    assert (events, budget.used) == ([Notify(1, 1, MESSAGES)], 0)
+    for frame_id in (2, 3):
+        events, _ = exchange(first, *notify_fragments(1, frame_id, MESSAGES, [10]))
+        assert (events, budget.used) == ([Notify(1, frame_id, MESSAGES)], 0)
+    events, _ = exchange(first, notify_fragments(1, 4, MESSAGES, [10])[0], unset(1, 4, flags=FLAG_ABORT))
+    assert [type(event) for event in events] == [NotifyAborted] and budget.used == 0
+
+
+def test_incomplete_mark_follows_one_fragmented_notify_at_a_time() -> None:
+    """The adapter cuts a peer whose frame, or fragmented NOTIFY, stays incomplete past its deadline:
+    the mark holds while one NOTIFY's fragments arrive, changes for the next one, and is None once
+    nothing is incomplete."""
+    conn = ready_connection()
+    assert conn.incomplete_mark is None
+    first = notify_fragments(1, 1, MESSAGES, [10, 30])
+    exchange(conn, first[0])
+    mark = conn.incomplete_mark
+    assert mark is not None
+    exchange(conn, first[1])
+    assert conn.incomplete_mark == mark
+    exchange(conn, first[2])
+    assert conn.incomplete_mark is None
+    exchange(conn, notify_fragments(1, 2, MESSAGES, [10])[0])
+    assert conn.incomplete_mark not in (None, mark)
 
 
 # DISCONNECT, EOF, unknown and bad frames ---------------------------------------------------------

@@ -211,6 +211,24 @@ def test_one_probe_after_the_window_then_closes_on_success() -> None:
     assert all(breaker.allow() for _ in range(10))
 
 
+def test_on_change_reports_each_transition_by_state_name() -> None:
+    """The mirror logs `circuit.opened` as a warning on "open" and `circuit.closed` otherwise: the
+    names are the interface. A failed probe reopens without a second report."""
+    clock = FakeClock()
+    changes: list[str] = []
+    breaker = CircuitBreaker(1, 1.0, 8.0, clock)
+    breaker.on_change = changes.append
+    breaker.record_failure()
+    assert changes == ["open"]
+    clock.advance(1.0)
+    assert breaker.allow()
+    breaker.record_failure()
+    clock.advance(2.0)
+    assert breaker.allow()
+    breaker.record_success()
+    assert changes == ["open", "closed"]
+
+
 def test_failed_probes_double_the_window_up_to_max() -> None:
     clock = FakeClock()
     breaker = open_breaker(clock)

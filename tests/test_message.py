@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from spoa_mirror.message import (
+    MAX_HEADERS,
     BadMessage,
     is_mirror_message,
     parse_binary_headers,
@@ -139,3 +140,17 @@ def test_bytes_that_are_not_utf8_travel_unchanged() -> None:
 def test_header_values_lose_only_spaces_and_tabs_around_them() -> None:
     assert parse_text_headers("A: \x0b v \t\x0c\r\n\r\n") == [("A", "\x0b v \t\x0c")]
     assert parse_text_headers("A: X-y X\r\n\r\n") == [("A", "X-y X")]
+
+
+def test_text_header_blocks_are_capped_at_max_headers_lines() -> None:
+    """Exactly MAX_HEADERS lines pass; one more is refused; lines after the block's blank line are
+    not headers and never count."""
+    lines = [f"x-{n}: v" for n in range(MAX_HEADERS + 1)]
+    at_cap = "\r\n".join(lines[:MAX_HEADERS]) + "\r\n\r\n"
+    assert parse_text_headers(at_cap) == [(f"x-{n}", "v") for n in range(MAX_HEADERS)]
+    with pytest.raises(BadMessage) as caught:
+        parse_text_headers("\r\n".join(lines) + "\r\n\r\n")
+    assert caught.value.reason == "too_many_headers"
+    after_the_blank_line = "a: 1\r\n\r\n" + "\r\n".join(lines) + "\r\n"
+    assert parse_text_headers(after_the_blank_line) == [("a", "1")]
+    assert parse_text_headers("a: 1\r\nb: 2") == [("a", "1"), ("b", "2")]

@@ -33,18 +33,36 @@ def test_absolute_form_with_host_keeps_the_host_header() -> None:
 
 
 @pytest.mark.parametrize(
-    ("path", "reason"),
+    ("path", "origin"), [("http://app.test", "/"), ("https://app.test:8443?q=1", "/?q=1")]
+)
+def test_absolute_form_without_a_path_becomes_the_root(path: str, origin: str) -> None:
+    assert request(path, "Host: app.test\r\n").path == origin
+
+
+@pytest.mark.parametrize(
+    ("path", "reason", "message"),
     [
-        ("ws://app.test/x", "bad_target_scheme"),
-        ("http://u@app.test/x", "bad_target_userinfo"),
-        ("http://app.test:80:80/x", "bad_target_authority"),
-        ("http://[::1/x", "bad_target_authority"),
+        ("ws://app.test/x", "bad_target_scheme", "absolute-form target with scheme 'ws'"),
+        ("http://u@app.test/x", "bad_target_userinfo", "absolute-form target with userinfo"),
+        (
+            "http://app.test:80:80/x",
+            "bad_target_authority",
+            "absolute-form target with authority 'app.test:80:80'",
+        ),
+        ("http://[::1/x", "bad_target_authority", "absolute-form target with authority '[::1'"),
+        ("x" * 40 + "://h/", "bad_target_scheme", f"absolute-form target with scheme {'x' * 32!r}"),
+        (
+            "http://" + "a:1" * 30 + "/",
+            "bad_target_authority",
+            f"absolute-form target with authority {('a:1' * 30)[:64]!r}",
+        ),
     ],
 )
-def test_refused_absolute_forms(path: str, reason: str) -> None:
+def test_refused_absolute_forms(path: str, reason: str, message: str) -> None:
+    """The reason is counted; the message is what the log says, bounded for a long target."""
     with pytest.raises(BadMessage) as caught:
         request(path)
-    assert caught.value.reason == reason
+    assert (caught.value.reason, str(caught.value)) == (reason, f"{reason}: {message}")
 
 
 @pytest.mark.parametrize(

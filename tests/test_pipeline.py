@@ -9,6 +9,7 @@ shadows and counters, so each passes alone and in any order.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import re
@@ -26,6 +27,7 @@ from spoa_mirror import mirror as mirror_module
 from spoa_mirror.accounting import LATENCY_BUCKETS, Histogram, TargetStats
 from spoa_mirror.app import App
 from spoa_mirror.config import parse_config
+from spoa_mirror.message import to_request
 from spoe import Message
 from spoe.frames import FrameType
 from tests.support.live_agent import LOOPS, AsyncTest, Served, loop_runner, serving, wait_until
@@ -271,19 +273,141 @@ def test_reload_retires_old_targets_and_counts_their_leftovers(
         assert [r.target for r in new.requests] == ["/after"]
 
 
-# Limits, end to end ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "change", [{"headers": {"X-Env": "b"}}, {"timeout": 30}], ids=["pool kept", "new pool"]
+)
+def test_a_changed_target_takes_over_the_queue_and_the_slot_of_the_one_it_replaces(
+    run_asyncio: Callable[[AsyncTest], None], change: dict[str, Any]
+) -> None:
+    """A reload that changes target a while one request is in flight (concurrency 1, a shadow that
+    answers after 1 s) and two wait: the new a takes the two queued and the slot, so the shadow still
+    sees one request at a time, in order, the new a's last; every request is counted once on a's one
+    set of counters."""
+    with ShadowServer(mode="delay", delay=1.0) as shadow:
+
+        async def test() -> None:
+            before = target("a", shadow, concurrency=1, timeout=60)
+            async with running({"targets": [before], "drain_timeout": 30}) as (app, _, peer):
+                await send_and_ack(peer, 1, [mirror_message(f"/old/{n}") for n in range(3)])
+                old = app.mirror.targets[0]
+                await wait_until(lambda: len(shadow.requests) == 1 and len(old.queue) == 2, SETTLE)
+                reloaded = parse_config({"targets": [{**before, **change}], "drain_timeout": 30}, env={})
+                app.mirror.apply(reloaded, None)
+                [new] = app.mirror.targets
+                assert new is not old and (len(new.queue), len(old.queue)) == (2, 0)
+                await send_and_ack(peer, 2, [mirror_message("/new")])
+                stats = app.mirror.target_stats["a"]
+                assert await settled(stats, 4) == {"sent_2xx": 4}
+                await wait_until(lambda: not app.mirror.retired, SETTLE)
+                assert new.held_bytes() == 0
+                assert stats.bytes_sent == sum(len(r.raw) for r in shadow.requests)
+
+        run_asyncio(test)
+        assert [r.target for r in shadow.requests] == ["/old/0", "/old/1", "/old/2", "/new"]
+        if "headers" in change:
+            assert [r.header("X-Env") for r in shadow.requests] == [None, None, None, "b"]
 
 
-def test_bytes_per_second_limits_body_bytes_through_the_pipeline(
+def test_what_a_retired_target_held_is_given_back_to_the_agents_budget(
     run_asyncio: Callable[[AsyncTest], None],
 ) -> None:
-    """bytes_per_second 100 with a 10 s burst: 1000 body bytes may pass at once. Of four 400-byte
-    POSTs in one batch two pass and two are rate_limited (the refill would take seconds); bodiless
-    GETs spend nothing and always pass."""
+    """memory_budget 1 MiB: a reload retires target a while it holds a request in flight, so b's
+    share of the budget is 1 MiB less what a holds; once a has drained, b's share is the whole
+    budget again (its requests would otherwise be refused as budget_exceeded sooner than needed)."""
+    with ShadowServer(mode="hang") as shadow:
+
+        async def test() -> None:
+            hung = target("a", shadow, concurrency=1, timeout=60)
+            config = {"memory_budget": "1MiB", "targets": [hung]}
+            async with running(config) as (app, _, peer):
+                await send_and_ack(peer, 1, [mirror_message("/held", body=b"x" * 4096)])
+                [a] = app.mirror.targets
+                await wait_until(lambda: a.held_bytes() > 4096, SETTLE)
+                held = a.held_bytes()
+                reloaded = {"memory_budget": "1MiB", "drain_timeout": 0.05, "targets": [target("b", shadow)]}
+                app.mirror.apply(parse_config(reloaded, env={}), None)
+                [b] = app.mirror.targets
+                assert b.share == 1024 * 1024 - held
+                await wait_until(lambda: not app.mirror.retired, SETTLE)
+                assert (b.share, app.mirror.budget.used()) == (1024 * 1024, 0)
+
+        run_asyncio(test)
+
+
+def test_requests_queued_longer_than_max_queue_age_are_dropped_as_stale(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """A hung shadow holds the one slot; what waits behind it past max_queue_age is counted stale:
+    a batch queued half an age after the first is still waiting at the first sweep, so the sweep
+    comes again for it (on a stalled machine both may go at the first: the counts are the same), and
+    a batch queued once the queue was empty starts the sweeps anew."""
+    with ShadowServer(mode="hang") as shadow:
+
+        async def test() -> None:
+            config = {"targets": [target("a", shadow, concurrency=1, timeout=60, max_queue_age=0.2)]}
+            async with running(config) as (app, _, peer):
+                stats = app.mirror.target_stats["a"]
+                await send_and_ack(peer, 1, [mirror_message(f"/first/{n}") for n in range(3)])
+                await asyncio.sleep(0.1)
+                await send_and_ack(peer, 2, [mirror_message(f"/second/{n}") for n in range(2)])
+                await wait_until(lambda: stats.outcomes["stale"] == 4, SETTLE)
+                await send_and_ack(peer, 3, [mirror_message(f"/third/{n}") for n in range(2)])
+                await wait_until(lambda: stats.outcomes["stale"] == 6, SETTLE)
+                assert (stats.received, stats.pending, len(app.mirror.targets[0].queue)) == (7, 1, 0)
+                assert app.mirror.targets[0].held_bytes() == app.mirror.targets[0].pool.bytes_held
+                assert await app.mirror.drain(0.05) == (0, 1)
+                assert await settled(stats, 7) == {"stale": 6, "shutdown": 1}
+
+        run_asyncio(test)
+        assert [r.target for r in shadow.requests] == ["/first/0"]
+
+
+def test_a_body_over_the_inline_limit_is_redacted_in_the_worker_and_sent(
+    run_asyncio: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bodies over INLINE_BODY_LIMIT are redacted in the worker process, off the event loop: the
+    shadow gets them redacted, counted once, the redaction too, and the bytes held for them while
+    the worker had them are given back. The limit is lowered to 1 KiB here so that one unfragmented
+    NOTIFY carries such a body."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+    big = b'{"password": "hunter2", "fill": "' + b"x" * 2048 + b'"}'
     with ShadowServer() as shadow:
 
         async def test() -> None:
-            limit = {"bytes_per_second": 100, "burst_seconds": 10}
+            async with running({"targets": [target("a", shadow, concurrency=1)]}) as (app, _, peer):
+                batch = [
+                    mirror_message("/big", body=big, headers="host: e\r\ncontent-type: application/json\r\n")
+                ]
+                await send_and_ack(peer, 1, batch)
+                stats = app.mirror.target_stats["a"]
+                assert await settled(stats, 1) == {"sent_2xx": 1}
+                assert stats.redactions == {"json:default": 1}
+                assert app.mirror.targets[0].held_bytes() == 0
+
+        run_asyncio(test)
+        [sent] = shadow.requests
+        assert sent.body == big.replace(
+            b'"password": "hunter2", "fill": ', b'"password":"[REDACTED]","fill":'
+        )
+
+
+# Limits, end to end ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("requests_per_second", [None, 1000], ids=["bytes-only", "with-requests"])
+def test_bytes_per_second_limits_body_bytes_through_the_pipeline(
+    run_asyncio: Callable[[AsyncTest], None], requests_per_second: int | None
+) -> None:
+    """bytes_per_second 100 with a 10 s burst: 1000 body bytes may pass at once. Of four 400-byte
+    POSTs in one batch two pass and two are rate_limited (the refill would take seconds); bodiless
+    GETs spend nothing and always pass. The same with a requests_per_second limit that lets every
+    request through: the body bytes are still charged."""
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            limit: dict[str, float] = {"bytes_per_second": 100, "burst_seconds": 10}
+            if requests_per_second is not None:
+                limit["requests_per_second"] = requests_per_second
             async with running({"targets": [target("a", shadow, rate_limit=limit)]}) as (app, _, peer):
                 batch = [mirror_message("/get-before")]
                 batch += [mirror_message(f"/post/{n}", body=b"x" * 400) for n in range(4)]
@@ -348,6 +472,97 @@ def test_every_kind_of_shadow_failure_opens_the_breaker(
 
         run_asyncio(test)
         assert [r.target for r in shadow.requests] == ([] if fault in ("refuse", "tls") else ["/first"])
+
+
+def test_an_opening_breaker_sheds_the_queue_and_both_transitions_are_logged(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """concurrency 1: the first request fails, the breaker (threshold 1) opens and the three queued
+    behind it are dropped as circuit_open at once instead of failing one by one; after the backoff a
+    probe succeeds and the breaker closes. Opening is a warning naming the target, threshold and
+    backoff; closing is info."""
+    with ShadowServer(mode="garbage") as shadow:
+
+        async def test() -> None:
+            breaker = {"failure_threshold": 1, "backoff": 0.2}
+            config = {"targets": [target("a", shadow, concurrency=1, circuit_breaker=breaker)]}
+            with capture_logs() as logs:
+                async with running(config) as (app, _, peer):
+                    stats = app.mirror.target_stats["a"]
+                    await send_and_ack(peer, 1, [mirror_message(f"/{n}") for n in range(4)])
+                    assert await settled(stats, 4) == {"error_protocol": 1, "circuit_open": 3}
+                    shadow.mode = "ok"
+                    await asyncio.sleep(0.25)
+                    await send_and_ack(peer, 2, [mirror_message("/probe")])
+                    assert await settled(stats, 5) == {"error_protocol": 1, "circuit_open": 3, "sent_2xx": 1}
+            circuit = [entry for entry in logs if entry["event"].startswith("circuit.")]
+            assert circuit == [
+                {
+                    "event": "circuit.opened",
+                    "log_level": "warning",
+                    "target": "a",
+                    "failures": 1,
+                    "retry_in": 0.2,
+                },
+                {"event": "circuit.closed", "log_level": "info", "target": "a"},
+            ]
+
+        run_asyncio(test)
+        assert [r.target for r in shadow.requests] == ["/0", "/probe"]
+
+
+def test_a_body_that_cannot_be_checked_is_dropped_as_unredactable_and_logged_per_reason(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """Redaction cannot look inside a Brotli body or a broken gzip one: neither leaves, each counts
+    unredactable, and each reason is logged once (a second reason is not taken for a repeat)."""
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            brotli = request_message("/br", [("Host", "h"), ("Content-Encoding", "br")], b"\x1b\x00")
+            broken = request_message("/gz", [("Host", "h"), ("Content-Encoding", "gzip")], b"not gzip")
+            with capture_logs() as logs:
+                async with running({"targets": [target("a", shadow)]}) as (app, _, peer):
+                    await send_and_ack(peer, 1, [brotli, broken, brotli, mirror_message("/ok")])
+                    outcomes = await settled(app.mirror.target_stats["a"], 4)
+                    assert outcomes == {"unredactable": 3, "sent_2xx": 1}
+            dropped = [entry for entry in logs if entry["event"] == "mirror.unredactable"]
+            assert [(e["target"], e["reason"], e["suppressed"]) for e in dropped] == [
+                ("a", "encoding", 0),
+                ("a", "bad_encoding", 0),
+            ]
+
+        run_asyncio(test)
+        assert [r.target for r in shadow.requests] == ["/ok"]
+
+
+def test_a_targets_memory_budget_refuses_what_would_pass_it(run_asyncio: Callable[[AsyncTest], None]) -> None:
+    """memory_budget 64 KiB and requests of exactly 8 KiB on the wire, a hung shadow, concurrency 1:
+    one in flight and seven queued hold the budget exactly; the ninth and tenth are budget_exceeded."""
+    budget = 64 * 1024
+    with ShadowServer(mode="hang") as shadow:
+        spec = target("a", shadow, concurrency=1, timeout=60, memory_budget="64KiB")
+
+        def wire_size(body_size: int) -> int:
+            app = App(parse_config({"targets": [spec]}, env={}), config_path=None, overrides={})
+            message = mirror_message("/m", body=b"x" * body_size)
+            return len(app.mirror.targets[0].build(to_request(message.args)))
+
+        body_size = 8192
+        for _ in range(3):  # the Content-Length's digits move with the body's size
+            body_size += 8192 - wire_size(body_size)
+        assert wire_size(body_size) * 8 == budget
+
+        async def test() -> None:
+            async with running({"targets": [spec]}) as (app, _, peer):
+                for n in range(10):
+                    await send_and_ack(peer, n + 1, [mirror_message(f"/{n}", body=b"x" * body_size)])
+                stats = app.mirror.target_stats["a"]
+                await wait_until(lambda: stats.received == 10, SETTLE)
+                assert (stats.pending, stats.outcomes["budget_exceeded"]) == (8, 2)
+                assert app.mirror.targets[0].held_bytes() == budget
+
+        run_asyncio(test)
 
 
 # What each target sends ---------------------------------------------------------------------------
@@ -537,6 +752,15 @@ def test_latency_histogram_buckets_like_prometheus() -> None:
     assert histogram.cumulative() == [("0.1", 2), ("1.0", 3), ("+Inf", 4)]
     assert (histogram.count, histogram.total) == (4, pytest.approx(5.65))
     assert Histogram().cumulative() == [(repr(bound), 0) for bound in LATENCY_BUCKETS] + [("+Inf", 0)]
+
+
+def test_grpc_statuses_are_counted_by_name() -> None:
+    """The HTTP/2 pool reports each gRPC reply's grpc-status (None when the trailers carry none):
+    counted under the code's name, out-of-range codes as `other`."""
+    stats = TargetStats()
+    for code in (0, 0, 5, 16, None, 17, -1):
+        stats.count_grpc_status(code)
+    assert stats.grpc_status == {"OK": 2, "NOT_FOUND": 1, "UNAUTHENTICATED": 1, "missing": 1, "other": 2}
 
 
 def test_messages_redactions_and_latency_are_counted(run_asyncio: Callable[[AsyncTest], None]) -> None:
