@@ -4,8 +4,9 @@ N NOTIFY frames go, `--batch` per read, through the production wiring in this pr
 adapter (`SpopProtocol.data_received`), the sans-IO `Connection`, the mirror handler and its ACK,
 then the intake (`Mirror._process_intake`: message -> request, checks, redaction with the shipped
 defaults, request bytes) into a sink pool that takes each request's bytes and reports it answered.
-No sockets, no timers: the same input gives nearly the same instruction count run after run, so a
-change of ~1% is visible where wall-clock figures on a shared machine vary by 10-20%.
+On uvloop, as the agent runs. No sockets, no timers: the same input gives nearly the same
+instruction count run after run, so a change of ~1% is visible where wall-clock figures on a shared
+machine vary by 10-20%.
 
 Per-request figures come from two runs that differ only in N (start-up cancels out):
 
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import structlog  # noqa: E402
+import uvloop  # noqa: E402
 
 from spoa_mirror.app import App  # noqa: E402
 from spoa_mirror.config import parse_config  # noqa: E402
@@ -211,7 +213,7 @@ def main() -> None:
     if args.count_instructions:
         count_instructions(args)
         return
-    elapsed, sink = asyncio.run(drive(args.count, args.batch, args.request))
+    elapsed, sink = uvloop.run(drive(args.count, args.batch, args.request))
     print(
         f"{args.request} batch {args.batch}: {elapsed / args.count * 1e6:.2f} us per request, "
         f"{sink.request_bytes // max(1, sink.requests)} bytes each"
