@@ -26,7 +26,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -151,12 +153,7 @@ class SinkPool:
 
 
 async def drive(count: int, batch: int, kind: str) -> tuple[float, SinkPool]:
-    config = parse_config(
-        {"targets": [{"name": "shadow", "url": "http://127.0.0.1:9/"}]}, env={}
-    )  # every default on: redaction, loop marker, byte budgets
-    app = App(config, config_path=None, overrides={})
-    # Under valgrind a batch takes ~50x longer: a time slice would split it, differently each run.
-    app.mirror._process_intake.__func__.__defaults__ = (60.0,)  # type: ignore[attr-defined]
+    app = new_app()
     sink = SinkPool()
     (target,) = app.mirror.targets
     target.pool = sink  # type: ignore[assignment]
@@ -177,6 +174,82 @@ async def drive(count: int, batch: int, kind: str) -> tuple[float, SinkPool]:
     return elapsed, sink
 
 
+class SignallingSinkPool(SinkPool):
+    """The sink for `--socket`: answers each request from a later loop callback, as a response
+    arriving would, then tells the feeder (one byte on its stdin) that the request is done."""
+
+    def __init__(self, feeder_stdin: int, count: int, finished: asyncio.Future[None]) -> None:
+        super().__init__()
+        self._fd = feeder_stdin
+        self._count = count
+        self._finished = finished
+
+    def submit(self, request: bytes, done: Any, *, head: bool = False) -> None:
+        self.requests += 1
+        self.request_bytes += len(request)
+        asyncio.get_running_loop().call_soon(self._answer, done)
+
+    def _answer(self, done: Any) -> None:
+        done(200, 0.0)
+        os.write(self._fd, b"!")
+        if self.requests == self._count:
+            self._finished.set_result(None)
+
+
+async def drive_socket(count: int, kind: str) -> tuple[float, SinkPool]:
+    """The agent on a real SPOP socket, fed by a separate process (not under valgrind) that sends one
+    NOTIFY, waits for its ACK and for the request to reach the sink, then sends the next: the loop's
+    wake-ups and system calls of a moderate fixed rate, one request at a time."""
+    app = new_app()
+    ((_, port), *_) = await app.agent.start("127.0.0.1", 0)
+    feeder = subprocess.Popen(
+        [sys.executable, __file__, "--feed", str(port), "-n", str(count), "--request", kind],
+        stdin=subprocess.PIPE,
+    )
+    assert feeder.stdin is not None
+    finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    sink = SignallingSinkPool(feeder.stdin.fileno(), count, finished)
+    (target,) = app.mirror.targets
+    target.pool = sink  # type: ignore[assignment]
+    start = time.perf_counter()
+    await finished
+    elapsed = time.perf_counter() - start
+    await app.agent.stop(1.0)
+    feeder.stdin.close()
+    feeder.wait(10)
+    assert target.stats.balanced() and sink.requests == count, (target.stats.outcomes, sink.requests)
+    return elapsed, sink
+
+
+def feed(port: int, count: int, kind: str) -> None:
+    """The HAProxy side of `--socket`: HELLO, then one NOTIFY at a time."""
+
+    def read_frame() -> None:
+        head = sock.recv(4, socket.MSG_WAITALL)
+        length = int.from_bytes(head, "big")
+        assert len(sock.recv(length, socket.MSG_WAITALL)) == length
+
+    args = request_args(kind)
+    packets = [notify(2288 + i, args) for i in range(1024)]
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(hello())
+        read_frame()
+        for i in range(count):
+            sock.sendall(packets[i % len(packets)])
+            read_frame()  # the ACK
+            assert os.read(0, 1) == b"!"  # the request reached the sink
+
+
+def new_app() -> App:
+    config = parse_config(
+        {"targets": [{"name": "shadow", "url": "http://127.0.0.1:9/"}]}, env={}
+    )  # every default on: redaction, loop marker, byte budgets
+    app = App(config, config_path=None, overrides={})
+    # Under valgrind a batch takes ~50x longer: a time slice would split it, differently each run.
+    app.mirror._process_intake.__func__.__defaults__ = (60.0,)  # type: ignore[attr-defined]
+    return app
+
+
 def count_instructions(args: argparse.Namespace) -> None:
     """Two callgrind runs, N and 3N requests: the difference over 2N is the per-request figure."""
     counts = []
@@ -193,11 +266,13 @@ def count_instructions(args: argparse.Namespace) -> None:
             str(args.batch),
             "--request",
             args.request,
+            *(["--socket"] if args.socket else []),
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
         counts.append(int(re.search(r"Collected : (\d+)", out)[1]))  # type: ignore[index]
     per_request = (counts[1] - counts[0]) / (2 * args.count)
-    print(f"{args.request} batch {args.batch}: {per_request:,.0f} instructions per request")
+    mode = "socket" if args.socket else f"batch {args.batch}"
+    print(f"{args.request} {mode}: {per_request:,.0f} instructions per request")
 
 
 def main() -> None:
@@ -208,14 +283,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="NOTIFYs per read (1)")
     parser.add_argument("--request", choices=("get", "browser", "post"), default="get")
     parser.add_argument("--count-instructions", action="store_true", help="run under callgrind twice")
+    parser.add_argument("--socket", action="store_true", help="a real SPOP socket, one request at a time")
+    parser.add_argument("--feed", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the feeder process
     args = parser.parse_args()
+    if args.feed:
+        feed(args.feed, args.count, args.request)
+        return
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     if args.count_instructions:
         count_instructions(args)
         return
-    elapsed, sink = uvloop.run(drive(args.count, args.batch, args.request))
+    if args.socket:
+        elapsed, sink = uvloop.run(drive_socket(args.count, args.request))
+    else:
+        elapsed, sink = uvloop.run(drive(args.count, args.batch, args.request))
+    mode = "socket" if args.socket else f"batch {args.batch}"
     print(
-        f"{args.request} batch {args.batch}: {elapsed / args.count * 1e6:.2f} us per request, "
+        f"{args.request} {mode}: {elapsed / args.count * 1e6:.2f} us per request (wall), "
         f"{sink.request_bytes // max(1, sink.requests)} bytes each"
     )
 
