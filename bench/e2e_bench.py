@@ -10,6 +10,17 @@ Four scenarios, one after the other, each bounded in time; wrk drives GETs throu
     shadow_down  the shadow's port refuses connections
     shadow_hang  the shadow accepts connections and never reads or answers (a thread here)
 
+and, on request (`--scenarios`):
+
+    c_agent         the mirror scenario through the C agent (`--c-agent PATH`, haproxytech/spoa-mirror,
+                    run as `PATH -r0 -a 127.0.0.1 -p PORT -u URL`) instead of this one
+    fixed_baseline  hey at a constant `--rate` (32 connections), no SPOE filter
+    fixed_ack       the same through the SPOE filter to a minimal agent that only ACKs
+                    (tests/support/echo_agent.py on the same engine): HAProxy's own SPOE round trip
+    fixed_mirror    the same to this agent mirroring every request to the shadow
+
+`--body-size N` sends N-byte POSTs instead of GETs (wrk with a Lua script, hey with -D).
+
 Counting is exact: the primary and the shadow are nginx instances whose access log gets one line
 per request; the agent's /metrics (requests received, outcomes, in flight) are read before and after
 each measured run; HAProxy counts the requests whose SPOE processing failed (timeout, error) in a
@@ -20,6 +31,8 @@ run (drain included), its memory VmRSS from /proc/<pid>/status when wrk ends.
     .venv/bin/python bench/e2e_bench.py --quick          # a few seconds each, for smoke
     .venv/bin/python bench/e2e_bench.py --scenarios mirror --profile     # py-spy the agent
     .venv/bin/python bench/e2e_bench.py --haproxy scripts/haproxy-sid --json bench/out/e2e-3.2.json
+    .venv/bin/python bench/e2e_bench.py --scenarios fixed_baseline,fixed_ack,fixed_mirror --rate 5000
+    .venv/bin/python bench/e2e_bench.py --scenarios baseline,c_agent,mirror --c-agent PATH --body-size 1024
 
 Prints the table and writes it to bench/out/e2e.md and bench/out/e2e.json (`--json PATH`: there,
 and the table beside it with the suffix .md). HAProxy, both nginx, the
@@ -59,6 +72,7 @@ PY_SPY = ROOT / ".venv" / "bin" / "py-spy"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
+HEY = shutil.which("hey") or "/usr/bin/hey"
 HOST = "127.0.0.1"
 TARGET = "shadow"  # the agent's one target
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -195,9 +209,11 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def started(cmd: list[str], log: Path, port: int, what: str) -> Iterator[subprocess.Popen[bytes]]:
+def started(
+    cmd: list[str], log: Path, port: int, what: str, cwd: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     with open(log, "ab") as stderr:
-        process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
+        process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd)
     try:
         wait_for_port(port, process, what)
         yield process
@@ -303,8 +319,10 @@ def _ms(value: str) -> float:
     return float(number) * _UNITS_MS[unit]
 
 
-def run_wrk(port: int, seconds: float, threads: int, connections: int) -> Wrk:
+def run_wrk(port: int, seconds: float, threads: int, connections: int, script: Path | None = None) -> Wrk:
     cmd = [WRK, f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency", f"http://{HOST}:{port}/"]
+    if script is not None:
+        cmd += ["-s", str(script)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     try:
         total = re.search(r"(\d+) requests in ([0-9.]+)(\w+),", out)
@@ -321,6 +339,28 @@ def run_wrk(port: int, seconds: float, threads: int, connections: int) -> Wrk:
         )
     except (TypeError, KeyError, AttributeError):
         raise SystemExit(f"cannot parse wrk's output:\n{out}") from None
+
+
+def run_hey(port: int, seconds: float, rate: float, connections: int, body: Path | None = None) -> Wrk:
+    """hey at a constant `rate` requests/s in all (its -q is per connection), as a `Wrk` record."""
+    cmd = [HEY, "-z", f"{seconds:g}s", "-c", str(connections), "-q", f"{rate / connections:g}"]
+    if body is not None:
+        cmd += ["-m", "POST", "-T", "application/octet-stream", "-D", str(body)]
+    out = subprocess.run([*cmd, f"http://{HOST}:{port}/"], capture_output=True, text=True, check=True).stdout
+    try:
+        statuses = {int(m[1]): int(m[2]) for m in re.finditer(r"\[(\d+)\]\s+(\d+) responses", out)}
+        errors = re.search(r"Error distribution:\n((?:\s+\[\d+\].*\n?)+)", out)
+        return Wrk(
+            requests=sum(statuses.values()),
+            seconds=float(re.search(r"Total:\s+([0-9.]+) secs", out)[1]),  # type: ignore[index]
+            rps=float(re.search(r"Requests/sec:\s+([0-9.]+)", out)[1]),  # type: ignore[index]
+            p50_ms=float(re.search(r"50%+ in ([0-9.]+) secs", out)[1]) * 1000,  # type: ignore[index]
+            p99_ms=float(re.search(r"99%+ in ([0-9.]+) secs", out)[1]) * 1000,  # type: ignore[index]
+            socket_errors=" ".join(errors[1].split()) if errors else "",
+            non_2xx=sum(n for status, n in statuses.items() if not 200 <= status < 400),
+        )
+    except (TypeError, KeyError, AttributeError):
+        raise SystemExit(f"cannot parse hey's output:\n{out}") from None
 
 
 def cpu_seconds(pid: int) -> float:
@@ -453,6 +493,17 @@ def spoe_errors(workdir: Path) -> Counter[str]:
 
 # -- scenarios ---------------------------------------------------------------------------------------
 
+SCENARIOS = (
+    "baseline",
+    "mirror",
+    "shadow_down",
+    "shadow_hang",
+    "c_agent",
+    "fixed_baseline",
+    "fixed_ack",
+    "fixed_mirror",
+)
+
 
 @dataclass
 class Result:
@@ -498,12 +549,27 @@ class Bench:
         self.primary = Nginx(workdir, "primary")
         self.shadow = Nginx(workdir, "shadow")
         self.haproxy_threads = 0
+        self.body: Path | None = None  # --body-size: the POST body for hey, and wrk's Lua script
+        self.script: Path | None = None
+        if args.body_size:
+            self.body = workdir / "body.bin"
+            self.body.write_bytes(b"x" * args.body_size)
+            self.script = workdir / "post.lua"
+            self.script.write_text(
+                f'wrk.method = "POST"\nwrk.body = string.rep("x", {args.body_size})\n'
+                'wrk.headers["Content-Type"] = "application/octet-stream"\n'
+            )
 
     def run(self, name: str, seconds: float) -> Result:
-        if name == "baseline":
+        shadow = f"http://{HOST}:{self.shadow.port}/"
+        if name in ("baseline", "fixed_baseline"):
             return self._run(name, seconds, shadow_url=None)
-        if name == "mirror":
-            return self._run(name, seconds, shadow_url=f"http://{HOST}:{self.shadow.port}/")
+        if name in ("mirror", "fixed_mirror"):
+            return self._run(name, seconds, shadow_url=shadow)
+        if name == "c_agent":
+            return self._run(name, seconds, shadow_url=shadow, agent_kind="c")
+        if name == "fixed_ack":
+            return self._run(name, seconds, shadow_url=None, agent_kind="ack")
         if name == "shadow_down":
             with refusing_port() as port:
                 return self._run(name, seconds, shadow_url=f"http://{HOST}:{port}/")
@@ -513,10 +579,39 @@ class Bench:
         finally:
             hole.close()
 
-    def _run(self, name: str, seconds: float, shadow_url: str | None) -> Result:
+    def load(self, port: int, seconds: float, fixed: bool) -> Wrk:
+        """wrk as fast as it goes, or hey at the constant `--rate`; GETs, or POSTs of `--body-size`."""
+        args = self.args
+        if fixed:
+            return run_hey(port, seconds, args.rate, args.connections, self.body)
+        return run_wrk(port, seconds, args.threads, args.connections, self.script)
+
+    def _agent_command(
+        self, kind: str, name: str, shadow_url: str | None, ports: dict[str, int]
+    ) -> list[str]:
+        """This agent (its config written here), the C agent, or the minimal agent that only ACKs."""
+        args = self.args
+        if kind == "c":
+            return [args.c_agent, "-r0", "-a", HOST, "-p", str(ports["spop"]), "-u", str(shadow_url)]
+        if kind == "ack":
+            return [sys.executable, "-m", "tests.support.echo_agent", "--port", str(ports["spop"])]
+        (self.workdir / f"agent-{name}.yaml").write_text(
+            AGENT_CFG.format(
+                host=HOST,
+                target=TARGET,
+                url=shadow_url,
+                concurrency=args.agent_concurrency,
+                queue_size=args.agent_queue_size,
+                **ports,
+            )
+        )
+        return [str(AGENT), "--config", str(self.workdir / f"agent-{name}.yaml")]
+
+    def _run(self, name: str, seconds: float, shadow_url: str | None, agent_kind: str = "ours") -> Result:
         args, workdir = self.args, self.workdir
         ports = {"web": free_port(), "spop": free_port(), "admin": free_port()}
-        mirror = shadow_url is not None
+        mirror = shadow_url is not None or agent_kind == "ack"  # the SPOE filter is on
+        fixed = name.startswith("fixed_")
         (workdir / "mirror.spoe.conf").write_text(SPOE_CONF)
         (workdir / f"haproxy-{name}.cfg").write_text(
             HAPROXY_CFG.format(
@@ -532,20 +627,10 @@ class Bench:
         with contextlib.ExitStack() as stack:
             agent = None
             if mirror:
-                (workdir / f"agent-{name}.yaml").write_text(
-                    AGENT_CFG.format(
-                        host=HOST,
-                        target=TARGET,
-                        url=shadow_url,
-                        concurrency=args.agent_concurrency,
-                        queue_size=args.agent_queue_size,
-                        **ports,
-                    )
-                )
-                agent_cmd = [str(AGENT), "--config", str(workdir / f"agent-{name}.yaml")]
+                agent_cmd = self._agent_command(agent_kind, name, shadow_url, ports)
                 # Before HAProxy, whose first health check would otherwise fail.
                 agent = stack.enter_context(
-                    started(agent_cmd, workdir / f"agent-{name}.log", ports["spop"], "agent")
+                    started(agent_cmd, workdir / f"agent-{name}.log", ports["spop"], "agent", cwd=ROOT)
                 )
             haproxy_cmd = [args.haproxy, "-db", "-f", str(workdir / f"haproxy-{name}.cfg")]
             haproxy = stack.enter_context(
@@ -554,24 +639,26 @@ class Bench:
             info = re.search(r"Nbthread: (\d+)", haproxy_command(workdir, "show info"))
             self.haproxy_threads = int(info[1]) if info else 0
 
-            run_wrk(ports["web"], args.warmup, args.threads, args.connections)  # SPOP connections, caches
+            self.load(ports["web"], args.warmup, fixed)  # SPOP connections, caches
             logs = [self.primary, self.shadow]
             settle(logs)
             primary_before, shadow_before = self.primary.count(), self.shadow.count()
             primary_statuses_before = Counter(self.primary.statuses)
             errors_before = spoe_errors(workdir)
-            account_before = agent_account(ports["admin"]) if agent else None
+            ours = agent is not None and agent_kind == "ours"
+            account_before = agent_account(ports["admin"]) if ours else None
             pids = {"haproxy": haproxy.pid, "primary": self.primary.pid, "shadow": self.shadow.pid}
             if agent:
                 pids["agent"] = agent.pid
             meter = CpuMeter(pids)
 
             profiler = self._profile(agent.pid, name, seconds) if agent and args.profile else None
-            wrk = run_wrk(ports["web"], seconds, args.threads, args.connections)
+            wrk = self.load(ports["web"], seconds, fixed)
             rss = memory_mb(agent.pid) if agent else None
-            settle(logs if name == "mirror" else [self.primary])  # faults: only the primary's log flush
+            delivering = shadow_url is not None and not name.startswith("shadow_")
+            settle(logs if delivering else [self.primary])  # faults: only the primary's log flush
             cpu = meter.stop()
-            account = agent_account(ports["admin"]) - account_before if agent and account_before else None
+            account = agent_account(ports["admin"]) - account_before if ours and account_before else None
             primary_served = self.primary.count() - primary_before
             shadow_received = self.shadow.count() - shadow_before
             errors = spoe_errors(workdir) - errors_before
@@ -599,7 +686,15 @@ class Bench:
                 agent_cpu / account.received * 1e6 if account.received else None
             )
             result.agent_rss_mb, result.agent_peak_rss_mb = rss
-            if name == "mirror":
+            if delivering:
+                result.shadow_received = shadow_received
+                result.delivered = shadow_received / primary_served if primary_served else None
+        elif agent is not None:  # the C agent or the ACK-only one: no account, every request offered
+            result.agent_cpu_s = cpu["agent"]
+            result.agent_cpu_us_per_mirrored = cpu["agent"] / primary_served * 1e6 if primary_served else None
+            if rss is not None:
+                result.agent_rss_mb, result.agent_peak_rss_mb = rss
+            if delivering:
                 result.shadow_received = shadow_received
                 result.delivered = shadow_received / primary_served if primary_served else None
         if profiler is not None:
@@ -694,6 +789,19 @@ def checks(results: dict[str, Result]) -> list[tuple[str, bool | None, str]]:
     if mirror and mirror.agent_cpu_us_per_mirrored is not None:
         cpu = mirror.agent_cpu_us_per_mirrored
         out.append((f"agent CPU <= {MAX_CPU_US:g} us per mirrored request", cpu <= MAX_CPU_US, f"{cpu:.1f}"))
+    fixed, ack = results.get("fixed_mirror"), results.get("fixed_ack")
+    if fixed and ack:
+        added = fixed.wrk.p99_ms - ack.wrk.p99_ms
+        out.append(
+            ("fixed rate: p99 within 0.3 ms of the ACK-only agent's", added <= 0.3, f"{added:+.2f} ms")
+        )
+    if fixed and fixed.agent_cpu_us_per_mirrored is not None:
+        cpu = fixed.agent_cpu_us_per_mirrored
+        out.append(("fixed rate: agent CPU <= 30 us per mirrored request", cpu <= 30, f"{cpu:.1f}"))
+    c_agent = results.get("c_agent")
+    if c_agent and mirror:
+        ratio = mirror.wrk.rps / c_agent.wrk.rps
+        out.append(("mirror req/s >= 2x the C agent's", ratio >= 2, f"{ratio:.2f}x"))
     for name in ("shadow_down", "shadow_hang"):
         r = results.get(name)
         if r is None:
@@ -755,10 +863,13 @@ def details(results: dict[str, Result]) -> list[str]:
 
 def setup_lines(args: argparse.Namespace, bench: Bench) -> list[str]:
     cpus = os.cpu_count()
+    request = f"POST / with {args.body_size:,} bytes" if args.body_size else "GET /"
     return [
         f"command: .venv/bin/python {shlex.join(['bench/e2e_bench.py', *sys.argv[1:]])}",
         f"machine: {cpus} CPUs, {platform.platform()}, Python {platform.python_version()}; nothing pinned",
-        f"wrk -t{args.threads} -c{args.connections} --latency, GET /, {args.warmup:g}s warm-up per scenario",
+        f"wrk -t{args.threads} -c{args.connections} --latency, {request}, {args.warmup:g}s warm-up each",
+        f"fixed_*: hey -c {args.connections} at {args.rate:g} req/s in all, {request}",
+        f"c_agent: {args.c_agent} -r0 (its defaults otherwise)" if args.c_agent else "c_agent: not run",
         f"HAProxy {_version([args.haproxy, '-v'])} nbthread {bench.haproxy_threads}; "
         f"nginx primary and shadow (1 worker each, return 200); agent: 1 process, uvloop",
         "SPOE: on-frontend-http-request, pipelining + async, timeout processing 100ms; "
@@ -823,6 +934,9 @@ def main() -> int:
         help="comma-separated subset, in this order",
     )
     parser.add_argument("--profile", action="store_true", help="py-spy record the agent (--nonblocking)")
+    parser.add_argument("--rate", type=float, default=5000, help="req/s of the fixed_* scenarios (5000)")
+    parser.add_argument("--body-size", type=int, default=0, help="POST bodies of this many bytes (0: GETs)")
+    parser.add_argument("--c-agent", help="the C agent's binary, for the c_agent scenario")
     parser.add_argument("--haproxy", default=HAPROXY, help=f"the HAProxy binary ({HAPROXY})")
     parser.add_argument(
         "--json", type=Path, default=OUT / "e2e.json", help="where the figures go (bench/out/e2e.json)"
@@ -833,8 +947,10 @@ def main() -> int:
         args.warmup = 1
     names = args.scenarios.split(",")
     for name in names:
-        if name not in ("baseline", "mirror", "shadow_down", "shadow_hang"):
+        if name not in SCENARIOS:
             parser.error(f"unknown scenario {name!r}")
+    if "c_agent" in names and not args.c_agent:
+        parser.error("the c_agent scenario needs --c-agent PATH")
 
     workdir = Path(tempfile.mkdtemp(prefix="spoa-mirror-e2e-"))
     bench = Bench(args, workdir)

@@ -564,7 +564,7 @@ class Mirror:
         self.target_stats: dict[str, TargetStats] = {}
         self.targets: list[Target] = []
         self.retired: list[Target] = []
-        self._intake: deque[dict[str, Any]] = deque()
+        self._intake: deque[tuple[dict[str, Any], int]] = deque()  # (args, _message_bytes(args))
         self._intake_bytes = 0
         self._scheduled = False
         self._log_throttle = LogThrottle()
@@ -640,7 +640,7 @@ class Mirror:
             self._drop_for_every_target("queue_full")
             return ACK_REFUSED
         self._intake_bytes += size
-        self._intake.append(args)
+        self._intake.append((args, size))
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._process_intake)
@@ -656,8 +656,8 @@ class Mirror:
                 self._scheduled = True
                 asyncio.get_running_loop().call_soon(self._process_intake)
                 return
-            args = intake.popleft()
-            self._intake_bytes -= _message_bytes(args)
+            args, size = intake.popleft()
+            self._intake_bytes -= size
             if not self.message_names and not is_mirror_message(args):
                 self.messages.not_mirror += 1
                 continue

@@ -18,7 +18,20 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
     [
         ("engine_bench.py", ["--duration", "--warmup", "--sans-io", "--count", "--json"]),
         ("transport_bench.py", ["--requests", "--json"]),
-        ("e2e_bench.py", ["--quick", "--fault-duration", "--scenarios", "--haproxy", "--json"]),
+        (
+            "e2e_bench.py",
+            [
+                "--quick",
+                "--fault-duration",
+                "--scenarios",
+                "--haproxy",
+                "--json",
+                "--rate",
+                "--body-size",
+                "--c-agent",
+            ],
+        ),
+        ("hotpath_count.py", ["--count", "--batch", "--request", "--count-instructions"]),
         ("redaction_ack_bench.py", ["--duration", "--body-size", "--big-interval"]),
         ("run", ["--quick"]),
     ],

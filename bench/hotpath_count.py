@@ -1,0 +1,308 @@
+"""A deterministic drive of the agent's hot path, for instruction counts (callgrind) on a noisy machine.
+
+N NOTIFY frames go, `--batch` per read, through the production wiring in this process: the SPOP
+adapter (`SpopProtocol.data_received`), the sans-IO `Connection`, the mirror handler and its ACK,
+then the intake (`Mirror._process_intake`: message -> request, checks, redaction with the shipped
+defaults, request bytes) into a sink pool that takes each request's bytes and reports it answered.
+On uvloop, as the agent runs. No sockets, no timers: the same input gives nearly the same
+instruction count run after run, so a change of ~1% is visible where wall-clock figures on a shared
+machine vary by 10-20%.
+
+Per-request figures come from two runs that differ only in N (start-up cancels out):
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null .venv/bin/python bench/hotpath_count.py -n 2000
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null .venv/bin/python bench/hotpath_count.py -n 6000
+    # instructions per request = (Ir of the second - Ir of the first) / 4000
+
+`--count-instructions` does both runs and prints the figure; `--request get|browser|post` picks
+wrk's bare GET, a browser's ten-header GET or a 1 KB JSON POST; `--batch 1` is a moderate fixed rate
+(one NOTIFY per read, the intake run per request), larger batches are saturation. Without valgrind
+it prints µs per request (noisy; for a quick look only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import structlog  # noqa: E402
+import uvloop  # noqa: E402
+
+from spoa_mirror.app import App  # noqa: E402
+from spoa_mirror.config import parse_config  # noqa: E402
+from spoe import FrameType, Message, Uint32  # noqa: E402
+from spoe.frames import encode_frame, encode_kv_list, encode_messages  # noqa: E402
+from spoe.server import SpopProtocol  # noqa: E402
+
+BROWSER_HEADERS = (
+    "host: shop.example.com\r\n"
+    "user-agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0\r\n"
+    "accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8\r\n"
+    "accept-language: en-GB,en;q=0.7,fr;q=0.3\r\n"
+    "accept-encoding: gzip, deflate, br, zstd\r\n"
+    "referer: https://shop.example.com/basket?step=2&promo=WINTER24\r\n"
+    "cookie: session=3f8a9c2e7b1d4f6a; theme=dark; consent=analytics:0,ads:0\r\n"
+    "upgrade-insecure-requests: 1\r\n"
+    "sec-fetch-dest: document\r\n"
+    "x-request-id: 6f1c0e0a-1b2c-4d3e-8f90-a1b2c3d4e5f6\r\n"
+    "\r\n"
+)
+POST_BODY = json.dumps(
+    {"basket": [{"sku": f"SKU-{i:05d}", "quantity": i % 3 + 1, "note": "gift wrap"} for i in range(16)]}
+).encode()[:1024]
+
+
+def request_args(kind: str) -> dict[str, Any]:
+    """The args of haproxy/mirror.spoe.conf's `mirror` message for one request, as HAProxy sends them."""
+    if kind == "get":  # what wrk sends through HAProxy
+        return {
+            "arg_method": "GET",
+            "arg_path": "/",
+            "arg_ver": "1.1",
+            "arg_hdrs": "host: 127.0.0.1:8080\r\n\r\n",
+            "arg_body": b"",
+        }
+    if kind == "browser":
+        return {
+            "arg_method": "GET",
+            "arg_path": "/catalogue/items?page=2&sort=price",
+            "arg_ver": "1.1",
+            "arg_hdrs": BROWSER_HEADERS,
+            "arg_body": b"",
+        }
+    body = POST_BODY.ljust(1024)
+    return {
+        "arg_method": "POST",
+        "arg_path": "/api/orders",
+        "arg_ver": "1.1",
+        "arg_hdrs": f"host: shop.example.com\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n",
+        "arg_body": body,
+    }
+
+
+def notify(stream_id: int, args: dict[str, Any]) -> bytes:
+    payload = encode_messages([Message("mirror", args)])
+    return encode_frame(FrameType.NOTIFY, 1, stream_id, 1, payload)
+
+
+def hello() -> bytes:
+    items = {"supported-versions": "2.0", "max-frame-size": Uint32(16380), "capabilities": "pipelining"}
+    return encode_frame(FrameType.HAPROXY_HELLO, 1, 0, 0, encode_kv_list(items))
+
+
+class SinkTransport:
+    """The SPOP socket: keeps the byte count of what the agent writes."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class SinkPool:
+    """A shadow that answers every request 200 at once: the pool's `submit` and nothing under it."""
+
+    def __init__(self) -> None:
+        self.bytes_held = 0
+        self.requests = 0
+        self.request_bytes = 0
+        self._done: list[Any] = []
+
+    def submit(self, request: bytes, done: Any, *, head: bool = False) -> None:
+        self.requests += 1
+        self.request_bytes += len(request)
+        self._done.append(done)
+
+    def answer(self) -> None:
+        waiting, self._done = self._done, []
+        for done in waiting:
+            done(200, 0.0)
+
+    async def close(self) -> None:
+        self.answer()
+
+
+async def drive(count: int, batch: int, kind: str) -> tuple[float, SinkPool]:
+    app = new_app()
+    sink = SinkPool()
+    (target,) = app.mirror.targets
+    target.pool = sink  # type: ignore[assignment]
+    protocol = SpopProtocol(app.agent)
+    spop = SinkTransport()
+    protocol.connection_made(spop)  # type: ignore[arg-type]
+    protocol.data_received(hello())
+    args = request_args(kind)
+    packets = [b"".join(notify(2288 + i + j, args) for j in range(batch)) for i in range(0, 1024, batch)]
+    start = time.perf_counter()
+    for i in range(count // batch):
+        protocol.data_received(packets[i % len(packets)])
+        await asyncio.sleep(0)  # the intake, scheduled by the handler
+        sink.answer()
+    elapsed = time.perf_counter() - start
+    stats = target.stats
+    assert stats.balanced() and sink.requests == count // batch * batch, (stats.outcomes, sink.requests)
+    return elapsed, sink
+
+
+class SignallingSinkPool(SinkPool):
+    """The sink for `--socket`: answers each request from a later loop callback, as a response
+    arriving would, then tells the feeder (one byte on its stdin) that the request is done."""
+
+    def __init__(self, feeder_stdin: int, count: int, finished: asyncio.Future[None]) -> None:
+        super().__init__()
+        self._fd = feeder_stdin
+        self._count = count
+        self._finished = finished
+
+    def submit(self, request: bytes, done: Any, *, head: bool = False) -> None:
+        self.requests += 1
+        self.request_bytes += len(request)
+        asyncio.get_running_loop().call_soon(self._answer, done)
+
+    def _answer(self, done: Any) -> None:
+        done(200, 0.0)
+        os.write(self._fd, b"!")
+        if self.requests == self._count:
+            self._finished.set_result(None)
+
+
+async def drive_socket(count: int, kind: str) -> tuple[float, SinkPool]:
+    """The agent on a real SPOP socket, fed by a separate process (not under valgrind) that sends one
+    NOTIFY, waits for its ACK and for the request to reach the sink, then sends the next: the loop's
+    wake-ups and system calls of a moderate fixed rate, one request at a time."""
+    app = new_app()
+    ((_, port), *_) = await app.agent.start("127.0.0.1", 0)
+    feeder = subprocess.Popen(
+        [sys.executable, __file__, "--feed", str(port), "-n", str(count), "--request", kind],
+        stdin=subprocess.PIPE,
+    )
+    assert feeder.stdin is not None
+    finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    sink = SignallingSinkPool(feeder.stdin.fileno(), count, finished)
+    (target,) = app.mirror.targets
+    target.pool = sink  # type: ignore[assignment]
+    start = time.perf_counter()
+    await finished
+    elapsed = time.perf_counter() - start
+    await app.agent.stop(1.0)
+    feeder.stdin.close()
+    feeder.wait(10)
+    assert target.stats.balanced() and sink.requests == count, (target.stats.outcomes, sink.requests)
+    return elapsed, sink
+
+
+def feed(port: int, count: int, kind: str) -> None:
+    """The HAProxy side of `--socket`: HELLO, then one NOTIFY at a time."""
+
+    def read_frame() -> None:
+        head = sock.recv(4, socket.MSG_WAITALL)
+        length = int.from_bytes(head, "big")
+        assert len(sock.recv(length, socket.MSG_WAITALL)) == length
+
+    args = request_args(kind)
+    packets = [notify(2288 + i, args) for i in range(1024)]
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(hello())
+        read_frame()
+        for i in range(count):
+            sock.sendall(packets[i % len(packets)])
+            read_frame()  # the ACK
+            assert os.read(0, 1) == b"!"  # the request reached the sink
+
+
+def new_app() -> App:
+    config = parse_config(
+        {"targets": [{"name": "shadow", "url": "http://127.0.0.1:9/"}]}, env={}
+    )  # every default on: redaction, loop marker, byte budgets
+    app = App(config, config_path=None, overrides={})
+    # Under valgrind a batch takes ~50x longer: a time slice would split it, differently each run.
+    app.mirror._process_intake.__func__.__defaults__ = (60.0,)  # type: ignore[attr-defined]
+    return app
+
+
+def count_instructions(args: argparse.Namespace) -> None:
+    """Two callgrind runs, N and 3N requests: the difference over 2N is the per-request figure."""
+    counts = []
+    for n in (args.count, 3 * args.count):
+        cmd = [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            __file__,
+            "-n",
+            str(n),
+            "--batch",
+            str(args.batch),
+            "--request",
+            args.request,
+            *(["--socket"] if args.socket else []),
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+        counts.append(int(re.search(r"Collected : (\d+)", out)[1]))  # type: ignore[index]
+    per_request = (counts[1] - counts[0]) / (2 * args.count)
+    mode = "socket" if args.socket else f"batch {args.batch}"
+    print(f"{args.request} {mode}: {per_request:,.0f} instructions per request")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-n", "--count", type=int, default=2000, help="NOTIFYs (2000)")
+    parser.add_argument("--batch", type=int, default=1, help="NOTIFYs per read (1)")
+    parser.add_argument("--request", choices=("get", "browser", "post"), default="get")
+    parser.add_argument("--count-instructions", action="store_true", help="run under callgrind twice")
+    parser.add_argument("--socket", action="store_true", help="a real SPOP socket, one request at a time")
+    parser.add_argument("--feed", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the feeder process
+    args = parser.parse_args()
+    if args.feed:
+        feed(args.feed, args.count, args.request)
+        return
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    if args.count_instructions:
+        count_instructions(args)
+        return
+    if args.socket:
+        elapsed, sink = uvloop.run(drive_socket(args.count, args.request))
+    else:
+        elapsed, sink = uvloop.run(drive(args.count, args.batch, args.request))
+    mode = "socket" if args.socket else f"batch {args.batch}"
+    print(
+        f"{args.request} {mode}: {elapsed / args.count * 1e6:.2f} us per request (wall), "
+        f"{sink.request_bytes // max(1, sink.requests)} bytes each"
+    )
+
+
+if __name__ == "__main__":
+    main()
