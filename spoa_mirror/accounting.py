@@ -37,7 +37,10 @@ DROPS = (
     "unredactable",
     "shutdown",
 )
-OUTCOMES = SENT + ERRORS + DROPS
+# A capture target's requests end written to its file, or not: the disk was full (or a file size
+# limit was reached), or another write error.
+CAPTURED = ("written", "disk_full", "write_error")
+OUTCOMES = SENT + ERRORS + DROPS + CAPTURED
 STATUS_OUTCOME = {code: SENT[code // 100 - 1] for code in range(100, 600)}
 
 # gRPC status codes by number (grpc/doc/statuscodes.md); the label of a gRPC response's status.

@@ -114,6 +114,9 @@ targets[].protocol (http1): http1; h2 (HTTP/2 over TLS, https URLs); h2c (HTTP/2
 targets[].grpc_methods (unset): gRPC methods mirrored (`/package.Service/Method`, or
     `/package.Service/*`); set, a gRPC request (content-type application/grpc*) for any other method
     is filtered. Every gRPC call is a POST, so `methods` cannot tell reads from writes.
+targets[].capture (unset): instead of a url: write this target's requests to GoReplay files
+    (directory, prefix, max_file_size, max_file_age, max_total_size, compress; see
+    spoa_mirror/capture/settings.py); replay them with `spoa-mirror replay`.
 mirroring.enabled (true): false validates everything but mirrors nothing.
 mirroring.mirror_request_body (unset): GAL spelling of mirror_body, for every target.
 mirroring.mirror_headers (unset): GAL spelling of mirror_headers, for every target.
@@ -192,8 +195,9 @@ _TARGET_KEYS = (
     "headers", "remove_headers", "host", "path_rewrite", "methods", "max_body_size", "tls_verify",
     "ca_file", "concurrency", "queue_size", "rate_limit", "circuit_breaker", "filters", "redact",
     "mirror_body", "mirror_headers", "protocol", "grpc_methods", "memory_budget", "max_queue_age",
+    "capture",
 )  # fmt: skip
-_DEFAULTS_KEYS = tuple(key for key in _TARGET_KEYS if key not in ("name", "url", "upstream"))
+_DEFAULTS_KEYS = tuple(key for key in _TARGET_KEYS if key not in ("name", "url", "upstream", "capture"))
 _MIRRORING_KEYS = ("enabled", "mirror_request_body", "mirror_headers", "targets")
 _SPEC_KEYS = ("sample_key", "rate_limit", "circuit_breaker", "filters", "redact")
 
@@ -307,6 +311,7 @@ class TargetConfig:
     protocol: str = "http1"
     grpc_methods: frozenset[str] | None = None  # None = every gRPC method
     config_key: str = ""  # where the target was written, e.g. "targets[2]", for messages
+    capture: Any = None  # capture.settings.CaptureSettings: written to files instead of sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -871,7 +876,15 @@ def _parse_target(
 
     if "url" in entries and "upstream" in entries:
         raise ConfigError(f"{key}.upstream", "give url or upstream, not both")
-    if "url" in entries:
+    capture = None
+    if "capture" in entries:
+        from .capture.settings import parse_capture
+
+        if "url" in entries or "upstream" in entries:
+            raise ConfigError(f"{key}.capture", "a target either sends (url) or captures, not both")
+        capture = read("capture", None, parse_capture)
+        url, scheme, host, port, base_path = f"capture:{capture.directory}", "capture", "", 0, ""
+    elif "url" in entries:
         url = read("url", None, _string)
         scheme, host, port, base_path = _parse_url(url, f"{key}.url")
     elif "upstream" in entries:
@@ -880,7 +893,7 @@ def _parse_target(
     else:
         raise ConfigError(key, "needs a url (or an upstream with host and port)")
     default_port = 443 if scheme == "https" else 80
-    authority = _join_host(host) if port == default_port else f"{_join_host(host)}:{port}"
+    authority = _join_host(host) if port == default_port or capture else f"{_join_host(host)}:{port}"
 
     for name in _SPEC_KEYS:
         if name in entries:
@@ -908,7 +921,9 @@ def _parse_target(
         connect_timeout=read("connect_timeout", default.connect_timeout, parse_duration),
         headers=read("headers", {}, _added_headers),
         remove_headers=read("remove_headers", frozenset(), _header_set),
-        host_policy=read("host", default.host_policy, lambda v, k: _choice(v, k, HOST_POLICIES)),
+        host_policy=read(
+            "host", "original" if capture else default.host_policy, lambda v, k: _choice(v, k, HOST_POLICIES)
+        ),
         path_rewrite=read("path_rewrite", None, _path_rewrite),
         methods=read("methods", None, _methods),
         max_body_size=read("max_body_size", default.max_body_size, parse_size),
@@ -929,6 +944,7 @@ def _parse_target(
         ),
         grpc_methods=read("grpc_methods", None, _grpc_methods),
         config_key=key,
+        capture=capture,
     )
 
 

@@ -126,6 +126,7 @@ def _pool_settings(config: Any) -> tuple[Any, ...]:
         config.concurrency,
         config.connect_timeout,
         config.timeout,
+        config.capture,
     )
 
 
@@ -178,9 +179,13 @@ class Target:
         self.redact_spec = (config.redact, f"targets.{self.name}.redact", hmac_key)
         self.mark_truncated = truncated_body != "drop"
         self.build = self._build_builder(config, (loop_header, loop_value), truncated_body)
-        ssl_context = client_context(config) if config.scheme == "https" else None
-        self.pool = build_pool(config, ssl_context, stats.count_grpc_status, outgoing)
+        self.pool = self._build_pool(config, outgoing)
         self.errors = LogThrottle()
+
+    def _build_pool(self, config: Any, outgoing: OutgoingConfig) -> Any:
+        """Where built requests go: a connection pool here, a file writer for a capture target."""
+        ssl_context = client_context(config) if config.scheme == "https" else None
+        return build_pool(config, ssl_context, self.stats.count_grpc_status, outgoing)
 
     def take_over(self, old: Target) -> None:
         """After a reload, from the target this one replaces (same name, changed config): its
@@ -583,7 +588,7 @@ class Mirror:
             ):
                 plan.append((old, None))
                 continue
-            target = Target(
+            target = _target_class(target_config)(
                 target_config,
                 loop_header=config.loop_header,
                 truncated_body=config.truncated_body,
@@ -696,6 +701,15 @@ class Mirror:
         for target in (*self.targets, *self.retired):
             dropped += await target.drain(deadline)
         return queued - dropped, dropped
+
+
+def _target_class(config: Any) -> type[Target]:
+    """A shadow target, or a capture target (its requests written to files instead of sent)."""
+    if config.capture is None:
+        return Target
+    from .capture.target import CaptureTarget
+
+    return CaptureTarget
 
 
 _executor: ProcessPoolExecutor | None = None

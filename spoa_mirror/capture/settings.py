@@ -1,0 +1,54 @@
+"""A target's `capture:` block: where and how its requests are written instead of sent.
+
+    targets:
+      - name: recorder
+        capture:
+          directory: /var/lib/spoa-mirror/capture
+          max_file_size: 64MiB      # rotate past this size...
+          max_file_age: 10m         # ...or this age, whichever comes first
+          max_total_size: 1GiB      # the oldest finished files are removed past this
+          compress: true            # gzip each file as it is rotated
+
+Everything else a shadow target has (filters, sampling, redaction, rate_limit, queue_size,
+memory_budget, max_queue_age) applies as it does to a shadow; `concurrency` is the number of
+requests handed to the writer thread at once.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import StringConstraints, ValidationError, model_validator
+
+from ..config_types import Bool, Section, Str, bounded_duration, bounded_size, config_error, problem
+from ..errors import ConfigError
+
+MiB = 1024 * 1024
+
+
+class CaptureSettings(Section):
+    directory: Annotated[Str, StringConstraints(min_length=1)]
+    prefix: Annotated[Str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "capture"
+    max_file_size: bounded_size(minimum=4096) = 64 * MiB
+    max_file_age: bounded_duration(low=1, high=7 * 86400) = 600.0
+    max_total_size: bounded_size(minimum=4096) = 1024 * MiB
+    compress: Bool = True
+
+    @model_validator(mode="after")
+    def _cap_holds_a_file(self) -> CaptureSettings:
+        if self.max_total_size < self.max_file_size:
+            raise problem(
+                f"max_total_size ({self.max_total_size}) must be at least max_file_size "
+                f"({self.max_file_size}): the file being written counts against it"
+            )
+        return self
+
+
+def parse_capture(value: Any, key: str) -> CaptureSettings:
+    """The config loader's converter: a mapping to CaptureSettings, or one-line ConfigError."""
+    try:
+        return CaptureSettings.model_validate(value)
+    except ValidationError as error:
+        raise config_error(error, key) from None
+    except ConfigError as error:  # pragma: no cover - validators report through pydantic
+        raise ConfigError(f"{key}.{error.key}", error.problem) from None
