@@ -37,7 +37,12 @@ log = structlog.get_logger("spoa_mirror")
 
 
 def main(argv: list[str] | None = None) -> int:
-    command, options = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("replay", "capture-info"):
+        from .capture.cli import main as capture_main
+
+        return capture_main(argv)
+    command, options = parse_args(argv)
     overrides = overrides_from_args(options)
     if command == "run" and options.config:
         options.config = os.path.abspath(options.config)  # -D changes directory; SIGHUP re-reads it

@@ -21,6 +21,8 @@ from ..wire import WireError
 from .gor import REQUEST, Unframeable, encode
 from .writer import CaptureWriter
 
+CAPTURED_MARKER = "captured"
+
 
 def payload_id(unique_id: str | None) -> str:
     """A payload's id, 24 hex characters as GoReplay draws them: derived from HAProxy's unique-id
@@ -38,7 +40,9 @@ class CaptureTarget(Target):
     def _build_builder(
         self, config: Any, loop_marker: tuple[str, str], truncated_body: str
     ) -> Callable[..., bytes]:
-        build = super()._build_builder(config, loop_marker, truncated_body)
+        # The loop header says "captured" instead of the agent's MAC, which is worth keeping out of
+        # files: any request carrying it would skip the agents sharing the key.
+        build = super()._build_builder(config, (loop_marker[0], CAPTURED_MARKER), truncated_body)
         clock = time.time_ns
 
         def frame(req: MirrorRequest, redacted_truncated: bool | None = None) -> bytes:
