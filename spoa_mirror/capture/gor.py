@@ -37,8 +37,9 @@ GZIP_MAGIC = b"\x1f\x8b"
 # its buffer (16 KiB by default, tune.bufsize up to a few MiB), so 64 MiB is far past any capture.
 MAX_PAYLOAD = 64 * 1024 * 1024
 _READ_CHUNK = 1024 * 1024
-# A damaged file is reported, not flooded: past this many errors the rest of the file is skipped.
-MAX_ERRORS_PER_FILE = 5
+# A damaged file is reported, not flooded: its first damaged part in full, the others in one line at
+# the end; past this many damaged parts the rest of the file is skipped.
+MAX_ERRORS_PER_FILE = 1000
 _MAX_ID = 256
 
 
@@ -127,83 +128,99 @@ def read_payloads(
     stream: BinaryIO | None = None,
 ) -> Iterator[Payload]:
     """The payloads of one file in file order. Damage never raises: each damaged part is reported to
-    `on_error` once, with its byte offset in the uncompressed stream, and reading resumes at the next
-    separator, so one bad payload costs that payload only. A file whose first payload is not GoReplay
-    at all is reported once as foreign and not read further; a gzip stream that breaks off ends the
-    file with one error; past MAX_ERRORS_PER_FILE errors the rest of the file is skipped."""
+    `on_error` with its byte offset in the uncompressed stream, and reading resumes at the next
+    separator, so one bad payload costs that payload only: the first damaged part of a file in full,
+    any others in one more error at its end. A file whose first payload is not GoReplay at all is
+    reported once as foreign and not read further; a gzip stream that breaks off ends the file with
+    one error; past MAX_ERRORS_PER_FILE damaged parts the rest of the file is skipped."""
     errors = 0
+    more_from = 0  # offset of the second damaged part
 
     def report(offset: int, problem: str) -> bool:
-        nonlocal errors
+        nonlocal errors, more_from
         errors += 1
-        if errors == MAX_ERRORS_PER_FILE:
-            problem += f"; {MAX_ERRORS_PER_FILE} errors in this file, the rest of it is skipped"
-        on_error(FormatError(path, offset, problem))
+        if errors == 1:
+            on_error(FormatError(path, offset, problem))
+        elif errors == 2:
+            more_from = offset
         return errors < MAX_ERRORS_PER_FILE
+
+    def report_more() -> None:
+        if errors > 1:
+            skipped = "; the rest of the file is skipped" if errors >= MAX_ERRORS_PER_FILE else ""
+            on_error(FormatError(path, more_from, f"{errors - 1} more damaged parts from here on{skipped}"))
 
     try:
         file = stream if stream is not None else open_capture(path)
     except OSError as error:
         on_error(FormatError(path, 0, f"cannot open: {error.strerror or error}"))
         return
-    with file:
-        buffer = b""
-        start = 0  # file offset of buffer[0]
-        skipping = False  # inside an oversized payload: drop bytes until the next separator
-        seen = 0  # payloads read, good or bad
-        eof = False
-        while True:
-            cut = buffer.find(SEPARATOR)
-            if cut < 0:
-                if eof:
-                    break
-                if len(buffer) > max_payload + len(SEPARATOR):
-                    if not skipping:
-                        if seen == 0 and not _looks_like_header(buffer):
-                            report(start, "not a GoReplay capture (no payload header, no separator)")
-                            return
-                        if not report(start, f"payload larger than {max_payload} bytes, skipped"):
-                            return
-                        skipping = True
-                    keep = len(SEPARATOR) - 1  # the separator may straddle two reads
-                    start += len(buffer) - keep
-                    buffer = buffer[-keep:]
-                try:
-                    chunk = file.read(_READ_CHUNK)
-                except (OSError, EOFError, zlib.error) as error:
-                    report(start + len(buffer), f"compressed stream is damaged: {error}")
-                    return
-                if not chunk:
-                    eof = True
-                buffer += chunk
-                continue
-            record, offset = buffer[:cut], start
-            start += cut + len(SEPARATOR)
-            buffer = buffer[cut + len(SEPARATOR) :]
-            seen += 1
-            if skipping:
-                skipping = False
-                continue
-            newline = record.find(b"\n")
-            parsed = _parse_header(record if newline < 0 else record[:newline])
-            if isinstance(parsed, str):
-                if seen == 1 and not _looks_like_header(record):
-                    report(offset, f"not a GoReplay capture: {parsed}")
-                    return
-                if not report(offset, parsed):
-                    return
-                continue
-            if newline < 0:
-                if not report(offset, "payload has a header line and no message"):
-                    return
-                continue
-            kind, payload_id, timestamp, latency = parsed
-            yield Payload(kind, payload_id, timestamp, latency, record[newline + 1 :], path, offset)
-        if buffer.strip(b"\n") and not skipping:
-            if seen == 0 and not _looks_like_header(buffer):
-                report(start, "not a GoReplay capture (no payload header, no separator)")
-            else:
-                report(start, f"truncated: the last {len(buffer)} bytes end without a separator")
+    try:
+        with file:
+            buffer = b""
+            start = 0  # file offset of buffer[0]
+            skipping = False  # inside an oversized payload: drop bytes until the next separator
+            seen = 0  # payloads read, good or bad
+            eof = False
+            while True:
+                cut = buffer.find(SEPARATOR)
+                if cut < 0:
+                    if eof:
+                        break
+                    if len(buffer) > max_payload + len(SEPARATOR):
+                        if not skipping:
+                            if seen == 0 and not _looks_like_header(buffer):
+                                report(start, "not a GoReplay capture (no payload header, no separator)")
+                                return
+                            if not report(start, f"payload larger than {max_payload} bytes, skipped"):
+                                return
+                            skipping = True
+                        keep = len(SEPARATOR) - 1  # the separator may straddle two reads
+                        start += len(buffer) - keep
+                        buffer = buffer[-keep:]
+                    try:
+                        # read1: a gzip stream broken further on still gives what came before the break.
+                        chunk = file.read1(_READ_CHUNK)
+                    except (OSError, EOFError, zlib.error) as error:
+                        report(start + len(buffer), f"compressed stream is damaged: {error}")
+                        return
+                    if not chunk:
+                        eof = True
+                    buffer += chunk
+                    continue
+                record, offset = buffer[:cut], start
+                start += cut + len(SEPARATOR)
+                buffer = buffer[cut + len(SEPARATOR) :]
+                seen += 1
+                if skipping:
+                    skipping = False
+                    continue
+                if len(record) > max_payload:
+                    if not report(offset, f"payload larger than {max_payload} bytes, skipped"):
+                        return
+                    continue
+                newline = record.find(b"\n")
+                parsed = _parse_header(record if newline < 0 else record[:newline])
+                if isinstance(parsed, str):
+                    if seen == 1 and not _looks_like_header(record):
+                        report(offset, f"not a GoReplay capture: {parsed}")
+                        return
+                    if not report(offset, parsed):
+                        return
+                    continue
+                if newline < 0:
+                    if not report(offset, "payload has a header line and no message"):
+                        return
+                    continue
+                kind, payload_id, timestamp, latency = parsed
+                yield Payload(kind, payload_id, timestamp, latency, record[newline + 1 :], path, offset)
+            if buffer.strip(b"\n") and not skipping:
+                if seen == 0 and not _looks_like_header(buffer):
+                    report(start, "not a GoReplay capture (no payload header, no separator)")
+                else:
+                    report(start, f"truncated: the last {len(buffer)} bytes end without a separator")
+    finally:
+        report_more()
 
 
 def _looks_like_header(data: bytes) -> bool:

@@ -41,6 +41,9 @@ log = structlog.get_logger("spoa_mirror")
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _COMPRESS_CHUNK = 1024 * 1024
+# Fault injection for the tests' slow disk: seconds the writer thread stalls before each batch, as a
+# write blocked in the kernel would (tests/test_capture_e2e.py). Unset in production.
+SLOW_DISK_ENV = "SPOA_MIRROR_TEST_SLOW_DISK"
 # How often the thread wakes with nothing to write: the granularity of age-based rotation.
 _TICK = 1.0
 
@@ -81,6 +84,7 @@ class CaptureWriter:
         self._thread = threading.Thread(target=self._run, name=f"capture-{name}", daemon=True)
         self._housekeeper = threading.Thread(target=self._keep_house, name=f"capture-gc-{name}", daemon=True)
         self._started = False
+        self._stall = float(os.environ.get(SLOW_DISK_ENV) or 0)
 
     @staticmethod
     def _ignore_file_size_signal() -> None:
@@ -150,6 +154,8 @@ class CaptureWriter:
         self.bytes_held -= released
 
     def _write_batch(self, payloads: list[bytes]) -> list[str]:
+        if self._stall:
+            time.sleep(self._stall)
         try:
             fd = self._current_file()
         except OSError as error:
