@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..logs import configure
 from .info import capture_info, format_info
 from .replay import ReplayOptions, ReplaySummary, format_summary, replay
 
@@ -108,6 +109,9 @@ def _target_keys(options: argparse.Namespace) -> dict[str, Any]:
 
 def _replay(argv: list[str]) -> int:
     options = _replay_parser().parse_args(argv)
+    # The target's per-request warnings (send failed, circuit opened) are what the summary counts;
+    # logged too, they would bury it. stdout stays the summary's alone (--json).
+    configure("console", "error")
     try:
         replay_options = ReplayOptions(
             files=options.files,
