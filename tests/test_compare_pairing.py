@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import resource
+import subprocess
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -48,6 +49,8 @@ def service(request: RecordedRequest) -> Reply:
         return Reply(200, (("Content-Type", "application/json"),), body)
     if path.startswith("/text/"):
         return Reply(200, (("Content-Type", "text/plain"),), b"line %d\n" % seed * (seed % 20))
+    if path.startswith("/long/"):  # over a small body_limit
+        return Reply(200, (("Content-Type", "text/plain"),), b"long line %d\n" % seed * (100 + seed % 300))
     if path.startswith("/gone/"):
         return Reply(404, (("Content-Type", "text/plain"),), b"not found\n")
     if path.startswith("/empty/"):
@@ -220,3 +223,92 @@ def test_without_the_response_rules_the_agent_says_so(
         warnings = log_events(stack.agent.stderr_text(), "compare.no_primary_responses")
     assert outcomes["candidate"] == {"primary_missing": 20}
     assert len(warnings) == 1 and "send-spoe-group" in warnings[0]["hint"]
+
+
+def faulty_candidate(request: RecordedRequest) -> Reply:
+    """The service, except that /never/ answers only after the target's timeout."""
+    if request.target.startswith("/never/"):
+        return Reply(200, (), b"too late", delay=3.0)
+    return service(request)
+
+
+def test_failures_and_bodies_over_the_limit_each_end_with_one_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, haproxy_release: object
+) -> None:
+    """A shadow that never answers in time: shadow_failed, once its request times out; bodies over
+    body_limit: compared by length and digest, identical here; the account adds up."""
+    responders = {"primary": service, "candidate": faulty_candidate}
+    compare = {"candidates": ["candidate"], "body_limit": "1KiB", "table": {"deadline": "5s"}}
+    paths = [f"/items/{n}" for n in range(40)] + [f"/long/{n}" for n in range(20)]
+    paths += [f"/never/{n}" for n in range(10)]
+    with (
+        compare_stack(tmp_path, monkeypatch, responders, compare) as stack,
+        httpx.Client(base_url=stack.url, trust_env=False) as client,
+    ):
+        for path in paths:
+            assert client.get(path).status_code == 200
+        outcomes = stack.settle(("candidate",), len(paths), timeout=15)
+    long_texts = [p for p in paths if p.startswith("/long/") and len(service(request_for(p)).body) > 1024]
+    assert len(long_texts) == 20, "the test needs bodies over body_limit"
+    assert outcomes["candidate"] == {"identical": 60, "shadow_failed": 10}
+
+
+def request_for(path: str) -> RecordedRequest:
+    return RecordedRequest(raw=b"", method="GET", target=path, headers=[], body=b"", connection_id=0)
+
+
+def agent_rss_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process, in KiB."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+    )
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def test_ten_thousand_ids_in_flight_stay_within_the_table_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, haproxy_release: object
+) -> None:
+    """No primary response ever comes (the response rules removed), so every compared request waits
+    in the table: it fills to max_entries (10,000), holds no more than max_bytes, refuses the rest as
+    table_full, and at the deadline settles the rest as primary_missing; the account adds up."""
+
+    def without_response_rules(text: str) -> str:
+        return "\n".join(line for line in text.splitlines() if "http-response" not in line) + "\n"
+
+    compare = {"candidates": ["candidate"], "table": {"max_entries": 10_000, "deadline": "20s"}}
+    with compare_stack(
+        tmp_path,
+        monkeypatch,
+        {"primary": service, "candidate": service},
+        compare,
+        haproxy_config=without_response_rules,
+    ) as stack:
+        before = agent_rss_kib(stack.agent.pid)[0]
+        peak_entries = peak_bytes = 0
+        for _ in range(15):  # bursts of wrk until the table is full (bounded: 15 x 2 s)
+            subprocess.run(
+                ["wrk", "-t1", "-c16", "-d2s", stack.url + "/items/7"],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+            metrics = stack.metrics()
+            peak_entries = max(peak_entries, int(metrics["spoa_mirror_compare_table_entries"]))
+            peak_bytes = max(peak_bytes, int(metrics["spoa_mirror_compare_table_bytes"]))
+            if metrics.get('spoa_mirror_compare_pairing_total{outcome="table_full",target="candidate"}', 0):
+                break
+        rss, hwm = agent_rss_kib(stack.agent.pid)
+        sent, outcomes, pending = stack.pairing("candidate", metrics)
+        max_bytes = int(metrics["spoa_mirror_compare_table_max_bytes"])
+        print(
+            f"\ntable: {peak_entries} entries, {peak_bytes / 2**20:.1f} MiB of {max_bytes / 2**20:.0f} MiB; "
+            f"{sent} sent, {outcomes}; agent RSS {before / 1024:.0f} MiB before, "
+            f"{rss / 1024:.0f} MiB with the table full (peak {hwm / 1024:.0f} MiB)"
+        )
+        assert peak_entries == 10_000 and outcomes.get("table_full", 0) > 0
+        assert peak_bytes <= max_bytes
+        assert sent == sum(outcomes.values()) + pending
+        # At the deadline everything still waiting ends as primary_missing.
+        outcomes = stack.settle(("candidate",), sent, timeout=40)["candidate"]
+    assert set(outcomes) == {"table_full", "primary_missing"}
+    assert outcomes["primary_missing"] == 10_000
