@@ -82,7 +82,7 @@ class TargetStats:
     """Everything counted for one target; kept across config reloads (keyed by target name)."""
 
     __slots__ = (
-        "bytes_sent", "grpc_status", "latency", "outcomes", "pending", "received", "redactions",
+        "bytes_sent", "compare", "grpc_status", "latency", "outcomes", "pending", "received", "redactions",
         "truncated_sent",
     )  # fmt: skip
 
@@ -97,6 +97,7 @@ class TargetStats:
         # gRPC responses by grpc-status name; "missing" (none sent) and "other" (not one of the 17)
         # keep the label set bounded whatever a shadow answers.
         self.grpc_status: dict[str, int] = {}
+        self.compare: CompareStats | None = None  # set while the target is compared (compare/pairing.py)
 
     def count_grpc_status(self, code: int | None) -> None:
         name = "missing" if code is None else GRPC_CODES[code] if 0 <= code < len(GRPC_CODES) else "other"
@@ -116,9 +117,48 @@ class TargetStats:
 class MessageStats:
     """SPOP messages seen by the mirror handler, before any target."""
 
-    __slots__ = ("invalid", "mirrored", "not_mirror")
+    __slots__ = ("invalid", "mirrored", "not_mirror", "pairing")
 
     def __init__(self) -> None:
         self.mirrored = 0
         self.not_mirror = 0
         self.invalid: dict[str, int] = {}
+        self.pairing: PairingStats | None = None  # set while a `compare` section is configured
+
+
+class CompareStats:
+    """A compared target's second account: every request it sent (dispatched to its pool) ends with
+    exactly one comparison outcome (compare/engine.py's OUTCOMES). Invariant, like the first one:
+    received == sum(outcomes) + pending, pending being the requests waiting in the pairing table for
+    the shadow's or the primary's response."""
+
+    __slots__ = ("outcomes", "pending", "received")
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.pending = 0
+        self.outcomes: dict[str, int] = {}
+
+    def settle(self, outcome: str) -> None:
+        self.pending -= 1
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def balanced(self) -> bool:
+        return self.received == sum(self.outcomes.values()) + self.pending
+
+
+class PairingStats:
+    """The pairing table as a whole: the primary's response messages by result (paired: a compared
+    request waited for it; unmatched: none did, e.g. not sampled for any compared target; invalid;
+    refused: the intake was full), and what the table holds now."""
+
+    __slots__ = ("entries", "held_bytes", "max_bytes", "max_entries", "primary_responses")
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self.primary_responses: dict[str, int] = dict.fromkeys(
+            ("paired", "unmatched", "invalid", "refused"), 0
+        )
+        self.entries = 0
+        self.held_bytes = 0
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes

@@ -121,6 +121,8 @@ mirroring.enabled (true): false validates everything but mirrors nothing.
 mirroring.mirror_request_body (unset): GAL spelling of mirror_body, for every target.
 mirroring.mirror_headers (unset): GAL spelling of mirror_headers, for every target.
 mirroring.targets (unset): the GAL place for the target list (there or at the top level, not both).
+compare (unset): compare candidate targets' responses with the primary's (compare/config.py has its
+    keys); absent, no response is compared and no shadow response body reaches Python.
 
 Precedence, lowest first: built-in default, `defaults`, `mirroring.mirror_request_body` /
 `mirroring.mirror_headers`, the target's own key; command-line overrides win over the file.
@@ -150,6 +152,7 @@ import yaml
 from spoe.connection import CAPABILITIES
 from spoe.frames import MIN_FRAME_SIZE
 
+from .compare.config import CompareConfig, parse_compare
 from .config_types import parse_duration, parse_size
 from .errors import ConfigError
 
@@ -183,7 +186,7 @@ _SIOCGIFADDR = 0x8915  # linux/sockios.h: an interface's address
 
 _TOP_KEYS = (
     "listen", "admin", "messages", "log", "secrets", "redact", "defaults", "truncated_body",
-    "drain_timeout", "loop_header", "targets", "mirroring", "outgoing", "memory_budget",
+    "drain_timeout", "loop_header", "targets", "mirroring", "outgoing", "memory_budget", "compare",
 )  # fmt: skip
 _LISTEN_KEYS = (
     "address", "port", "max_frame_size", "capabilities", "workers", "runtime", "max_connections",
@@ -330,6 +333,7 @@ class Config:
     targets: tuple[TargetConfig, ...] = ()  # empty when mirroring is disabled, so nothing can mirror
     source: str | None = None  # the file loaded, if any
     outgoing: OutgoingConfig = NO_OUTGOING
+    compare: CompareConfig | None = None  # None: no target's responses are compared
 
     @property
     def hmac_key(self) -> bytes | None:
@@ -664,6 +668,7 @@ def _parse(
             )
         named[target.name] = key
         targets.append(target)
+    compare = parse_compare(top.read("compare", None, lambda v, k: v), tuple(named))
 
     config = Config(
         listen=listen,
@@ -680,6 +685,7 @@ def _parse(
         targets=tuple(targets) if enabled else (),
         source=source,
         outgoing=outgoing,
+        compare=compare,
     )
     return config, spec_keys
 
