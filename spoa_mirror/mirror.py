@@ -579,6 +579,8 @@ class Mirror:
         self.pairing: Any = None  # compare/pairing.py's PairingTable while a `compare` section is set
         self.compare_engine: Any = None
         self._ack_accepted = ACK_ACCEPTED
+        self.response_message: str | None = None
+        self.recorders: list[Any] = []  # capture targets recording the primary's responses
         # Without a configured secret the loop marker is this process's own: stable across reloads.
         self._process_loop_key = os.urandom(32)
         self.apply(config, hmac_key)
@@ -629,6 +631,7 @@ class Mirror:
         retiring = [target for target in self.targets if target not in targets]
         self.targets = targets
         self._use_pairing(pairing, config)
+        self._use_recorders(targets)
         # The pairing table's bytes are part of the agent's budget: the targets share the rest.
         self.budget.limit = config.memory_budget - (pairing.max_bytes if pairing is not None else 0)
         if retiring:
@@ -684,6 +687,14 @@ class Mirror:
                 response_message=config.compare.response_message,
             )
 
+    def _use_recorders(self, targets: list[Target]) -> None:
+        """Capture targets with `capture.responses` get the primary's response message too: the
+        ACK asks HAProxy for it (the compare variable), and it goes to them as well as to compare."""
+        self.recorders = [target for target in targets if getattr(target, "records_responses", False)]
+        if self.pairing is None:
+            self._ack_accepted = ACK_ACCEPTED_COMPARE if self.recorders else ACK_ACCEPTED
+            self.response_message = self.recorders[0].response_message if self.recorders else None
+
     def _retire(self, targets: list[Target], timeout: float) -> None:
         """Targets replaced by a reload finish their queues in the background, then close."""
         self.retired.extend(targets)
@@ -700,7 +711,7 @@ class Mirror:
     def handle(self, message: Message) -> tuple[SetVar, ...]:
         """The SPOP handler: no work before the ACK, whose one action says whether the copy was
         taken in (ACK_ACCEPTED above)."""
-        if self.pairing is not None and message.name == self.response_message:
+        if self.response_message is not None and message.name == self.response_message:
             return self._take_primary_response(message.args)
         if self.message_names and message.name not in self.message_names:
             self.messages.not_mirror += 1
@@ -724,7 +735,11 @@ class Mirror:
         time it arrived, from which the primary's latency is measured."""
         size = _message_bytes(args)
         if len(self._intake) >= INTAKE_LIMIT or self._intake_bytes + size > INTAKE_BYTES:
-            self.pairing.stats.primary_responses["refused"] += 1
+            if self.pairing is not None:
+                self.pairing.stats.primary_responses["refused"] += 1
+            for recorder in self.recorders:
+                counts = recorder.capture_stats.responses
+                counts["refused"] = counts.get("refused", 0) + 1
             return ACK_REFUSED
         self._intake_bytes += size
         loop = asyncio.get_running_loop()
@@ -736,6 +751,10 @@ class Mirror:
 
     def _pair_primary_response(self, args: dict[str, Any], arrived: float) -> None:
         pairing = self.pairing
+        if self.recorders:
+            from .capture.target import record_response
+
+            record_response(self.recorders, args)
         if pairing is None:  # compare switched off by a reload meanwhile
             return
         try:

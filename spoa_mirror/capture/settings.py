@@ -8,6 +8,7 @@
           max_file_age: 10m         # ...or this age, whichever comes first
           max_total_size: 1GiB      # the oldest finished files are removed past this
           compress: true            # gzip each file as it is rotated
+          responses: false          # also record the primary's response to each captured request
 
 Everything else a shadow target has (filters, sampling, redaction, rate_limit, queue_size,
 memory_budget, max_queue_age) applies as it does to a shadow; `concurrency` is the number of
@@ -33,6 +34,11 @@ class CaptureSettings(Section):
     max_file_age: bounded_duration(low=1, high=7 * 86400) = 600.0
     max_total_size: bounded_size(minimum=4096) = 1024 * MiB
     compress: Bool = True
+    # The primary's response beside its request (a type 2 payload with the request's id), from
+    # HAProxy's response message (haproxy/mirror.spoe.conf's mirror-response group, paired by
+    # unique-id); the ACK asks HAProxy for it only while a target records responses (or compares).
+    responses: Bool = False
+    response_message: Annotated[Str, StringConstraints(min_length=1)] = "mirror-response"
 
     @model_validator(mode="after")
     def _cap_holds_a_file(self) -> CaptureSettings:

@@ -53,9 +53,15 @@ Done = Callable[[Any, float], None]
 class CaptureStats:
     """What the writer did beyond per-request outcomes (those are in the target's TargetStats)."""
 
-    __slots__ = ("bytes_removed", "bytes_written", "compress_errors", "files_removed", "files_rotated")
+    __slots__ = (
+        "bytes_removed", "bytes_written", "compress_errors", "files_removed", "files_rotated", "responses",
+    )  # fmt: skip
 
     def __init__(self) -> None:
+        # The primary's responses, when recorded: written, disk_full, write_error, or not recorded:
+        # unmatched (its request was not captured here), invalid, refused (intake full), dropped
+        # (over the memory budget, or unredactable).
+        self.responses: dict[str, int] = {}
         self.bytes_written = 0
         self.files_rotated = 0
         self.files_removed = 0
