@@ -106,6 +106,9 @@ class IgnoreConfig(Section):
             return patterns
         compiled = []
         for pattern in patterns:
+            if isinstance(pattern, re.Pattern):
+                compiled.append(pattern)
+                continue
             if not isinstance(pattern, str):
                 raise problem(f"each pattern must be a string (a regex), got {pattern!r}")
             try:

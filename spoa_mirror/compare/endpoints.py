@@ -1,7 +1,8 @@
 """Endpoints: comparisons grouped by method and path template, a bounded set.
 
-`/users/42/orders/9f1c2d3e-...` is `GET /users/{id}/orders/{id}`: numeric, UUID, long hex and long
-random-looking segments become `{id}`. Configured templates (`/users/{user}/orders/{order}`) are tried
+`/users/42/orders/9f1c2d3e-...` is `GET /users/{id}/orders/{id}`: numeric, UUID, hex (8 or more digits
+with a digit among them) and long random-looking segments become `{id}`, a file name's stem too
+(`{id}.png`). Configured templates (`/users/{user}/orders/{order}`) are tried
 first, in order. Each target holds at most `max` endpoints; later ones are counted as `other`, so
 memory and the metric series stay bounded whatever paths clients send.
 """
@@ -17,10 +18,11 @@ MAX_SEGMENTS = 12  # deeper paths end in /…: their tail is where ids pile up
 _ID_SEGMENT = re.compile(
     r"\d+"
     r"|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-    r"|[0-9a-fA-F]{16,}"
+    r"|[0-9a-fA-F]{16,}|(?=[0-9a-fA-F]*\d)[0-9a-fA-F]{8,}"  # shorter hex needs a digit: `deadbeef` stays
     r"|(?=[\w.~-]*\d)(?=[\w.~-]*[A-Za-z])[\w.~-]{20,}"  # a long token mixing letters and digits
     r"|.{65,}"
 )
+_EXTENSION = re.compile(r"(.+?)(\.[A-Za-z0-9]{1,5})")
 _METHOD = re.compile(r"[A-Z]{1,16}")
 _CACHE_SIZE = 4096
 
@@ -44,7 +46,7 @@ class EndpointNamer:
             segments = path.split("/")
             if len(segments) > MAX_SEGMENTS + 1:
                 segments = [*segments[: MAX_SEGMENTS + 1], "…"]
-            found = "/".join("{id}" if _ID_SEGMENT.fullmatch(segment) else segment for segment in segments)
+            found = "/".join(_segment(segment) for segment in segments)
             found = found or "/"
         if len(self._cache) >= _CACHE_SIZE:
             self._cache.clear()
@@ -54,6 +56,16 @@ class EndpointNamer:
     def name(self, method: str, path: str) -> str:
         method = method if _METHOD.fullmatch(method) else "OTHER"
         return f"{method} {self.template(path)}"
+
+
+def _segment(segment: str) -> str:
+    """`{id}` for an id-like segment; `{id}.png` for an id-like file name."""
+    if _ID_SEGMENT.fullmatch(segment):
+        return "{id}"
+    named = _EXTENSION.fullmatch(segment)
+    if named and _ID_SEGMENT.fullmatch(named[1]):
+        return "{id}" + named[2]
+    return segment
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
