@@ -150,6 +150,7 @@ from spoe.connection import CAPABILITIES
 from spoe.frames import MIN_FRAME_SIZE
 
 from .compare.config import CompareConfig, parse_compare
+from .config_types import parse_duration, parse_size
 from .errors import ConfigError
 
 KiB = 1024
@@ -177,15 +178,6 @@ _HOSTNAME = re.compile(
     r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
 )
 _NAME = re.compile(r"[\x21-\x7e]{1,128}")
-_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": KiB, "ki": KiB, "kib": KiB, "kb": 1000,
-    "m": MiB, "mi": MiB, "mib": MiB, "mb": 1000**2,
-    "g": 1024 * MiB, "gi": 1024 * MiB, "gib": 1024 * MiB, "gb": 1000**3,
-}  # fmt: skip
 _MISSING: Any = object()
 _SIOCGIFADDR = 0x8915  # linux/sockios.h: an interface's address
 
@@ -372,42 +364,6 @@ def parse_config(
                 raise ConfigError(error.key, f"{error.problem} (set on the command line)") from None
         raise
     return config
-
-
-def parse_duration(value: object, key: str, *, allow_zero: bool = False) -> float:
-    """Seconds from a number or a string such as "500ms"; shared with the command-line flags."""
-    if isinstance(value, str):
-        match = _DURATION.fullmatch(value)
-        if match is None:
-            raise ConfigError(
-                key, f'must be a number of seconds or a duration like "500ms" or "2s", got {_show(value)}'
-            )
-        seconds = float(match[1]) * _DURATION_UNITS[match[2]]
-    elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        seconds = float(value)
-    else:
-        raise ConfigError(
-            key, f'must be a number of seconds or a duration like "500ms" or "2s", got {_show(value)}'
-        )
-    if seconds < 0 or (seconds == 0 and not allow_zero):
-        bound = "0 or more" if allow_zero else "positive"
-        raise ConfigError(key, f"must be a {bound} number of seconds, got {_show(value)}")
-    return seconds
-
-
-def parse_size(value: object, key: str) -> int:
-    """Bytes from an integer or a string such as "512k" or "1MiB"; shared with the command-line flags."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    elif isinstance(value, str) and (match := _SIZE.fullmatch(value)) and match[2].lower() in _SIZE_UNITS:
-        size = int(float(match[1]) * _SIZE_UNITS[match[2].lower()])
-    else:
-        raise ConfigError(
-            key, f'must be a number of bytes or a size like "512k" or "1MiB", got {_show(value)}'
-        )
-    if size < 0:
-        raise ConfigError(key, f"must be 0 or more bytes, got {_show(value)}")
-    return size
 
 
 def describe(config: Config) -> str:
