@@ -665,13 +665,16 @@ class Mirror:
         from .compare.engine import CompareEngine
         from .compare.pairing import PairingTable
 
-        engine = CompareEngine(compare)
+        # A changed section keeps the engine's statistics (its rules change); the table is new.
+        engine = CompareEngine(compare) if self.compare_engine is None else self.compare_engine
         stats = PairingStats(compare.table.max_entries, compare.table.max_bytes)
         return PairingTable(compare, engine, stats, self.target_stats)
 
     def _use_pairing(self, pairing: Any, config: Any) -> None:
         if pairing is self.pairing:
             return
+        if pairing is not None and pairing.engine is self.compare_engine:
+            pairing.engine.apply(config.compare)
         if self.pairing is not None:
             self.pairing.flush("shutdown")
         self.pairing = pairing

@@ -62,49 +62,34 @@ import difflib
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
+from ..config_types import (
+    Bool,
+    KiB,
+    MiB,
+    Section,
+    Str,
+    bounded_duration,
+    bounded_size,
+    config_error,
+    int_between,
+    problem,
+)
 from ..errors import ConfigError
 
-KiB = 1024
-MiB = 1024 * KiB
+Name = Annotated[Str, Field(min_length=1, max_length=128)]
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-def _size(value: object) -> int:
-    from ..config import parse_size  # config imports this module
-
-    try:
-        return parse_size(value, "")
-    except ConfigError as error:
-        raise ValueError(error.problem) from None
+class TableConfig(Section):
+    max_entries: int_between(1, 10_000_000) = 10_000
+    max_bytes: bounded_size(minimum=64 * KiB) = 16 * MiB
+    deadline: bounded_duration(low=0.01, high=600.0) = 10.0
 
 
-def _duration(value: object) -> float:
-    from ..config import parse_duration
-
-    try:
-        return parse_duration(value, "")
-    except ConfigError as error:
-        raise ValueError(error.problem) from None
-
-
-Size = Annotated[int, BeforeValidator(_size)]
-Duration = Annotated[float, BeforeValidator(_duration)]
-Name = Annotated[str, Field(min_length=1, max_length=128)]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
-
-
-class TableConfig(_Section):
-    max_entries: int = Field(10_000, ge=1, le=10_000_000)
-    max_bytes: Size = Field(16 * MiB, ge=64 * KiB)
-    deadline: Duration = Field(10.0, le=600.0)
-
-
-class IgnoreConfig(_Section):
-    default_headers: bool = True
+class IgnoreConfig(Section):
+    default_headers: Bool = True
     headers: tuple[Name, ...] = ()
     json_paths: tuple[Name, ...] = ()
     patterns: tuple[re.Pattern[str], ...] = ()
@@ -121,61 +106,64 @@ class IgnoreConfig(_Section):
             return patterns
         compiled = []
         for pattern in patterns:
+            if isinstance(pattern, re.Pattern):
+                compiled.append(pattern)
+                continue
             if not isinstance(pattern, str):
-                raise ValueError(f"each pattern must be a string (a regex), got {pattern!r}")
+                raise problem(f"each pattern must be a string (a regex), got {pattern!r}")
             try:
                 compiled.append(re.compile(pattern))
             except re.error as error:
-                raise ValueError(f"bad regex {pattern!r}: {error}") from None
+                raise problem(f"bad regex {pattern!r}: {error}") from None
         return tuple(compiled)
 
 
-class NoiseConfig(_Section):
-    auto: bool = True
-    threshold: float = Field(0.8, gt=0.0, le=1.0)
-    min_samples: int = Field(20, ge=1, le=100_000)
-    baseline_margin: float = Field(0.05, ge=0.0, lt=1.0)
+class NoiseConfig(Section):
+    auto: Bool = True
+    threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
+    min_samples: int_between(1, 100_000) = 20
+    baseline_margin: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
 
 
-class EndpointsConfig(_Section):
+class EndpointsConfig(Section):
     templates: tuple[Name, ...] = ()
-    max: int = Field(100, ge=1, le=10_000)
+    max: int_between(1, 10_000) = 100
 
     @field_validator("templates")
     @classmethod
     def _absolute(cls, templates: tuple[str, ...]) -> tuple[str, ...]:
         for template in templates:
             if not template.startswith("/"):
-                raise ValueError(f"a template is a path starting with /, got {template!r}")
+                raise problem(f"a template is a path starting with /, got {template!r}")
         return templates
 
 
-class ExamplesConfig(_Section):
-    per_field: int = Field(3, ge=0, le=20)
-    max_chars: int = Field(200, ge=16, le=10_000)
-    max_fields: int = Field(32, ge=1, le=1_000)
-    budget: Size = Field(2 * MiB, le=64 * MiB)
+class ExamplesConfig(Section):
+    per_field: int_between(0, 20) = 3
+    max_chars: int_between(16, 10_000) = 200
+    max_fields: int_between(1, 1_000) = 32
+    budget: bounded_size(maximum=64 * MiB) = 2 * MiB
 
 
-class GoalsConfig(_Section):
-    min_comparisons: int = Field(100, ge=1)
-    min_endpoint_comparisons: int = Field(20, ge=1)
-    max_regression_rate: float = Field(0.01, ge=0.0, le=1.0)
-    max_error_rate_increase: float = Field(0.01, ge=0.0, le=1.0)
-    max_p99_ratio: float = Field(1.5, ge=1.0)
-    p99_slack: Duration = 0.005
+class GoalsConfig(Section):
+    min_comparisons: int_between(1, 10**9) = 100
+    min_endpoint_comparisons: int_between(1, 10**9) = 20
+    max_regression_rate: Share = 0.01
+    max_error_rate_increase: Share = 0.01
+    max_p99_ratio: Annotated[float, Field(ge=1.0)] = 1.5
+    p99_slack: bounded_duration(allow_zero=True, low=0.0, high=60.0) = 0.005
 
 
-class DiffLogConfig(_Section):
+class DiffLogConfig(Section):
     path: Name = "-"
-    rate: float = Field(10.0, gt=0.0, le=100_000.0)
+    rate: Annotated[float, Field(gt=0.0, le=100_000.0)] = 10.0
 
 
-class CompareConfig(_Section):
+class CompareConfig(Section):
     response_message: Name = "mirror-response"
-    candidates: tuple[Name, ...] = Field(min_length=1)
+    candidates: tuple[Name, ...]
     baseline: Name | None = None
-    body_limit: Size = Field(256 * KiB, ge=1, le=64 * MiB)
+    body_limit: bounded_size(minimum=1, maximum=64 * MiB) = 256 * KiB
     table: TableConfig = TableConfig()
     ignore: IgnoreConfig = IgnoreConfig()
     noise: NoiseConfig = NoiseConfig()
@@ -183,6 +171,13 @@ class CompareConfig(_Section):
     examples: ExamplesConfig = ExamplesConfig()
     goals: GoalsConfig = GoalsConfig()
     diff_log: DiffLogConfig | None = None
+
+    @field_validator("candidates")
+    @classmethod
+    def _some(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        if not names:
+            raise problem("must name at least one target, got an empty list")
+        return names
 
     @property
     def compared(self) -> tuple[str, ...]:
@@ -194,12 +189,10 @@ def parse_compare(data: object, target_names: tuple[str, ...], key: str = "compa
     """The validated section, or None when it is absent (null); the first problem as one ConfigError."""
     if data is None:
         return None
-    if not isinstance(data, dict):
-        raise ConfigError(key, f"must be a mapping, got {data!r}")
     try:
         section = CompareConfig.model_validate(data)
     except ValidationError as error:
-        raise _one_line(error, key) from None
+        raise config_error(error, key) from None
     for index, name in enumerate(section.candidates):
         if name not in target_names:
             raise ConfigError(f"{key}.candidates[{index}]", _unknown_target(name, target_names))
@@ -219,44 +212,3 @@ def _unknown_target(name: str, known: tuple[str, ...]) -> str:
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; targets are {', '.join(known) or 'none'}"
     return f"no target is named {name!r}{hint}"
-
-
-def _one_line(error: ValidationError, key: str) -> ConfigError:
-    first = error.errors()[0]
-    where = key
-    for part in first["loc"]:
-        where += f"[{part}]" if isinstance(part, int) else f".{part}"
-    problem = str(first["msg"]).removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        model = _model_at(CompareConfig, first["loc"][:-1])
-        known = tuple(model.model_fields) if model else ()
-        close = difflib.get_close_matches(str(first["loc"][-1]), known, n=1)
-        problem = (
-            f"unknown key; did you mean {close[0]!r}?"
-            if close
-            else f"unknown key; expected one of {', '.join(known)}"
-        )
-    elif first["type"] == "missing":
-        problem = "is required"
-    elif first["type"] == "too_short":
-        problem = f"must list at least {first['ctx']['min_length']}, got {first.get('input')!r}"
-    elif first["type"] == "value_error":  # our own validators name the value already
-        problem = f"{problem[:1].lower()}{problem[1:]}"
-    else:
-        problem = f"{problem[:1].lower()}{problem[1:]}, got {first.get('input')!r}"
-    return ConfigError(where, problem)
-
-
-def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-            continue
-        args = getattr(annotation, "__args__", ())
-        nested = [arg for arg in args if isinstance(arg, type) and issubclass(arg, BaseModel)]
-        if not nested:
-            return None
-        model = nested[0]
-    return model
