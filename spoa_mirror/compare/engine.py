@@ -42,6 +42,7 @@ from .config import CompareConfig
 from .diff import KINDS, Differ, Difference
 from .difflog import DiffLog
 from .endpoints import OTHER, EndpointNamer
+from .goals import promql
 from .model import Response
 from .scrub import scrub, sensitive_name
 from .shapes import shape_of
@@ -393,6 +394,7 @@ class CompareEngine:
             "ignored_headers": sorted(self._differ.ignored_headers)
             + [f"{p}*" for p in self._differ.ignored_prefixes],
             "ignored_json_paths": list(config.ignore.json_paths),
+            "promql": {candidate: promql(config, candidate) for candidate in config.candidates},
             "bounds": {
                 "examples_bytes": self._example_bytes,
                 "examples_budget": config.examples.budget,
