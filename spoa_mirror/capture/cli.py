@@ -1,7 +1,8 @@
 """The `replay` and `capture-info` subcommands.
 
-Exit status of `replay`: 0 when the replay ran and the target answered; 1 when it could not be
-reached (requests went out, none got a response) or, with `--compare`, the verdict failed; 2 for
+Exit status of `replay`: 0 when the replay ran and the target answered (with `--compare`, and the
+verdict passed); 1 when it could not be reached (requests went out, none got a response) or the
+verdict failed; 3 when the verdict is undecided (fewer comparisons than its goals ask for); 2 for
 bad flags or options, or no input at all. Damaged input is reported (file and byte offset) and
 skipped; it does not by itself fail the run.
 """
@@ -82,6 +83,22 @@ def _replay_parser() -> argparse.ArgumentParser:
         help="a file with one target's keys (filters, methods, sample_percentage, headers, remove_headers, "
         "path_rewrite, redact, rate_limit, tls_verify, ...), as in the agent's config, without url",
     )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="compare each response with the primary's recorded beside its request (capture.responses)",
+    )
+    parser.add_argument(
+        "--compare-config",
+        metavar="YAML",
+        help="compare keys: ignore, noise, goals, body_limit",
+    )
+    parser.add_argument(
+        "--report",
+        metavar="HTML",
+        default="replay-report.html",
+        help="the HTML report file",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -90,13 +107,7 @@ def _replay_parser() -> argparse.ArgumentParser:
 def _target_keys(options: argparse.Namespace) -> dict[str, Any]:
     keys: dict[str, Any] = {}
     if options.target_config:
-        try:
-            with open(options.target_config, encoding="utf-8") as file:
-                loaded = yaml.safe_load(file)
-        except (OSError, yaml.YAMLError) as error:
-            raise ConfigError("--target-config", f"cannot read {options.target_config}: {error}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError("--target-config", "must hold a mapping of target keys")
+        loaded = _yaml_mapping(options.target_config, "--target-config")
         for forbidden in ("url", "upstream", "capture", "name"):
             if forbidden in loaded:
                 raise ConfigError(f"--target-config.{forbidden}", "is set by replay (--to)")
@@ -105,6 +116,30 @@ def _target_keys(options: argparse.Namespace) -> dict[str, Any]:
         if (value := getattr(options, flag)) is not None:
             keys[flag] = value
     return keys
+
+
+def _compare_keys(options: argparse.Namespace) -> dict[str, Any] | None:
+    if not options.compare:
+        if options.compare_config:
+            raise ConfigError("--compare-config", "needs --compare")
+        return None
+    if not options.compare_config:
+        return {}
+    loaded = _yaml_mapping(options.compare_config, "--compare-config")
+    if "candidates" in loaded or "baseline" in loaded:
+        raise ConfigError("--compare-config", "candidates and baseline are set by replay (the --to server)")
+    return loaded
+
+
+def _yaml_mapping(path: str, flag: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as file:
+            loaded = yaml.safe_load(file)
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(flag, f"cannot read {path}: {error}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(flag, f"{path} must hold a mapping")
+    return loaded
 
 
 def _replay(argv: list[str]) -> int:
@@ -122,10 +157,13 @@ def _replay(argv: list[str]) -> int:
             limit=options.limit,
             duration=options.duration,
             target=_target_keys(options),
+            compare=_compare_keys(options),
         )
-        from .replay import target_config
+        from .replay import compare_config, target_config
 
         target_config(replay_options)  # a bad option fails here, before any file is read
+        if replay_options.compare is not None:
+            compare_config(replay_options)
     except ConfigError as error:
         key = error.key.replace("targets[0].", "").replace("targets[0]", "--to")
         print(f"spoa-mirror: replay: {key}: {error.problem}", file=sys.stderr)
@@ -136,13 +174,25 @@ def _replay(argv: list[str]) -> int:
 
     show_progress = not options.quiet and not options.json and sys.stderr.isatty()
     summary = _run(replay_options, input_error, show_progress)
+    report = summary.compare_report
+    if report is not None:
+        from ..compare.render import render_terminal, write_html
+
+        write_html(report, options.report)
+        if not options.json:
+            render_terminal(report)
+            print(f"report: {options.report}")
     if options.json:
         print(json.dumps(summary.as_dict(), indent=2))
     else:
         print(format_summary(summary, options.to))
     if summary.read == 0 and not summary.input_errors:
         return 2
-    return 1 if summary.unreachable() else 0
+    if summary.unreachable():
+        return 1
+    if report is not None:
+        return {"pass": 0, "fail": 1}.get(report["verdict"]["state"], 3)
+    return 0
 
 
 def _run(options: ReplayOptions, input_error: Any, show_progress: bool) -> ReplaySummary:

@@ -12,6 +12,7 @@ already due go out at once, so a rate above the timer's resolution (1 ms) is hel
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import random
 from collections import Counter
@@ -20,10 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..accounting import ERRORS, TargetStats
+from ..compare.capture import CapturingPool
+from ..compare.model import Response
 from ..config import Config, parse_config
-from ..mirror import MemoryBudget, Target, loop_marker_value
+from ..errors import ConfigError
+from ..mirror import TRUNCATED_MARKER, MemoryBudget, Target, loop_marker_value
+from ..request import MirrorRequest
 from . import gor
-from .http1 import BadMessage, parse_request
+from .http1 import BadMessage, parse_request, parse_response
 
 # Latencies kept for the percentiles: every one up to this many, then a uniform reservoir sample.
 LATENCY_SAMPLES = 200_000
@@ -41,6 +46,7 @@ class ReplayOptions:
     duration: float | None = None
     target: dict[str, Any] = field(default_factory=dict)  # target keys: filters, protocol, headers...
     max_payload: int = gor.MAX_PAYLOAD
+    compare: dict[str, Any] | None = None  # the compare: section's keys (candidates set here)
 
 
 @dataclass
@@ -56,6 +62,7 @@ class ReplaySummary:
     elapsed: float = 0.0
     max_lag: float = 0.0
     responses_recorded: int = 0
+    compare_report: dict[str, Any] | None = None
 
     @property
     def responded(self) -> int:
@@ -104,6 +111,7 @@ class ReplaySummary:
             "rate": self.rate,
             "max_lag": self.max_lag,
             "unreachable": self.unreachable(),
+            **({"compare": self.compare_report} if self.compare_report is not None else {}),
         }
 
 
@@ -128,6 +136,91 @@ class _ReplayTarget(Target):
                     samples[index] = elapsed
         super()._sent(result, elapsed)
         self.on_response()
+
+
+class _Tagged(bytes):
+    """A built request carrying what its comparison needs back from the pool: the payload's id, the
+    method and the path (the CapturingPool settles with the payload it was given)."""
+
+    key: tuple[str, str, str] | None
+
+
+class _ComparingReplayTarget(_ReplayTarget):
+    """`replay --compare`: the whole replayed response (compare/capture.py's pool), compared by the
+    engine with the primary's response recorded beside the request (a type 2 payload, same id)."""
+
+    recorded: dict[str, Response]
+    engine: Any
+
+    def _build_pool(self, config: Any, outgoing: Any) -> Any:
+        base = super()._build_pool(config, outgoing)
+        return CapturingPool(
+            config.host, config.port, body_limit=self.engine.config.body_limit,
+            ssl_context=base._ssl_context, server_hostname=base._server_hostname,
+            max_connections=config.concurrency, connect_timeout=config.connect_timeout,
+            timeout=config.timeout,
+        )  # fmt: skip
+
+    def _build_builder(self, config: Any, loop_marker: tuple[str, str], truncated_body: str) -> Any:
+        build = super()._build_builder(config, loop_marker, truncated_body)
+
+        def tagged(req: MirrorRequest, redacted_truncated: bool | None = None) -> bytes:
+            out = _Tagged(build(req, redacted_truncated))
+            out.key = (req.unique_id or "", req.method, req.path)
+            return out
+
+        return tagged
+
+    def _sent(self, result: Any, elapsed: float) -> None:
+        response, payload = result
+        key = getattr(payload, "key", None)
+        if key is not None and not self.abandoned:
+            payload_id, method, path = key
+            primary = self.recorded.get(payload_id)
+            if primary is None:
+                self.engine.count(self.name, method, path, "primary_missing")
+            elif type(response) is not Response:
+                self.engine.count(self.name, method, path, "shadow_failed")
+            elif primary.body_length > len(primary.body) and primary.body_sha256 is None:
+                self.engine.count(self.name, method, path, "too_large")
+            else:
+                self.engine.compare(self.name, method, path, primary, response)
+        super()._sent(response.status if type(response) is Response else response, elapsed)
+
+
+def recorded_responses(
+    options: ReplayOptions, body_limit: int, on_error: Callable[[gor.FormatError], None]
+) -> dict[str, Response]:
+    """The primary's responses in the files (type 2 payloads) by id, for --compare: a first pass,
+    since a response is written after its request, and the replay needs it when the replayed one
+    comes back. A body HAProxy cut (marked X-Mirror-Truncated) is kept as cut: counted too_large."""
+    responses: dict[str, Response] = {}
+    for payload in gor.merge(gor.capture_files(options.files), on_error, max_payload=options.max_payload):
+        if payload.kind != gor.RESPONSE:
+            continue
+        try:
+            status, headers, body = parse_response(payload.message)
+        except BadMessage as error:
+            on_error(gor.FormatError(payload.source, payload.offset, f"bad response: {error}"))
+            continue
+        cut = any(name.lower() == TRUNCATED_MARKER[0].lower() for name, _ in headers)
+        headers = [(name, value) for name, value in headers if name.lower() != TRUNCATED_MARKER[0].lower()]
+        digest = None
+        length = len(body) + (1 if cut else 0)
+        if len(body) > body_limit:
+            digest, body = hashlib.sha256(body).digest(), body[:body_limit]
+        responses[payload.id] = Response(status, tuple(headers), body, length, digest, payload.latency / 1e9)
+    return responses
+
+
+def compare_config(options: ReplayOptions) -> Any:
+    from ..compare.config import parse_compare
+
+    if options.target.get("protocol", "http1") != "http1":
+        raise ConfigError("--protocol", "--compare reads whole responses over HTTP/1.1 only")
+    section = {**(options.compare or {}), "candidates": ["replay"]}
+    section.pop("baseline", None)
+    return parse_compare(section, ("replay",), key="--compare-config")
 
 
 def target_config(options: ReplayOptions) -> Config:
@@ -185,7 +278,25 @@ async def replay(
     summary = ReplaySummary()
     stats = TargetStats()
     budget = MemoryBudget(config.memory_budget)
-    target = _ReplayTarget(
+
+    def input_error(error: gor.FormatError) -> None:
+        text = str(error)
+        summary.input_errors.append(text)
+        on_input_error(text)
+
+    target_class: type[_ReplayTarget] = _ReplayTarget
+    engine = None
+    recorded: dict[str, Response] = {}
+    if options.compare is not None:
+        from ..compare.engine import CompareEngine
+
+        engine = CompareEngine(compare_config(options))
+        recorded = recorded_responses(options, engine.config.body_limit, input_error)
+        # Set before Target.__init__ builds the pool, which needs the engine's body limit.
+        target_class = type(
+            "ComparingReplay", (_ComparingReplayTarget,), {"engine": engine, "recorded": recorded}
+        )
+    target = target_class(
         config.targets[0],
         loop_header=config.loop_header,
         truncated_body=config.truncated_body,
@@ -197,11 +308,6 @@ async def replay(
     )
     target.summary = summary
     budget.update([target], [])
-
-    def input_error(error: gor.FormatError) -> None:
-        text = str(error)
-        summary.input_errors.append(text)
-        on_input_error(text)
 
     loop = asyncio.get_running_loop()
     clock = loop.time
@@ -228,6 +334,7 @@ async def replay(
             summary.read += 1
             try:
                 request = parse_request(payload.message)
+                request.unique_id = payload.id
             except BadMessage as error:
                 summary.bad_requests[error.reason.split(":")[0].split(" ")[0]] += 1
                 input_error(str(gor.FormatError(payload.source, payload.offset, f"bad request: {error}")))
@@ -247,6 +354,9 @@ async def replay(
         summary.elapsed = clock() - start
         await target.drain(clock())
         summary.outcomes = dict(stats.outcomes)
+        if engine is not None:
+            summary.compare_report = engine.report()
+            engine.close()
         on_progress(summary)
     return summary
 

@@ -44,13 +44,16 @@ def payload_id(unique_id: str | None) -> str:
 
 
 class CaptureTarget(Target):
-    def _build_pool(self, config: Any, outgoing: OutgoingConfig) -> CaptureWriter:
-        writer = CaptureWriter(self.name, config.capture)
-        self.capture_stats: CaptureStats = writer.stats
+    def __init__(self, config: Any, **options: Any) -> None:
         self.records_responses: bool = config.capture.responses
         self.response_message: str = config.capture.response_message
         # unique-id -> when its request was captured (ns), for the requests whose response is awaited
         self.awaited: OrderedDict[str, int] = OrderedDict()
+        super().__init__(config, **options)
+
+    def _build_pool(self, config: Any, outgoing: OutgoingConfig) -> CaptureWriter:
+        writer = CaptureWriter(self.name, config.capture)
+        self.capture_stats: CaptureStats = writer.stats
         return writer
 
     def record(self, unique_id: str, response: Any) -> None:
