@@ -159,12 +159,15 @@ def read_payloads(
         with file:
             buffer = b""
             start = 0  # file offset of buffer[0]
+            pos = 0  # where the next payload starts in buffer (sliced off only when reading more)
             skipping = False  # inside an oversized payload: drop bytes until the next separator
             seen = 0  # payloads read, good or bad
             eof = False
             while True:
-                cut = buffer.find(SEPARATOR)
+                cut = buffer.find(SEPARATOR, pos)
                 if cut < 0:
+                    if pos:
+                        buffer, start, pos = buffer[pos:], start + pos, 0
                     if eof:
                         break
                     if len(buffer) > max_payload + len(SEPARATOR):
@@ -188,9 +191,8 @@ def read_payloads(
                         eof = True
                     buffer += chunk
                     continue
-                record, offset = buffer[:cut], start
-                start += cut + len(SEPARATOR)
-                buffer = buffer[cut + len(SEPARATOR) :]
+                record, offset = buffer[pos:cut], start + pos
+                pos = cut + len(SEPARATOR)
                 seen += 1
                 if skipping:
                     skipping = False

@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import os
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class ReplaySummary:
     latencies: list[float] = field(default_factory=list)
     latency_max: float = 0.0
     elapsed: float = 0.0
+    cpu: float = 0.0  # this process's CPU seconds over the replay (threads included)
     max_lag: float = 0.0
     responses_recorded: int = 0
     compare_report: dict[str, Any] | None = None
@@ -108,6 +110,7 @@ class ReplaySummary:
                 "max": self.latency_max,
             },
             "elapsed": self.elapsed,
+            "cpu_us_per_request": self.cpu / self.offered * 1e6 if self.offered else 0.0,
             "rate": self.rate,
             "max_lag": self.max_lag,
             "unreachable": self.unreachable(),
@@ -311,6 +314,7 @@ async def replay(
 
     loop = asyncio.get_running_loop()
     clock = loop.time
+    cpu = time.process_time()
     start = clock()
     deadline = start + options.duration if options.duration else float("inf")
     first: int | None = None
@@ -352,6 +356,7 @@ async def replay(
             await asyncio.sleep(0.01)
     finally:
         summary.elapsed = clock() - start
+        summary.cpu = time.process_time() - cpu
         await target.drain(clock())
         summary.outcomes = dict(stats.outcomes)
         if engine is not None:
