@@ -10,6 +10,7 @@ Invariant, per target: received == sum(outcomes) + pending, where pending is que
 from __future__ import annotations
 
 from bisect import bisect_left
+from typing import Any
 
 SENT = ("sent_1xx", "sent_2xx", "sent_3xx", "sent_4xx", "sent_5xx")
 ERRORS = (
@@ -82,8 +83,8 @@ class TargetStats:
     """Everything counted for one target; kept across config reloads (keyed by target name)."""
 
     __slots__ = (
-        "bytes_sent", "compare", "grpc_status", "latency", "outcomes", "pending", "received", "redactions",
-        "truncated_sent",
+        "bytes_sent", "capture", "compare", "grpc_status", "latency", "outcomes", "pending", "received",
+        "redactions", "truncated_sent",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -98,6 +99,7 @@ class TargetStats:
         # keep the label set bounded whatever a shadow answers.
         self.grpc_status: dict[str, int] = {}
         self.compare: CompareStats | None = None  # set while the target is compared (compare/pairing.py)
+        self.capture: Any = None  # capture/writer.py's CaptureStats while the target captures
 
     def count_grpc_status(self, code: int | None) -> None:
         name = "missing" if code is None else GRPC_CODES[code] if 0 <= code < len(GRPC_CODES) else "other"

@@ -186,6 +186,7 @@ class MirrorCollector(Collector):
             latency.add_metric([name], stats.latency.cumulative(), stats.latency.total)
         yield from (received, outcomes, in_flight, redactions, truncated, sent_bytes, grpc, latency)
         yield from _pairing(messages, targets)
+        yield from _capture(targets)
 
         depth = GaugeMetricFamily(
             "spoa_mirror_queue_depth", "Requests waiting in a target's queue", labels=["target"]
@@ -212,6 +213,36 @@ class MirrorCollector(Collector):
             budget = GaugeMetricFamily("spoa_mirror_memory_budget_bytes", "The agent's memory_budget")
             budget.add_metric([], limit)
             yield budget
+
+
+def _capture(targets: dict[str, TargetStats]) -> Iterator[Metric]:
+    """Capture targets' files and recorded responses (their requests are in spoa_mirror_requests)."""
+    capturing = {name: stats.capture for name, stats in sorted(targets.items()) if stats.capture is not None}
+    if not capturing:
+        return
+    files = CounterMetricFamily(
+        "spoa_mirror_capture_files",
+        "Capture files rotated, removed for max_total_size, or left uncompressed (compress_failed)",
+        labels=["target", "event"],
+    )
+    data = CounterMetricFamily(
+        "spoa_mirror_capture_bytes",
+        "Bytes written to capture files, and removed with them",
+        labels=["target", "event"],
+    )
+    responses = CounterMetricFamily(
+        "spoa_mirror_capture_responses", "The primary's responses for capture.responses, by result",
+        labels=["target", "result"],
+    )  # fmt: skip
+    for name, stats in capturing.items():
+        files.add_metric([name, "rotated"], stats.files_rotated)
+        files.add_metric([name, "removed"], stats.files_removed)
+        files.add_metric([name, "compress_failed"], stats.compress_errors)
+        data.add_metric([name, "written"], stats.bytes_written)
+        data.add_metric([name, "removed"], stats.bytes_removed)
+        for result, count in sorted(stats.responses.items()):
+            responses.add_metric([name, result], count)
+    yield from (files, data, responses)
 
 
 def _pairing(messages: MessageStats, targets: dict[str, TargetStats]) -> Iterator[Metric]:

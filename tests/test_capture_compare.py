@@ -112,7 +112,10 @@ def test_recorded_responses_compare_offline(
                 break
             time.sleep(0.1)
         assert written == REQUESTS
-        time.sleep(0.5)  # the last responses follow their requests through the writer
+        while metrics.get('spoa_mirror_capture_responses_total{result="written",target="rec"}') != REQUESTS:
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.1)
+            metrics = parse_metrics(httpx.get(admin + "/metrics").text)
     info = json.loads(spoa_mirror("capture-info", str(capture), "--json").stdout)
     assert info["requests"] == REQUESTS and info["requests_with_response"] == REQUESTS, info
 

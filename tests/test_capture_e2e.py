@@ -168,12 +168,29 @@ def test_rotation_compression_and_total_cap(
             and time.monotonic() < deadline
         ):
             time.sleep(0.1)
-        while (
-            any(p.name.endswith(".gor") for p in capture_files(capture_dir)) and time.monotonic() < deadline
-        ):
-            time.sleep(0.1)
-        files = capture_files(capture_dir)
-        sizes = {f.name: f.stat().st_size for f in files}
+        # Then it is compressed, and the cap enforced (one more file may go): wait for all of it,
+        # and for the counter and the log to agree (each removal is counted, then logged).
+        while True:
+            files = capture_files(capture_dir)
+            sizes = {f.name: f.stat().st_size for f in files}
+            metrics = stack.metrics()
+            removed = stack.agent_events("capture.file_removed")
+            counted = metrics['spoa_mirror_capture_files_total{event="removed",target="rec"}']
+            done = (
+                all(name.endswith(".gz") for name in sizes)
+                and sum(sizes.values()) <= capture["max_total_size"]
+            )
+            if (done and counted == len(removed)) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert metrics['spoa_mirror_capture_files_total{event="removed",target="rec"}'] == len(removed)
+    assert (
+        metrics['spoa_mirror_capture_files_total{event="rotated",target="rec"}']
+        >= len(files) + len(removed) - 1
+    )
+    assert metrics['spoa_mirror_capture_bytes_total{event="removed",target="rec"}'] == sum(
+        e["size"] for e in removed
+    )
     print(
         f"\n{count + 1} requests -> {len(files)} files kept, {len(removed)} removed, "
         f"sizes {sorted(sizes.values())}"

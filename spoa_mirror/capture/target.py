@@ -52,7 +52,9 @@ class CaptureTarget(Target):
         super().__init__(config, **options)
 
     def _build_pool(self, config: Any, outgoing: OutgoingConfig) -> CaptureWriter:
-        writer = CaptureWriter(self.name, config.capture)
+        # Kept on the target's stats, which outlive reloads: the counters never go back.
+        self.stats.capture = self.stats.capture or CaptureStats()
+        writer = CaptureWriter(self.name, config.capture, self.stats.capture)
         self.capture_stats: CaptureStats = writer.stats
         return writer
 

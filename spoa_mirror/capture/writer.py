@@ -70,10 +70,10 @@ class CaptureStats:
 
 
 class CaptureWriter:
-    def __init__(self, name: str, settings: CaptureSettings) -> None:
+    def __init__(self, name: str, settings: CaptureSettings, stats: CaptureStats | None = None) -> None:
         self.name = name
         self.settings = settings
-        self.stats = CaptureStats()
+        self.stats = stats or CaptureStats()
         self.bytes_held = 0
         self._waiting: deque[tuple[bytes, Done, float]] = deque()
         self._wake = threading.Event()
