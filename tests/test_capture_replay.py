@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pty
 import statistics
 import subprocess
 import sys
@@ -261,3 +263,31 @@ def test_capture_info(tmp_path: Path) -> None:
     assert info["methods"] == {"POST": 2} and info["distinct_endpoints"] == 2 and info["body_bytes"] == 20
     text = spoa_mirror("capture-info", str(path)).stdout
     assert "requests: 2" in text and "time span:" in text and "1 recorded" in text
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path: Path) -> None:
+    """On a terminal (a pty here) a rich progress bar counts sent and answered requests; piped, the
+    run prints the summary alone (the other tests check stderr holds nothing but errors)."""
+    path = tmp_path / "c.gor"
+    write_capture(path, [BASE + i * 1_000_000 for i in range(300)])
+    with TimingServer() as server:
+        main, terminal = pty.openpty()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "spoa_mirror", "replay", str(path), "--to", server.url],
+            stdin=terminal, stdout=terminal, stderr=terminal, cwd=ROOT,
+        )  # fmt: skip
+        os.close(terminal)
+        output = b""
+        while chunk := _read_pty(main):
+            output += chunk
+        assert process.wait(30) == 0
+        os.close(main)
+    assert b"300 sent, 300 answered, 0 failed" in output
+    assert b"replayed 300 of 300 requests" in output
+
+
+def _read_pty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO once the child closed its side
+        return b""

@@ -349,8 +349,8 @@ async def replay(
             summary.max_lag = max(summary.max_lag, clock() - due)
             summary.offered += 1
             target.offer(request)
+            on_progress(summary)
             if summary.read % 64 == 0:
-                on_progress(summary)
                 await asyncio.sleep(0)  # let responses in between sends that are all due already
         while stats.pending and clock() < deadline + target.config.timeout + 1:
             await asyncio.sleep(0.01)
