@@ -44,6 +44,8 @@ _COMPRESS_CHUNK = 1024 * 1024
 # Fault injection for the tests' slow disk: seconds the writer thread stalls before each batch, as a
 # write blocked in the kernel would (tests/test_capture_e2e.py). Unset in production.
 SLOW_DISK_ENV = "SPOA_MIRROR_TEST_SLOW_DISK"
+# How long closing waits for the last writes and the last file's compression.
+CLOSE_TIMEOUT = 30.0
 # How often the thread wakes with nothing to write: the granularity of age-based rotation.
 _TICK = 1.0
 
@@ -110,13 +112,19 @@ class CaptureWriter:
         self._wake.set()
 
     async def close(self) -> None:
-        """Write what was handed over, close and compress the last file; what the target still
-        queues was counted by its drain."""
+        """Write what was handed over, close and compress the last file (for at most
+        CLOSE_TIMEOUT); what the target still queues was counted by its drain."""
         if not self._started:
             return
         self._closing = True
         self._wake.set()
-        await asyncio.get_running_loop().run_in_executor(None, self._join)
+        joined = asyncio.get_running_loop().run_in_executor(None, self._join)
+        try:
+            await asyncio.wait_for(joined, CLOSE_TIMEOUT)
+        except TimeoutError:  # a hung disk must not hang the shutdown: the threads are daemons
+            log.warning(
+                "capture.close_timeout", target=self.name, seconds=CLOSE_TIMEOUT, path=self._path or None
+            )
 
     def _join(self) -> None:
         self._thread.join()
