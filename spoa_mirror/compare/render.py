@@ -71,9 +71,9 @@ def write_html(report: dict[str, Any], path: str | Path) -> None:
 
 def _target_html(target: dict[str, Any], report: dict[str, Any]) -> str:
     role = (
-        "baseline (the primary's version: how noisy the primary is with itself)"
+        "baseline: the primary's version, how noisy the primary is with itself"
         if target["role"] == "baseline"
-        else "candidate"
+        else "candidate: compared with the primary"
     )
     outcomes = target["outcomes"]
     unpaired = ", ".join(f"{name.replace('_', ' ')} {count}" for name, count in outcomes.items()
@@ -165,7 +165,8 @@ def _fields_html(endpoint: dict[str, Any]) -> str:
                 else ""
             )
             out.append(
-                f"<tr>{head}<td class=mono>{_e(example['where'])}</td>"
+                f"<tr>{head}<td class=mono title='{_e(example.get('request', ''))}'>"
+                f"{_e(example['where'])}</td>"
                 f"<td class='v p'>{_e(example['primary'])}</td>"
                 f"<td class='v c'>{_e(example['candidate'])}</td></tr>"
             )
