@@ -331,7 +331,7 @@ def test_endpoints_are_templated_and_capped() -> None:
 def test_memory_stays_bounded_whatever_the_differences() -> None:
     """20,000 comparisons, each with new endpoints, new fields and long unique values: fields, examples
     and signatures stop at their bounds, and so does memory."""
-    compare = engine(endpoints={"max": 20}, examples={"max_fields": 8, "budget": "64KiB", "max_chars": 64})
+    compare = engine(endpoints={"max": 20}, examples={"max_fields": 8, "budget": "16KiB", "max_chars": 64})
     tracemalloc.start()
     try:
         for index in range(20_000):
@@ -347,7 +347,7 @@ def test_memory_stays_bounded_whatever_the_differences() -> None:
     endpoints = report["targets"][0]["endpoints"]
     assert len(endpoints) == 21
     assert all(len(e["fields"]) <= 9 for e in endpoints)
-    assert report["bounds"]["examples_bytes"] <= 64 * 1024
+    assert 12 * 1024 < report["bounds"]["examples_bytes"] <= 16 * 1024  # the budget filled, not passed
     assert all(len(x["primary"]) <= 64 + 20 for e in endpoints for f in e["fields"] for x in f["examples"])
     assert grown < 2 << 20, f"{grown} bytes more after 18,000 further comparisons"
 
