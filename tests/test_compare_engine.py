@@ -427,3 +427,22 @@ def test_latency_percentiles_are_within_four_percent() -> None:
     assert histogram.quantile(0.5) == pytest.approx(0.5, rel=0.04)
     assert histogram.quantile(0.99) == pytest.approx(0.99, rel=0.04)
     assert LogHistogram().quantile(0.5) is None
+
+
+def test_with_a_warm_baseline_live_outcomes_agree_with_the_report() -> None:
+    """What the metrics count as it happens (each comparison's outcome) is what the report says after:
+    a status change the baseline never shows is a regression from its first occurrence, a score both
+    versions vary is noise throughout."""
+    compare = engine(baseline="baseline")
+    for index in range(30):
+        compare.compare("baseline", "GET", "/r", response({"score": index}), response({"score": index + 1}))
+    outcomes: dict[str, int] = {}
+    for index in range(100):
+        status = 500 if index % 4 == 0 else 200
+        outcome = compare.compare("candidate", "GET", "/r", response({"score": index}),
+                                  response({"score": -index}, status=status))  # fmt: skip
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    assert outcomes == {"different": 25, "noise_only": 75}
+    entry = endpoint(compare.report(), "GET /r")
+    assert (entry["regressions"], entry["noise_only"]) == (25, 75)
+    assert judged(entry, "regression") == {"status"} and judged(entry, "noise") == {"score"}

@@ -8,7 +8,8 @@ Regression or noise. A difference is kept per *field* (`items[*].price`, `header
 `status`) of an *endpoint* (`GET /users/{id}`) of a *target*. A field is noise when:
 - a baseline target (the primary's version) is configured and has been compared at least
   `noise.min_samples` times on that endpoint: unless the candidate differs there clearly more often
-  than the baseline does (by more than `baseline_margin`, 99% Wilson intervals apart), Diffy's way;
+  than the baseline does (by more than `baseline_margin`, 99% Wilson intervals apart; or at all, by
+  more than the margin, where the baseline never differs), Diffy's way;
   a baseline response handed to `compare` for the same request also cancels, for that request, the
   fields where the baseline differs too;
 - otherwise (`noise.auto`): it differs in at least `noise.threshold` of the comparisons since it was
@@ -276,7 +277,11 @@ class CompareEngine:
             base_field = base.fields.get(field.name)
             base_differs = base_field.differs if base_field else 0
             base_seen = _seen(base, base_field) if base_field else base.compared
-            more = clearly_more(field.differs, seen, base_differs, base_seen, noise_config.baseline_margin)
+            margin = noise_config.baseline_margin
+            # Where the baseline never differs, any rate over the margin is the candidate's own.
+            more = clearly_more(field.differs, seen, base_differs, base_seen, margin) or (
+                base_differs == 0 and rate > margin
+            )
             return (
                 not more,
                 f"{said}; the baseline differs there in {base_differs / base_seen:.0%} of {base_seen}",
