@@ -164,6 +164,8 @@ def test_a_baseline_response_cancels_its_fields_for_that_request() -> None:
     )
     assert outcome == "noise_only"
     assert compare.compare("candidate", "GET", "/x", primary, response({"a": 2, "nonce": 11})) == "different"
+    entry = endpoint(compare.report(), "GET /x")
+    assert (entry["regressions"], entry["noise_only"], entry["identical"]) == (1, 1, 0)
 
 
 def test_json_differences_name_their_paths_and_kinds() -> None:

@@ -83,7 +83,7 @@ class _Field:
 class _Endpoint:
     __slots__ = (
         "compared", "errors", "fields", "kinds", "latency", "name", "outcomes", "prom_latency",
-        "signatures", "status_changes", "unsigned",
+        "signatures", "status_changes", "unsigned_regressions",
     )  # fmt: skip
 
     def __init__(self, name: str) -> None:
@@ -94,7 +94,7 @@ class _Endpoint:
         self.fields: dict[str, _Field] = {}
         self.kinds: dict[str, int] = {}
         self.signatures: dict[frozenset[str], int] = {}
-        self.unsigned = [0, 0]  # comparisons past SIGNATURES: [judged regression, judged noise only]
+        self.unsigned_regressions = 0  # comparisons past SIGNATURES judged regressions when made
         self.latency = {side: LogHistogram() for side in SIDES}
         self.prom_latency = {side: Histogram() for side in SIDES}
         self.errors = dict.fromkeys(SIDES, 0)  # 5xx answers among the compared pairs
@@ -246,8 +246,8 @@ class CompareEngine:
             key = frozenset(signature)
             if key in endpoint.signatures or len(endpoint.signatures) < SIGNATURES:
                 endpoint.signatures[key] = endpoint.signatures.get(key, 0) + 1
-            else:
-                endpoint.unsigned[0 if regression else 1] += 1
+            elif regression:
+                endpoint.unsigned_regressions += 1
         log = self._diff_log if self._diff_log is not None and self._diff_log.take() else None
         if wanting or log is not None:
             self._keep(target, endpoint, method, path, differences, wanting, primary, candidate, log)
@@ -433,13 +433,13 @@ class CompareEngine:
         judged = {
             name: self._is_noise(target, endpoint, field, None) for name, field in endpoint.fields.items()
         }
-        regressions = endpoint.unsigned[0]
-        noise_only = endpoint.unsigned[1]
+        regressions = endpoint.unsigned_regressions
         for signature, count in endpoint.signatures.items():
             if any(not judged[name][0] for name in signature if name in judged):
                 regressions += count
-            else:
-                noise_only += count
+        # The rest differed only in noise: fields judged noise now, or cancelled by the baseline's
+        # response to the same request (no signature kept for those).
+        noise_only = endpoint.compared - endpoint.outcomes["identical"] - regressions
         fields = []
         for name, field in endpoint.fields.items():
             noise, evidence = judged[name]
