@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -31,9 +30,9 @@ from spoa_mirror.compare.publish import admin_routes
 from spoa_mirror.compare.render import write_html
 from spoa_mirror.listeners import bind_listener
 
+from .support import compare_browser as browser
 from .support.compare_traffic import Shop, requests
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -237,40 +236,24 @@ def test_the_report_command_prints_the_tables_and_exits_by_verdict(
     assert gone.returncode == 2 and "cannot read" in gone.stderr
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
+@pytest.mark.skipif(not browser.available(), reason="chromium is not installed")
 def test_the_html_report_in_a_real_browser(planted_agent: Live, tmp_path: Path) -> None:
     """Chromium loads the page from the live admin listener: the verdict, the planted fields as
     regressions, the noise fields as noise, the slow endpoint marked; and a screenshot renders."""
     url = planted_agent.url + "/compare.html"
-    browser = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--user-data-dir=" + str(tmp_path / "profile"),
-    ]
-    dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=90)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    page = dom.stdout
+    page = browser.dump_dom(url, tmp_path)
     assert 'class="verdict fail"' in page
     assert "FAIL — a goal is not met" in page
-    rows = page.split("<tr")
-    items_row = next(row for row in rows if ">GET /api/items/{id}<" in row)
-    assert 'class="bad"' in items_row and "100.0%" in items_row
-    search_row = next(row for row in rows if ">GET /api/search<" in row)
-    assert "slow" in search_row.split(">")[0]
-    users_row = next(row for row in rows if ">GET /api/users/{id}<" in row and "endpoint" not in row)
-    assert "bad" not in users_row.split(">")[0]
-    assert '<span class="badge regression">items[*].price</span>' in page
-    assert '<span class="badge regression">status</span>' in page
+    items_row = browser.endpoint_row(page, "GET /api/items/{id}")
+    assert "bad" in items_row.split(">")[0] and "100.0%" in items_row
+    assert "slow" in browser.endpoint_row(page, "GET /api/search").split(">")[0]
+    for quiet in ("GET /api/users/{id}", "GET /shop/p/{id}", "HEAD /health"):
+        assert "bad" not in browser.endpoint_row(page, quiet).split(">")[0], quiet
+    assert browser.regressions(page) == {"items[*].price", "status"}
     assert '<span class="badge noise">fetched_at</span>' in page
     assert "<script" not in page and "http://" not in page.replace(planted_agent.url, "")
     shot = tmp_path / "report.png"
-    done = subprocess.run(
-        [*browser, "--hide-scrollbars", "--window-size=1280,1700", f"--screenshot={shot}", url],
-        capture_output=True, text=True, timeout=90,
-    )  # fmt: skip
-    assert done.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", done.stderr[-2000:]
+    browser.screenshot(url, shot, tmp_path)
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
 
 
