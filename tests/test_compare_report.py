@@ -265,3 +265,27 @@ def test_the_report_file_is_self_contained(planted_agent: Live, tmp_path: Path) 
     text = path.read_text()
     assert "<script" not in text and "<link" not in text and "src=" not in text
     assert "items[*].price" in text and "histogram_quantile" in text
+
+
+def test_names_from_traffic_are_shown_as_written_not_as_markup() -> None:
+    """A JSON key or a path is the client's: `[bold]` in it is text in the terminal table, and `<b>`
+    in it is text on the page."""
+    import io
+
+    from rich.console import Console
+
+    from spoa_mirror.compare import Response
+    from spoa_mirror.compare.render import render_html, render_terminal
+
+    engine = CompareEngine(CompareConfig(candidates=("candidate",)))
+
+    def answer(body: dict[str, int]) -> Response:
+        data = json.dumps(body).encode()
+        return Response(200, (("Content-Type", "application/json"),), data, len(data), None, 0.01)
+
+    engine.compare("candidate", "GET", "/[red]x[/red]", answer({"[bold]<b>k": 1}), answer({"[bold]<b>k": 2}))
+    out = io.StringIO()
+    render_terminal(engine.report(), Console(file=out, width=200))
+    assert '["[bold]<b>k"]' in out.getvalue() and "GET /[red]x[/red]" in out.getvalue()
+    page = render_html(engine.report())
+    assert "<b>k" not in page and "&lt;b&gt;k" in page

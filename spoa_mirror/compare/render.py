@@ -248,8 +248,10 @@ def _ms(seconds: float | None) -> str:
 
 
 def render_terminal(report: dict[str, Any], console: Any = None) -> None:
-    """The report as rich tables on `console` (a new one on stdout by default)."""
+    """The report as rich tables on `console` (a new one on stdout by default). Every name and value
+    comes from traffic (paths, JSON keys, bodies): escaped, never read as rich markup."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.panel import Panel
     from rich.table import Table
 
@@ -258,14 +260,14 @@ def render_terminal(report: dict[str, Any], console: Any = None) -> None:
     colour = {"pass": "green", "fail": "red", "undecided": "yellow"}[verdict["state"]]
     console.print(
         Panel(
-            "\n".join(f"• {reason}" for reason in verdict["reasons"]),
+            "\n".join(f"• {escape(reason)}" for reason in verdict["reasons"]),
             title=f"[bold {colour}]{_STATE_TEXT[verdict['state']]}",
             border_style=colour,
         )
     )
     for target in report["targets"]:
         table = Table(
-            title=f"{target['name']} ({target['role']}): {target['compared']:,} compared, "
+            title=f"{escape(target['name'])} ({target['role']}): {target['compared']:,} compared, "
             f"{target['regressions']:,} regressions, {target['noise_only']:,} noise only",
             title_justify="left",
         )
@@ -278,11 +280,11 @@ def render_terminal(report: dict[str, Any], console: Any = None) -> None:
             ratio = _ratio(endpoint)
             style = "red" if endpoint["regressions"] else None
             fields = ", ".join(
-                f"[{'red' if f['judgement'] == 'regression' else 'dim'}]{f['field']}[/]"
+                f"[{'red' if f['judgement'] == 'regression' else 'dim'}]{escape(f['field'])}[/]"
                 for f in endpoint["fields"][:3]
             )
             table.add_row(
-                endpoint["endpoint"],
+                escape(endpoint["endpoint"]),
                 f"{endpoint['compared']:,}",
                 _pct(endpoint["regression_rate"]),
                 _pct(endpoint["noise_rate"]),
@@ -309,12 +311,7 @@ def render_terminal(report: dict[str, Any], console: Any = None) -> None:
                     if field["examples"]
                     else {"where": "", "primary": "", "candidate": ""}
                 )
-                detail.add_row(
-                    name,
-                    field["field"],
-                    field["evidence"],
-                    example["where"],
-                    example["primary"],
-                    example["candidate"],
-                )
+                cells = (name, field["field"], field["evidence"], example["where"], example["primary"],
+                         example["candidate"])  # fmt: skip
+                detail.add_row(*(escape(cell) for cell in cells))
             console.print(detail)
