@@ -20,6 +20,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
         ("transport_bench.py", ["--requests", "--json"]),
         ("e2e_bench.py", ["--quick", "--fault-duration", "--scenarios", "--haproxy", "--json"]),
         ("redaction_ack_bench.py", ["--duration", "--body-size", "--big-interval"]),
+        ("compare_bench.py", ["--count", "--json"]),
         ("run", ["--quick"]),
     ],
 )
