@@ -1,4 +1,4 @@
-"""`spoa-mirror`: run the agent, or `spoa-mirror check-config FILE`.
+"""`spoa-mirror`: run the agent, `spoa-mirror check-config FILE`, or `spoa-mirror report` (compare/cli.py).
 
 Exit codes: 0 after a clean stop; 2 for a bad config, bad flags, or a start-up failure (a port in
 use, a certificate that does not load), as one line naming the setting, which the shipped systemd
@@ -25,6 +25,7 @@ import spoe
 from .admin import BACKLOG as ADMIN_BACKLOG
 from .app import App
 from .cli_args import C_AGENT_DIFFERENCES, overrides_from_args, parse_args
+from .compare.cli import report_main
 from .config import Config, describe, load_config
 from .errors import ConfigError, StartupError
 from .listeners import bind_listener
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return capture_main(argv)
     command, options = parse_args(argv)
+    if command == "report":
+        return report_main(options)
     overrides = overrides_from_args(options)
     if command == "run" and options.config:
         options.config = os.path.abspath(options.config)  # -D changes directory; SIGHUP re-reads it

@@ -669,6 +669,10 @@ def _parse(
         named[target.name] = key
         targets.append(target)
     compare = parse_compare(top.read("compare", None, lambda v, k: v), tuple(named))
+    if compare is not None and listen.workers > 1:
+        # HAProxy may send a request's two messages on different connections, which the kernel
+        # spreads over the worker processes, each with a pairing table of its own.
+        raise ConfigError("compare", f"needs listen.workers: 1 (got {listen.workers}): one process pairs")
 
     config = Config(
         listen=listen,

@@ -21,6 +21,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
         ("e2e_bench.py", ["--quick", "--fault-duration", "--scenarios", "--haproxy", "--json"]),
         ("redaction_ack_bench.py", ["--duration", "--body-size", "--big-interval"]),
         ("capture_bench.py", ["--requests", "--json"]),
+        ("compare_bench.py", ["--count", "--json"]),
         ("run", ["--quick"]),
     ],
 )

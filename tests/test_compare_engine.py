@@ -164,6 +164,8 @@ def test_a_baseline_response_cancels_its_fields_for_that_request() -> None:
     )
     assert outcome == "noise_only"
     assert compare.compare("candidate", "GET", "/x", primary, response({"a": 2, "nonce": 11})) == "different"
+    entry = endpoint(compare.report(), "GET /x")
+    assert (entry["regressions"], entry["noise_only"], entry["identical"]) == (1, 1, 0)
 
 
 def test_json_differences_name_their_paths_and_kinds() -> None:
@@ -331,7 +333,7 @@ def test_endpoints_are_templated_and_capped() -> None:
 def test_memory_stays_bounded_whatever_the_differences() -> None:
     """20,000 comparisons, each with new endpoints, new fields and long unique values: fields, examples
     and signatures stop at their bounds, and so does memory."""
-    compare = engine(endpoints={"max": 20}, examples={"max_fields": 8, "budget": "64KiB", "max_chars": 64})
+    compare = engine(endpoints={"max": 20}, examples={"max_fields": 8, "budget": "16KiB", "max_chars": 64})
     tracemalloc.start()
     try:
         for index in range(20_000):
@@ -347,7 +349,7 @@ def test_memory_stays_bounded_whatever_the_differences() -> None:
     endpoints = report["targets"][0]["endpoints"]
     assert len(endpoints) == 21
     assert all(len(e["fields"]) <= 9 for e in endpoints)
-    assert report["bounds"]["examples_bytes"] <= 64 * 1024
+    assert 12 * 1024 < report["bounds"]["examples_bytes"] <= 16 * 1024  # the budget filled, not passed
     assert all(len(x["primary"]) <= 64 + 20 for e in endpoints for f in e["fields"] for x in f["examples"])
     assert grown < 2 << 20, f"{grown} bytes more after 18,000 further comparisons"
 
@@ -427,3 +429,22 @@ def test_latency_percentiles_are_within_four_percent() -> None:
     assert histogram.quantile(0.5) == pytest.approx(0.5, rel=0.04)
     assert histogram.quantile(0.99) == pytest.approx(0.99, rel=0.04)
     assert LogHistogram().quantile(0.5) is None
+
+
+def test_with_a_warm_baseline_live_outcomes_agree_with_the_report() -> None:
+    """What the metrics count as it happens (each comparison's outcome) is what the report says after:
+    a status change the baseline never shows is a regression from its first occurrence, a score both
+    versions vary is noise throughout."""
+    compare = engine(baseline="baseline")
+    for index in range(30):
+        compare.compare("baseline", "GET", "/r", response({"score": index}), response({"score": index + 1}))
+    outcomes: dict[str, int] = {}
+    for index in range(100):
+        status = 500 if index % 4 == 0 else 200
+        outcome = compare.compare("candidate", "GET", "/r", response({"score": index}),
+                                  response({"score": -index}, status=status))  # fmt: skip
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    assert outcomes == {"different": 25, "noise_only": 75}
+    entry = endpoint(compare.report(), "GET /r")
+    assert (entry["regressions"], entry["noise_only"]) == (25, 75)
+    assert judged(entry, "regression") == {"status"} and judged(entry, "noise") == {"score"}

@@ -83,6 +83,7 @@ class CompareStack:
     haproxy: HAProxyProcess
     agent: ManagedProcess
     servers: dict[str, ShadowServer]
+    other_admin_urls: list[str]
 
     def metrics(self) -> dict[str, float]:
         return parse_metrics(httpx.get(self.admin_url + "/metrics", trust_env=False).text)
@@ -126,53 +127,70 @@ def compare_stack(
     compare: dict[str, Any],
     *,
     haproxy_config: Callable[[str], str] = lambda text: text,
+    agents: int = 1,
 ) -> Iterator[CompareStack]:
     """The shipped haproxy config (localized, as test_haproxy_configs runs it) in front of the
-    `primary` server, one agent mirroring to every other server, comparing as `compare` says."""
+    `primary` server, one agent (or two, as shipped) mirroring to every other server, comparing as
+    `compare` says. The stack's agent is the first; `other_admin_urls` are the others'."""
     monkeypatch.setenv("MIRROR_SAMPLE_PERCENT", "100")
     with ExitStack() as stack:
         servers = {
             name: stack.enter_context(ShadowServer(responder=responder))
             for name, responder in responders.items()
         }
-        agent_port, admin_port = free_port(), free_port()
-        config = tmp_path / "agent.yaml"
-        config.write_text(
-            json.dumps(
-                {
-                    "listen": {
-                        "port": agent_port,
-                        "max_frame_size": bufsize(shipped_haproxy_config().read_text()),
-                    },
-                    "admin": {"port": admin_port},
-                    "log": {"format": "json"},
-                    "targets": [
-                        {"name": name, "url": server.url, "timeout": 2}
-                        for name, server in servers.items()
-                        if name != "primary"
-                    ],
-                    "compare": compare,
-                }
+        agent_ports = [free_port() for _ in range(agents)]
+        admin_ports = [free_port() for _ in range(agents)]
+        processes = []
+        for agent_port, admin_port in zip(agent_ports, admin_ports, strict=True):
+            config = tmp_path / f"agent-{agent_port}.yaml"
+            config.write_text(
+                json.dumps(
+                    {
+                        "listen": {
+                            "port": agent_port,
+                            "max_frame_size": bufsize(shipped_haproxy_config().read_text()),
+                        },
+                        "admin": {"port": admin_port},
+                        "log": {"format": "json"},
+                        "targets": [
+                            {"name": name, "url": server.url, "timeout": 2}
+                            for name, server in servers.items()
+                            if name != "primary"
+                        ],
+                        "compare": compare,
+                    }
+                )
             )
-        )
-        agent = stack.enter_context(
-            run_process(
-                [str(AGENT), "--config", str(config)], ready_port=agent_port, name="agent", log_dir=tmp_path
+            processes.append(
+                stack.enter_context(
+                    run_process(
+                        [str(AGENT), "--config", str(config)],
+                        ready_port=agent_port,
+                        name=f"agent-{agent_port}",
+                        log_dir=tmp_path,
+                    )
+                )
             )
-        )
         http_port = free_port()
         text = localized(
             shipped_haproxy_config().read_text(),
             servers["primary"].port,
-            [agent_port, free_port()],
+            [*agent_ports, free_port()][:2],
             http_port,
         )
-        text = haproxy_config(text.replace("    server agent2 ", "    #server agent2 "))
+        if agents == 1:
+            text = text.replace("    server agent2 ", "    #server agent2 ")
+        text = haproxy_config(text)
         haproxy = stack.enter_context(
             run_haproxy(text, tmp_path, extra_files={SPOE_CONF.name: SPOE_CONF.read_text()})
         )
         yield CompareStack(
-            f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{admin_port}", haproxy, agent, servers
+            f"http://127.0.0.1:{http_port}",
+            f"http://127.0.0.1:{admin_ports[0]}",
+            haproxy,
+            processes[0],
+            servers,
+            [f"http://127.0.0.1:{port}" for port in admin_ports[1:]],
         )
 
 
@@ -389,3 +407,25 @@ def test_planted_differences_end_as_the_engine_judges_them_and_nothing_else(
     assert outcomes == {name: dict(counts) for name, counts in expected.items()}
     assert 0.95 * planted <= outcomes["candidate"]["different"] <= planted
     assert set(outcomes["baseline"]) == {"identical", "noise_only"}
+
+
+def test_with_two_agents_as_shipped_both_messages_reach_the_same_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, haproxy_release: object
+) -> None:
+    """The shipped agents' backend (`balance first`) sends a request's two messages to one agent, so
+    every comparison pairs. With `balance roundrobin` instead, 3.2 sent every request message to
+    one agent and every response to the other: 300 primary_missing, 300 unmatched (caught here)."""
+    requests = [f"/items/{n}" for n in range(300)]
+    compare = {"candidates": ["candidate"], "table": {"deadline": "2s"}}
+    responders = {"primary": service, "candidate": service}
+    with (
+        compare_stack(tmp_path, monkeypatch, responders, compare, agents=2) as stack,
+        httpx.Client(base_url=stack.url, trust_env=False) as client,
+    ):
+        for path in requests:
+            assert client.get(path).status_code == 200
+        outcomes = stack.settle(("candidate",), len(requests))
+        standby = parse_metrics(httpx.get(stack.other_admin_urls[0] + "/metrics", trust_env=False).text)
+    assert outcomes["candidate"] == {"identical": len(requests)}
+    assert standby.get('spoa_mirror_compare_requests_sent_total{target="candidate"}', 0) == 0
+    assert standby['spoa_mirror_compare_primary_responses_total{result="unmatched"}'] == 0

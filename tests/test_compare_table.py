@@ -9,11 +9,16 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
+
 from spoa_mirror.accounting import CompareStats, PairingStats, TargetStats
 from spoa_mirror.compare.config import parse_compare
 from spoa_mirror.compare.engine import CompareEngine
 from spoa_mirror.compare.model import Response
 from spoa_mirror.compare.pairing import ENTRY_OVERHEAD, PairingTable
+from spoa_mirror.config import parse_config
+from spoa_mirror.errors import ConfigError
+from spoa_mirror.mirror import Mirror
 from spoa_mirror.request import MirrorRequest
 from spoa_mirror.transport import RequestTimeout
 
@@ -155,3 +160,30 @@ def test_the_deadline_settles_what_is_still_waiting() -> None:
         assert outcomes(stats) == {"primary_missing": 2, "shadow_failed": 1}
 
     run(go)
+
+
+def test_the_table_is_carved_out_of_the_memory_budget_and_one_process_pairs() -> None:
+    async def go() -> None:
+        base = {"targets": [{"name": "candidate", "url": "http://127.0.0.1:9"}], "memory_budget": "64MiB"}
+        compare = {"candidates": ["candidate"], "table": {"max_bytes": "16MiB"}}
+        mirror = Mirror(parse_config({**base, "compare": compare}), None)
+        assert mirror.budget.limit == 48 * 2**20
+        assert type(mirror.targets[0]).__name__ == "ComparingTarget"
+        engine = mirror.compare_engine
+        mirror.apply(parse_config({**base, "compare": {**compare, "body_limit": "1KiB"}}), None)
+        assert mirror.compare_engine is engine, "a changed section keeps the engine and its statistics"
+        mirror.apply(parse_config(base), None)
+        assert mirror.budget.limit == 64 * 2**20 and mirror.pairing is None
+        assert type(mirror.targets[0]).__name__ == "Target"
+        with pytest.raises(ConfigError, match=r"^compare\.table\.max_bytes: must be below memory_budget"):
+            Mirror(parse_config({**base, "compare": {**compare, "table": {"max_bytes": "64MiB"}}}), None)
+
+    run(go)
+    with pytest.raises(ConfigError, match=r"^compare: needs listen.workers: 1 \(got 2\)"):
+        parse_config(
+            {
+                "listen": {"workers": 2},
+                "targets": [{"name": "candidate", "url": "http://127.0.0.1:9"}],
+                "compare": {"candidates": ["candidate"]},
+            }
+        )

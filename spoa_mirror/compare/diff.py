@@ -214,7 +214,7 @@ class Differ:
                 if key not in b:
                     if not self._path_ignored(child_field):
                         out.append(Difference("json_missing", child_field, child, value, None, False))
-                elif not prune or value != b[key] or _json_type(value) != _json_type(b[key]):
+                elif not prune or value != b[key] or type(value) is not type(b[key]):
                     self._json(value, b[key], child, child_field, out, depth + 1, prune)
             for key, value in b.items():
                 if key not in a:
@@ -227,7 +227,7 @@ class Differ:
         if type_a == "array":
             items = f"{field}[*]"
             for index in range(min(len(a), len(b))):
-                if not prune or a[index] != b[index] or _json_type(a[index]) != _json_type(b[index]):
+                if not prune or a[index] != b[index] or type(a[index]) is not type(b[index]):
                     self._json(a[index], b[index], f"{where}[{index}]", items, out, depth + 1, prune)
             if len(a) != len(b):
                 out.append(

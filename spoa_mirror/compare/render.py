@@ -71,9 +71,9 @@ def write_html(report: dict[str, Any], path: str | Path) -> None:
 
 def _target_html(target: dict[str, Any], report: dict[str, Any]) -> str:
     role = (
-        "baseline (the primary's version: how noisy the primary is with itself)"
+        "baseline: the primary's version, how noisy the primary is with itself"
         if target["role"] == "baseline"
-        else "candidate"
+        else "candidate: compared with the primary"
     )
     outcomes = target["outcomes"]
     unpaired = ", ".join(f"{name.replace('_', ' ')} {count}" for name, count in outcomes.items()
@@ -165,7 +165,8 @@ def _fields_html(endpoint: dict[str, Any]) -> str:
                 else ""
             )
             out.append(
-                f"<tr>{head}<td class=mono>{_e(example['where'])}</td>"
+                f"<tr>{head}<td class=mono title='{_e(example.get('request', ''))}'>"
+                f"{_e(example['where'])}</td>"
                 f"<td class='v p'>{_e(example['primary'])}</td>"
                 f"<td class='v c'>{_e(example['candidate'])}</td></tr>"
             )
@@ -247,8 +248,10 @@ def _ms(seconds: float | None) -> str:
 
 
 def render_terminal(report: dict[str, Any], console: Any = None) -> None:
-    """The report as rich tables on `console` (a new one on stdout by default)."""
+    """The report as rich tables on `console` (a new one on stdout by default). Every name and value
+    comes from traffic (paths, JSON keys, bodies): escaped, never read as rich markup."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.panel import Panel
     from rich.table import Table
 
@@ -257,14 +260,14 @@ def render_terminal(report: dict[str, Any], console: Any = None) -> None:
     colour = {"pass": "green", "fail": "red", "undecided": "yellow"}[verdict["state"]]
     console.print(
         Panel(
-            "\n".join(f"• {reason}" for reason in verdict["reasons"]),
+            "\n".join(f"• {escape(reason)}" for reason in verdict["reasons"]),
             title=f"[bold {colour}]{_STATE_TEXT[verdict['state']]}",
             border_style=colour,
         )
     )
     for target in report["targets"]:
         table = Table(
-            title=f"{target['name']} ({target['role']}): {target['compared']:,} compared, "
+            title=f"{escape(target['name'])} ({target['role']}): {target['compared']:,} compared, "
             f"{target['regressions']:,} regressions, {target['noise_only']:,} noise only",
             title_justify="left",
         )
@@ -277,11 +280,11 @@ def render_terminal(report: dict[str, Any], console: Any = None) -> None:
             ratio = _ratio(endpoint)
             style = "red" if endpoint["regressions"] else None
             fields = ", ".join(
-                f"[{'red' if f['judgement'] == 'regression' else 'dim'}]{f['field']}[/]"
+                f"[{'red' if f['judgement'] == 'regression' else 'dim'}]{escape(f['field'])}[/]"
                 for f in endpoint["fields"][:3]
             )
             table.add_row(
-                endpoint["endpoint"],
+                escape(endpoint["endpoint"]),
                 f"{endpoint['compared']:,}",
                 _pct(endpoint["regression_rate"]),
                 _pct(endpoint["noise_rate"]),
@@ -308,12 +311,7 @@ def render_terminal(report: dict[str, Any], console: Any = None) -> None:
                     if field["examples"]
                     else {"where": "", "primary": "", "candidate": ""}
                 )
-                detail.add_row(
-                    name,
-                    field["field"],
-                    field["evidence"],
-                    example["where"],
-                    example["primary"],
-                    example["candidate"],
-                )
+                cells = (name, field["field"], field["evidence"], example["where"], example["primary"],
+                         example["candidate"])  # fmt: skip
+                detail.add_row(*(escape(cell) for cell in cells))
             console.print(detail)
