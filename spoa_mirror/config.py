@@ -893,6 +893,9 @@ def _parse_target(
         if "url" in entries or "upstream" in entries:
             raise ConfigError(f"{key}.capture", "a target either sends (url) or captures, not both")
         capture = read("capture", None, parse_capture)
+        if entries.get("host", (None,))[0] == "target":
+            problem = "a capture target has no Host of its own: original or suffix"
+            raise ConfigError(entries["host"][1], problem)
         url, scheme, host, port, base_path = f"capture:{capture.directory}", "capture", "", 0, ""
     elif "url" in entries:
         url = read("url", None, _string)

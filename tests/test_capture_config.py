@@ -52,6 +52,10 @@ def test_defaults_and_units() -> None:
         ),
         ({"targets": [{"name": "rec", "capture": "/x"}]}, "targets[0].capture: must be a mapping, got '/x'"),
         (
+            {"targets": [{"name": "rec", "host": "target", "capture": {"directory": "/x"}}]},
+            "targets[0].host: a capture target has no Host of its own: original or suffix",
+        ),
+        (
             {"defaults": {"capture": {"directory": "/x"}}, "targets": [{"url": "http://a"}]},
             "defaults.capture: unknown key",
         ),
