@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spoa_mirror.config import parse_config
+from spoa_mirror.config import describe, parse_config
 from spoa_mirror.errors import ConfigError
 
 
@@ -66,3 +66,10 @@ def test_errors_name_their_key(data: dict, message: str) -> None:
         parse_config(data, env={})
     assert str(caught.value).startswith(message), str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_check_config_describes_a_capture_target() -> None:
+    text = describe(parse_config(capture_target(responses=True, max_file_age="10m"), env={}))
+    assert "rec -> captured to files (GoReplay format), not sent" in text
+    assert "rotated at 64 MiB or 600s; oldest removed past 1 GiB" in text
+    assert "records the primary's responses too (mirror-response message)" in text

@@ -21,7 +21,17 @@ from typing import Annotated, Any
 
 from pydantic import StringConstraints, ValidationError, model_validator
 
-from ..config_types import Bool, Section, Str, bounded_duration, bounded_size, config_error, problem
+from ..config_types import (
+    Bool,
+    Section,
+    Str,
+    bounded_duration,
+    bounded_size,
+    config_error,
+    format_duration,
+    format_size,
+    problem,
+)
 from ..errors import ConfigError
 
 MiB = 1024 * 1024
@@ -58,3 +68,22 @@ def parse_capture(value: Any, key: str) -> CaptureSettings:
         raise config_error(error, key) from None
     except ConfigError as error:  # pragma: no cover - validators report through pydantic
         raise ConfigError(f"{key}.{error.key}", error.problem) from None
+
+
+def describe_capture(target: Any) -> list[str]:
+    """`check-config`'s lines for a capture target (config.describe)."""
+    capture: CaptureSettings = target.capture
+    methods = ", ".join(sorted(target.methods)) if target.methods else "all methods"
+    filters = f"; filters {target.filters}" if target.filters else ""
+    files = f"{capture.directory}/{capture.prefix}-*.gor" + (".gz once rotated" if capture.compress else "")
+    return [
+        f"  {target.name} -> captured to files (GoReplay format), not sent",
+        f"    captures {target.sample_percentage:g}% of requests; {methods}{filters}",
+        f"    files {files}, 0600; rotated at {format_size(capture.max_file_size)} or "
+        f"{format_duration(capture.max_file_age)}; oldest removed past {format_size(capture.max_total_size)}",
+        f"    holds at most {format_size(target.memory_budget)} of requests, {target.queue_size} queued, "
+        f"{target.concurrency} handed to the writer at once",
+        "    records the primary's responses too (" + capture.response_message + " message)"
+        if capture.responses
+        else "    records requests only",
+    ]
