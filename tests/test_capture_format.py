@@ -3,6 +3,7 @@ fixtures written by hand byte for byte, damaged files, and a fuzz test of the re
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 from pathlib import Path
@@ -229,3 +230,28 @@ def test_fuzz_reader_never_raises(
     if not damage and not gzipped:
         assert errors == []
         assert [(p.kind, p.id, p.timestamp, p.message) for p in payloads] == kept
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    head=st.sampled_from(
+        [
+            b"GET / HTTP/1.1\r\n",
+            b"POST /a?b HTTP/1.0\r\n",
+            b"HTTP/1.1 200 OK\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n",
+            b"",
+        ]
+    ),
+    rest=st.binary(max_size=300)
+    | st.lists(
+        st.sampled_from([b"\r\n", b"0", b"5", b"z", b"ff", b";ext", b"abcde", b"X-A: b", b":", b" "]),
+        max_size=40,
+    ).map(b"".join),
+)
+def test_fuzz_http_parsers_fail_only_with_bad_message(head: bytes, rest: bytes) -> None:
+    """A payload's message is whatever the file held: taking it apart fails as BadMessage only."""
+    for parse in (parse_request, parse_response):
+        with contextlib.suppress(BadMessage):
+            parse(head + rest)
