@@ -115,3 +115,33 @@ def test_responses_are_recorded_beside_their_requests_only(tmp_path: Path) -> No
     assert response_payload.latency > 0
     assert response_payload.message.startswith(b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\n")
     assert b"secret" not in response_payload.message and b'"ok":true' in response_payload.message
+
+
+def test_a_reload_moves_the_capture_and_keeps_the_account(tmp_path: Path) -> None:
+    """SIGHUP with another directory: the old writer finishes and closes its file (compressed), the
+    new one writes to the new directory; the target's counters carry on."""
+    from spoa_mirror.mirror import Mirror
+
+    def config(directory: Path) -> Any:
+        return parse_config({"targets": [{"name": "rec", "capture": {"directory": str(directory)}}]}, env={})
+
+    async def main() -> TargetStats:
+        mirror = Mirror(config(tmp_path / "one"), None)
+        for n in range(5):
+            mirror.targets[0].offer(request(f"/one/{n}"))
+        mirror.apply(config(tmp_path / "two"), None)
+        for n in range(3):
+            mirror.targets[0].offer(request(f"/two/{n}"))
+        await mirror.drain(5)
+        return mirror.target_stats["rec"]
+
+    stats = asyncio.run(main())
+    assert {name: n for name, n in stats.outcomes.items() if n} == {"written": 8} and stats.balanced()
+    assert [p.message.split(b" ")[1] for p in read_all(tmp_path / "one")] == [
+        f"/one/{n}".encode() for n in range(5)
+    ]
+    assert [p.message.split(b" ")[1] for p in read_all(tmp_path / "two")] == [
+        f"/two/{n}".encode() for n in range(3)
+    ]
+    assert all(p.name.endswith(".gor.gz") for p in (tmp_path / "one").iterdir())
+    assert stats.capture.files_rotated == 2
