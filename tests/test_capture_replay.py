@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import pty
+import signal
 import statistics
 import subprocess
 import sys
@@ -291,3 +292,22 @@ def _read_pty(fd: int) -> bytes:
         return os.read(fd, 65536)
     except OSError:  # EIO once the child closed its side
         return b""
+
+
+def test_ctrl_c_stops_sending_and_still_summarises(tmp_path: Path) -> None:
+    path = tmp_path / "slow.gor"
+    write_capture(path, [BASE + i * 100_000_000 for i in range(100)])  # 10 s at the original pace
+    with TimingServer() as server:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "spoa_mirror", "replay", str(path), "--to", server.url, "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while len(server.arrivals) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=20)
+    assert process.returncode == 130, stderr
+    summary = json.loads(stdout)
+    assert summary["interrupted"] and 5 <= summary["read"] < 100
+    assert summary["statuses"] == {"200": summary["read"]}

@@ -3,7 +3,8 @@
 Exit status of `replay`: 0 when the replay ran and the target answered (with `--compare`, and the
 verdict passed); 1 when it could not be reached (requests went out, none got a response) or the
 verdict failed; 3 when the verdict is undecided (fewer comparisons than its goals ask for); 2 for
-bad flags or options, or no input at all. Damaged input is reported (file and byte offset) and
+bad flags or options, or no input at all; 130 when stopped by Ctrl-C (after the summary of what was
+sent). Damaged input is reported (file and byte offset) and
 skipped; it does not by itself fail the run.
 """
 
@@ -190,6 +191,8 @@ def _replay(argv: list[str]) -> int:
         return 2
     if summary.unreachable():
         return 1
+    if summary.interrupted:
+        return 130
     if report is not None:
         return {"pass": 0, "fail": 1}.get(report["verdict"]["state"], 3)
     return 0

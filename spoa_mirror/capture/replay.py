@@ -12,9 +12,11 @@ already due go out at once, so a rate above the timer's resolution (1 ms) is hel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -65,6 +67,7 @@ class ReplaySummary:
     max_lag: float = 0.0
     responses_recorded: int = 0
     compare_report: dict[str, Any] | None = None
+    interrupted: bool = False  # stopped by Ctrl-C (SIGINT)
 
     @property
     def responded(self) -> int:
@@ -114,6 +117,7 @@ class ReplaySummary:
             "rate": self.rate,
             "max_lag": self.max_lag,
             "unreachable": self.unreachable(),
+            "interrupted": self.interrupted,
             **({"compare": self.compare_report} if self.compare_report is not None else {}),
         }
 
@@ -321,6 +325,9 @@ async def replay(
     room = asyncio.Event()
     target.on_response = room.set
     queue_size = target.queue_size
+    # Ctrl-C stops sending; what was sent is waited for (up to its timeout) and summarised.
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
     try:
         for index, payload in enumerate(requests_of(options, summary, input_error)):
             if options.limit is not None and summary.read >= options.limit:
@@ -334,7 +341,11 @@ async def replay(
                 break
             wait = due - clock()
             if wait > _EARLY:
-                await asyncio.sleep(wait)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), wait)
+            if stop.is_set():
+                summary.interrupted = True
+                break
             summary.read += 1
             try:
                 request = parse_request(payload.message)
@@ -355,6 +366,7 @@ async def replay(
         while stats.pending and clock() < deadline + target.config.timeout + 1:
             await asyncio.sleep(0.01)
     finally:
+        loop.remove_signal_handler(signal.SIGINT)
         summary.elapsed = clock() - start
         summary.cpu = time.process_time() - cpu
         await target.drain(clock())
@@ -382,6 +394,8 @@ def format_summary(summary: ReplaySummary, to: str) -> str:
         lines.append(f"behind schedule by up to {summary.max_lag * 1000:.0f} ms (the target or this machine)")
     if summary.input_errors:
         lines.append(f"input errors: {len(summary.input_errors)} (each printed above)")
+    if summary.interrupted:
+        lines.append("interrupted (Ctrl-C): the rest was not sent")
     if summary.unreachable():
         lines.append(f"FAILED: no response from {to}")
     return "\n".join(lines)
