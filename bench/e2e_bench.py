@@ -9,6 +9,10 @@ Four scenarios, one after the other, each bounded in time; wrk drives GETs throu
                  timeout processing 100ms) -> spoa-mirror (one target, 100%) -> an nginx shadow
     shadow_down  the shadow's port refuses connections
     shadow_hang  the shadow accepts connections and never reads or answers (a thread here)
+    json_mirror  like mirror, primary and shadow answering a 2 KB JSON document
+    json_compare the same with the shadow compared: HAProxy sends each primary response (the shipped
+                 config's wait-for-body + send-spoe-group), the agent reads the shadow's and pairs
+                 them; agent CPU per request next to json_mirror's is what comparing costs
 
 and, on request (`--scenarios`):
 
@@ -92,6 +96,12 @@ QUEUE_SIZE = 8192
 # HAProxy's SPOE error codes (var txn.mirror.error with `option set-on-error`); 0x100 + status for
 # an AGENT-DISCONNECT status.
 SPOE_ERRORS = {1: "timeout", 2: "resource", 3: "too_big", 4: "frag_not_supported", 5: "interrupted"}
+SCENARIOS = ("baseline", "mirror", "shadow_down", "shadow_hang", "json_mirror", "json_compare")
+# The response of the json_* scenarios: an API answer of about 2 KB.
+JSON_BODY = json.dumps(
+    {"items": [{"id": n, "name": f"item-{n}", "price": n * 1.25, "tags": ["a", "b"]} for n in range(30)]},
+    separators=(",", ":"),
+)
 
 HAPROXY_CFG = """\
 global
@@ -139,6 +149,25 @@ spoe-message mirror
     event on-frontend-http-request
 """
 
+# json_compare: the request carries the unique-id, and the primary's response goes back as a group,
+# as in the shipped haproxy/ files.
+COMPARE_FRONTEND = """\
+    unique-id-format %{{+X}}o\\ %ci:%cp_%fi:%fp_%Ts_%rt:%pid
+    http-response wait-for-body time 200ms if {{ var(txn.mirror.compare) -m bool }}
+    http-response send-spoe-group mirror mirror-response if {{ var(txn.mirror.compare) -m bool }}
+"""
+SPOE_COMPARE = (
+    SPOE_CONF.replace("    messages mirror\n", "    messages mirror\n    groups mirror-response\n").replace(
+        "arg_body=req.body\n", "arg_body=req.body unique_id=unique-id\n"
+    )
+    + """\
+spoe-message mirror-response
+    args unique_id=unique-id status=status hdrs=res.hdrs body=res.body body_len=res.body_size
+spoe-group mirror-response
+    messages mirror-response
+"""
+)
+
 AGENT_CFG = """\
 listen: {{address: {host}, port: {spop}}}
 admin: {{address: {host}, port: {admin}}}
@@ -168,7 +197,7 @@ http {{
     keepalive_timeout 60s;
     server {{
         listen {host}:{port};
-        location / {{ return 200 "ok\\n"; }}
+        location / {{ {answer} }}
     }}
 }}
 """
@@ -224,7 +253,7 @@ def started(
 class Nginx:
     """An nginx answering 200 to everything, logging one line (the status) per request."""
 
-    def __init__(self, workdir: Path, name: str) -> None:
+    def __init__(self, workdir: Path, name: str, json_body: str | None = None) -> None:
         self.dir = workdir / name
         self.dir.mkdir()
         self.port = free_port()
@@ -235,7 +264,15 @@ class Nginx:
         self.pid = 0
         user = "user root;" if os.geteuid() == 0 else ""
         (self.dir / "nginx.conf").write_text(
-            NGINX_CFG.format(user=user, dir=self.dir, host=HOST, port=self.port)
+            NGINX_CFG.format(
+                user=user,
+                dir=self.dir,
+                host=HOST,
+                port=self.port,
+                answer='return 200 "ok\\n";'
+                if json_body is None
+                else f"default_type application/json; return 200 '{json_body}';",
+            )
         )
 
     @contextlib.contextmanager
@@ -469,6 +506,23 @@ def agent_account(admin: int) -> Account:
     return Account(received, in_flight, outcomes, notifies)
 
 
+def compared_outcomes(admin: int) -> tuple[dict[str, int], int]:
+    """(comparison outcomes, pending) of the one target, cumulative."""
+    with urllib.request.urlopen(f"http://{HOST}:{admin}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    outcomes: dict[str, int] = {}
+    pending = 0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("target") != TARGET:
+                continue
+            if sample.name == "spoa_mirror_compare_pairing_total":
+                outcomes[sample.labels["outcome"]] = int(sample.value)
+            elif sample.name == "spoa_mirror_compare_pending":
+                pending = int(sample.value)
+    return outcomes, pending
+
+
 def haproxy_command(workdir: Path, command: str) -> str:
     with socket.socket(socket.AF_UNIX) as sock:
         sock.connect(str(workdir / "haproxy.sock"))
@@ -525,6 +579,7 @@ class Result:
     agent_peak_rss_mb: float | None = None
     cpu_seconds: dict[str, float] = field(default_factory=dict)  # by process, "other": not the stack
     cpu_window_s: float = 0.0  # the run and the drain after it
+    comparisons: dict[str, int] = field(default_factory=dict)  # json_compare: outcomes, warm-up included
     profile: str | None = None
 
 
@@ -548,6 +603,8 @@ class Bench:
         self.workdir = workdir
         self.primary = Nginx(workdir, "primary")
         self.shadow = Nginx(workdir, "shadow")
+        self.json_primary = Nginx(workdir, "json-primary", JSON_BODY)
+        self.json_shadow = Nginx(workdir, "json-shadow", JSON_BODY)
         self.haproxy_threads = 0
         self.body: Path | None = None  # --body-size: the POST body for hey, and wrk's Lua script
         self.script: Path | None = None
@@ -570,6 +627,12 @@ class Bench:
             return self._run(name, seconds, shadow_url=shadow, agent_kind="c")
         if name == "fixed_ack":
             return self._run(name, seconds, shadow_url=None, agent_kind="ack")
+        if name in ("json_mirror", "json_compare"):
+            url = f"http://{HOST}:{self.json_shadow.port}/"
+            return self._run(
+                name, seconds, url, primary=self.json_primary, shadow=self.json_shadow,
+                compare=name == "json_compare",
+            )  # fmt: skip
         if name == "shadow_down":
             with refusing_port() as port:
                 return self._run(name, seconds, shadow_url=f"http://{HOST}:{port}/")
@@ -587,7 +650,7 @@ class Bench:
         return run_wrk(port, seconds, args.threads, args.connections, self.script)
 
     def _agent_command(
-        self, kind: str, name: str, shadow_url: str | None, ports: dict[str, int]
+        self, kind: str, name: str, shadow_url: str | None, ports: dict[str, int], compare: bool = False
     ) -> list[str]:
         """This agent (its config written here), the C agent, or the minimal agent that only ACKs."""
         args = self.args
@@ -604,22 +667,34 @@ class Bench:
                 queue_size=args.agent_queue_size,
                 **ports,
             )
+            + (f"compare: {{candidates: [{TARGET}]}}\n" if compare else "")
         )
         return [str(AGENT), "--config", str(self.workdir / f"agent-{name}.yaml")]
 
-    def _run(self, name: str, seconds: float, shadow_url: str | None, agent_kind: str = "ours") -> Result:
+    def _run(
+        self,
+        name: str,
+        seconds: float,
+        shadow_url: str | None,
+        agent_kind: str = "ours",
+        primary: Nginx | None = None,
+        shadow: Nginx | None = None,
+        compare: bool = False,
+    ) -> Result:
         args, workdir = self.args, self.workdir
+        primary, shadow = primary or self.primary, shadow or self.shadow
         ports = {"web": free_port(), "spop": free_port(), "admin": free_port()}
         mirror = shadow_url is not None or agent_kind == "ack"  # the SPOE filter is on
         fixed = name.startswith("fixed_")
-        (workdir / "mirror.spoe.conf").write_text(SPOE_CONF)
+        (workdir / "mirror.spoe.conf").write_text(SPOE_COMPARE if compare else SPOE_CONF)
+        frontend = MIRROR_FRONTEND.format(workdir=workdir) + (COMPARE_FRONTEND.format() if compare else "")
         (workdir / f"haproxy-{name}.cfg").write_text(
             HAPROXY_CFG.format(
                 nbthread=f"    nbthread {args.haproxy_threads}\n" if args.haproxy_threads else "",
                 workdir=workdir,
                 host=HOST,
-                primary=self.primary.port,
-                mirror=MIRROR_FRONTEND.format(workdir=workdir) if mirror else "",
+                primary=primary.port,
+                mirror=frontend if mirror else "",
                 agents_mode=agents_mode(args.haproxy),
                 **ports,
             )
@@ -627,7 +702,7 @@ class Bench:
         with contextlib.ExitStack() as stack:
             agent = None
             if mirror:
-                agent_cmd = self._agent_command(agent_kind, name, shadow_url, ports)
+                agent_cmd = self._agent_command(agent_kind, name, shadow_url, ports, compare)
                 # Before HAProxy, whose first health check would otherwise fail.
                 agent = stack.enter_context(
                     started(agent_cmd, workdir / f"agent-{name}.log", ports["spop"], "agent", cwd=ROOT)
@@ -640,14 +715,14 @@ class Bench:
             self.haproxy_threads = int(info[1]) if info else 0
 
             self.load(ports["web"], args.warmup, fixed)  # SPOP connections, caches
-            logs = [self.primary, self.shadow]
+            logs = [primary, shadow]
             settle(logs)
-            primary_before, shadow_before = self.primary.count(), self.shadow.count()
-            primary_statuses_before = Counter(self.primary.statuses)
+            primary_before, shadow_before = primary.count(), shadow.count()
+            primary_statuses_before = Counter(primary.statuses)
             errors_before = spoe_errors(workdir)
             ours = agent is not None and agent_kind == "ours"
             account_before = agent_account(ports["admin"]) if ours else None
-            pids = {"haproxy": haproxy.pid, "primary": self.primary.pid, "shadow": self.shadow.pid}
+            pids = {"haproxy": haproxy.pid, "primary": primary.pid, "shadow": shadow.pid}
             if agent:
                 pids["agent"] = agent.pid
             meter = CpuMeter(pids)
@@ -656,11 +731,16 @@ class Bench:
             wrk = self.load(ports["web"], seconds, fixed)
             rss = memory_mb(agent.pid) if agent else None
             delivering = shadow_url is not None and not name.startswith("shadow_")
-            settle(logs if delivering else [self.primary])  # faults: only the primary's log flush
+            settle(logs if delivering else [primary])  # faults: only the primary's log flush
+            if compare:  # and every comparison settled
+                deadline = time.monotonic() + 15
+                while compared_outcomes(ports["admin"])[1] and time.monotonic() < deadline:
+                    time.sleep(0.1)
             cpu = meter.stop()
             account = agent_account(ports["admin"]) - account_before if ours and account_before else None
-            primary_served = self.primary.count() - primary_before
-            shadow_received = self.shadow.count() - shadow_before
+            comparisons = compared_outcomes(ports["admin"])[0] if compare else {}
+            primary_served = primary.count() - primary_before
+            shadow_received = shadow.count() - shadow_before
             errors = spoe_errors(workdir) - errors_before
             if profiler is not None:
                 profiler.wait()
@@ -670,7 +750,8 @@ class Bench:
             seconds=seconds,
             wrk=wrk,
             primary_served=primary_served,
-            primary_statuses=dict(self.primary.statuses - primary_statuses_before),
+            primary_statuses=dict(primary.statuses - primary_statuses_before),
+            comparisons=comparisons,
             spoe_errors=dict(errors),
             cpu_seconds=cpu,
             cpu_window_s=meter.seconds,
@@ -843,6 +924,8 @@ def details(results: dict[str, Result]) -> list[str]:
             )
             parts.append(f"in flight at the end {r.in_flight_at_end}")
             parts.append(f"agent CPU {r.agent_cpu_s:.2f}s, peak RSS {r.agent_peak_rss_mb:.1f} MB")
+        if r.comparisons:
+            parts.append("comparisons " + ", ".join(f"{k}={v:,}" for k, v in sorted(r.comparisons.items())))
         if r.spoe_errors:
             parts.append(
                 "HAProxy SPOE errors " + ", ".join(f"{k}={v:,}" for k, v in sorted(r.spoe_errors.items()))
@@ -930,7 +1013,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--scenarios",
-        default="baseline,mirror,shadow_down,shadow_hang",
+        default=",".join(SCENARIOS),
         help="comma-separated subset, in this order",
     )
     parser.add_argument("--profile", action="store_true", help="py-spy record the agent (--nonblocking)")
@@ -955,7 +1038,12 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="spoa-mirror-e2e-"))
     bench = Bench(args, workdir)
     results: dict[str, Result] = {}
-    with bench.primary.running(), bench.shadow.running():
+    json_servers = (
+        [bench.json_primary, bench.json_shadow] if any(n.startswith("json_") for n in names) else []
+    )
+    with contextlib.ExitStack() as running:
+        for server in [bench.primary, bench.shadow, *json_servers]:
+            running.enter_context(server.running())
         for name in names:
             seconds = args.fault_duration if name.startswith("shadow_") else args.duration
             print(f"{name}: {seconds:g}s ...", file=sys.stderr, flush=True)

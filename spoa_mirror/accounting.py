@@ -10,6 +10,7 @@ Invariant, per target: received == sum(outcomes) + pending, where pending is que
 from __future__ import annotations
 
 from bisect import bisect_left
+from typing import Any
 
 SENT = ("sent_1xx", "sent_2xx", "sent_3xx", "sent_4xx", "sent_5xx")
 ERRORS = (
@@ -37,7 +38,10 @@ DROPS = (
     "unredactable",
     "shutdown",
 )
-OUTCOMES = SENT + ERRORS + DROPS
+# A capture target's requests end written to its file, or not: the disk was full (or a file size
+# limit was reached), or another write error.
+CAPTURED = ("written", "disk_full", "write_error")
+OUTCOMES = SENT + ERRORS + DROPS + CAPTURED
 STATUS_OUTCOME = {code: SENT[code // 100 - 1] for code in range(100, 600)}
 
 # gRPC status codes by number (grpc/doc/statuscodes.md); the label of a gRPC response's status.
@@ -79,8 +83,8 @@ class TargetStats:
     """Everything counted for one target; kept across config reloads (keyed by target name)."""
 
     __slots__ = (
-        "bytes_sent", "grpc_status", "latency", "outcomes", "pending", "received", "redactions",
-        "truncated_sent",
+        "bytes_sent", "capture", "compare", "grpc_status", "latency", "outcomes", "pending", "received",
+        "redactions", "truncated_sent",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -94,6 +98,8 @@ class TargetStats:
         # gRPC responses by grpc-status name; "missing" (none sent) and "other" (not one of the 17)
         # keep the label set bounded whatever a shadow answers.
         self.grpc_status: dict[str, int] = {}
+        self.compare: CompareStats | None = None  # set while the target is compared (compare/pairing.py)
+        self.capture: Any = None  # capture/writer.py's CaptureStats while the target captures
 
     def count_grpc_status(self, code: int | None) -> None:
         name = "missing" if code is None else GRPC_CODES[code] if 0 <= code < len(GRPC_CODES) else "other"
@@ -113,9 +119,48 @@ class TargetStats:
 class MessageStats:
     """SPOP messages seen by the mirror handler, before any target."""
 
-    __slots__ = ("invalid", "mirrored", "not_mirror")
+    __slots__ = ("invalid", "mirrored", "not_mirror", "pairing")
 
     def __init__(self) -> None:
         self.mirrored = 0
         self.not_mirror = 0
         self.invalid: dict[str, int] = {}
+        self.pairing: PairingStats | None = None  # set while a `compare` section is configured
+
+
+class CompareStats:
+    """A compared target's second account: every request it sent (dispatched to its pool) ends with
+    exactly one comparison outcome (compare/engine.py's OUTCOMES). Invariant, like the first one:
+    received == sum(outcomes) + pending, pending being the requests waiting in the pairing table for
+    the shadow's or the primary's response."""
+
+    __slots__ = ("outcomes", "pending", "received")
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.pending = 0
+        self.outcomes: dict[str, int] = {}
+
+    def settle(self, outcome: str) -> None:
+        self.pending -= 1
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def balanced(self) -> bool:
+        return self.received == sum(self.outcomes.values()) + self.pending
+
+
+class PairingStats:
+    """The pairing table as a whole: the primary's response messages by result (paired: a compared
+    request waited for it; unmatched: none did, e.g. not sampled for any compared target; invalid;
+    refused: the intake was full), and what the table holds now."""
+
+    __slots__ = ("entries", "held_bytes", "max_bytes", "max_entries", "primary_responses")
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self.primary_responses: dict[str, int] = dict.fromkeys(
+            ("paired", "unmatched", "invalid", "refused"), 0
+        )
+        self.entries = 0
+        self.held_bytes = 0
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes

@@ -1,4 +1,5 @@
-"""The admin listener: /metrics, /livez, /healthz, /readyz.
+"""The admin listener: /metrics, /livez, /healthz, /readyz, and the comparison's pages when configured
+(compare/publish.py: /compare, /compare.html, /verdict).
 
 A small asyncio HTTP/1.1 server on an event loop of its own, in one daemon thread, so a slow scraper
 never touches the SPOP loop and a stuck SPOP loop does not silence /livez (which reports it). It
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
@@ -29,6 +30,8 @@ MAX_HEAD = 8192  # bytes of request line and headers
 MAX_CONNECTIONS = 512  # open admin connections; more are closed at accept
 START_TIMEOUT = 10.0
 _TEXT = "text/plain; charset=utf-8"
+# A page served besides the built-in ones: query string -> (status line, content type, body).
+Route = Callable[[str], tuple[str, str, bytes]]
 
 
 class AdminServer:
@@ -37,10 +40,12 @@ class AdminServer:
         registry: CollectorRegistry,
         ready: Callable[[], bool],
         alive: Callable[[], bool] = lambda: True,
+        routes: Mapping[str, Route] | None = None,
     ) -> None:
         """`ready`: accepting SPOP connections (/readyz); `alive`: the SPOP loop is ticking
-        (/livez and /healthz)."""
+        (/livez and /healthz); `routes`: more pages by path."""
         self._registry = registry
+        self._routes = dict(routes or {})
         self._ready = ready
         self._alive = alive
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -131,7 +136,13 @@ class AdminServer:
         if method not in ("GET", "HEAD"):
             status, content_type, body = "405 Method Not Allowed", _TEXT, b"GET only\n"
         else:
-            status, content_type, body = self._route(target.split("?", 1)[0], headers.get("accept", ""))
+            path, _, query = target.partition("?")
+            route = self._routes.get(path)
+            if route is not None:  # off this loop: a route may wait for the SPOP loop
+                loop = asyncio.get_running_loop()
+                status, content_type, body = await loop.run_in_executor(None, route, query)
+            else:
+                status, content_type, body = self._route(path, headers.get("accept", ""))
         await _respond(writer, status, body, content_type, keep_alive, head_only=method == "HEAD")
         return keep_alive
 

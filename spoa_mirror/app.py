@@ -25,6 +25,9 @@ import spoe
 from . import systemd
 from .admin import BACKLOG as ADMIN_BACKLOG
 from .admin import AdminServer
+from .compare.engine import CompareEngine
+from .compare.metrics import CompareCollector
+from .compare.publish import admin_routes
 from .config import Config, load_config
 from .errors import ConfigError, StartupError
 from .heartbeat import TICK, Heartbeat
@@ -113,7 +116,12 @@ class App:
                 admin.address, admin.port, key="admin.port", backlog=ADMIN_BACKLOG
             )
         if self.admin_sock is not None:
-            self.admin = AdminServer(self._registry(), lambda: self._ready, self.heartbeat.alive)
+            self.admin = AdminServer(
+                self._registry(),
+                lambda: self._ready,
+                self.heartbeat.alive,
+                routes=admin_routes(self._compare_engine, asyncio.get_running_loop()),
+            )
             admin_address = self.admin.start(self.admin_sock)
         else:
             admin_address = None
@@ -228,11 +236,18 @@ class App:
                 asyncio.get_running_loop(),
             )
         )
+        registry.register(CompareCollector(self._compare_engine, asyncio.get_running_loop()))
         registry.register(LoopCollector(self.heartbeat))
         registry.register(
             QueueCapacityCollector(lambda: {target.name: target.queue_size for target in mirror.targets})
         )
         return registry
+
+
+    def _compare_engine(self) -> CompareEngine | None:
+        """The comparator the mirror feeds (None without a `compare:` section); read at each use, as a
+        reload may replace it."""
+        return getattr(self.mirror, "compare_engine", None)
 
 
 PULSE_FORMAT = "!H"  # a worker's number; 2-byte pipe writes are atomic, so pulses never interleave

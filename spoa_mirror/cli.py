@@ -1,4 +1,5 @@
-"""`spoa-mirror`: run the agent, `spoa-mirror check-config FILE`, or `spoa-mirror config-schema`.
+"""`spoa-mirror`: run the agent, `spoa-mirror check-config FILE`, `spoa-mirror config-schema`,
+`spoa-mirror report` (compare/cli.py), or `spoa-mirror replay` / `capture-info` (capture/cli.py).
 
 Exit codes: 0 after a clean stop; 2 for a bad config, bad flags, or a start-up failure (a port in
 use, a certificate that does not load), as one line naming the setting, which the shipped systemd
@@ -26,6 +27,7 @@ import spoe
 from .admin import BACKLOG as ADMIN_BACKLOG
 from .app import App
 from .cli_args import C_AGENT_DIFFERENCES, overrides_from_args, parse_args
+from .compare.cli import report_main
 from .config import Config, config_schema, describe, load_config
 from .errors import ConfigError, StartupError
 from .listeners import bind_listener
@@ -38,10 +40,17 @@ log = structlog.get_logger("spoa_mirror")
 
 
 def main(argv: list[str] | None = None) -> int:
-    command, options = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("replay", "capture-info"):
+        from .capture.cli import main as capture_main
+
+        return capture_main(argv)
+    command, options = parse_args(argv)
     if command == "config-schema":
         print(json.dumps(config_schema(), indent=2))
         return 0
+    if command == "report":
+        return report_main(options)
     overrides = overrides_from_args(options)
     if command == "run" and options.config:
         options.config = os.path.abspath(options.config)  # -D changes directory; SIGHUP re-reads it

@@ -24,6 +24,7 @@ from typing import Any
 from spoe.connection import CAPABILITIES
 
 from . import __version__
+from .compare.cli import report_parser
 from .config import LOG_FORMATS, LOG_LEVELS, OVERRIDE_KEYS, parse_size
 from .config_doc import help_text
 from .errors import ConfigError
@@ -45,12 +46,14 @@ C_AGENT_DIFFERENCES = {
 
 
 def parse_args(argv: list[str]) -> tuple[str, argparse.Namespace]:
-    """(command, options): "run" unless argv starts with "check-config"; a leading "run" is optional
-    because the C agent has no subcommands."""
+    """(command, options): "run" unless argv starts with "check-config", "config-schema" or "report";
+    a leading "run" is optional because the C agent has no subcommands."""
     if argv and argv[0] == "check-config":
         return "check-config", _check_config_parser().parse_args(argv[1:])
     if argv and argv[0] == "config-schema":
         return "config-schema", _config_schema_parser().parse_args(argv[1:])
+    if argv and argv[0] == "report":
+        return "report", report_parser(PROG).parse_args(argv[1:])
     if argv and argv[0] == "run":
         argv = argv[1:]
     return "run", _run_parser().parse_args(argv)

@@ -37,6 +37,7 @@ import yaml
 from pydantic import Field, ValidationError, ValidationInfo, create_model, model_validator
 
 from .admin import AdminConfig
+from .compare.config import CompareConfig, check_compared_targets
 from .config_types import (
     Bool,
     Derived,
@@ -161,11 +162,12 @@ def open_to_others(key: str, path: str, mode: int, permissions: str) -> tuple[tu
     return ((key, path, shown),)
 
 
-_NOT_DEFAULTABLE = ("name", "url", "upstream")
+_NOT_DEFAULTABLE = ("name", "url", "upstream", "capture")
 
 
 def _target_defaults_model() -> type[Section]:
-    """`defaults`: every target key but name, url and upstream, each optional, checked as a target's."""
+    """`defaults`: every target key but name, url, upstream and capture, each optional, checked as a
+    target's."""
     fields: dict[str, Any] = {}
     for key, name, info in TargetConfig.input_fields():
         if key in _NOT_DEFAULTABLE:
@@ -248,6 +250,7 @@ class Config(Section):
     targets: tuple[TargetConfig, ...] = Field(
         (), description="the shadow backends, at least one unless mirroring.enabled is false"
     )
+    compare: CompareConfig | None = Field(None, description=CompareConfig.__doc__)
 
     mirroring_enabled: Derived[bool] = True
     source: Derived[str | None] = None  # the file loaded, if any
@@ -435,6 +438,8 @@ def _finish(config: Config, targets_key: str, source: str | None) -> Config:
 
             redact = merge_redaction(config.redact, target.redact)
         target.derive(config_key=key, redact=redact)
+    if config.compare is not None:
+        check_compared_targets(config.compare, config.targets, config.listen.workers)
     config.derive(source=source)
     return config
 

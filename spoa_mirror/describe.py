@@ -94,6 +94,10 @@ def describe(config: Config) -> str:
 
 
 def _describe_target(target: TargetConfig, global_redact: dict[str, Any] | None) -> list[str]:
+    if target.capture is not None:
+        from .capture.settings import describe_capture
+
+        return describe_capture(target)
     sampling = f"{target.sample_percentage:g}% of requests"
     if target.sample_key is not None:
         sampling += f", keyed by {_fmt_spec(target.sample_key)}"

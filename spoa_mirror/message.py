@@ -11,6 +11,7 @@ missing Host header, and an absolute form with another scheme or with userinfo i
 
 from __future__ import annotations
 
+import hashlib
 import re
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from spoe.data import decode_bytes
 from spoe.errors import InvalidFrame
 
+from .compare.model import Response
 from .request import MirrorRequest
 
 METHOD_ARGS = ("arg_method", "method")
@@ -103,6 +105,33 @@ def to_request(args: dict[str, Any]) -> MirrorRequest:
     if "://" in path and path[:1] != "/":
         path = _origin_form(path, headers)
     return MirrorRequest(method, path, version or "1.1", headers, body, body_len, unique_id, src)
+
+
+def to_primary_response(args: dict[str, Any], latency: float, body_limit: int) -> tuple[str, Response]:
+    """The compare section's response message (haproxy/mirror.spoe.conf's mirror-response:
+    `unique_id`, `status`, `hdrs` = res.hdrs, `body` = res.body, `body_len` = res.body_size) ->
+    (unique id, the primary's Response). A body HAProxy cut at its buffer shows as a `body_len` over
+    the bytes it sent: the Response's body_length is then the declared length and its digest None
+    (the whole body never reached the agent), which the pairing table counts as too_large. A body
+    over `body_limit` is kept cut at it, with the digest of the whole."""
+    unique_id = _text(args, UNIQUE_ID_ARGS, "unique_id", required=True)
+    if not unique_id:
+        raise BadMessage("missing_unique_id", "empty unique_id (HAProxy's unique-id-format unset?)")
+    status = _first(args, ("arg_status", "status"))
+    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 999:
+        raise BadMessage("bad_status", f"status must be an HTTP status code, got {status!r}")
+    headers_arg = _first(args, ("arg_hdrs", "hdrs", "headers"))
+    headers = parse_headers(headers_arg) if headers_arg is not None else []
+    body = _body(args)
+    declared = _first(args, BODY_LEN_ARGS)
+    # SPOP integers decode to int subclasses (their wire type): isinstance, and int() to drop it.
+    cut = isinstance(declared, int) and not isinstance(declared, bool) and declared > len(body)
+    length = int(declared) if cut else len(body)
+    digest = None
+    if len(body) > body_limit:
+        digest = hashlib.sha256(body).digest()
+        body = body[:body_limit]
+    return unique_id, Response(int(status), tuple(headers), body, length, digest, latency)
 
 
 def _origin_form(target: str, headers: list[tuple[str, str]]) -> str:

@@ -185,6 +185,8 @@ class MirrorCollector(Collector):
                 grpc.add_metric([name, code], count)
             latency.add_metric([name], stats.latency.cumulative(), stats.latency.total)
         yield from (received, outcomes, in_flight, redactions, truncated, sent_bytes, grpc, latency)
+        yield from _pairing(messages, targets)
+        yield from _capture(targets)
 
         depth = GaugeMetricFamily(
             "spoa_mirror_queue_depth", "Requests waiting in a target's queue", labels=["target"]
@@ -211,6 +213,81 @@ class MirrorCollector(Collector):
             budget = GaugeMetricFamily("spoa_mirror_memory_budget_bytes", "The agent's memory_budget")
             budget.add_metric([], limit)
             yield budget
+
+
+def _capture(targets: dict[str, TargetStats]) -> Iterator[Metric]:
+    """Capture targets' files and recorded responses (their requests are in spoa_mirror_requests)."""
+    capturing = {name: stats.capture for name, stats in sorted(targets.items()) if stats.capture is not None}
+    if not capturing:
+        return
+    files = CounterMetricFamily(
+        "spoa_mirror_capture_files",
+        "Capture files rotated, removed for max_total_size, or left uncompressed (compress_failed)",
+        labels=["target", "event"],
+    )
+    data = CounterMetricFamily(
+        "spoa_mirror_capture_bytes",
+        "Bytes written to capture files, and removed with them",
+        labels=["target", "event"],
+    )
+    responses = CounterMetricFamily(
+        "spoa_mirror_capture_responses", "The primary's responses for capture.responses, by result",
+        labels=["target", "result"],
+    )  # fmt: skip
+    for name, stats in capturing.items():
+        files.add_metric([name, "rotated"], stats.files_rotated)
+        files.add_metric([name, "removed"], stats.files_removed)
+        files.add_metric([name, "compress_failed"], stats.compress_errors)
+        data.add_metric([name, "written"], stats.bytes_written)
+        data.add_metric([name, "removed"], stats.bytes_removed)
+        for result, count in sorted(stats.responses.items()):
+            responses.add_metric([name, result], count)
+    yield from (files, data, responses)
+
+
+def _pairing(messages: MessageStats, targets: dict[str, TargetStats]) -> Iterator[Metric]:
+    """The compare section's pairing (compare/pairing.py): per compared target, the second account
+    (sent = sum(outcomes) + pending), and the table's fill and the primary's response messages."""
+    table = messages.pairing
+    if table is None:
+        return
+    sent = CounterMetricFamily(
+        "spoa_mirror_compare_requests_sent",
+        "Requests a compared target sent, each of which ends with one comparison outcome",
+        labels=["target"],
+    )
+    settled = CounterMetricFamily(
+        "spoa_mirror_compare_pairing",
+        "Compared requests by comparison outcome; compare_requests_sent = sum(these) + compare_pending",
+        labels=["target", "outcome"],
+    )
+    pending = GaugeMetricFamily(
+        "spoa_mirror_compare_pending",
+        "Compared requests waiting in the pairing table for the shadow's or the primary's response",
+        labels=["target"],
+    )
+    for name, stats in sorted(targets.items()):
+        if stats.compare is None:
+            continue
+        sent.add_metric([name], stats.compare.received)
+        for outcome, count in sorted(stats.compare.outcomes.items()):
+            settled.add_metric([name, outcome], count)
+        pending.add_metric([name], stats.compare.pending)
+    responses = CounterMetricFamily(
+        "spoa_mirror_compare_primary_responses",
+        "The primary's response messages (paired: a compared request waited for it; unmatched: none "
+        "did; invalid; refused: intake full). None at all while comparing: HAProxy does not send them",
+        labels=["result"],
+    )
+    for result, count in table.primary_responses.items():
+        responses.add_metric([result], count)
+    entries = GaugeMetricFamily("spoa_mirror_compare_table_entries", "Entries in the pairing table")
+    entries.add_metric([], table.entries)
+    held = GaugeMetricFamily("spoa_mirror_compare_table_bytes", "Bytes the pairing table holds")
+    held.add_metric([], table.held_bytes)
+    limit = GaugeMetricFamily("spoa_mirror_compare_table_max_bytes", "compare.table.max_bytes")
+    limit.add_metric([], table.max_bytes)
+    yield from (sent, settled, pending, responses, entries, held, limit)
 
 
 def build_info() -> Metric:

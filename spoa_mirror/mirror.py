@@ -22,6 +22,7 @@ what the predecessor still has in flight, so the shadow never sees more than `co
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -41,10 +42,11 @@ from spoe.log import LogThrottle
 
 from .accounting import STATUS_OUTCOME, MessageStats, TargetStats
 from .config import NO_OUTGOING, OutgoingConfig
+from .errors import ConfigError
 from .filters import build_filter, methods_allowed
 from .header_templates import split_added_headers
 from .limits import build_circuit_breaker, build_rate_limiter
-from .message import BadMessage, is_mirror_message, to_request
+from .message import BadMessage, is_mirror_message, to_primary_response, to_request
 from .protocols import build_grpc_guard, build_pool, build_serialiser
 from .redact import INLINE_BODY_LIMIT, Unredactable, build_redactor, redact_in_worker
 from .request import MirrorRequest
@@ -78,6 +80,10 @@ Check = Callable[[MirrorRequest], str | None]
 # only where its config names it, e.g. in a log-format. Constant tuples: encoded once by the engine.
 ACK_ACCEPTED = (SetVar(VarScope.TRANSACTION, "accepted", 1),)
 ACK_REFUSED = (SetVar(VarScope.TRANSACTION, "accepted", 0),)
+# With a `compare` section, an accepted request also sets txn.<prefix>.compare, which the shipped
+# haproxy.cfg's http-response rules test before they wait for the primary's body and send it back as
+# the response message: without one, HAProxy sends no response and holds none back.
+ACK_ACCEPTED_COMPARE = (*ACK_ACCEPTED, SetVar(VarScope.TRANSACTION, "compare", 1))
 
 
 class MemoryBudget:
@@ -127,6 +133,7 @@ def _pool_settings(config: Any) -> tuple[Any, ...]:
         config.concurrency,
         config.connect_timeout,
         config.timeout,
+        config.capture,
     )
 
 
@@ -179,15 +186,20 @@ class Target:
         self.redact_spec = (config.redact, f"targets.{self.name}.redact", hmac_key)
         self.mark_truncated = truncated_body != "drop"
         self.build = self._build_builder(config, (loop_header, loop_value), truncated_body)
-        ssl_context = client_context(config) if config.scheme == "https" else None
-        self.pool = build_pool(config, ssl_context, stats.count_grpc_status, outgoing)
+        self.pool = self._build_pool(config, outgoing)
         self.errors = LogThrottle()
+
+    def _build_pool(self, config: Any, outgoing: OutgoingConfig) -> Any:
+        """Where built requests go: a connection pool here, a file writer for a capture target."""
+        ssl_context = client_context(config) if config.scheme == "https" else None
+        return build_pool(config, ssl_context, self.stats.count_grpc_status, outgoing)
 
     def take_over(self, old: Target) -> None:
         """After a reload, from the target this one replaces (same name, changed config): its
         queue, its pool if the connection settings are equal, its breaker and rate limiter if their
         specs are, and the slots of what it still has in flight (its `_sent` hands them on)."""
-        if _pool_settings(old.config) == _pool_settings(self.config):
+        # Not a pool of the other kind: a compared target's pool settles with the whole response.
+        if _pool_settings(old.config) == _pool_settings(self.config) and type(old.pool) is type(self.pool):
             self.pool, old.owns_pool = old.pool, False
         if old.config.circuit_breaker == self.config.circuit_breaker:
             self.breaker = old.breaker
@@ -568,6 +580,11 @@ class Mirror:
         self._intake_bytes = 0
         self._scheduled = False
         self._log_throttle = LogThrottle()
+        self.pairing: Any = None  # compare/pairing.py's PairingTable while a `compare` section is set
+        self.compare_engine: Any = None
+        self._ack_accepted = ACK_ACCEPTED
+        self.response_message: str | None = None
+        self.recorders: list[Any] = []  # capture targets recording the primary's responses
         # Without a configured secret the loop marker is this process's own: stable across reloads.
         self._process_loop_key = os.urandom(32)
         self.apply(config, hmac_key)
@@ -579,15 +596,25 @@ class Mirror:
         is kept as it is; a changed one takes over from its predecessor (see take_over)."""
         loop_value = loop_marker_value(hmac_key or self._process_loop_key)
         current = {target.name: target for target in self.targets}
+        pairing = self._pairing_for(config)
+        compared = frozenset(config.compare.compared) if config.compare is not None else frozenset()
         plan: list[tuple[Target, Target | None]] = []
         for target_config in config.targets:
             old = current.get(target_config.name)
-            if old is not None and old.inputs == (
-                target_config, config.loop_header, config.truncated_body, hmac_key
+            if (
+                old is not None
+                and old.inputs == (target_config, config.loop_header, config.truncated_body, hmac_key)
+                and getattr(old, "pairing", None) is (pairing if target_config.name in compared else None)
             ):
                 plan.append((old, None))
                 continue
-            target = Target(
+            options: dict[str, Any] = {}
+            target_class: Any = _target_class(target_config)
+            if target_config.name in compared:
+                from .compare.pairing import ComparingTarget
+
+                target_class, options = ComparingTarget, {"pairing": pairing}
+            target = target_class(
                 target_config,
                 loop_header=config.loop_header,
                 truncated_body=config.truncated_body,
@@ -596,6 +623,7 @@ class Mirror:
                 budget=self.budget,
                 outgoing=config.outgoing,
                 loop_value=loop_value,
+                **options,
             )
             plan.append((target, old))
         # Nothing below raises.
@@ -606,13 +634,73 @@ class Mirror:
         targets = [target for target, _ in plan]
         retiring = [target for target in self.targets if target not in targets]
         self.targets = targets
-        self.budget.limit = config.memory_budget
+        self._use_pairing(pairing, config)
+        self._use_recorders(targets)
+        # The pairing table's bytes are part of the agent's budget: the targets share the rest.
+        self.budget.limit = config.memory_budget - (pairing.max_bytes if pairing is not None else 0)
         if retiring:
             self._retire(retiring, config.drain_timeout)
         self.budget.update(self.targets, self.retired)
         self.loop_header = config.loop_header.lower()
         self.loop_value = loop_value.encode()
         self.message_names = frozenset(config.messages)
+
+    def _pairing_for(self, config: Any) -> Any:
+        """The pairing table for `config`'s compare section: the current one when the section is
+        unchanged, a new one (with a new engine) when it changed, None without one. Raises a
+        ConfigError before anything is replaced."""
+        compare = config.compare
+        if compare is None:
+            return None
+        if compare.table.max_bytes >= config.memory_budget:
+            raise ConfigError(
+                "compare.table.max_bytes",
+                f"must be below memory_budget ({config.memory_budget} bytes): the table is part of it",
+            )
+        for name in compare.compared:
+            target = next(t for t in config.targets if t.name == name)
+            if target.protocol != "http1":
+                raise ConfigError(
+                    "compare", f"target {name!r} speaks {target.protocol}: only HTTP/1.1 targets are compared"
+                )
+        if self.pairing is not None and self.pairing.config == compare:
+            return self.pairing
+        from .accounting import PairingStats
+        from .compare.engine import CompareEngine
+        from .compare.pairing import PairingTable
+
+        # A changed section keeps the engine's statistics (its rules change); the table is new.
+        engine = CompareEngine(compare) if self.compare_engine is None else self.compare_engine
+        stats = PairingStats(compare.table.max_entries, compare.table.max_bytes)
+        return PairingTable(compare, engine, stats, self.target_stats)
+
+    def _use_pairing(self, pairing: Any, config: Any) -> None:
+        if pairing is self.pairing:
+            return
+        if pairing is not None and pairing.engine is self.compare_engine:
+            pairing.engine.apply(config.compare)
+        if self.pairing is not None:
+            self.pairing.flush("shutdown")
+        self.pairing = pairing
+        self.compare_engine = None if pairing is None else pairing.engine
+        self.messages.pairing = None if pairing is None else pairing.stats
+        self._ack_accepted = ACK_ACCEPTED if pairing is None else ACK_ACCEPTED_COMPARE
+        self.response_message = None if pairing is None else config.compare.response_message
+        if pairing is not None:
+            log.info(
+                "compare.enabled",
+                candidates=list(config.compare.candidates),
+                baseline=config.compare.baseline,
+                response_message=config.compare.response_message,
+            )
+
+    def _use_recorders(self, targets: list[Target]) -> None:
+        """Capture targets with `capture.responses` get the primary's response message too: the
+        ACK asks HAProxy for it (the compare variable), and it goes to them as well as to compare."""
+        self.recorders = [target for target in targets if getattr(target, "records_responses", False)]
+        if self.pairing is None:
+            self._ack_accepted = ACK_ACCEPTED_COMPARE if self.recorders else ACK_ACCEPTED
+            self.response_message = self.recorders[0].response_message if self.recorders else None
 
     def _retire(self, targets: list[Target], timeout: float) -> None:
         """Targets replaced by a reload finish their queues in the background, then close."""
@@ -630,6 +718,8 @@ class Mirror:
     def handle(self, message: Message) -> tuple[SetVar, ...]:
         """The SPOP handler: no work before the ACK, whose one action says whether the copy was
         taken in (ACK_ACCEPTED above)."""
+        if self.response_message is not None and message.name == self.response_message:
+            return self._take_primary_response(message.args)
         if self.message_names and message.name not in self.message_names:
             self.messages.not_mirror += 1
             return ACK_REFUSED
@@ -644,7 +734,49 @@ class Mirror:
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._process_intake)
+        return self._ack_accepted
+
+    def _take_primary_response(self, args: dict[str, Any]) -> tuple[SetVar, ...]:
+        """The primary's response goes through the intake like a request, behind the request it
+        answers (so the request's pairing entry exists when it is processed), its args paired with the
+        time it arrived, from which the primary's latency is measured."""
+        size = _message_bytes(args)
+        if len(self._intake) >= INTAKE_LIMIT or self._intake_bytes + size > INTAKE_BYTES:
+            if self.pairing is not None:
+                self.pairing.stats.primary_responses["refused"] += 1
+            for recorder in self.recorders:
+                counts = recorder.capture_stats.responses
+                counts["refused"] = counts.get("refused", 0) + 1
+            return ACK_REFUSED
+        self._intake_bytes += size
+        loop = asyncio.get_running_loop()
+        self._intake.append(((args, loop.time()), size))  # type: ignore[arg-type]
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._process_intake)
         return ACK_ACCEPTED
+
+    def _pair_primary_response(self, args: dict[str, Any], arrived: float) -> None:
+        pairing = self.pairing
+        if self.recorders:
+            from .capture.target import record_response
+
+            record_response(self.recorders, args)
+        if pairing is None:  # compare switched off by a reload meanwhile
+            return
+        try:
+            key, response = to_primary_response(args, 0.0, pairing.body_limit)
+        except BadMessage as error:
+            pairing.stats.primary_responses["invalid"] += 1
+            suppressed = self._log_throttle.allow(f"response:{error.reason}")
+            if suppressed is not None:
+                log.warning("compare.bad_response_message", reason=error.reason, error=str(error),
+                            suppressed=suppressed)  # fmt: skip
+            return
+        started = pairing.primary_latency_base(key)
+        if started is not None:
+            response = dataclasses.replace(response, latency=max(0.0, arrived - started))
+        pairing.primary(key, response)
 
     def _process_intake(self, slice_seconds: float = INTAKE_SLICE) -> None:
         self._scheduled = False
@@ -658,6 +790,9 @@ class Mirror:
                 return
             args, size = intake.popleft()
             self._intake_bytes -= size
+            if type(args) is tuple:  # the primary's response (compare), see _take_primary_response
+                self._pair_primary_response(*args)
+                continue
             if not self.message_names and not is_mirror_message(args):
                 self.messages.not_mirror += 1
                 continue
@@ -699,7 +834,18 @@ class Mirror:
         dropped = 0
         for target in (*self.targets, *self.retired):
             dropped += await target.drain(deadline)
+        if self.pairing is not None:  # what still waits for its pair will not get it now
+            self.pairing.flush("shutdown")
         return queued - dropped, dropped
+
+
+def _target_class(config: Any) -> type[Target]:
+    """A shadow target, or a capture target (its requests written to files instead of sent)."""
+    if config.capture is None:
+        return Target
+    from .capture.target import CaptureTarget
+
+    return CaptureTarget
 
 
 _executor: ProcessPoolExecutor | None = None
@@ -777,4 +923,3 @@ def shadow_host(host: str) -> str:
     if not name or name.replace(".", "").isdigit():
         return host
     return f"{name}-shadow{colon}{port}"
-

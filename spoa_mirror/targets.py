@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, PlainValidator, WithJsonSchema, model_validator
 
+from .capture.settings import CaptureSettings
 from .config_types import (
     HOSTNAME,
     TOKEN,
@@ -259,6 +260,11 @@ class TargetConfig(Section):
     max_queue_age: Duration = Field(
         5.0, description="a mirror queued longer than this is dropped, counted as stale"
     )
+    capture: CaptureSettings | None = Field(
+        None,
+        description="instead of a url: write this target's requests to rotating GoReplay files "
+        "(spoa-mirror replay and capture-info read them)",
+    )
 
     # Taken from url (or upstream) at load, for the request path.
     scheme: Derived[str] = ""  # "http" or "https"
@@ -272,12 +278,22 @@ class TargetConfig(Section):
     def prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
         if data.get("url") is not None and data.get("upstream") is not None:
             raise problem("give url or upstream, not both", "upstream")
+        if data.get("capture") is not None:
+            if data.get("url") is not None or data.get("upstream") is not None:
+                raise problem("a target either sends (url) or captures, not both", "capture")
+            if data.get("host") == "target":
+                raise problem("a capture target has no Host of its own: original or suffix", "host")
+            return {**data, "host": data.get("host") or "original"}
         if data.get("url") is None and data.get("upstream") is None:
-            raise problem("needs a url (or an upstream with host and port)")
+            raise problem("needs a url (or an upstream with host and port, or a capture block)")
         return data
 
     @model_validator(mode="after")
     def _take_url_apart(self) -> TargetConfig:
+        if self.capture is not None:  # written to files: no URL, no connection, the client's Host
+            url = f"capture:{self.capture.directory}"
+            self.derive(url=url, name=self.name or url, scheme="capture")
+            return self
         if self.upstream is not None:
             host = self.upstream.host.strip("[]").lower()
             _check_host(host, "upstream.host", ipv6=":" in host)

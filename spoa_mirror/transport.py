@@ -322,8 +322,12 @@ class Pool:
                 return
         self._free_slots += 1
 
+    def _new_connection(self) -> _Connection:
+        """The protocol object of a new connection (compare/capture.py's pool makes its own)."""
+        return _Connection(self)
+
     async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
-        connection = _Connection(self)
+        connection = self._new_connection()
         where = f"{self.host}:{self.port}"
         try:
             async with asyncio.timeout(min(self.connect_timeout, deadline - loop.time())):

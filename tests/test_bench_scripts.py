@@ -33,6 +33,8 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
         ),
         ("hotpath_count.py", ["--count", "--batch", "--request", "--count-instructions"]),
         ("redaction_ack_bench.py", ["--duration", "--body-size", "--big-interval"]),
+        ("capture_bench.py", ["--requests", "--json"]),
+        ("compare_bench.py", ["--count", "--json"]),
         ("run", ["--quick"]),
     ],
 )

@@ -255,7 +255,10 @@ def test_dataclass_defaults_match_parsed_defaults() -> None:
             "targets: at least one target is required "
             "(or pass --mirror-url, or set mirroring.enabled: false)",
         ),
-        ({"targets": [{"timeout": 1}]}, "targets[0]: needs a url (or an upstream with host and port)"),
+        (
+            {"targets": [{"timeout": 1}]},
+            "targets[0]: needs a url (or an upstream with host and port, or a capture block)",
+        ),
         (
             {"targets": [{"url": "http://a", "upstream": {"host": "b", "port": 1}}]},
             "targets[0].upstream: give url or upstream, not both",

@@ -43,6 +43,7 @@ from tests.support.shipped_configs import (
     bufsize,
     directive,
     haproxy_check,
+    section,
     shipped_haproxy_config,
     to_mode_tcp,
 )
@@ -222,7 +223,7 @@ def test_both_messages_carry_the_same_fields_but_the_body() -> None:
     """`mirror` and `mirror-without-body` differ only in arg_body and in the body condition, so a
     large request reaches the agent like any other, its body_len showing it was not sent whole."""
     spoe = SPOE_CONF.read_text()
-    with_body, without_body = directive(spoe, r"args (.+)")
+    with_body, without_body, _response = directive(spoe, r"args (.+)")
     assert with_body.split() == [*without_body.split()[:4], "arg_body=req.body", *without_body.split()[4:]]
     assert "body_len=req.body_size" in without_body.split()
     events = directive(spoe, r"event (.+)")
@@ -230,6 +231,28 @@ def test_both_messages_carry_the_same_fields_but_the_body() -> None:
         "on-backend-http-request if mirror_sample !body_too_big",
         "on-backend-http-request if mirror_sample body_too_big",
     ]
+
+
+def test_the_response_group_follows_wait_for_body_and_shares_the_request_unique_id() -> None:
+    """Compare: the primary's response goes as a group after `wait-for-body` (on the
+    on-http-response event its body was empty for 2 of 3 responses), only when the agent asked for
+    it, and carries the unique-id the request message carries, so the agent can pair the two."""
+    spoe = SPOE_CONF.read_text()
+    assert directive(spoe, r"groups (.+)") == ["mirror-response"]
+    assert section(spoe, "spoe-message mirror-response") == [
+        "args unique_id=unique-id status=status hdrs=res.hdrs body=res.body body_len=res.body_size"
+    ]
+    assert section(spoe, "spoe-group mirror-response") == ["messages mirror-response"]
+    for request_message in ("spoe-message mirror", "spoe-message mirror-without-body"):
+        [args] = [line for line in section(spoe, request_message) if line.startswith("args ")]
+        assert "unique_id=unique-id" in args.split()
+    for config in (CONFIG_2X, CONFIG_3X):
+        backend = [line.strip() for line in section(config.read_text(), "backend app")]
+        rules = [line for line in backend if line.startswith("http-response")]
+        assert rules == [
+            "http-response wait-for-body time 200ms if { var(txn.mirror.compare) -m bool }",
+            "http-response send-spoe-group mirror mirror-response if { var(txn.mirror.compare) -m bool }",
+        ]
 
 
 # --- each release's config for real: two spoa-mirror agents, a primary and a shadow ---------------

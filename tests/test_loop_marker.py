@@ -11,7 +11,12 @@ from spoa_mirror.mirror import Mirror, loop_marker_value
 
 def mirror(hmac_key: bytes | None) -> Mirror:
     config = SimpleNamespace(
-        targets=[], loop_header="X-Spoa-Mirror", truncated_body="drop", messages=[], memory_budget=64 << 20
+        targets=[],
+        loop_header="X-Spoa-Mirror",
+        truncated_body="drop",
+        messages=[],
+        memory_budget=64 << 20,
+        compare=None,
     )
 
     async def build() -> Mirror:

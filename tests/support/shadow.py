@@ -30,9 +30,10 @@ Modes (`ShadowServer(mode=...)`, or assign `shadow.mode` at any time; it applies
                      request is on its way; first requests on a connection are answered like "ok"
     drop             closes without answering, on every connection
 
-`status` and `body` shape the answers (a 204 or 304 gets no body). Requests are recorded raw (the
-exact bytes, one message each) and parsed, with the id of the connection they came on, so tests can
-prove keep-alive reuse.
+`status` and `body` shape the answers (a 204 or 304 gets no body); a `responder`, given each request,
+returns a `Reply` instead (status, extra headers, body, delay), for servers that answer by path.
+Requests are recorded raw (the exact bytes, one message each) and parsed, with the id of the
+connection they came on, so tests can prove keep-alive reuse.
 """
 
 from __future__ import annotations
@@ -162,6 +163,16 @@ class LoopThreadServer:
         loop.run_until_complete(loop.shutdown_asyncgens())
 
 
+@dataclass
+class Reply:
+    """What a `responder` answers: the status, extra header lines, the body, and a delay in seconds."""
+
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    delay: float = 0.0
+
+
 class ShadowServer(LoopThreadServer):
     """The recording shadow (see the module docstring); `start()`/`stop()` or a `with` block."""
 
@@ -173,8 +184,10 @@ class ShadowServer(LoopThreadServer):
         body: bytes = b"shadow ok\n",
         delay: float = 0.5,
         ssl_context: ssl.SSLContext | None = None,
+        responder: Callable[[RecordedRequest], Reply] | None = None,
     ) -> None:
         self.mode = mode
+        self.responder = responder
         self.status = status
         self.body = body
         self.delay = delay
@@ -368,18 +381,22 @@ class _ShadowConnection(asyncio.Protocol):
         if mode == "drop" or (mode == "stale" and self.requests_seen > 1):
             self.transport.close()
             return
-        if mode == "delay":
+        reply = None if self.server.responder is None else self.server.responder(request)
+        delay = self.server.delay if mode == "delay" else reply.delay if reply is not None else 0.0
+        if delay:
             self.answering = True
-            asyncio.get_running_loop().call_later(self.server.delay, self._send_response, request, keep_alive)
+            asyncio.get_running_loop().call_later(delay, self._send_response, request, keep_alive, reply)
             return
-        self._send_response(request, keep_alive)
+        self._send_response(request, keep_alive, reply)
 
-    def _send_response(self, request: RecordedRequest, keep_alive: bool) -> None:
+    def _send_response(self, request: RecordedRequest, keep_alive: bool, reply: Reply | None = None) -> None:
         self.answering = False
         if self.transport.is_closing():
             return
         mode = self.server.mode
         status, body = self.server.status, self.server.body
+        if reply is not None:
+            status, body = reply.status, reply.body
         if status in (204, 304):
             body = b""
         try:
@@ -387,6 +404,8 @@ class _ShadowConnection(asyncio.Protocol):
         except ValueError:
             reason = "Unknown"
         head = [f"HTTP/1.1 {status} {reason}", "Content-Type: text/plain", "Server: shadow"]
+        if reply is not None:
+            head = [head[0], "Server: shadow", *(f"{name}: {value}" for name, value in reply.headers)]
 
         if mode == "garbage":
             self.transport.write(b"this is not HTTP at all\r\n\r\n")

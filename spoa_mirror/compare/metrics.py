@@ -1,0 +1,95 @@
+"""The comparator's Prometheus families, built from the engine's plain counters at scrape time (wrapped
+in metrics.OnLoop, so a scrape reads them on the loop that writes them).
+
+    spoa_mirror_compare_comparisons_total{target, endpoint, outcome}
+    spoa_mirror_compare_differences_total{target, endpoint, kind}
+    spoa_mirror_compare_errors_total{target, endpoint, side}       5xx answers among compared pairs
+    spoa_mirror_compare_latency_seconds{target, endpoint, side}    histogram; side: primary or shadow
+    spoa_mirror_compare_examples_bytes, spoa_mirror_compare_diff_log_lines_total{result}
+
+Series are bounded: endpoints per target by `compare.endpoints.max` (then `other`), outcomes and
+kinds by the engine's fixed lists. The goals' PromQL (goals.py) is written over these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..metrics import OnLoop
+from .diff import KINDS
+from .engine import OUTCOMES, SIDES, CompareEngine
+
+
+class CompareCollector(Collector):
+    """The families, built on `loop` (metrics.OnLoop); nothing at all, and no trip to the loop, while
+    no comparison is configured. Built on the loop's thread."""
+
+    def __init__(self, engine: Callable[[], CompareEngine | None], loop: asyncio.AbstractEventLoop) -> None:
+        self._engine = engine
+        self._on_loop = OnLoop(_Families(engine), loop)
+
+    def collect(self) -> Iterator[Metric]:
+        if self._engine() is not None:
+            yield from self._on_loop.collect()
+
+
+class _Families(Collector):
+    def __init__(self, engine: Callable[[], CompareEngine | None]) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self._engine()
+        if engine is None:
+            return
+        comparisons = CounterMetricFamily(
+            "spoa_mirror_compare_comparisons",
+            "Compared requests by outcome (identical, different = a regression, noise_only) and requests "
+            "that could not be compared (primary_missing, shadow_failed, too_large, table_full, shutdown)",
+            labels=["target", "endpoint", "outcome"],
+        )
+        differences = CounterMetricFamily(
+            "spoa_mirror_compare_differences",
+            "Differences found, by kind (one comparison may find several)",
+            labels=["target", "endpoint", "kind"],
+        )
+        errors = CounterMetricFamily(
+            "spoa_mirror_compare_errors",
+            "5xx answers among the compared pairs, by side (primary or shadow)",
+            labels=["target", "endpoint", "side"],
+        )
+        latency = HistogramMetricFamily(
+            "spoa_mirror_compare_latency_seconds",
+            "Response time of the compared pairs: primary (HAProxy's request to response message) and shadow",
+            labels=["target", "endpoint", "side"],
+        )
+        for target, name, endpoint in engine.series():
+            for outcome in OUTCOMES:
+                comparisons.add_metric([target, name, outcome], endpoint.outcomes[outcome])
+            for kind in KINDS:
+                if kind in endpoint.kinds:
+                    differences.add_metric([target, name, kind], endpoint.kinds[kind])
+            for side in SIDES:
+                errors.add_metric([target, name, side], endpoint.errors[side])
+                histogram = endpoint.prom_latency[side]
+                latency.add_metric([target, name, side], histogram.cumulative(), histogram.total)
+        yield from (comparisons, differences, errors, latency)
+        examples = GaugeMetricFamily(
+            "spoa_mirror_compare_examples_bytes",
+            "Bytes held by the report's example pairs (compare.examples.budget)",
+        )
+        examples.add_metric([], engine.example_bytes)
+        yield examples
+        log = engine.diff_log
+        if log is not None:
+            lines = CounterMetricFamily(
+                "spoa_mirror_compare_diff_log_lines",
+                "Diff log lines written, and comparisons not logged over the rate (suppressed)",
+                labels=["result"],
+            )
+            lines.add_metric(["written"], log.written)
+            lines.add_metric(["suppressed"], log.suppressed)
+            yield lines

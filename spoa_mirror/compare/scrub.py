@@ -1,0 +1,43 @@
+"""What may be shown of a value: secrets masked whatever the target's redaction says.
+
+Applied to every example value and diff-log value, after the target's `redact_response` hook: a
+value under a secret-looking name (a JSON key or header such as `token`, `password`, `api_key`,
+`authorization`, `session`, `cookie`), and anything shaped like a JWT, a bearer token or a
+`password=...` pair inside a value, is replaced with a mask. Set-Cookie values never get this far:
+the differ compares cookies by name and attributes only.
+"""
+
+from __future__ import annotations
+
+import re
+
+MASK = "<redacted>"
+_SECRET_NAME = re.compile(
+    r"pass(?:word|wd|phrase)?|secret|token|api[-_]?key|auth|session|cookie|csrf|xsrf|jwt|credential|"
+    r"private[-_]?key|signature|otp|ssn|card[-_]?number|cvv",
+    re.I,
+)
+_JWT = re.compile(r"\beyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]*")
+_BEARER = re.compile(r"\b(Bearer|Basic|Token)\s+[\w~+/.=-]{8,}", re.I)
+_PAIR = re.compile(
+    r"""(?P<name>\b[\w-]*(?:pass(?:word|wd)?|secret|token|api[-_]?key|session(?:id)?|auth)[\w-]*)"""
+    r"""(?P<sep>["']?\s*[:=]\s*["']?)(?P<value>[^\s"'&,;<>]{3,})""",
+    re.I,
+)
+
+
+def sensitive_name(field: str) -> bool:
+    """The field's last name (JSON key or header name) looks like it holds a secret."""
+    last = re.split(r"[.\[\] ]", field.replace("(length)", "").strip())
+    names = [part for part in last if part and part != "*"]
+    return bool(names) and _SECRET_NAME.search(names[-1].strip('"')) is not None
+
+
+def scrub(text: str, secret: bool) -> str:
+    if secret:
+        return MASK if text not in ("(absent)", "null") else text
+    if len(text) < 8:
+        return text
+    text = _JWT.sub("<jwt>", text)
+    text = _BEARER.sub(lambda m: f"{m[1]} {MASK}", text)
+    return _PAIR.sub(lambda m: f"{m['name']}{m['sep']}{MASK}", text)

@@ -1,0 +1,431 @@
+"""Compare, end to end through the real HAProxy (2.6 and 3.2) running the shipped config: the
+primary's response (the mirror-response SPOE group) paired with each compared shadow's by unique-id,
+one comparison outcome per request and compared target, the account exact
+(compare_requests_sent = sum(outcomes) + pending), and bounded under faults.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from spoa_mirror.compare.config import parse_compare
+from spoa_mirror.compare.engine import CompareEngine
+from tests.support.compare_traffic import Request as ShopRequest
+from tests.support.compare_traffic import Shop
+from tests.support.compare_traffic import requests as shop_requests
+from tests.support.mirror_stack import parse_metrics
+from tests.support.procs import (
+    HAProxyProcess,
+    ManagedProcess,
+    free_port,
+    log_events,
+    run_haproxy,
+    run_process,
+)
+from tests.support.shadow import RecordedRequest, Reply, ShadowServer
+from tests.support.shipped_configs import AGENT, SPOE_CONF, bufsize, shipped_haproxy_config
+from tests.test_haproxy_configs import localized
+
+pytestmark = pytest.mark.haproxy
+
+Responder = Callable[[RecordedRequest], Reply]
+
+
+def service(request: RecordedRequest) -> Reply:
+    """The application the primary and its copies run: answers vary by path (JSON, text, empty,
+    compressed, large, other statuses), always the same for the same path."""
+    path = request.target
+    name = path.split("?")[0].rsplit("/", 1)[-1]
+    seed = sum(path.encode())
+    if path.startswith("/items/"):
+        body = json.dumps({"id": name, "price": seed % 97, "tags": ["a", "b"][: seed % 3]}).encode()
+        return Reply(200, (("Content-Type", "application/json"),), body)
+    if path.startswith("/text/"):
+        return Reply(200, (("Content-Type", "text/plain"),), b"line %d\n" % seed * (seed % 20))
+    if path.startswith("/long/"):  # over a small body_limit
+        return Reply(200, (("Content-Type", "text/plain"),), b"long line %d\n" % seed * (100 + seed % 300))
+    if path.startswith("/gone/"):
+        return Reply(404, (("Content-Type", "text/plain"),), b"not found\n")
+    if path.startswith("/empty/"):
+        return Reply(204)
+    if path.startswith("/gzip/"):
+        body = zlib.compress(b"compressed %d\n" % seed * 50)
+        return Reply(200, (("Content-Type", "text/plain"), ("Content-Encoding", "deflate")), body)
+    if path.startswith("/large/"):  # over the HAProxy buffer (32 KiB): the primary's is cut
+        return Reply(200, (("Content-Type", "application/octet-stream"),), bytes([seed % 256]) * 100_000)
+    return Reply(200, (("Content-Type", "text/plain"),), b"ok " + path.encode())
+
+
+def varied_paths(count: int) -> Iterator[tuple[str, str]]:
+    kinds = ("items", "items", "items", "text", "gone", "empty", "gzip", "other")
+    for n in range(count):
+        kind = kinds[n % len(kinds)]
+        yield ("HEAD" if n % 50 == 7 else "GET"), f"/{kind}/{n}?q={n % 13}"
+
+
+@dataclass
+class CompareStack:
+    url: str
+    admin_url: str
+    haproxy: HAProxyProcess
+    agent: ManagedProcess
+    servers: dict[str, ShadowServer]
+    other_admin_urls: list[str]
+
+    def metrics(self) -> dict[str, float]:
+        return parse_metrics(httpx.get(self.admin_url + "/metrics", trust_env=False).text)
+
+    def pairing(
+        self, target: str, metrics: dict[str, float] | None = None
+    ) -> tuple[int, dict[str, int], int]:
+        """(sent, outcomes, pending) of a compared target's second account."""
+        metrics = metrics if metrics is not None else self.metrics()
+        sent = int(metrics.get(f'spoa_mirror_compare_requests_sent_total{{target="{target}"}}', 0))
+        pending = int(metrics.get(f'spoa_mirror_compare_pending{{target="{target}"}}', 0))
+        prefix, suffix = 'spoa_mirror_compare_pairing_total{outcome="', f'",target="{target}"}}'
+        outcomes = {
+            key[len(prefix) : -len(suffix)]: int(value)
+            for key, value in metrics.items()
+            if key.startswith(prefix) and key.endswith(suffix)
+        }
+        return sent, outcomes, pending
+
+    def settle(
+        self, targets: tuple[str, ...], at_least: int, timeout: float = 30.0
+    ) -> dict[str, dict[str, int]]:
+        """Wait until each target sent `at_least` and nothing is pending; returns the outcomes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            metrics = self.metrics()
+            accounts = {target: self.pairing(target, metrics) for target in targets}
+            if all(sent >= at_least and pending == 0 for sent, _, pending in accounts.values()):
+                for target, (sent, outcomes, _) in accounts.items():
+                    assert sum(outcomes.values()) == sent, f"{target}: {outcomes} do not add up to {sent}"
+                return {target: outcomes for target, (_, outcomes, _) in accounts.items()}
+            assert time.monotonic() < deadline, f"not settled in {timeout} s: {accounts}"
+            time.sleep(0.1)
+
+
+@contextmanager
+def compare_stack(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    responders: dict[str, Responder],
+    compare: dict[str, Any],
+    *,
+    haproxy_config: Callable[[str], str] = lambda text: text,
+    agents: int = 1,
+) -> Iterator[CompareStack]:
+    """The shipped haproxy config (localized, as test_haproxy_configs runs it) in front of the
+    `primary` server, one agent (or two, as shipped) mirroring to every other server, comparing as
+    `compare` says. The stack's agent is the first; `other_admin_urls` are the others'."""
+    monkeypatch.setenv("MIRROR_SAMPLE_PERCENT", "100")
+    with ExitStack() as stack:
+        servers = {
+            name: stack.enter_context(ShadowServer(responder=responder))
+            for name, responder in responders.items()
+        }
+        agent_ports = [free_port() for _ in range(agents)]
+        admin_ports = [free_port() for _ in range(agents)]
+        processes = []
+        for agent_port, admin_port in zip(agent_ports, admin_ports, strict=True):
+            config = tmp_path / f"agent-{agent_port}.yaml"
+            config.write_text(
+                json.dumps(
+                    {
+                        "listen": {
+                            "port": agent_port,
+                            "max_frame_size": bufsize(shipped_haproxy_config().read_text()),
+                        },
+                        "admin": {"port": admin_port},
+                        "log": {"format": "json"},
+                        "targets": [
+                            {"name": name, "url": server.url, "timeout": 2}
+                            for name, server in servers.items()
+                            if name != "primary"
+                        ],
+                        "compare": compare,
+                    }
+                )
+            )
+            processes.append(
+                stack.enter_context(
+                    run_process(
+                        [str(AGENT), "--config", str(config)],
+                        ready_port=agent_port,
+                        name=f"agent-{agent_port}",
+                        log_dir=tmp_path,
+                    )
+                )
+            )
+        http_port = free_port()
+        text = localized(
+            shipped_haproxy_config().read_text(),
+            servers["primary"].port,
+            [*agent_ports, free_port()][:2],
+            http_port,
+        )
+        if agents == 1:
+            text = text.replace("    server agent2 ", "    #server agent2 ")
+        text = haproxy_config(text)
+        haproxy = stack.enter_context(
+            run_haproxy(text, tmp_path, extra_files={SPOE_CONF.name: SPOE_CONF.read_text()})
+        )
+        yield CompareStack(
+            f"http://127.0.0.1:{http_port}",
+            f"http://127.0.0.1:{admin_ports[0]}",
+            haproxy,
+            processes[0],
+            servers,
+            [f"http://127.0.0.1:{port}" for port in admin_ports[1:]],
+        )
+
+
+def test_identical_servers_over_2000_varied_requests_are_identical(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, haproxy_release: object
+) -> None:
+    """Primary, baseline and candidate run the same service: every request on each compared target
+    ends as one outcome, `identical`, except the bodies larger than HAProxy's buffer, whose
+    primary body HAProxy cut (too_large: the agent never had all of it, and says so)."""
+    requests = list(varied_paths(2000)) + [("GET", f"/large/{n}") for n in range(5)]
+    responders = {"primary": service, "baseline": service, "candidate": service}
+    with (
+        compare_stack(
+            tmp_path, monkeypatch, responders, {"candidates": ["candidate"], "baseline": "baseline"}
+        ) as stack,
+        httpx.Client(base_url=stack.url, trust_env=False) as client,
+    ):
+        for method, path in requests:
+            assert client.request(method, path).status_code in (200, 204, 404)
+        outcomes = stack.settle(("candidate", "baseline"), len(requests))
+        metrics = stack.metrics()
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(f"\noutcomes {outcomes}; largest child RSS {rss / 1024:.1f} MiB")
+    for target in ("candidate", "baseline"):
+        assert outcomes[target] == {"identical": len(requests) - 5, "too_large": 5}, target
+    assert metrics['spoa_mirror_compare_primary_responses_total{result="paired"}'] == len(requests)
+    assert metrics["spoa_mirror_compare_table_entries"] == 0
+    assert metrics["spoa_mirror_compare_table_bytes"] == 0
+
+
+def test_without_the_response_rules_the_agent_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, haproxy_release: object
+) -> None:
+    """A HAProxy config without the http-response rules sends no primary response: each compared
+    request ends as primary_missing at the table's deadline, and the agent logs why, once."""
+
+    def without_response_rules(text: str) -> str:
+        lines = [line for line in text.splitlines() if "http-response" not in line]
+        return "\n".join(lines) + "\n"
+
+    with (
+        compare_stack(
+            tmp_path,
+            monkeypatch,
+            {"primary": service, "candidate": service},
+            {"candidates": ["candidate"], "table": {"deadline": "1s"}},
+            haproxy_config=without_response_rules,
+        ) as stack,
+        httpx.Client(base_url=stack.url, trust_env=False) as client,
+    ):
+        for n in range(20):
+            assert client.get(f"/items/{n}").status_code == 200
+        outcomes = stack.settle(("candidate",), 20, timeout=10)
+        warnings = log_events(stack.agent.stderr_text(), "compare.no_primary_responses")
+    assert outcomes["candidate"] == {"primary_missing": 20}
+    assert len(warnings) == 1 and "send-spoe-group" in warnings[0]["hint"]
+
+
+def faulty_candidate(request: RecordedRequest) -> Reply:
+    """The service, except that /never/ answers only after the target's timeout."""
+    if request.target.startswith("/never/"):
+        return Reply(200, (), b"too late", delay=3.0)
+    return service(request)
+
+
+def test_failures_and_bodies_over_the_limit_each_end_with_one_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, haproxy_release: object
+) -> None:
+    """A shadow that never answers in time: shadow_failed, once its request times out; bodies over
+    body_limit: compared by length and digest, identical here; the account adds up."""
+    responders = {"primary": service, "candidate": faulty_candidate}
+    compare = {"candidates": ["candidate"], "body_limit": "1KiB", "table": {"deadline": "5s"}}
+    paths = [f"/items/{n}" for n in range(40)] + [f"/long/{n}" for n in range(20)]
+    paths += [f"/never/{n}" for n in range(10)]
+    with (
+        compare_stack(tmp_path, monkeypatch, responders, compare) as stack,
+        httpx.Client(base_url=stack.url, trust_env=False) as client,
+    ):
+        for path in paths:
+            assert client.get(path).status_code == 200
+        outcomes = stack.settle(("candidate",), len(paths), timeout=15)
+    long_texts = [p for p in paths if p.startswith("/long/") and len(service(request_for(p)).body) > 1024]
+    assert len(long_texts) == 20, "the test needs bodies over body_limit"
+    assert outcomes["candidate"] == {"identical": 60, "shadow_failed": 10}
+
+
+def request_for(path: str) -> RecordedRequest:
+    return RecordedRequest(raw=b"", method="GET", target=path, headers=[], body=b"", connection_id=0)
+
+
+def agent_rss_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process, in KiB."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+    )
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def test_ten_thousand_ids_in_flight_stay_within_the_table_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, haproxy_release: object
+) -> None:
+    """No primary response ever comes (the response rules removed), so every compared request waits
+    in the table: it fills to max_entries (10,000), holds no more than max_bytes, refuses the rest as
+    table_full, and at the deadline settles the rest as primary_missing; the account adds up."""
+
+    def without_response_rules(text: str) -> str:
+        return "\n".join(line for line in text.splitlines() if "http-response" not in line) + "\n"
+
+    compare = {"candidates": ["candidate"], "table": {"max_entries": 10_000, "deadline": "20s"}}
+    with compare_stack(
+        tmp_path,
+        monkeypatch,
+        {"primary": service, "candidate": service},
+        compare,
+        haproxy_config=without_response_rules,
+    ) as stack:
+        before = agent_rss_kib(stack.agent.pid)[0]
+        peak_entries = peak_bytes = 0
+        for _ in range(15):  # bursts of wrk until the table is full (bounded: 15 x 2 s)
+            subprocess.run(
+                ["wrk", "-t1", "-c16", "-d2s", stack.url + "/items/7"],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+            metrics = stack.metrics()
+            peak_entries = max(peak_entries, int(metrics["spoa_mirror_compare_table_entries"]))
+            peak_bytes = max(peak_bytes, int(metrics["spoa_mirror_compare_table_bytes"]))
+            if metrics.get('spoa_mirror_compare_pairing_total{outcome="table_full",target="candidate"}', 0):
+                break
+        rss, hwm = agent_rss_kib(stack.agent.pid)
+        sent, outcomes, pending = stack.pairing("candidate", metrics)
+        max_bytes = int(metrics["spoa_mirror_compare_table_max_bytes"])
+        print(
+            f"\ntable: {peak_entries} entries, {peak_bytes / 2**20:.1f} MiB of {max_bytes / 2**20:.0f} MiB; "
+            f"{sent} sent, {outcomes}; agent RSS {before / 1024:.0f} MiB before, "
+            f"{rss / 1024:.0f} MiB with the table full (peak {hwm / 1024:.0f} MiB)"
+        )
+        assert peak_entries == 10_000 and outcomes.get("table_full", 0) > 0
+        assert peak_bytes <= max_bytes
+        assert sent == sum(outcomes.values()) + pending
+        # At the deadline everything still waiting ends as primary_missing.
+        outcomes = stack.settle(("candidate",), sent, timeout=40)["candidate"]
+    assert set(outcomes) == {"table_full", "primary_missing"}
+    assert outcomes["primary_missing"] == 10_000
+
+
+def shop_responder(shop: Shop, delays: bool) -> Responder:
+    """A ShadowServer answering as `shop` (tests/support/compare_traffic.py, the engine's test data):
+    the same data for the same path on every server (the seed is the path's CRC), each server with
+    its own noise; /api/search takes the shop's latency for real when `delays`."""
+
+    def respond(request: RecordedRequest) -> Reply:
+        answer = shop.respond(
+            ShopRequest(request.method, request.target, zlib.crc32(request.target.encode()))
+        )
+        headers = tuple((name, value) for name, value in answer.headers if name.lower() != "server")
+        delay = answer.latency if delays and "/search" in request.target else 0.0
+        return Reply(answer.status, headers, answer.body, delay)
+
+    return respond
+
+
+def test_planted_differences_end_as_the_engine_judges_them_and_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, haproxy_release: object
+) -> None:
+    """Primary, baseline and candidate run the engine tests' shop; the candidate has the planted
+    differences (half the orders answer 500, items[3].price changed, search 4x slower), and every
+    server has its own timestamps, trace ids, cookies and ETags. Through HAProxy and the agent, the
+    outcomes are exactly those of the engine fed the same responses in-process: the plumbing adds
+    and loses nothing. The planted requests are (nearly all) `different`, nothing else is, and the
+    baseline has no difference at all."""
+    traffic = shop_requests(700)
+    plants = ("status", "price", "slow")
+    config = parse_compare({"candidates": ["candidate"], "baseline": "baseline"}, ("candidate", "baseline"))
+    assert config is not None
+    engine = CompareEngine(config)
+    servers = {
+        "primary": Shop("primary"),
+        "baseline": Shop("baseline"),
+        "candidate": Shop("candidate", plants),
+    }
+    expected: dict[str, Counter[str]] = {"candidate": Counter(), "baseline": Counter()}
+    planted = 0
+    for request in traffic:
+        seeded = ShopRequest(request.method, request.path, zlib.crc32(request.path.encode()))
+        answers = {name: shop.respond(seeded) for name, shop in servers.items()}
+        if request.method == "HEAD":
+            answers = {name: replace(answer, body=b"", body_length=0) for name, answer in answers.items()}
+        primary = answers["primary"]
+        expected["baseline"][
+            engine.compare("baseline", request.method, request.path, primary, answers["baseline"])
+        ] += 1
+        outcome = engine.compare(
+            "candidate", request.method, request.path, primary, answers["candidate"], answers["baseline"]
+        )
+        expected["candidate"][outcome] += 1
+        planted += primary.status != answers["candidate"].status or "/api/items/" in request.path
+    responders = {
+        "primary": shop_responder(Shop("primary"), delays=True),
+        "baseline": shop_responder(Shop("baseline"), delays=True),
+        "candidate": shop_responder(Shop("candidate", plants=plants), delays=True),
+    }
+    with (
+        compare_stack(
+            tmp_path, monkeypatch, responders, {"candidates": ["candidate"], "baseline": "baseline"}
+        ) as stack,
+        httpx.Client(base_url=stack.url, trust_env=False) as client,
+    ):
+        for request in traffic:
+            client.request(request.method, request.path)
+        outcomes = stack.settle(("candidate", "baseline"), len(traffic))
+    print(f"\n{planted} planted differences; outcomes {outcomes}; in-process engine {expected}")
+    assert outcomes == {name: dict(counts) for name, counts in expected.items()}
+    assert 0.95 * planted <= outcomes["candidate"]["different"] <= planted
+    assert set(outcomes["baseline"]) == {"identical", "noise_only"}
+
+
+def test_with_two_agents_as_shipped_both_messages_reach_the_same_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, haproxy_release: object
+) -> None:
+    """The shipped agents' backend (`balance first`) sends a request's two messages to one agent, so
+    every comparison pairs. With `balance roundrobin` instead, 3.2 sent every request message to
+    one agent and every response to the other: 300 primary_missing, 300 unmatched (caught here)."""
+    requests = [f"/items/{n}" for n in range(300)]
+    compare = {"candidates": ["candidate"], "table": {"deadline": "2s"}}
+    responders = {"primary": service, "candidate": service}
+    with (
+        compare_stack(tmp_path, monkeypatch, responders, compare, agents=2) as stack,
+        httpx.Client(base_url=stack.url, trust_env=False) as client,
+    ):
+        for path in requests:
+            assert client.get(path).status_code == 200
+        outcomes = stack.settle(("candidate",), len(requests))
+        standby = parse_metrics(httpx.get(stack.other_admin_urls[0] + "/metrics", trust_env=False).text)
+    assert outcomes["candidate"] == {"identical": len(requests)}
+    assert standby.get('spoa_mirror_compare_requests_sent_total{target="candidate"}', 0) == 0
+    assert standby['spoa_mirror_compare_primary_responses_total{result="unmatched"}'] == 0

@@ -1,0 +1,189 @@
+"""The pairing table (spoa_mirror/compare/pairing.py) on a real event loop, with the real engine:
+either side may come first, the baseline's response reaches the candidate's comparison, every
+compared request ends with exactly one outcome (sent = sum(outcomes) + pending at every step), and
+the bounds (entries, bytes, deadline) hold."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from spoa_mirror.accounting import CompareStats, PairingStats, TargetStats
+from spoa_mirror.compare.config import parse_compare
+from spoa_mirror.compare.engine import CompareEngine
+from spoa_mirror.compare.model import Response
+from spoa_mirror.compare.pairing import ENTRY_OVERHEAD, PairingTable
+from spoa_mirror.config import parse_config
+from spoa_mirror.errors import ConfigError
+from spoa_mirror.mirror import Mirror
+from spoa_mirror.request import MirrorRequest
+from spoa_mirror.transport import RequestTimeout
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(test(), 30))
+
+
+class RecordingEngine(CompareEngine):
+    """The real engine, with each call it gets written down."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.calls: list[tuple[Any, ...]] = []
+
+    def compare(self, target: str, method: str, path: str, primary: Response, candidate: Response,
+                baseline: Response | None = None) -> str:  # fmt: skip
+        self.calls.append((target, path, primary, candidate, baseline))
+        return super().compare(target, method, path, primary, candidate, baseline)
+
+
+def table(**compare: Any) -> tuple[PairingTable, RecordingEngine, dict[str, TargetStats]]:
+    config = parse_compare({"candidates": ["candidate"], **compare}, ("candidate", "baseline"))
+    assert config is not None
+    engine = RecordingEngine(config)
+    stats = {name: TargetStats() for name in ("candidate", "baseline")}
+    for target in stats.values():
+        target.compare = CompareStats()
+    pairing = PairingTable(
+        config, engine, PairingStats(config.table.max_entries, config.table.max_bytes), stats
+    )
+    return pairing, engine, stats
+
+
+def request(unique_id: str | None, path: str = "/items/1") -> MirrorRequest:
+    return MirrorRequest("GET", path, "1.1", [], b"", None, unique_id, None)
+
+
+def response(body: bytes = b'{"a": 1}', status: int = 200) -> Response:
+    return Response(status, (("content-type", "application/json"),), body, len(body), None, 0.01)
+
+
+def outcomes(stats: dict[str, TargetStats], name: str = "candidate") -> dict[str, int]:
+    account = stats[name].compare
+    assert account is not None and account.balanced()
+    return account.outcomes
+
+
+def test_either_side_first_and_the_baseline_reaches_the_candidate() -> None:
+    async def go() -> None:
+        pairing, engine, stats = table(baseline="baseline")
+        first = pairing.register("candidate", request("id-1"))
+        first_baseline = pairing.register("baseline", request("id-1"))
+        assert first is first_baseline is not None
+        pairing.primary("id-1", response())  # primary first
+        assert engine.calls == [] and stats["candidate"].compare.pending == 1
+        pairing.shadow_done(first, "baseline", response())
+        pairing.shadow_done(first, "candidate", response(b'{"a": 2}'))
+        second = pairing.register("candidate", request("id-2"))
+        pairing.shadow_done(second, "candidate", response())  # shadow first
+        pairing.primary("id-2", response())
+        assert outcomes(stats) == {"different": 1, "identical": 1}
+        assert outcomes(stats, "baseline") == {"identical": 1}
+        by_target = {(call[0], call[1]): call for call in engine.calls}
+        candidate_call = engine.calls[[c[0] for c in engine.calls].index("candidate")]
+        assert candidate_call[4] == response(), (
+            "the candidate is compared with the baseline's response at hand"
+        )
+        assert by_target[("baseline", "/items/1")][4] is None
+        assert pairing.entries == {} and pairing.bytes == 0
+
+    run(go)
+
+
+def test_failures_missing_ids_and_duplicates_each_end_once() -> None:
+    async def go() -> None:
+        pairing, _, stats = table()
+        failed = pairing.register("candidate", request("f"))
+        pairing.shadow_done(failed, "candidate", RequestTimeout("late"))
+        pairing.primary("f", response())
+        assert pairing.register("candidate", request(None)) is None
+        assert pairing.register("candidate", request("d")) is not None
+        assert pairing.register("candidate", request("d")) is None  # the same id again: cannot pair
+        pairing.primary("nobody-waits", response())
+        assert pairing.stats.primary_responses["unmatched"] == 1
+        assert outcomes(stats) == {"shadow_failed": 1, "primary_missing": 2}
+        assert stats["candidate"].compare.pending == 1
+        assert pairing.flush() == 1
+        assert outcomes(stats) == {"shadow_failed": 1, "primary_missing": 2, "shutdown": 1}
+
+    run(go)
+
+
+def test_a_primary_cut_by_haproxy_is_too_large() -> None:
+    async def go() -> None:
+        pairing, _, stats = table()
+        entry = pairing.register("candidate", request("cut"))
+        pairing.shadow_done(entry, "candidate", response(b"x" * 50_000))
+        pairing.primary("cut", Response(200, (), b"x" * 30_000, 50_000, None, 0.01))  # declared 50,000
+        chunked = pairing.register("candidate", request("chunked"))
+        pairing.shadow_done(chunked, "candidate", response(b"y" * 50_000))
+        pairing.primary(
+            "chunked", Response(200, (("transfer-encoding", "chunked"),), b"y" * 30_000, 30_000, None, 0)
+        )
+        assert outcomes(stats) == {"too_large": 2}
+
+    run(go)
+
+
+def test_the_bounds_on_entries_and_bytes() -> None:
+    async def go() -> None:
+        pairing, _, stats = table(table={"max_entries": 3, "max_bytes": "64KiB"})
+        entries = [pairing.register("candidate", request(f"id-{n}")) for n in range(5)]
+        assert [entry is not None for entry in entries] == [True, True, True, False, False]
+        assert outcomes(stats) == {"table_full": 2}
+        pairing.shadow_done(entries[0], "candidate", response(b"z" * 70_000))  # over max_bytes alone
+        pairing.primary("id-0", response())
+        assert outcomes(stats) == {"table_full": 3}
+        assert pairing.bytes <= 64 * 1024 and len(pairing.entries) == 2
+        assert pairing.bytes == sum(entry.size for entry in pairing.entries.values())
+        assert all(entry.size >= ENTRY_OVERHEAD for entry in pairing.entries.values())
+
+    run(go)
+
+
+def test_the_deadline_settles_what_is_still_waiting() -> None:
+    async def go() -> None:
+        pairing, _, stats = table(table={"deadline": 0.2})
+        no_primary = pairing.register("candidate", request("a"))
+        pairing.shadow_done(no_primary, "candidate", response())
+        pairing.register("candidate", request("b"))
+        pairing.primary("b", response())  # the shadow never answers
+        await asyncio.sleep(0.4)
+        assert outcomes(stats) == {"primary_missing": 1, "shadow_failed": 1}
+        assert pairing.entries == {} and pairing.bytes == 0
+        late = pairing.register("candidate", request("c"))  # a new entry re-arms the sweep
+        assert late is not None
+        await asyncio.sleep(0.4)
+        assert outcomes(stats) == {"primary_missing": 2, "shadow_failed": 1}
+
+    run(go)
+
+
+def test_the_table_is_carved_out_of_the_memory_budget_and_one_process_pairs() -> None:
+    async def go() -> None:
+        base = {"targets": [{"name": "candidate", "url": "http://127.0.0.1:9"}], "memory_budget": "64MiB"}
+        compare = {"candidates": ["candidate"], "table": {"max_bytes": "16MiB"}}
+        mirror = Mirror(parse_config({**base, "compare": compare}), None)
+        assert mirror.budget.limit == 48 * 2**20
+        assert type(mirror.targets[0]).__name__ == "ComparingTarget"
+        engine = mirror.compare_engine
+        mirror.apply(parse_config({**base, "compare": {**compare, "body_limit": "1KiB"}}), None)
+        assert mirror.compare_engine is engine, "a changed section keeps the engine and its statistics"
+        mirror.apply(parse_config(base), None)
+        assert mirror.budget.limit == 64 * 2**20 and mirror.pairing is None
+        assert type(mirror.targets[0]).__name__ == "Target"
+        with pytest.raises(ConfigError, match=r"^compare\.table\.max_bytes: must be below memory_budget"):
+            Mirror(parse_config({**base, "compare": {**compare, "table": {"max_bytes": "64MiB"}}}), None)
+
+    run(go)
+    with pytest.raises(ConfigError, match=r"^compare: needs listen.workers: 1 \(got 2\)"):
+        parse_config(
+            {
+                "listen": {"workers": 2},
+                "targets": [{"name": "candidate", "url": "http://127.0.0.1:9"}],
+                "compare": {"candidates": ["candidate"]},
+            }
+        )
