@@ -251,8 +251,8 @@ def test_slow_disk_does_not_hold_the_ack(
 ) -> None:
     """Each batch written waits 300 ms (a disk stalling in the kernel): the writer falls behind, the
     target's queue overflows (queue_full) or ages out (stale), and the ACKs, which HAProxy's answers
-    wait for, do not notice. A writer on the event loop would put every answer behind the stall."""
-    monkeypatch.setenv(SLOW_DISK_ENV, "0.3")
+    wait for, do not notice: the answers' p99 is printed next to a healthy disk's (same load, same
+    stack). A writer on the event loop would put every answer behind the stall."""
     target = {
         "name": "rec",
         "capture": {"directory": str(capture_dir)},
@@ -260,12 +260,17 @@ def test_slow_disk_does_not_hold_the_ack(
         "max_queue_age": 1,
     }
     config = lambda _: {"targets": [target]}  # noqa: E731
+    (tmp_path / "healthy").mkdir()
+    with mirror_stack(tmp_path / "healthy", {}, config) as stack:
+        healthy = run_load(stack.url + "/healthy", seconds=3, connections=16)
+    monkeypatch.setenv(SLOW_DISK_ENV, "0.3")
     with mirror_stack(tmp_path, {}, config) as stack:
         load = run_load(stack.url + "/slow", seconds=3, connections=16)
         outcomes = settled(stack, "rec", timeout=20)
-    print(f"\nslow disk: HAProxy answers (after the ACK) {load.summary()}; outcomes {outcomes}")
+    print(f"\nhealthy disk: HAProxy answers (after the ACK) {healthy.summary()}")
+    print(f"slow disk:    HAProxy answers (after the ACK) {load.summary()}; outcomes {outcomes}")
     assert load.failed == 0
-    assert load.p99_ms < 250, load.summary()
+    assert load.p99_ms < max(250, 3 * healthy.p99_ms), load.summary()  # a stalled loop: >= 300 ms
     assert outcomes.get("written", 0) > 0
     assert sum(outcomes.values()) >= load.requests
     assert set(outcomes) <= {"written", "queue_full", "stale"}
