@@ -668,6 +668,12 @@ def _parse(
         # HAProxy may send a request's two messages on different connections, which the kernel
         # spreads over the worker processes, each with a pairing table of its own.
         raise ConfigError("compare", f"needs listen.workers: 1 (got {listen.workers}): one process pairs")
+    for target in targets if compare is not None else ():
+        if target.name in compare.compared and target.protocol != "http1":  # type: ignore[union-attr]
+            raise ConfigError(
+                f"{target.config_key}.protocol",
+                f"is {target.protocol}: only http1 targets are compared (compare names {target.name!r})",
+            )
 
     config = Config(
         listen=listen,

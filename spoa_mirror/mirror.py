@@ -645,12 +645,6 @@ class Mirror:
                 "compare.table.max_bytes",
                 f"must be below memory_budget ({config.memory_budget} bytes): the table is part of it",
             )
-        for name in compare.compared:
-            target = next(t for t in config.targets if t.name == name)
-            if target.protocol != "http1":
-                raise ConfigError(
-                    "compare", f"target {name!r} speaks {target.protocol}: only HTTP/1.1 targets are compared"
-                )
         if self.pairing is not None and self.pairing.config == compare:
             return self.pairing
         from .accounting import PairingStats

@@ -224,3 +224,13 @@ def test_examples_go_through_the_targets_redaction_first() -> None:
         assert "sekrit" not in report
 
     run(go)
+
+
+def test_only_http1_targets_are_compared() -> None:
+    with pytest.raises(ConfigError, match=r"^targets\[0\]\.protocol: is h2c: only http1 targets are"):
+        parse_config(
+            {
+                "targets": [{"name": "candidate", "url": "http://127.0.0.1:9", "protocol": "h2c"}],
+                "compare": {"candidates": ["candidate"]},
+            }
+        )
