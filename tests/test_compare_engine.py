@@ -448,3 +448,27 @@ def test_with_a_warm_baseline_live_outcomes_agree_with_the_report() -> None:
     entry = endpoint(compare.report(), "GET /r")
     assert (entry["regressions"], entry["noise_only"]) == (25, 75)
     assert judged(entry, "regression") == {"status"} and judged(entry, "noise") == {"score"}
+
+
+def test_tokens_in_body_lines_are_masked_in_examples() -> None:
+    compare = engine()
+    for index in range(3):
+        page = f'<form>\n<input name="csrf" value="Tk{index}9aQzR4mB8xW2nL7pV5">\n</form>'
+        other = f'<form>\n<input name="csrf" value="Zz{index}1bYcQ3nK6vT8mJ4hD0">\n</form>'
+        compare.compare("candidate", "GET", "/form", response(page.encode(), content_type="text/html"),
+                        response(other.encode(), content_type="text/html"))  # fmt: skip
+    shown = json.dumps(compare.report())
+    assert "9aQzR4mB8xW2nL7pV5" not in shown and "1bYcQ3nK6vT8mJ4hD0" not in shown
+    assert '<input name=\\"csrf\\" value=\\"<token>\\">' in shown
+
+
+def test_a_target_a_reload_took_out_is_shown_but_not_judged() -> None:
+    compare = engine(goals={"min_comparisons": 1, "min_endpoint_comparisons": 1})
+    for _ in range(5):
+        compare.compare("candidate", "GET", "/a", response({"x": 1}), response({"x": 1}))
+        compare.compare("old", "GET", "/a", response({"x": 1}), response({"x": 2}))
+    assert compare.verdict().ok
+    assert {t["name"]: t["role"] for t in compare.report()["targets"]} == {
+        "candidate": "candidate",
+        "old": "former",
+    }

@@ -190,7 +190,11 @@ class CompareEngine:
         return found
 
     def _role(self, name: str) -> str:
-        return "baseline" if name == self.config.baseline else "candidate"
+        """candidate or baseline; "former" for a target a reload took out of the section: its
+        statistics are still shown, never judged."""
+        if name == self.config.baseline:
+            return "baseline"
+        return "candidate" if name in self.config.candidates else "former"
 
     def _endpoint(self, target: _Target, method: str, path: str) -> _Endpoint:
         name = self._namer.name(method, path)
@@ -289,7 +293,11 @@ class CompareEngine:
         if not noise_config.auto or field.name == OTHER_FIELDS:
             return False, said
         volatile_share = field.volatile / field.differs if field.differs else 0.0
-        shaped = f"{said}, {volatile_share:.0%} of them as {field.shape} values" if field.volatile else said
+        shaped = (
+            f"{said}, {volatile_share:.0%} of them in a volatile shape ({field.shape})"
+            if field.volatile
+            else said
+        )
         if seen >= noise_config.min_samples:
             return rate >= noise_config.threshold and volatile_share >= VOLATILE_SHARE, shaped
         if volatile_now is not None:
@@ -372,10 +380,12 @@ class CompareEngine:
                 if found is None:  # redaction made the two sides equal: nothing to show
                     return "<redacted>", "<redacted>"
                 difference = found
-            secret = sensitive_name(difference.field)
+            named = difference.kind.startswith(("json", "header"))  # a key or header names the value
+            secret = named and sensitive_name(difference.field)
+            loose = not difference.kind.startswith("json")  # text lines and headers: no key names
             return (
-                _truncate(scrub(_display(difference.kind, difference.primary), secret), limit),
-                _truncate(scrub(_display(difference.kind, difference.candidate), secret), limit),
+                _truncate(scrub(_display(difference.kind, difference.primary), secret, loose), limit),
+                _truncate(scrub(_display(difference.kind, difference.candidate), secret, loose), limit),
             )
 
         return shown
