@@ -472,3 +472,21 @@ def test_a_target_a_reload_took_out_is_shown_but_not_judged() -> None:
         "candidate": "candidate",
         "old": "former",
     }
+
+
+def test_check_config_describes_the_comparison(tmp_path: Any) -> None:
+    from spoa_mirror.config import describe, load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "targets: [{name: v2, url: 'http://127.0.0.1:1'}, {name: v1, url: 'http://127.0.0.1:2'}]\n"
+        "compare: {candidates: [v2], baseline: v1, ignore: {json_paths: [meta.id]}}\n"
+    )
+    text = describe(load_config(str(path), env={}))
+    assert (
+        "Compare: v2 against the primary (SPOE message mirror-response); noise measured against baseline v1"
+        in text
+    )
+    assert "and meta.id" in text and "256 KiB" in text
+    path.write_text("targets: [{name: v2, url: 'http://127.0.0.1:1'}]\n")
+    assert "Compare: off" in describe(load_config(str(path), env={}))
