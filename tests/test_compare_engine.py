@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import random
 import tracemalloc
 import zlib
 from typing import Any
@@ -490,3 +491,50 @@ def test_check_config_describes_the_comparison(tmp_path: Any) -> None:
     assert "and meta.id" in text and "256 KiB" in text
     path.write_text("targets: [{name: v2, url: 'http://127.0.0.1:1'}]\n")
     assert "Compare: off" in describe(load_config(str(path), env={}))
+
+
+def test_at_every_cap_at_once_the_engine_holds_a_few_mebibytes() -> None:
+    """Default caps, three targets, every one of their 100 endpoints (and `other`) with more fields
+    than tracked, random sets of them differing (so signatures overflow), long values (so the
+    examples budget fills) and latencies from 10 µs to 100 s: what stays is bounded, and small."""
+    rnd = random.Random(5)
+    compare = CompareEngine(CompareConfig.model_validate({"candidates": ["a", "b"], "baseline": "c"}))
+    primary_body = {f"field{index}": "p" for index in range(40)}
+    tracemalloc.start()
+    try:
+        for target in ("a", "b", "c"):
+            for path in range(104):
+                for count in range(25):
+                    candidate_body = dict(primary_body)
+                    for index in rnd.sample(range(40), 6):
+                        candidate_body[f"field{index}"] = "c" * 250 + str(count)
+                    latency = 10 ** rnd.uniform(-5, 2)
+                    pair = (
+                        response(primary_body, latency=latency),
+                        response(candidate_body, latency=latency * 2),
+                    )
+                    compare.compare(target, "GET", f"/area{path}/x", *pair)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    report = compare.report()
+    size = len(json.dumps(report))
+    print(f"\nengine at every cap: {held / 2**20:.1f} MiB held, report {size / 2**20:.1f} MiB")
+    assert held < 16 * 2**20
+    assert report["bounds"]["examples_bytes"] <= 2 * 2**20
+    for target in report["targets"]:
+        assert len(target["endpoints"]) == 101
+        assert all(len(e["fields"]) == 33 for e in target["endpoints"])  # 32 and (other fields)
+        assert all(
+            e["regressions"] + e["noise_only"] + e["identical"] == e["compared"] for e in target["endpoints"]
+        )
+
+
+def test_other_fields_count_once_per_comparison() -> None:
+    compare = engine(examples={"max_fields": 1})
+    for _ in range(3):
+        compare.compare(
+            "candidate", "GET", "/a", response({"a": 1, "b": 1, "c": 1}), response({"a": 2, "b": 2, "c": 2})
+        )
+    fields = {f["field"]: (f["differs"], f["seen"]) for f in endpoint(compare.report(), "GET /a")["fields"]}
+    assert fields == {"a": (3, 3), "(other fields)": (3, 3)}

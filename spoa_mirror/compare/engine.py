@@ -19,8 +19,8 @@ Regression or noise. A difference is kept per *field* (`items[*].price`, `header
 Everything else that differs is a regression. Each comparison's outcome is `identical`, `noise_only`
 or `different` (a regression), judged when it is made (that is what the metrics count); the report
 and the verdict judge again with everything learnt since, from the set of differing fields of each
-comparison (its signature, up to SIGNATURES per endpoint), so a timestamp field recognised as noise
-after 20 comparisons does not leave those 20 counted as regressions.
+comparison (its signature, a bit per field, up to SIGNATURES per endpoint), so a timestamp field
+recognised as noise after 20 comparisons does not leave those 20 counted as regressions.
 
 Bounded: `endpoints.max` endpoints per target (then `other`), `examples.max_fields` fields per endpoint
 (then `(other fields)`), SIGNATURES signatures per endpoint, `examples.per_field` examples per field
@@ -67,11 +67,12 @@ class Verdict(NamedTuple):
 
 
 class _Field:
-    __slots__ = ("differs", "examples", "first_at", "hidden_at", "kind", "name", "shape", "volatile")
+    __slots__ = ("differs", "examples", "first_at", "hidden_at", "index", "kind", "name", "shape", "volatile")
 
-    def __init__(self, name: str, kind: str, first_at: int, hidden_at: int) -> None:
+    def __init__(self, name: str, kind: str, index: int, first_at: int, hidden_at: int) -> None:
         self.name = name
         self.kind = kind
+        self.index = index  # its bit in the endpoint's signatures
         self.first_at = first_at  # the endpoint's comparison count when this field first differed
         self.hidden_at = hidden_at  # ... and its count of status changes (which hide every other field)
         self.differs = 0  # comparisons in which it differed
@@ -93,7 +94,7 @@ class _Endpoint:
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.fields: dict[str, _Field] = {}
         self.kinds: dict[str, int] = {}
-        self.signatures: dict[frozenset[str], int] = {}
+        self.signatures: dict[int, int] = {}  # bit i set: the endpoint's i-th field differed
         self.unsigned_regressions = 0  # comparisons past SIGNATURES judged regressions when made
         self.latency = {side: LogHistogram() for side in SIDES}
         self.prom_latency = {side: Histogram() for side in SIDES}
@@ -228,28 +229,29 @@ class CompareEngine:
             {difference.field for difference in self._differ.diff(primary, baseline)} if baseline else set()
         )
         regression = False
-        signature = []
+        signature = 0
         wanting: list[tuple[_Field, list[Difference], bool]] = []
+        counted: set[int] = set()
         for name, group in by_field.items():
             field = self._field(endpoint, name, group[0].kind)
-            field.differs += 1
             volatile = all(difference.volatile for difference in group)
-            if volatile:
-                field.volatile += 1
+            if field.index not in counted:  # `(other fields)` stands for several: once per comparison
+                counted.add(field.index)
+                field.differs += 1
+                field.volatile += volatile
             if not field.shape:
                 field.shape = shape_of(group[0].candidate)
             if name in cancelled:
                 noise = True
             else:
-                signature.append(field.name)
+                signature |= 1 << field.index
                 noise = self._is_noise(target, endpoint, field, volatile)[0]
                 regression = regression or not noise
-            if len(field.examples) < self.config.examples.per_field:
+            if len(field.examples) + sum(f is field for f, _, _ in wanting) < self.config.examples.per_field:
                 wanting.append((field, group, noise))
         if signature:
-            key = frozenset(signature)
-            if key in endpoint.signatures or len(endpoint.signatures) < SIGNATURES:
-                endpoint.signatures[key] = endpoint.signatures.get(key, 0) + 1
+            if signature in endpoint.signatures or len(endpoint.signatures) < SIGNATURES:
+                endpoint.signatures[signature] = endpoint.signatures.get(signature, 0) + 1
             elif regression:
                 endpoint.unsigned_regressions += 1
         log = self._diff_log if self._diff_log is not None and self._diff_log.take() else None
@@ -264,7 +266,9 @@ class CompareEngine:
                 name, kind = OTHER_FIELDS, "mixed"
                 field = endpoint.fields.get(name)
             if field is None:
-                field = endpoint.fields[name] = _Field(name, kind, endpoint.compared, endpoint.status_changes)
+                field = endpoint.fields[name] = _Field(
+                    name, kind, len(endpoint.fields), endpoint.compared, endpoint.status_changes
+                )
         return field
 
     def _is_noise(
@@ -444,8 +448,9 @@ class CompareEngine:
             name: self._is_noise(target, endpoint, field, None) for name, field in endpoint.fields.items()
         }
         regressions = endpoint.unsigned_regressions
+        regressing = sum(1 << field.index for name, field in endpoint.fields.items() if not judged[name][0])
         for signature, count in endpoint.signatures.items():
-            if any(not judged[name][0] for name in signature if name in judged):
+            if signature & regressing:
                 regressions += count
         # The rest differed only in noise: fields judged noise now, or cancelled by the baseline's
         # response to the same request (no signature kept for those).
