@@ -57,6 +57,7 @@ OTHER_FIELDS = "(other fields)"
 SIGNATURES = 64  # distinct sets of differing fields remembered per endpoint
 VOLATILE_SHARE = 0.9  # of a field's differences that must be volatile-shaped for it to be noise
 SIDES = ("primary", "shadow")
+MIN_EXAMPLE = 64  # bytes: with less left of examples.budget, no example is even attempted
 
 RedactResponse = Callable[[str, Response], Response]
 
@@ -230,7 +231,8 @@ class CompareEngine:
         )
         regression = False
         signature = 0
-        wanting: list[tuple[_Field, list[Difference], bool]] = []
+        wanting: list[tuple[_Field, list[Difference]]] = []
+        room = self._example_bytes + MIN_EXAMPLE < self.config.examples.budget  # else no more are kept
         counted: set[int] = set()
         for name, group in by_field.items():
             field = self._field(endpoint, name, group[0].kind)
@@ -241,14 +243,12 @@ class CompareEngine:
                 field.volatile += volatile
             if not field.shape:
                 field.shape = shape_of(group[0].candidate)
-            if name in cancelled:
-                noise = True
-            else:
+            if name not in cancelled:
                 signature |= 1 << field.index
-                noise = self._is_noise(target, endpoint, field, volatile)[0]
-                regression = regression or not noise
-            if len(field.examples) + sum(f is field for f, _, _ in wanting) < self.config.examples.per_field:
-                wanting.append((field, group, noise))
+                regression = regression or not self._is_noise(target, endpoint, field, volatile)[0]
+            short = len(field.examples) + sum(f is field for f, _ in wanting) < self.config.examples.per_field
+            if room and short:
+                wanting.append((field, group))
         if signature:
             if signature in endpoint.signatures or len(endpoint.signatures) < SIGNATURES:
                 endpoint.signatures[signature] = endpoint.signatures.get(signature, 0) + 1
@@ -324,7 +324,7 @@ class CompareEngine:
         method: str,
         path: str,
         differences: list[Difference],
-        wanting: list[tuple[_Field, list[Difference], bool]],
+        wanting: list[tuple[_Field, list[Difference]]],
         primary: Response,
         candidate: Response,
         log: DiffLog | None,
@@ -334,7 +334,7 @@ class CompareEngine:
         shown = self._shown_values(target.name, primary, candidate)
         request = scrub(f"{method} {path.partition('?')[0]}", False)[: self.config.examples.max_chars]
         budget = self.config.examples.budget
-        for field, group, _noise in wanting:
+        for field, group in wanting:
             first = group[0]
             primary_text, candidate_text = shown(first)
             example = {
