@@ -149,7 +149,7 @@ import yaml
 from spoe.connection import CAPABILITIES
 from spoe.frames import MIN_FRAME_SIZE
 
-from .compare.config import CompareConfig, parse_compare
+from .compare.config import CompareConfig, describe_compare, parse_compare
 from .config_types import parse_duration, parse_size
 from .errors import ConfigError
 
@@ -434,6 +434,7 @@ def describe(config: Config) -> str:
         lines.append("Redaction for every target: the built-in defaults (credential headers masked)")
     else:
         lines.append(f"Redaction for every target: {_fmt_spec(config.redact)}")
+    lines.extend(describe_compare(config.compare))
     if not config.mirroring_enabled:
         lines.append("Mirroring: DISABLED (mirroring.enabled: false); nothing is sent")
         return "\n".join(lines)
