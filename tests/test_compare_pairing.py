@@ -247,9 +247,11 @@ def test_without_the_response_rules_the_agent_says_so(
     ):
         for n in range(20):
             assert client.get(f"/items/{n}").status_code == 200
-        outcomes = stack.settle(("candidate",), 20, timeout=10)
+        failed = spoe_failures(stack.haproxy.stderr_text())  # the agent may not have had those
+        outcomes = stack.settle(("candidate",), 20 - len(failed), timeout=10)
         warnings = log_events(stack.agent.stderr_text(), "compare.no_primary_responses")
-    assert outcomes["candidate"] == {"primary_missing": 20}
+    assert set(outcomes["candidate"]) == {"primary_missing"}
+    assert 20 - len(failed) <= outcomes["candidate"]["primary_missing"] <= 20
     assert len(warnings) == 1 and "send-spoe-group" in warnings[0]["hint"]
 
 
