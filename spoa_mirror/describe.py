@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .compare.config import describe_compare
 from .config_types import format_duration, format_size
 from .targets import join_host
 
@@ -84,6 +85,7 @@ def describe(config: Config) -> str:
         lines.append("Redaction for every target: the built-in defaults (credential headers masked)")
     else:
         lines.append(f"Redaction for every target: {_fmt_spec(config.redact)}")
+    lines.extend(describe_compare(config.compare))
     if not config.mirroring_enabled:
         lines.append("Mirroring: DISABLED (mirroring.enabled: false); nothing is sent")
         return "\n".join(lines)

@@ -657,12 +657,6 @@ class Mirror:
                 "compare.table.max_bytes",
                 f"must be below memory_budget ({config.memory_budget} bytes): the table is part of it",
             )
-        for name in compare.compared:
-            target = next(t for t in config.targets if t.name == name)
-            if target.protocol != "http1":
-                raise ConfigError(
-                    "compare", f"target {name!r} speaks {target.protocol}: only HTTP/1.1 targets are compared"
-                )
         if self.pairing is not None and self.pairing.config == compare:
             return self.pairing
         from .accounting import PairingStats
@@ -670,9 +664,27 @@ class Mirror:
         from .compare.pairing import PairingTable
 
         # A changed section keeps the engine's statistics (its rules change); the table is new.
-        engine = CompareEngine(compare) if self.compare_engine is None else self.compare_engine
+        engine = (
+            CompareEngine(compare, redact_response=self._redact_response)
+            if self.compare_engine is None
+            else self.compare_engine
+        )
         stats = PairingStats(compare.table.max_entries, compare.table.max_bytes)
         return PairingTable(compare, engine, stats, self.target_stats)
+
+    def _redact_response(self, target_name: str, response: Any) -> Any:
+        """The engine's hook before it keeps or shows anything of a pair (its examples): the
+        target's own redaction rules, applied to the response's headers and body as to a request's
+        (credential headers, json_fields, patterns). A response they cannot redact shows nothing."""
+        target = next((t for t in self.targets if t.name == target_name), None)
+        if target is None:
+            return response
+        as_request = MirrorRequest("GET", "/", "1.1", list(response.headers), response.body)
+        try:
+            redacted = target.redact(as_request)
+        except Unredactable:
+            return dataclasses.replace(response, headers=(), body=b"")
+        return dataclasses.replace(response, headers=tuple(redacted.headers), body=redacted.body)
 
     def _use_pairing(self, pairing: Any, config: Any) -> None:
         if pairing is self.pairing:

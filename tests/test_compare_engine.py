@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import random
 import tracemalloc
 import zlib
 from typing import Any
@@ -448,3 +449,92 @@ def test_with_a_warm_baseline_live_outcomes_agree_with_the_report() -> None:
     entry = endpoint(compare.report(), "GET /r")
     assert (entry["regressions"], entry["noise_only"]) == (25, 75)
     assert judged(entry, "regression") == {"status"} and judged(entry, "noise") == {"score"}
+
+
+def test_tokens_in_body_lines_are_masked_in_examples() -> None:
+    compare = engine()
+    for index in range(3):
+        page = f'<form>\n<input name="csrf" value="Tk{index}9aQzR4mB8xW2nL7pV5">\n</form>'
+        other = f'<form>\n<input name="csrf" value="Zz{index}1bYcQ3nK6vT8mJ4hD0">\n</form>'
+        compare.compare("candidate", "GET", "/form", response(page.encode(), content_type="text/html"),
+                        response(other.encode(), content_type="text/html"))  # fmt: skip
+    shown = json.dumps(compare.report())
+    assert "9aQzR4mB8xW2nL7pV5" not in shown and "1bYcQ3nK6vT8mJ4hD0" not in shown
+    assert '<input name=\\"csrf\\" value=\\"<token>\\">' in shown
+
+
+def test_a_target_a_reload_took_out_is_shown_but_not_judged() -> None:
+    compare = engine(goals={"min_comparisons": 1, "min_endpoint_comparisons": 1})
+    for _ in range(5):
+        compare.compare("candidate", "GET", "/a", response({"x": 1}), response({"x": 1}))
+        compare.compare("old", "GET", "/a", response({"x": 1}), response({"x": 2}))
+    assert compare.verdict().ok
+    assert {t["name"]: t["role"] for t in compare.report()["targets"]} == {
+        "candidate": "candidate",
+        "old": "former",
+    }
+
+
+def test_check_config_describes_the_comparison(tmp_path: Any) -> None:
+    from spoa_mirror.config import describe, load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "targets: [{name: v2, url: 'http://127.0.0.1:1'}, {name: v1, url: 'http://127.0.0.1:2'}]\n"
+        "compare: {candidates: [v2], baseline: v1, ignore: {json_paths: [meta.id]}}\n"
+    )
+    text = describe(load_config(str(path), env={}))
+    assert (
+        "Compare: v2 against the primary (SPOE message mirror-response); noise measured against baseline v1"
+        in text
+    )
+    assert "and meta.id" in text and "256 KiB" in text
+    path.write_text("targets: [{name: v2, url: 'http://127.0.0.1:1'}]\n")
+    assert "Compare: off" in describe(load_config(str(path), env={}))
+
+
+def test_at_every_cap_at_once_the_engine_holds_a_few_mebibytes() -> None:
+    """Default caps, three targets, every one of their 100 endpoints (and `other`) with more fields
+    than tracked, random sets of them differing (so signatures overflow), long values (so the
+    examples budget fills) and latencies from 10 µs to 100 s: what stays is bounded, and small."""
+    rnd = random.Random(5)
+    compare = CompareEngine(CompareConfig.model_validate({"candidates": ["a", "b"], "baseline": "c"}))
+    primary_body = {f"field{index}": "p" for index in range(40)}
+    tracemalloc.start()
+    try:
+        for target in ("a", "b", "c"):
+            for path in range(104):
+                for count in range(25):
+                    candidate_body = dict(primary_body)
+                    for index in rnd.sample(range(40), 6):
+                        candidate_body[f"field{index}"] = "c" * 250 + str(count)
+                    latency = 10 ** rnd.uniform(-5, 2)
+                    pair = (
+                        response(primary_body, latency=latency),
+                        response(candidate_body, latency=latency * 2),
+                    )
+                    compare.compare(target, "GET", f"/area{path}/x", *pair)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    report = compare.report()
+    size = len(json.dumps(report))
+    print(f"\nengine at every cap: {held / 2**20:.1f} MiB held, report {size / 2**20:.1f} MiB")
+    assert held < 16 * 2**20
+    assert report["bounds"]["examples_bytes"] <= 2 * 2**20
+    for target in report["targets"]:
+        assert len(target["endpoints"]) == 101
+        assert all(len(e["fields"]) == 33 for e in target["endpoints"])  # 32 and (other fields)
+        assert all(
+            e["regressions"] + e["noise_only"] + e["identical"] == e["compared"] for e in target["endpoints"]
+        )
+
+
+def test_other_fields_count_once_per_comparison() -> None:
+    compare = engine(examples={"max_fields": 1})
+    for _ in range(3):
+        compare.compare(
+            "candidate", "GET", "/a", response({"a": 1, "b": 1, "c": 1}), response({"a": 2, "b": 2, "c": 2})
+        )
+    fields = {f["field"]: (f["differs"], f["seen"]) for f in endpoint(compare.report(), "GET /a")["fields"]}
+    assert fields == {"a": (3, 3), "(other fields)": (3, 3)}

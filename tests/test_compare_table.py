@@ -6,6 +6,7 @@ the bounds (entries, bytes, deadline) hold."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -184,6 +185,52 @@ def test_the_table_is_carved_out_of_the_memory_budget_and_one_process_pairs() ->
             {
                 "listen": {"workers": 2},
                 "targets": [{"name": "candidate", "url": "http://127.0.0.1:9"}],
+                "compare": {"candidates": ["candidate"]},
+            }
+        )
+
+
+def test_examples_go_through_the_targets_redaction_first() -> None:
+    """What the report keeps of a difference is taken from the target's redaction of both
+    responses: a json_fields rule masks the nickname (a name the built-in scrubbing would show);
+    the other field's values show."""
+
+    async def go() -> None:
+        config = parse_config(
+            {
+                "targets": [
+                    {
+                        "name": "candidate",
+                        "url": "http://127.0.0.1:9",
+                        "redact": {"json_fields": {"nickname": "mask"}},
+                    }
+                ],
+                "compare": {"candidates": ["candidate"]},
+            }
+        )
+        mirror = Mirror(config, None)
+        pairing = mirror.pairing
+        headers = (("content-type", "application/json"),)
+        for n in range(30):
+            entry = pairing.register("candidate", request(f"id-{n}", "/account"))
+            primary = b'{"nickname": "sekrit-primary-%d", "plan": "basic"}' % n
+            candidate = b'{"nickname": "sekrit-candidate-%d", "plan": "premium"}' % n
+            pairing.shadow_done(
+                entry, "candidate", Response(200, headers, candidate, len(candidate), None, 0.01)
+            )
+            pairing.primary(f"id-{n}", Response(200, headers, primary, len(primary), None, 0.01))
+        report = json.dumps(mirror.compare_engine.report())
+        assert "premium" in report and "basic" in report
+        assert "sekrit" not in report
+
+    run(go)
+
+
+def test_only_http1_targets_are_compared() -> None:
+    with pytest.raises(ConfigError, match=r"^targets\[0\]\.protocol: is h2c: only http1 targets are"):
+        parse_config(
+            {
+                "targets": [{"name": "candidate", "url": "http://127.0.0.1:9", "protocol": "h2c"}],
                 "compare": {"candidates": ["candidate"]},
             }
         )

@@ -25,6 +25,7 @@ from ..config_types import (
     bounded_duration,
     bounded_size,
     config_error,
+    format_size,
     int_between,
     problem,
 )
@@ -280,3 +281,34 @@ def _unknown_target(name: str, known: tuple[str, ...]) -> str:
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; targets are {', '.join(known) or 'none'}"
     return f"no target is named {name!r}{hint}"
+
+
+def describe_compare(section: CompareConfig | None) -> list[str]:
+    """The section in plain words, for `spoa-mirror check-config`."""
+    if section is None:
+        return ["Compare: off (no compare section); shadow responses are counted, not compared"]
+    goals, noise = section.goals, section.noise
+    baseline = (
+        f"noise measured against baseline {section.baseline}"
+        if section.baseline
+        else f"noise recognised by shape (auto: {'on' if noise.auto else 'off'})"
+    )
+    ignored = "the naturally varying headers" if section.ignore.default_headers else "no default headers"
+    extra = [
+        *section.ignore.headers,
+        *section.ignore.json_paths,
+        *(p.pattern for p in section.ignore.patterns),
+    ]
+    return [
+        f"Compare: {', '.join(section.candidates)} against the primary (SPOE message "
+        f"{section.response_message}); {baseline}",
+        f"  bodies up to {format_size(section.body_limit)} compared by content, longer ones by length "
+        "and SHA-256; "
+        f"ignores {ignored}" + (f" and {', '.join(extra)}" if extra else ""),
+        f"  pairing table: {section.table.max_entries} entries, {format_size(section.table.max_bytes)}, "
+        f"deadline {section.table.deadline:g}s; at most {section.endpoints.max} endpoints per target",
+        f"  verdict after {goals.min_comparisons} comparisons: regressions <= "
+        f"{goals.max_regression_rate:.1%} per endpoint, 5xx rate <= primary's + "
+        f"{goals.max_error_rate_increase:.1%}, "
+        f"p99 <= {goals.max_p99_ratio:g}x the primary's (or within {goals.p99_slack * 1000:g} ms)",
+    ]

@@ -19,8 +19,8 @@ Regression or noise. A difference is kept per *field* (`items[*].price`, `header
 Everything else that differs is a regression. Each comparison's outcome is `identical`, `noise_only`
 or `different` (a regression), judged when it is made (that is what the metrics count); the report
 and the verdict judge again with everything learnt since, from the set of differing fields of each
-comparison (its signature, up to SIGNATURES per endpoint), so a timestamp field recognised as noise
-after 20 comparisons does not leave those 20 counted as regressions.
+comparison (its signature, a bit per field, up to SIGNATURES per endpoint), so a timestamp field
+recognised as noise after 20 comparisons does not leave those 20 counted as regressions.
 
 Bounded: `endpoints.max` endpoints per target (then `other`), `examples.max_fields` fields per endpoint
 (then `(other fields)`), SIGNATURES signatures per endpoint, `examples.per_field` examples per field
@@ -57,6 +57,7 @@ OTHER_FIELDS = "(other fields)"
 SIGNATURES = 64  # distinct sets of differing fields remembered per endpoint
 VOLATILE_SHARE = 0.9  # of a field's differences that must be volatile-shaped for it to be noise
 SIDES = ("primary", "shadow")
+MIN_EXAMPLE = 64  # bytes: with less left of examples.budget, no example is even attempted
 
 RedactResponse = Callable[[str, Response], Response]
 
@@ -67,11 +68,12 @@ class Verdict(NamedTuple):
 
 
 class _Field:
-    __slots__ = ("differs", "examples", "first_at", "hidden_at", "kind", "name", "shape", "volatile")
+    __slots__ = ("differs", "examples", "first_at", "hidden_at", "index", "kind", "name", "shape", "volatile")
 
-    def __init__(self, name: str, kind: str, first_at: int, hidden_at: int) -> None:
+    def __init__(self, name: str, kind: str, index: int, first_at: int, hidden_at: int) -> None:
         self.name = name
         self.kind = kind
+        self.index = index  # its bit in the endpoint's signatures
         self.first_at = first_at  # the endpoint's comparison count when this field first differed
         self.hidden_at = hidden_at  # ... and its count of status changes (which hide every other field)
         self.differs = 0  # comparisons in which it differed
@@ -93,7 +95,7 @@ class _Endpoint:
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.fields: dict[str, _Field] = {}
         self.kinds: dict[str, int] = {}
-        self.signatures: dict[frozenset[str], int] = {}
+        self.signatures: dict[int, int] = {}  # bit i set: the endpoint's i-th field differed
         self.unsigned_regressions = 0  # comparisons past SIGNATURES judged regressions when made
         self.latency = {side: LogHistogram() for side in SIDES}
         self.prom_latency = {side: Histogram() for side in SIDES}
@@ -190,7 +192,11 @@ class CompareEngine:
         return found
 
     def _role(self, name: str) -> str:
-        return "baseline" if name == self.config.baseline else "candidate"
+        """candidate or baseline; "former" for a target a reload took out of the section: its
+        statistics are still shown, never judged."""
+        if name == self.config.baseline:
+            return "baseline"
+        return "candidate" if name in self.config.candidates else "former"
 
     def _endpoint(self, target: _Target, method: str, path: str) -> _Endpoint:
         name = self._namer.name(method, path)
@@ -224,28 +230,28 @@ class CompareEngine:
             {difference.field for difference in self._differ.diff(primary, baseline)} if baseline else set()
         )
         regression = False
-        signature = []
-        wanting: list[tuple[_Field, list[Difference], bool]] = []
+        signature = 0
+        wanting: list[tuple[_Field, list[Difference]]] = []
+        room = self._example_bytes + MIN_EXAMPLE < self.config.examples.budget  # else no more are kept
+        counted: set[int] = set()
         for name, group in by_field.items():
             field = self._field(endpoint, name, group[0].kind)
-            field.differs += 1
             volatile = all(difference.volatile for difference in group)
-            if volatile:
-                field.volatile += 1
+            if field.index not in counted:  # `(other fields)` stands for several: once per comparison
+                counted.add(field.index)
+                field.differs += 1
+                field.volatile += volatile
             if not field.shape:
                 field.shape = shape_of(group[0].candidate)
-            if name in cancelled:
-                noise = True
-            else:
-                signature.append(field.name)
-                noise = self._is_noise(target, endpoint, field, volatile)[0]
-                regression = regression or not noise
-            if len(field.examples) < self.config.examples.per_field:
-                wanting.append((field, group, noise))
+            if name not in cancelled:
+                signature |= 1 << field.index
+                regression = regression or not self._is_noise(target, endpoint, field, volatile)[0]
+            short = len(field.examples) + sum(f is field for f, _ in wanting) < self.config.examples.per_field
+            if room and short:
+                wanting.append((field, group))
         if signature:
-            key = frozenset(signature)
-            if key in endpoint.signatures or len(endpoint.signatures) < SIGNATURES:
-                endpoint.signatures[key] = endpoint.signatures.get(key, 0) + 1
+            if signature in endpoint.signatures or len(endpoint.signatures) < SIGNATURES:
+                endpoint.signatures[signature] = endpoint.signatures.get(signature, 0) + 1
             elif regression:
                 endpoint.unsigned_regressions += 1
         log = self._diff_log if self._diff_log is not None and self._diff_log.take() else None
@@ -260,7 +266,9 @@ class CompareEngine:
                 name, kind = OTHER_FIELDS, "mixed"
                 field = endpoint.fields.get(name)
             if field is None:
-                field = endpoint.fields[name] = _Field(name, kind, endpoint.compared, endpoint.status_changes)
+                field = endpoint.fields[name] = _Field(
+                    name, kind, len(endpoint.fields), endpoint.compared, endpoint.status_changes
+                )
         return field
 
     def _is_noise(
@@ -289,7 +297,11 @@ class CompareEngine:
         if not noise_config.auto or field.name == OTHER_FIELDS:
             return False, said
         volatile_share = field.volatile / field.differs if field.differs else 0.0
-        shaped = f"{said}, {volatile_share:.0%} of them as {field.shape} values" if field.volatile else said
+        shaped = (
+            f"{said}, {volatile_share:.0%} of them in a volatile shape ({field.shape})"
+            if field.volatile
+            else said
+        )
         if seen >= noise_config.min_samples:
             return rate >= noise_config.threshold and volatile_share >= VOLATILE_SHARE, shaped
         if volatile_now is not None:
@@ -312,7 +324,7 @@ class CompareEngine:
         method: str,
         path: str,
         differences: list[Difference],
-        wanting: list[tuple[_Field, list[Difference], bool]],
+        wanting: list[tuple[_Field, list[Difference]]],
         primary: Response,
         candidate: Response,
         log: DiffLog | None,
@@ -322,7 +334,7 @@ class CompareEngine:
         shown = self._shown_values(target.name, primary, candidate)
         request = scrub(f"{method} {path.partition('?')[0]}", False)[: self.config.examples.max_chars]
         budget = self.config.examples.budget
-        for field, group, _noise in wanting:
+        for field, group in wanting:
             first = group[0]
             primary_text, candidate_text = shown(first)
             example = {
@@ -372,10 +384,12 @@ class CompareEngine:
                 if found is None:  # redaction made the two sides equal: nothing to show
                     return "<redacted>", "<redacted>"
                 difference = found
-            secret = sensitive_name(difference.field)
+            named = difference.kind.startswith(("json", "header"))  # a key or header names the value
+            secret = named and sensitive_name(difference.field)
+            loose = not difference.kind.startswith("json")  # text lines and headers: no key names
             return (
-                _truncate(scrub(_display(difference.kind, difference.primary), secret), limit),
-                _truncate(scrub(_display(difference.kind, difference.candidate), secret), limit),
+                _truncate(scrub(_display(difference.kind, difference.primary), secret, loose), limit),
+                _truncate(scrub(_display(difference.kind, difference.candidate), secret, loose), limit),
             )
 
         return shown
@@ -434,8 +448,9 @@ class CompareEngine:
             name: self._is_noise(target, endpoint, field, None) for name, field in endpoint.fields.items()
         }
         regressions = endpoint.unsigned_regressions
+        regressing = sum(1 << field.index for name, field in endpoint.fields.items() if not judged[name][0])
         for signature, count in endpoint.signatures.items():
-            if any(not judged[name][0] for name in signature if name in judged):
+            if signature & regressing:
                 regressions += count
         # The rest differed only in noise: fields judged noise now, or cancelled by the baseline's
         # response to the same request (no signature kept for those).

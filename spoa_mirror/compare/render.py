@@ -266,6 +266,9 @@ def render_terminal(report: dict[str, Any], console: Any = None) -> None:
         )
     )
     for target in report["targets"]:
+        if not target["endpoints"]:
+            console.print(f"{escape(target['name'])} ({target['role']}): nothing compared yet")
+            continue
         table = Table(
             title=f"{escape(target['name'])} ({target['role']}): {target['compared']:,} compared, "
             f"{target['regressions']:,} regressions, {target['noise_only']:,} noise only",

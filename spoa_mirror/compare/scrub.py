@@ -3,7 +3,8 @@
 Applied to every example value and diff-log value, after the target's `redact_response` hook: a
 value under a secret-looking name (a JSON key or header such as `token`, `password`, `api_key`,
 `authorization`, `session`, `cookie`), and anything shaped like a JWT, a bearer token or a
-`password=...` pair inside a value, is replaced with a mask. Set-Cookie values never get this far:
+`password=...` pair inside a value, is replaced with a mask; in body lines and header values, where
+no key names a value, so is any long random token. Set-Cookie values never get this far:
 the differ compares cookies by name and attributes only.
 """
 
@@ -18,6 +19,7 @@ _SECRET_NAME = re.compile(
     re.I,
 )
 _JWT = re.compile(r"\beyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]*")
+_TOKEN = re.compile(r"(?<![\w+/=-])(?=[\w+/=-]*\d)(?=[\w+/=-]*[A-Za-z])[\w+/=-]{20,}(?![\w+/=-])")
 _BEARER = re.compile(r"\b(Bearer|Basic|Token)\s+[\w~+/.=-]{8,}", re.I)
 _PAIR = re.compile(
     r"""(?P<name>\b[\w-]*(?:pass(?:word|wd)?|secret|token|api[-_]?key|session(?:id)?|auth)[\w-]*)"""
@@ -33,11 +35,16 @@ def sensitive_name(field: str) -> bool:
     return bool(names) and _SECRET_NAME.search(names[-1].strip('"')) is not None
 
 
-def scrub(text: str, secret: bool) -> str:
+def scrub(text: str, secret: bool, loose: bool = False) -> str:
+    """`text` as it may be shown. `secret`: the value's name says it is one, so all of it goes.
+    `loose`: text without key names around it (body lines, header values), where a long random token
+    (20 or more letters and digits mixed, as session ids and CSRF tokens are) is masked too."""
     if secret:
         return MASK if text not in ("(absent)", "null") else text
     if len(text) < 8:
         return text
     text = _JWT.sub("<jwt>", text)
+    if loose:
+        text = _TOKEN.sub("<token>", text)
     text = _BEARER.sub(lambda m: f"{m[1]} {MASK}", text)
     return _PAIR.sub(lambda m: f"{m['name']}{m['sep']}{MASK}", text)

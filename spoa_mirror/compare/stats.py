@@ -45,7 +45,7 @@ def wilson(successes: int, trials: int, z: float = 2.576) -> tuple[float, float]
     rates near 0 or 1, where the normal approximation says nonsense."""
     if trials <= 0:
         return 0.0, 1.0
-    p = successes / trials
+    p = min(1.0, max(0.0, successes / trials))
     denominator = 1 + z * z / trials
     centre = (p + z * z / (2 * trials)) / denominator
     spread = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
