@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import random
+import time
 import tracemalloc
 import zlib
 from typing import Any
@@ -538,3 +539,17 @@ def test_other_fields_count_once_per_comparison() -> None:
         )
     fields = {f["field"]: (f["differs"], f["seen"]) for f in endpoint(compare.report(), "GET /a")["fields"]}
     assert fields == {"a": (3, 3), "(other fields)": (3, 3)}
+
+
+def test_text_of_repeated_lines_is_diffed_quickly_and_bounded() -> None:
+    """2,000 lines of a few repeated values: without difflib's autojunk this took 6 s of CPU (on the
+    agent's event loop); the bound here only catches that coming back."""
+    differ = Differ(IgnoreConfig(), 1 << 20)
+    primary = "\n".join(f"row {index % 7}" for index in range(2000)).encode()
+    candidate = "\n".join(f"row {index % 5}" for index in range(2000)).encode()
+    started = time.process_time()
+    found = differ.diff(
+        response(primary, content_type="text/plain"), response(candidate, content_type="text/plain")
+    )
+    assert time.process_time() - started < 2.0
+    assert 0 < len(found) <= 64 and {d.kind for d in found} == {"text_lines"}
