@@ -18,8 +18,11 @@ Durations are seconds, as a number or a string such as `"500ms"`, `"2s"`, `"1.5m
 are bytes, as an integer or a string such as `"512k"`, `"1MiB"`, `"10MB"`: `k`/`KiB`, `m`/`MiB`,
 `g`/`GiB` are powers of 1024 (the HAProxy and nginx convention), `kB`/`MB`/`GB` powers of 1000.
 
-Validators report a problem with `problem("must be ...")`, or by raising `ConfigError(key, ...)`
-with a key relative to the field being validated (how the stage builders report theirs).
+Validators report a problem with `problem("must be ...")` (or `problem(text, "sub.key")` for a key
+below the value), or by raising `ConfigError(key, ...)` with a key relative to the field being
+validated (how the stage builders report theirs). `Derived` fields are computed by a section's
+after-validator (`self.derive(...)`), never read from the file nor shown in the schema; `spec_of`
+declares a stage's sub-spec by its model while keeping the mapping as written for its builder.
 """
 
 from __future__ import annotations
