@@ -553,3 +553,18 @@ def test_text_of_repeated_lines_is_diffed_quickly_and_bounded() -> None:
     )
     assert time.process_time() - started < 2.0
     assert 0 < len(found) <= 64 and {d.kind for d in found} == {"text_lines"}
+
+
+def test_adversarial_values_cost_little() -> None:
+    """Megabyte values built against the regexes (a hyphenated run with no digit, repeated keywords
+    and timestamps): compared, scrubbed and kept as examples without a long stall of the loop; the
+    bound only catches backtracking coming back (one of them took minutes)."""
+    compare = engine()
+    for text in ("ab-" * 300_000, "2024-01-01T" * 100_000, "a-" * 100_000 + "password", "token=x" * 100_000):
+        started = time.process_time()
+        compare.compare("candidate", "GET", "/big", response({"v": text + "1"}), response({"v": text + "2"}))
+        compare.compare("candidate", "GET", "/big", response(f"{text}1".encode(), content_type="text/plain"),
+                        response(f"{text}2".encode(), content_type="text/plain"))  # fmt: skip
+        assert time.process_time() - started < 5.0, text[:20]
+    examples = [x for f in endpoint(compare.report(), "GET /big")["fields"] for x in f["examples"]]
+    assert examples and all(len(x["primary"]) < 300 for x in examples)

@@ -57,6 +57,7 @@ OTHER_FIELDS = "(other fields)"
 SIGNATURES = 64  # distinct sets of differing fields remembered per endpoint
 VOLATILE_SHARE = 0.9  # of a field's differences that must be volatile-shaped for it to be noise
 SIDES = ("primary", "shadow")
+SCRUB_MARGIN = 512  # characters scrubbed past what an example shows
 MIN_EXAMPLE = 64  # bytes: with less left of examples.budget, no example is even attempted
 
 RedactResponse = Callable[[str, Response], Response]
@@ -388,8 +389,8 @@ class CompareEngine:
             secret = named and sensitive_name(difference.field)
             loose = not difference.kind.startswith("json")  # text lines and headers: no key names
             return (
-                _truncate(scrub(_display(difference.kind, difference.primary), secret, loose), limit),
-                _truncate(scrub(_display(difference.kind, difference.candidate), secret, loose), limit),
+                _shown_text(_display(difference.kind, difference.primary), secret, loose, limit),
+                _shown_text(_display(difference.kind, difference.candidate), secret, loose, limit),
             )
 
         return shown
@@ -666,6 +667,15 @@ def _display(kind: str, value: Any) -> str:
             return f"{value} items"
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     return str(value)
+
+
+def _shown_text(text: str, secret: bool, loose: bool, limit: int) -> str:
+    """Scrubbed and truncated; only the start is scrubbed (what is shown, and a margin for a secret
+    that begins there), so a 1 MB value costs what a short one does."""
+    window = scrub(text[: limit + SCRUB_MARGIN], secret, loose)
+    if len(text) <= limit + SCRUB_MARGIN:
+        return _truncate(window, limit)
+    return f"{window[:limit]}… ({len(text) - limit} more)"
 
 
 def _truncate(text: str, limit: int) -> str:
