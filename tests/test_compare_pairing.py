@@ -196,18 +196,26 @@ def compare_stack(
         )
 
 
+# A candidate, and a baseline running the primary's version. The p99 slack of 20 ms keeps the loaded
+# test machine's jitter out of the verdicts, not the planted slow search.
+WITH_BASELINE: dict[str, Any] = {
+    "candidates": ["candidate"],
+    "baseline": "baseline",
+    "goals": {"p99_slack": "20ms"},
+}
+
+
 def test_identical_servers_over_2000_varied_requests_are_identical(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, haproxy_release: object
 ) -> None:
     """Primary, baseline and candidate run the same service: every request on each compared target
     ends as one outcome, `identical`, except the bodies larger than HAProxy's buffer, whose
-    primary body HAProxy cut (too_large: the agent never had all of it, and says so)."""
+    primary body HAProxy cut (too_large: the agent never had all of it, and says so). The report
+    has no regression and GET /verdict passes (200)."""
     requests = list(varied_paths(2000)) + [("GET", f"/large/{n}") for n in range(5)]
     responders = {"primary": service, "baseline": service, "candidate": service}
     with (
-        compare_stack(
-            tmp_path, monkeypatch, responders, {"candidates": ["candidate"], "baseline": "baseline"}
-        ) as stack,
+        compare_stack(tmp_path, monkeypatch, responders, WITH_BASELINE) as stack,
         httpx.Client(base_url=stack.url, trust_env=False) as client,
     ):
         for method, path in requests:
@@ -215,6 +223,8 @@ def test_identical_servers_over_2000_varied_requests_are_identical(
         failed = spoe_failures(stack.haproxy.stderr_text())
         outcomes = stack.settle(("candidate", "baseline"), len(requests) - len(failed))
         metrics = stack.metrics()
+        verdict = httpx.get(stack.admin_url + "/verdict", trust_env=False, timeout=10)
+        report = httpx.get(stack.admin_url + "/compare", trust_env=False, timeout=10).json()
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     print(f"\noutcomes {outcomes}; {len(failed)} SPOE failures; largest child RSS {rss / 1024:.1f} MiB")
     large = [request for request in requests if request[1].startswith("/large/")]
@@ -225,6 +235,8 @@ def test_identical_servers_over_2000_varied_requests_are_identical(
     assert paired == sum(outcomes["candidate"].values()) - outcomes["candidate"].get("primary_missing", 0)
     assert metrics["spoa_mirror_compare_table_entries"] == 0
     assert metrics["spoa_mirror_compare_table_bytes"] == 0
+    assert verdict.status_code == 200 and verdict.json()["state"] == "pass", verdict.text
+    assert [target["regressions"] for target in report["targets"]] == [0, 0]
 
 
 def test_without_the_response_rules_the_agent_says_so(
@@ -400,14 +412,8 @@ def assert_outcomes(
 
 
 PLANTS = ("status", "price", "slow")
-# The planted slow search sleeps 48-108 ms on the candidate against the primary's 12-27 ms: a p99
-# slack of 20 ms keeps the rest of the loaded test machine's jitter out of the verdict, not that.
+# The planted slow search sleeps 48-108 ms on the candidate against the primary's 12-27 ms.
 SLOWNESS = 3.0
-PLANTED_SECTION: dict[str, Any] = {
-    "candidates": ["candidate"],
-    "baseline": "baseline",
-    "goals": {"p99_slack": "20ms"},
-}
 
 
 @dataclass
@@ -435,7 +441,7 @@ def planted_shop(tmp_path_factory: pytest.TempPathFactory, haproxy_release: obje
     }
     with (
         pytest.MonkeyPatch.context() as monkeypatch,
-        compare_stack(tmp_path_factory.mktemp("planted"), monkeypatch, responders, PLANTED_SECTION) as stack,
+        compare_stack(tmp_path_factory.mktemp("planted"), monkeypatch, responders, WITH_BASELINE) as stack,
         httpx.Client(base_url=stack.url, trust_env=False) as client,
     ):
         for request in traffic:
@@ -452,7 +458,7 @@ def test_planted_differences_end_as_the_engine_judges_them_and_nothing_else(plan
     HAProxy gave up on (its log line's mirror_err; seen under load as the first connections open)
     ends as primary_missing instead."""
     traffic, failed, outcomes = planted_shop.traffic, planted_shop.failed, planted_shop.outcomes
-    config = parse_compare(PLANTED_SECTION, ("candidate", "baseline"))
+    config = parse_compare(WITH_BASELINE, ("candidate", "baseline"))
     assert config is not None
     engine = CompareEngine(config)
     servers = {
@@ -690,13 +696,22 @@ def test_the_report_command_prints_the_planted_differences(planted_shop: Planted
 @pytest.mark.skipif(not browser.available(), reason="chromium is not installed")
 def test_the_live_report_page_in_a_real_browser(planted_shop: PlantedRun, tmp_path: Path) -> None:
     """/compare.html from the live agent in headless Chromium: the failed verdict, the planted
-    fields the only regression badges, the planted endpoints the only rows marked bad, the slow
-    searches marked slow, the timestamps shown as noise; nothing loaded from the network. With
+    fields the only regressions (badges and field tables), with their example pairs side by side,
+    the planted endpoints the only rows marked bad, the slow searches marked slow, the timestamps
+    shown as noise; nothing loaded from the network. With
     COMPARE_SCREENSHOT=FILE, also a screenshot there (docs/compare-report.png comes from here)."""
     url = planted_shop.stack.admin_url + "/compare.html"
     page = browser.dump_dom(url, tmp_path)
     assert 'class="verdict fail"' in page
     assert browser.regressions(page) == {"items[*].price", "status"}
+    judged = browser.judged_fields(page)
+    assert {field for field, judgement in judged if judgement == "regression"} == {"items[*].price", "status"}
+    assert {field for field, judgement in judged if judgement == "noise"} == {
+        noise for _, noise in SHOP_NOISE
+    }
+    assert browser.example_pairs(page, "status")[0] == ("200", "500")
+    assert all(primary != candidate for primary, candidate in browser.example_pairs(page, "items[3].price"))
+    assert browser.example_pairs(page, "items[3].price")
     for endpoint in planted_counts(planted_shop).requests:  # the candidate's table comes first
         row = browser.endpoint_row(page, endpoint)
         assert ("bad" in row.split(">")[0]) == (endpoint in (ITEMS, ORDERS)), endpoint
