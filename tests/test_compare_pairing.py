@@ -697,9 +697,10 @@ def test_the_report_command_prints_the_planted_differences(planted_shop: Planted
 def test_the_live_report_page_in_a_real_browser(planted_shop: PlantedRun, tmp_path: Path) -> None:
     """/compare.html from the live agent in headless Chromium: the failed verdict, the planted
     fields the only regressions (badges and field tables), with their example pairs side by side,
-    the planted endpoints the only rows marked bad, the slow searches marked slow, the timestamps
-    shown as noise; nothing loaded from the network. With
-    COMPARE_SCREENSHOT=FILE, also a screenshot there (docs/compare-report.png comes from here)."""
+    the planted endpoints the only rows marked bad, the slow searches the only ones marked slow
+    (as the verdict judges: within p99_slack is not slow; jitter had marked a 5 -> 10 ms endpoint),
+    the timestamps shown as noise; nothing loaded from the network. With COMPARE_SCREENSHOT=FILE,
+    also a screenshot there (docs/compare-report.png comes from here)."""
     url = planted_shop.stack.admin_url + "/compare.html"
     page = browser.dump_dom(url, tmp_path)
     assert 'class="verdict fail"' in page
@@ -715,8 +716,7 @@ def test_the_live_report_page_in_a_real_browser(planted_shop: PlantedRun, tmp_pa
     for endpoint in planted_counts(planted_shop).requests:  # the candidate's table comes first
         row = browser.endpoint_row(page, endpoint)
         assert ("bad" in row.split(">")[0]) == (endpoint in (ITEMS, ORDERS)), endpoint
-        if endpoint in SEARCHES:
-            assert "slow" in row.split(">")[0], endpoint
+        assert ("slow" in row.split(">")[0]) == (endpoint in SEARCHES), endpoint  # as the verdict judges
     for _, noise in SHOP_NOISE:
         assert f'<span class="badge noise">{noise}</span>' in page, noise
     assert "<script" not in page and "http://" not in page.replace(planted_shop.stack.admin_url, "")
