@@ -7,6 +7,7 @@ one comparison outcome per request and compared target, the account exact
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import subprocess
@@ -23,10 +24,11 @@ import pytest
 
 from spoa_mirror.compare.config import parse_compare
 from spoa_mirror.compare.engine import CompareEngine
+from tests.support import compare_browser as browser
 from tests.support.compare_traffic import Request as ShopRequest
 from tests.support.compare_traffic import Shop
 from tests.support.compare_traffic import requests as shop_requests
-from tests.support.mirror_stack import parse_metrics
+from tests.support.mirror_stack import parse_metrics, series
 from tests.support.procs import (
     HAProxyProcess,
     ManagedProcess,
@@ -194,18 +196,26 @@ def compare_stack(
         )
 
 
+# A candidate, and a baseline running the primary's version. The p99 slack of 20 ms keeps the loaded
+# test machine's jitter out of the verdicts, not the planted slow search.
+WITH_BASELINE: dict[str, Any] = {
+    "candidates": ["candidate"],
+    "baseline": "baseline",
+    "goals": {"p99_slack": "20ms"},
+}
+
+
 def test_identical_servers_over_2000_varied_requests_are_identical(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, haproxy_release: object
 ) -> None:
     """Primary, baseline and candidate run the same service: every request on each compared target
     ends as one outcome, `identical`, except the bodies larger than HAProxy's buffer, whose
-    primary body HAProxy cut (too_large: the agent never had all of it, and says so)."""
+    primary body HAProxy cut (too_large: the agent never had all of it, and says so). The report
+    has no regression and GET /verdict passes (200)."""
     requests = list(varied_paths(2000)) + [("GET", f"/large/{n}") for n in range(5)]
     responders = {"primary": service, "baseline": service, "candidate": service}
     with (
-        compare_stack(
-            tmp_path, monkeypatch, responders, {"candidates": ["candidate"], "baseline": "baseline"}
-        ) as stack,
+        compare_stack(tmp_path, monkeypatch, responders, WITH_BASELINE) as stack,
         httpx.Client(base_url=stack.url, trust_env=False) as client,
     ):
         for method, path in requests:
@@ -213,6 +223,8 @@ def test_identical_servers_over_2000_varied_requests_are_identical(
         failed = spoe_failures(stack.haproxy.stderr_text())
         outcomes = stack.settle(("candidate", "baseline"), len(requests) - len(failed))
         metrics = stack.metrics()
+        verdict = httpx.get(stack.admin_url + "/verdict", trust_env=False, timeout=10)
+        report = httpx.get(stack.admin_url + "/compare", trust_env=False, timeout=10).json()
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     print(f"\noutcomes {outcomes}; {len(failed)} SPOE failures; largest child RSS {rss / 1024:.1f} MiB")
     large = [request for request in requests if request[1].startswith("/large/")]
@@ -223,6 +235,8 @@ def test_identical_servers_over_2000_varied_requests_are_identical(
     assert paired == sum(outcomes["candidate"].values()) - outcomes["candidate"].get("primary_missing", 0)
     assert metrics["spoa_mirror_compare_table_entries"] == 0
     assert metrics["spoa_mirror_compare_table_bytes"] == 0
+    assert verdict.status_code == 200 and verdict.json()["state"] == "pass", verdict.text
+    assert [target["regressions"] for target in report["targets"]] == [0, 0]
 
 
 def test_without_the_response_rules_the_agent_says_so(
@@ -350,17 +364,17 @@ def test_ten_thousand_ids_in_flight_stay_within_the_table_bound(
     assert outcomes["primary_missing"] == 10_000
 
 
-def shop_responder(shop: Shop, delays: bool) -> Responder:
+def shop_responder(shop: Shop, slowness: float) -> Responder:
     """A ShadowServer answering as `shop` (tests/support/compare_traffic.py, the engine's test data):
     the same data for the same path on every server (the seed is the path's CRC), each server with
-    its own noise; /api/search takes the shop's latency for real when `delays`."""
+    its own noise; /api/search takes the shop's latency times `slowness` for real."""
 
     def respond(request: RecordedRequest) -> Reply:
         answer = shop.respond(
             ShopRequest(request.method, request.target, zlib.crc32(request.target.encode()))
         )
         headers = tuple((name, value) for name, value in answer.headers if name.lower() != "server")
-        delay = answer.latency if delays and "/search" in request.target else 0.0
+        delay = answer.latency * slowness if "/search" in request.target else 0.0
         return Reply(answer.status, headers, answer.body, delay)
 
     return respond
@@ -397,41 +411,60 @@ def assert_outcomes(
     assert not got, f"unexpected outcomes {got}"
 
 
-def test_planted_differences_end_as_the_engine_judges_them_and_nothing_else(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, haproxy_release: object
-) -> None:
+PLANTS = ("status", "price", "slow")
+# The planted slow search sleeps 48-108 ms on the candidate against the primary's 12-27 ms.
+SLOWNESS = 3.0
+
+
+@dataclass
+class PlantedRun:
+    """The planted shop's traffic, once through HAProxy and the agent, the stack still running so that
+    each test reads one of the agent's outputs."""
+
+    stack: CompareStack
+    traffic: list[ShopRequest]
+    failed: set[tuple[str, str]]
+    outcomes: dict[str, dict[str, int]]
+
+
+@pytest.fixture(scope="module")
+def planted_shop(tmp_path_factory: pytest.TempPathFactory, haproxy_release: object) -> Iterator[PlantedRun]:
     """Primary, baseline and candidate run the engine tests' shop; the candidate has the planted
     differences (half the orders answer 500, items[3].price changed, search 4x slower), and every
-    server has its own timestamps, trace ids, cookies and ETags. Through HAProxy and the agent, the
-    outcomes are exactly those of the engine fed the same responses in-process: the plumbing adds
-    and loses nothing. The planted requests are `different`, nothing else is, and the baseline has
-    no difference at all. A request whose SPOE exchange HAProxy gave up on (its log line's
-    mirror_err; seen under load as the first connections open) ends as primary_missing instead."""
+    server has its own timestamps, trace ids, cookies and ETags. Run once per HAProxy release, for
+    the tests below that each read one of the agent's outputs."""
     traffic = shop_requests(700)
-    plants = ("status", "price", "slow")
     responders = {
-        "primary": shop_responder(Shop("primary"), delays=True),
-        "baseline": shop_responder(Shop("baseline"), delays=True),
-        "candidate": shop_responder(Shop("candidate", plants=plants), delays=True),
+        "primary": shop_responder(Shop("primary"), SLOWNESS),
+        "baseline": shop_responder(Shop("baseline"), SLOWNESS),
+        "candidate": shop_responder(Shop("candidate", plants=PLANTS), SLOWNESS),
     }
     with (
-        compare_stack(
-            tmp_path, monkeypatch, responders, {"candidates": ["candidate"], "baseline": "baseline"}
-        ) as stack,
+        pytest.MonkeyPatch.context() as monkeypatch,
+        compare_stack(tmp_path_factory.mktemp("planted"), monkeypatch, responders, WITH_BASELINE) as stack,
         httpx.Client(base_url=stack.url, trust_env=False) as client,
     ):
         for request in traffic:
             client.request(request.method, request.path)
         failed = spoe_failures(stack.haproxy.stderr_text())
         outcomes = stack.settle(("candidate", "baseline"), len(traffic) - len(failed), timeout=40)
+        yield PlantedRun(stack, traffic, failed, outcomes)
 
-    config = parse_compare({"candidates": ["candidate"], "baseline": "baseline"}, ("candidate", "baseline"))
+
+def test_planted_differences_end_as_the_engine_judges_them_and_nothing_else(planted_shop: PlantedRun) -> None:
+    """Through HAProxy and the agent, the outcomes are exactly those of the engine fed the same
+    responses in-process: the plumbing adds and loses nothing. The planted requests are `different`,
+    nothing else is, and the baseline has no difference at all. A request whose SPOE exchange
+    HAProxy gave up on (its log line's mirror_err; seen under load as the first connections open)
+    ends as primary_missing instead."""
+    traffic, failed, outcomes = planted_shop.traffic, planted_shop.failed, planted_shop.outcomes
+    config = parse_compare(WITH_BASELINE, ("candidate", "baseline"))
     assert config is not None
     engine = CompareEngine(config)
     servers = {
         "primary": Shop("primary"),
         "baseline": Shop("baseline"),
-        "candidate": Shop("candidate", plants),
+        "candidate": Shop("candidate", PLANTS),
     }
     expected: dict[str, dict[str, list[tuple[str, str]]]] = {"candidate": {}, "baseline": {}}
     planted = 0
@@ -459,6 +492,236 @@ def test_planted_differences_end_as_the_engine_judges_them_and_nothing_else(
         assert_outcomes(outcomes[name], expected[name], failed)
     assert planted <= outcomes["candidate"]["different"] <= planted + len(failed)
     assert set(outcomes["baseline"]) - {"primary_missing"} == {"identical", "noise_only"}
+
+
+ITEMS, ORDERS = "GET /api/items/{id}", "GET /api/orders/{id}"
+SEARCHES = ("GET /api/search", "POST /api/search")
+SHOP_TEMPLATES = {
+    "/api/users/": "/api/users/{id}",
+    "/api/orders/": "/api/orders/{id}",
+    "/api/items/": "/api/items/{id}",
+    "/shop/p/": "/shop/p/{id}",
+    "/static/avatars/": "/static/avatars/{id}.png",
+}
+# What differs only by nature (each server's timestamps, trace ids, rendered-by lines): noise. The
+# headers that vary (Date, Server, X-Request-Id, Set-Cookie, ETag) are ignored by default.
+SHOP_NOISE = {
+    ("GET /api/users/{id}", "fetched_at"),
+    (ORDERS, "served_at"),
+    (ORDERS, "trace_id"),
+    (ITEMS, "generated_at"),
+    ("GET /shop/p/{id}", "body text (volatile tokens)"),
+    *((search, "took_at") for search in SEARCHES),
+}
+
+
+def shop_endpoint(method: str, path: str) -> str:
+    """The endpoint a shop request is reported under, written out by hand (not the agent's rules)."""
+    path = path.partition("?")[0]
+    prefix = next((prefix for prefix in SHOP_TEMPLATES if path.startswith(prefix)), None)
+    return f"{method} {SHOP_TEMPLATES[prefix] if prefix else path}"
+
+
+@dataclass
+class Planted:
+    """Per endpoint, as the traffic planted them: requests, and those whose candidate answered 500
+    or changed items[3].price; `lost`: the same among the requests whose SPOE exchange failed."""
+
+    requests: dict[str, int]
+    status: dict[str, int]
+    price: dict[str, int]
+    lost: dict[str, int]
+
+    def between(self, got: float, counts: dict[str, int], endpoint: str) -> bool:
+        """`got` is what the traffic planted at `endpoint`, less at most its lost requests."""
+        return counts.get(endpoint, 0) - self.lost.get(endpoint, 0) <= got <= counts.get(endpoint, 0)
+
+
+def planted_counts(run: PlantedRun) -> Planted:
+    candidate = Shop("candidate", PLANTS)
+    planted = Planted({}, {}, {}, {})
+    for request in run.traffic:
+        endpoint = shop_endpoint(request.method, request.path)
+        answer = candidate.respond(
+            ShopRequest(request.method, request.path, zlib.crc32(request.path.encode()))
+        )
+        for counts, counted in (
+            (planted.requests, True),
+            (planted.status, answer.status == 500),
+            (planted.price, endpoint == ITEMS),
+            (planted.lost, (request.method, request.path) in run.failed),
+        ):
+            counts[endpoint] = counts.get(endpoint, 0) + counted
+    assert planted.status[ORDERS] > 20 and planted.price[ITEMS] > 20, "the traffic must plant both"
+    return planted
+
+
+def admin_get(run: PlantedRun, path: str) -> httpx.Response:
+    return httpx.get(run.stack.admin_url + path, trust_env=False, timeout=10)
+
+
+def test_the_live_report_shows_exactly_the_planted_differences(planted_shop: PlantedRun) -> None:
+    """/compare on the agent's admin listener, after the planted shop's traffic through HAProxy: the
+    candidate's regressions are the orders' status and the items' price, on exactly the requests
+    that planted them, with an example of each; every timestamp and id is noise, on every endpoint
+    that has one, and no header appears; the baseline has no regression at all."""
+    answer = admin_get(planted_shop, "/compare")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
+    targets = {target["name"]: target for target in answer.json()["targets"]}
+    planted = planted_counts(planted_shop)
+    candidate = targets["candidate"]
+    endpoints = {endpoint["endpoint"]: endpoint for endpoint in candidate["endpoints"]}
+    assert set(endpoints) == set(planted.requests)
+    fields = {
+        (name, field["field"]): field for name, endpoint in endpoints.items() for field in endpoint["fields"]
+    }
+    regressions = {key for key, field in fields.items() if field["judgement"] == "regression"}
+    assert regressions == {(ORDERS, "status"), (ITEMS, "items[*].price")}
+    assert set(fields) - regressions == SHOP_NOISE
+    for name, endpoint in endpoints.items():
+        assert planted.between(endpoint["compared"], planted.requests, name), (name, endpoint["compared"])
+        expected = planted.status if name == ORDERS else planted.price
+        assert planted.between(endpoint["regressions"], expected, name), (name, endpoint["regressions"])
+    assert planted.between(fields[ORDERS, "status"]["differs"], planted.status, ORDERS)
+    status_example = fields[ORDERS, "status"]["examples"][0]
+    assert (status_example["primary"], status_example["candidate"]) == ("200", "500")
+    price_example = fields[ITEMS, "items[*].price"]["examples"][0]
+    assert price_example["where"] == "items[3].price"
+    assert price_example["primary"] != price_example["candidate"]
+    baseline = targets["baseline"]
+    assert baseline["regressions"] == 0
+    assert all(field["judgement"] == "noise" for e in baseline["endpoints"] for field in e["fields"])
+
+
+def test_the_live_verdict_fails_on_exactly_the_planted_regressions(planted_shop: PlantedRun) -> None:
+    """GET /verdict: 503, failing on the planted endpoints' goals and no others (the orders' status
+    and 5xx rate, the items' regression rate, the searches' p99), each reason naming its endpoint
+    and, for a regression, its field; ?always_200=1 answers the same verdict with 200."""
+    answer = admin_get(planted_shop, "/verdict")
+    verdict = answer.json()
+    assert answer.status_code == 503 and verdict["state"] == "fail" and verdict["ok"] is False
+    failing = {(check["endpoint"], check["goal"]) for check in verdict["checks"] if not check["ok"]}
+    assert failing == {
+        (ORDERS, "regression_rate"),
+        (ORDERS, "error_rate_increase"),
+        (ITEMS, "regression_rate"),
+        *((search, "p99_ratio") for search in SEARCHES),
+        ("all endpoints", "regression_rate"),
+        ("all endpoints", "error_rate_increase"),
+        ("all endpoints", "p99_ratio"),
+    }, verdict["reasons"]
+    assert len(verdict["reasons"]) == len(failing)
+    by_endpoint = {
+        endpoint: [reason for reason in verdict["reasons"] if reason.startswith(f"candidate {endpoint}:")]
+        for endpoint, _ in failing
+    }
+    assert all(by_endpoint.values())
+    assert all("items[*].price" in reason for reason in by_endpoint[ITEMS])
+    assert any("regress" in reason and "status" in reason for reason in by_endpoint[ORDERS])
+    always = admin_get(planted_shop, "/verdict?always_200=1")
+    assert always.status_code == 200 and always.json()["checks"] == verdict["checks"]
+
+
+def test_the_live_metrics_count_exactly_the_planted_differences(planted_shop: PlantedRun) -> None:
+    """The spoa_mirror_compare_* families scraped from the admin listener: `different` comparisons,
+    status differences and shadow 5xx only where planted, none for the baseline, no primary 5xx, a
+    latency sample per comparison, and the candidate's search no faster than its planted sleep."""
+    metrics = planted_shop.stack.metrics()
+    planted = planted_counts(planted_shop)
+
+    def value(name: str, target: str = "candidate", **labels: str) -> float:
+        return metrics.get(series(name, target=target, **labels), 0.0)
+
+    reported = {
+        key.split('endpoint="', 1)[1].split('"', 1)[0]
+        for key in metrics
+        if key.startswith("spoa_mirror_compare_comparisons_total{")
+    }
+    assert reported == set(planted.requests)
+    for endpoint in planted.requests:
+        different = value("spoa_mirror_compare_comparisons_total", endpoint=endpoint, outcome="different")
+        expected = planted.status if endpoint == ORDERS else planted.price
+        assert planted.between(different, expected, endpoint), (endpoint, different)
+        status = value("spoa_mirror_compare_differences_total", endpoint=endpoint, kind="status")
+        errors = value("spoa_mirror_compare_errors_total", endpoint=endpoint, side="shadow")
+        assert planted.between(status, planted.status, endpoint), (endpoint, status)
+        assert planted.between(errors, planted.status, endpoint), (endpoint, errors)
+        assert value("spoa_mirror_compare_errors_total", endpoint=endpoint, side="primary") == 0
+        assert (
+            value("spoa_mirror_compare_comparisons_total", "baseline", endpoint=endpoint, outcome="different")
+            == 0
+        )
+        for target in ("candidate", "baseline"):
+            compared = sum(
+                value("spoa_mirror_compare_comparisons_total", target, endpoint=endpoint, outcome=outcome)
+                for outcome in ("identical", "different", "noise_only")
+            )
+            for side in ("primary", "shadow"):
+                count = value(
+                    "spoa_mirror_compare_latency_seconds_count", target, endpoint=endpoint, side=side
+                )
+                assert count == compared, (target, endpoint, side)
+    for search in SEARCHES:  # the planted sleep is at least 4 x 4 ms x SLOWNESS = 48 ms
+        assert (
+            value("spoa_mirror_compare_latency_seconds_bucket", endpoint=search, side="shadow", le="0.025")
+            == 0
+        )
+
+
+def test_the_report_command_prints_the_planted_differences(planted_shop: PlantedRun) -> None:
+    """`spoa-mirror report --admin URL` against the live agent: exit status 1 (fail), the verdict's
+    reasons, a row per endpoint, and the regressions table with exactly the two planted fields and
+    an example of each."""
+    done = subprocess.run(
+        [str(AGENT), "report", "--admin", planted_shop.stack.admin_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"COLUMNS": "220", "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 1, done.stderr
+    out = done.stdout
+    assert "FAIL" in out
+    for endpoint in planted_counts(planted_shop).requests:
+        assert f"│ {endpoint} " in out, endpoint
+    regressions = out.split("regressions, with an example", 1)[1].split("baseline (baseline)", 1)[0]
+    rows = [line for line in regressions.splitlines() if line.startswith("│")]
+    assert len(rows) == 2, regressions
+    cells = {tuple(cell.strip() for cell in row.strip("│").split("│"))[:2]: row for row in rows}
+    assert set(cells) == {(ORDERS, "status"), (ITEMS, "items[*].price")}
+    assert "│ 200 " in cells[ORDERS, "status"] and "│ 500 " in cells[ORDERS, "status"]
+    assert "items[3].price" in cells[ITEMS, "items[*].price"]
+
+
+@pytest.mark.skipif(not browser.available(), reason="chromium is not installed")
+def test_the_live_report_page_in_a_real_browser(planted_shop: PlantedRun, tmp_path: Path) -> None:
+    """/compare.html from the live agent in headless Chromium: the failed verdict, the planted
+    fields the only regressions (badges and field tables), with their example pairs side by side,
+    the planted endpoints the only rows marked bad, the slow searches the only ones marked slow
+    (as the verdict judges: within p99_slack is not slow; jitter had marked a 5 -> 10 ms endpoint),
+    the timestamps shown as noise; nothing loaded from the network. With COMPARE_SCREENSHOT=FILE,
+    also a screenshot there (docs/compare-report.png comes from here)."""
+    url = planted_shop.stack.admin_url + "/compare.html"
+    page = browser.dump_dom(url, tmp_path)
+    assert 'class="verdict fail"' in page
+    assert browser.regressions(page) == {"items[*].price", "status"}
+    judged = browser.judged_fields(page)
+    assert {field for field, judgement in judged if judgement == "regression"} == {"items[*].price", "status"}
+    assert {field for field, judgement in judged if judgement == "noise"} == {
+        noise for _, noise in SHOP_NOISE
+    }
+    assert browser.example_pairs(page, "status")[0] == ("200", "500")
+    assert all(primary != candidate for primary, candidate in browser.example_pairs(page, "items[3].price"))
+    assert browser.example_pairs(page, "items[3].price")
+    for endpoint in planted_counts(planted_shop).requests:  # the candidate's table comes first
+        row = browser.endpoint_row(page, endpoint)
+        assert ("bad" in row.split(">")[0]) == (endpoint in (ITEMS, ORDERS)), endpoint
+        assert ("slow" in row.split(">")[0]) == (endpoint in SEARCHES), endpoint  # as the verdict judges
+    for _, noise in SHOP_NOISE:
+        assert f'<span class="badge noise">{noise}</span>' in page, noise
+    assert "<script" not in page and "http://" not in page.replace(planted_shop.stack.admin_url, "")
+    if target := os.environ.get("COMPARE_SCREENSHOT"):
+        browser.screenshot(url, Path(target), tmp_path)
 
 
 def test_with_two_agents_as_shipped_both_messages_reach_the_same_agent(

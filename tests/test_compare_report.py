@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -289,3 +290,25 @@ def test_names_from_traffic_are_shown_as_written_not_as_markup() -> None:
     assert '["[bold]<b>k"]' in out.getvalue() and "GET /[red]x[/red]" in out.getvalue()
     page = render_html(engine.report())
     assert "<b>k" not in page and "&lt;b&gt;k" in page
+
+
+def test_the_page_marks_slow_only_what_the_verdict_judges_slow() -> None:
+    """A fast endpoint 2.5x slower but within p99_slack (2 -> 5 ms) is not marked slow, as the verdict
+    does not fail it; one 15x slower and 28 ms over is (the live page had marked a 5 -> 10 ms one)."""
+    from spoa_mirror.compare import Response
+    from spoa_mirror.compare.render import render_html
+
+    engine = CompareEngine(CompareConfig(candidates=("candidate",)))
+    for _ in range(60):
+        for path, shadow_latency in (("/fast", 0.005), ("/slow", 0.030)):
+            primary = Response(200, (), b"same", 4, None, 0.002)
+            engine.compare("candidate", "GET", path, primary, replace(primary, latency=shadow_latency))
+    report = engine.report()
+    failing = {check["endpoint"] for check in engine.verdict_detail()["checks"] if not check["ok"]}
+    assert failing == {"GET /slow", "all endpoints"}
+    rows = {
+        row.split("</td>", 1)[0].rsplit(">", 1)[1]: row.split(">", 1)[0]
+        for row in render_html(report).split("<tr")[1:]
+        if "<td class=mono>GET" in row
+    }
+    assert "slow" in rows["GET /slow"] and "slow" not in rows["GET /fast"], rows

@@ -105,7 +105,7 @@ def _target_html(target: dict[str, Any], report: dict[str, Any]) -> str:
     if not target["endpoints"]:
         out.append("<p class=muted>nothing compared yet</p>")
         return "\n".join(out)
-    max_ratio = report["goals"]["max_p99_ratio"]
+    max_ratio, slack = report["goals"]["max_p99_ratio"], report["goals"]["p99_slack"]
     out.append(
         "<table class=endpoints><thead><tr><th>endpoint</th><th>compared</th><th>regression rate</th>"
         "<th>noise rate</th><th>5xx primary → shadow</th><th>p50 primary → shadow</th>"
@@ -117,7 +117,7 @@ def _target_html(target: dict[str, Any], report: dict[str, Any]) -> str:
             c
             for c, on in (
                 ("bad", endpoint["regressions"] > 0),
-                ("slow", ratio is not None and ratio > max_ratio),
+                ("slow", ratio is not None and ratio > max_ratio and _slower_than_slack(endpoint, slack)),
             )
             if on
         ]
@@ -228,6 +228,13 @@ def _card(label: str, value: str, bad: bool = False) -> str:
 def _ratio(endpoint: dict[str, Any]) -> float | None:
     primary, shadow = endpoint["latency"]["primary"]["p99"], endpoint["latency"]["shadow"]["p99"]
     return None if not primary or shadow is None else shadow / primary
+
+
+def _slower_than_slack(endpoint: dict[str, Any], slack: float) -> bool:
+    """The shadow's p99 exceeds the primary's by more than the goal's slack: as the verdict judges, a
+    few ms of jitter on a fast endpoint (5 -> 10 ms, 2x) is not slow."""
+    primary, shadow = endpoint["latency"]["primary"]["p99"], endpoint["latency"]["shadow"]["p99"]
+    return shadow - primary > slack
 
 
 def _e(text: object) -> str:

@@ -4,6 +4,8 @@ and the end-to-end test through HAProxy)."""
 
 from __future__ import annotations
 
+import html
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -52,3 +54,21 @@ def regressions(page: str) -> set[str]:
     """The fields the page marks as regressions (badges in the endpoints table and field tables)."""
     marker = '<span class="badge regression">'
     return {part.split("<", 1)[0] for part in page.split(marker)[1:] if not part.startswith("regression<")}
+
+
+def judged_fields(page: str) -> set[tuple[str, str]]:
+    """(field, judgement) of each row of the field tables, where the page shows a field's judgement
+    beside its evidence and examples (`regressions` reads the endpoints table's top-field badges)."""
+    pattern = (
+        r'class="mono">([^<]*)<div class="muted">[^<]*</div></td><td rowspan="\d+"><span class="badge (\w+)">'
+    )
+    return {(html.unescape(field), judgement) for field, judgement in re.findall(pattern, page)}
+
+
+def example_pairs(page: str, where: str) -> list[tuple[str, str]]:
+    """(primary, candidate) of the example rows at `where` (e.g. "status", "items[3].price")."""
+    pattern = (
+        re.escape(html.escape(where, quote=False))
+        + r'</td><td class="v p">([^<]*)</td><td class="v c">([^<]*)</td>'
+    )
+    return re.findall(pattern, page)
