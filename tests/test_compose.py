@@ -317,7 +317,12 @@ def test_compose_haproxy_mirrors_like_the_production_3x_config() -> None:
     def agents_backend(text: str) -> list[str]:
         return [line for line in section(text, "backend mirror-agents") if not line.startswith("server ")]
 
-    assert agents_backend(demo) == agents_backend(production)
+    # The one deliberate difference: replicas share the load (README, Compare).
+    expected = [
+        "balance roundrobin" if line == "balance first" else line for line in agents_backend(production)
+    ]
+    assert "balance first" in agents_backend(production)
+    assert agents_backend(demo) == expected
     for header in ("frontend www", "backend app"):
         mirroring = [
             line for line in section(production, header) if not line.startswith(("bind ", "server "))

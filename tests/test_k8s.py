@@ -345,12 +345,18 @@ def test_haproxy_snippet_targets_the_headless_service() -> None:
 
 
 def test_haproxy_snippet_backend_is_the_production_one_but_for_its_servers() -> None:
+    """And its balance: replicas share the load (roundrobin), where the shipped single-host pair is
+    active and standby (first) so that compare pairs every request (README, Compare)."""
     production = (ROOT / "haproxy" / "haproxy.cfg").read_text()
 
     def without_servers(text: str) -> list[str]:
         return [line for line in section(text, "backend mirror-agents") if not line.startswith("server")]
 
-    assert without_servers(BACKEND_SNIPPET.read_text()) == without_servers(production)
+    expected = [
+        "balance roundrobin" if line == "balance first" else line for line in without_servers(production)
+    ]
+    assert "balance first" in without_servers(production)
+    assert without_servers(BACKEND_SNIPPET.read_text()) == expected
 
 
 @pytest.mark.haproxy
