@@ -15,6 +15,7 @@ import zlib
 
 import pytest
 
+from spoa_mirror import redact as redact_module
 from spoa_mirror.redact import JSON_PARSE_LIMIT, MASK, Unredactable, build_redactor, redact_in_worker
 from spoa_mirror.request import MirrorRequest
 
@@ -78,6 +79,40 @@ def test_each_multipart_part_is_handled_by_its_own_rule_and_the_rest_keeps_its_b
     assert out.body == b"".join(b"--b1\r\n" + each for each in expected) + b"--b1--\r\n"
     assert seen == ["form:drop_me", "form:hashed", "text:default", "pattern:cards", "multipart:default"]
     assert out.body_len == len(out.body) and req.body == body
+
+
+def test_multipart_parts_of_every_shape_are_read_without_failing() -> None:
+    """A part whose value holds a blank line is masked whole; a part with no name, one whose name is
+    not UTF-8, and a form part redacted as a form (its own Content-Type) rather than as text."""
+    parts = [
+        part("password", b"line1\r\n\r\nline2\r\n"),
+        b"Content-Type: text/plain\r\n\r\nno name\r\n",
+        b'Content-Disposition: form-data; name="n\xffme"\r\n\r\nv\r\n',
+        part("f", b"user=bob&password=x\r\n", b"\r\nContent-Type: application/x-www-form-urlencoded"),
+    ]
+    body = b"".join(b"--b\r\n" + each for each in parts) + b"--b--"
+    _, out, seen = redacted(None, [("Content-Type", "multipart/form-data; boundary=b")], body)
+    expected = [
+        part("password", MASK.encode() + b"\r\n"),
+        parts[1],
+        parts[2],
+        part(
+            "f",
+            f"user=bob&password={ENCODED_MASK}\r\n".encode(),
+            b"\r\nContent-Type: application/x-www-form-urlencoded",
+        ),
+    ]
+    assert out.body == b"".join(b"--b\r\n" + each for each in expected) + b"--b--"
+    assert seen == ["multipart:default", "form:default"]
+
+
+def test_a_boundary_that_is_not_latin_1_does_not_stop_redaction() -> None:
+    """HAProxy's header bytes arrive as str with surrogates for what is not UTF-8: such a boundary
+    cannot split the body, which is then scanned as text."""
+    body = b"--b\xff\r\n" + part("pin", b"1234\r\n") + b" pan 4111111111111111 --b\xff--"
+    content_type = "multipart/form-data; boundary=b" + b"\xff".decode("utf-8", "surrogateescape")
+    _, out, seen = redacted(None, [("Content-Type", content_type)], body)
+    assert (out.body, seen) == (body.replace(b"4111111111111111", MASK.encode()), ["pattern:cards"])
 
 
 @pytest.mark.parametrize(
@@ -258,15 +293,30 @@ def test_json_of_exactly_the_parse_limit_is_parsed_one_byte_more_is_scanned() ->
 
 def test_json_numbers_that_are_card_numbers_are_masked_others_are_not() -> None:
     """13 to 19 digits that pass the Luhn check: 2000000000008 is the smallest such 13-digit number
-    starting 2-6; a float of a card's digits, a 12-digit number and a non-card 16-digit number stay."""
+    starting 2-6. A float of a card's digits, a 12-digit number, a non-card 16-digit one, and numbers
+    outside 13-19 digits that pass the check anyway (240; 20 digits) stay, and so do null and
+    booleans. With the card scan switched off, a document that the userinfo scan still reads keeps
+    its card numbers."""
     document = {"a": 4111111111111111, "b": 2000000000008, "c": 200000000008, "d": 4111111111111112,
-                "e": 4111111111111111.0, "f": "x"}  # fmt: skip
+                "e": 4111111111111111.0, "f": "x", "g": 240, "h": 20000000000000000006, "i": None,
+                "j": True}  # fmt: skip
     body = json.dumps(document).encode()
     _, out, seen = redacted(None, [("Content-Type", "application/json")], body)
     assert json.loads(out.body) == {**document, "a": MASK, "b": MASK}
     assert seen == ["pattern:cards", "pattern:cards"]
-    _, out, seen = redacted({"patterns": {"cards": "keep"}}, [("Content-Type", "application/json")], body)
+    no_cards = {"patterns": {"cards": "keep"}}
+    _, out, seen = redacted(no_cards, [("Content-Type", "application/json")], body)
     assert out.body == body and seen == []
+    with_url = json.dumps({**document, "u": "https://u:p@h/"}).encode()
+    _, out, seen = redacted(no_cards, [("Content-Type", "application/json")], with_url)
+    assert json.loads(out.body) == {**document, "u": f"https://{MASK}@h/"}
+    assert seen == ["pattern:userinfo"]
+
+
+@pytest.mark.parametrize("body", [b'{"a": [1, "x", null], "b": {"c": true, "d": 2.5}}', b'"a string"', b"42"])
+def test_json_with_nothing_to_redact_comes_back_as_the_same_request(body: bytes) -> None:
+    req, out, seen = redacted(NEVER_MATCHES, [("Content-Type", "application/json")], body)
+    assert out is req and seen == []
 
 
 def test_card_scans_inside_json_strings_reach_every_element_of_a_list() -> None:
@@ -296,9 +346,10 @@ def test_binary_bodies_skip_the_pair_scan_but_not_the_card_scan() -> None:
 # The worker process's entry point ---------------------------------------------------------------
 
 
-def test_redact_in_worker_compiles_each_spec_and_returns_the_events() -> None:
+def test_redact_in_worker_compiles_each_spec_and_returns_the_events(monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process here (the mirror calls it in its worker): two specs in turn, each with its own
-    rules, and the first again from the cache."""
+    rules, and the first again from the cache, which starts empty here (not filled by another test)."""
+    monkeypatch.setattr(redact_module, "_worker_cores", {})
     req = MirrorRequest("POST", "/?a=1&b=2", "1.1", [], b"")
     masks_a = {"query": {"a": "mask"}}
     masks_b = {"query": {"b": "hmac"}}
