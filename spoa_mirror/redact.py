@@ -688,7 +688,9 @@ class _Core:
                 decoded = decoder.decompress(body, DECODED_BODY_LIMIT)
             except zlib.error:
                 raise Unredactable("bad_encoding") from None
-        if decoder.unconsumed_tail:
+        # Output past the bound can be pending inside zlib with every input byte consumed (raw
+        # deflate of a long run of one byte): asking for one byte more tells.
+        if decoder.unconsumed_tail or decoder.decompress(b"", 1):
             raise Unredactable("decoded_too_large")
         redacted = self._content(req.header("content-type"), decoded, events, nested=False)
         if redacted is None:
