@@ -16,7 +16,14 @@ import zlib
 import pytest
 
 from spoa_mirror import redact as redact_module
-from spoa_mirror.redact import JSON_PARSE_LIMIT, MASK, Unredactable, build_redactor, redact_in_worker
+from spoa_mirror.redact import (
+    DECODED_BODY_LIMIT,
+    JSON_PARSE_LIMIT,
+    MASK,
+    Unredactable,
+    build_redactor,
+    redact_in_worker,
+)
 from spoa_mirror.request import MirrorRequest
 
 KEY = b"k" * 32
@@ -83,12 +90,14 @@ def test_each_multipart_part_is_handled_by_its_own_rule_and_the_rest_keeps_its_b
 
 def test_multipart_parts_of_every_shape_are_read_without_failing() -> None:
     """A part whose value holds a blank line is masked whole; a part with no name, one whose name is
-    not UTF-8, and a form part redacted as a form (its own Content-Type) rather than as text."""
+    not UTF-8, a form part redacted as a form (its own Content-Type) rather than as text, and a
+    part whose headers alone need masking (a card as the file name)."""
     parts = [
         part("password", b"line1\r\n\r\nline2\r\n"),
         b"Content-Type: text/plain\r\n\r\nno name\r\n",
         b'Content-Disposition: form-data; name="n\xffme"\r\n\r\nv\r\n',
         part("f", b"user=bob&password=x\r\n", b"\r\nContent-Type: application/x-www-form-urlencoded"),
+        part("upload", b"plain\r\n", f'; filename="{CARD}"'.encode()),
     ]
     body = b"".join(b"--b\r\n" + each for each in parts) + b"--b--"
     _, out, seen = redacted(None, [("Content-Type", "multipart/form-data; boundary=b")], body)
@@ -101,9 +110,10 @@ def test_multipart_parts_of_every_shape_are_read_without_failing() -> None:
             f"user=bob&password={ENCODED_MASK}\r\n".encode(),
             b"\r\nContent-Type: application/x-www-form-urlencoded",
         ),
+        part("upload", b"plain\r\n", b'; filename="[REDACTED]"'),
     ]
     assert out.body == b"".join(b"--b\r\n" + each for each in expected) + b"--b--"
-    assert seen == ["multipart:default", "form:default"]
+    assert seen == ["multipart:default", "form:default", "pattern:cards"]
 
 
 def test_a_boundary_that_is_not_latin_1_does_not_stop_redaction() -> None:
@@ -210,6 +220,22 @@ def test_a_body_that_cannot_be_decoded_is_refused_with_its_reason(
     assert refused.value.reason == reason and str(refused.value) == reason
 
 
+def test_a_raw_deflate_body_is_decoded_within_the_same_bound() -> None:
+    """Raw deflate (no zlib header) is the fallback decoder; it stops at DECODED_BODY_LIMIT too."""
+    bomb = deflate(b"0" * (DECODED_BODY_LIMIT + 1), -15)
+    with pytest.raises(Unredactable) as refused:
+        redacted(None, [("Content-Encoding", "deflate")], bomb)
+    assert refused.value.reason == "decoded_too_large"
+
+
+def test_a_gzipped_multipart_body_is_split_into_its_parts() -> None:
+    body = b"--b\r\n" + part("pin", b"1234\r\n") + b"--b\r\n" + part("note", b"hi\r\n") + b"--b--"
+    headers = [("Content-Encoding", "gzip"), ("Content-Type", "multipart/form-data; boundary=b")]
+    _, out, seen = redacted(None, headers, gzip.compress(body))
+    assert gzip.decompress(out.body) == body.replace(b"1234", MASK.encode())
+    assert seen == ["multipart:default"]
+
+
 def test_an_encoded_body_with_nothing_to_redact_is_sent_as_it_came() -> None:
     body = gzip.compress(b"user=bob")
     req, out, seen = redacted(NEVER_MATCHES, [("Content-Encoding", "gzip")], body)
@@ -250,6 +276,18 @@ def test_a_card_in_a_header_value_is_masked_and_the_other_headers_stay() -> None
     _, out, seen = redacted({"headers": {"X-Kept": "keep"}}, headers)
     assert out.headers == [("X-Note", f"card {MASK} here"), ("Accept", "*/*"), ("X-Kept", CARD)]
     assert seen == ["pattern:cards"]
+
+
+def test_userinfo_in_a_header_is_masked_written_plainly_or_json_escaped_unless_switched_off() -> None:
+    """The JSON-escaped form is looked for once the header is scanned (here the `%` makes it so);
+    `patterns: {userinfo: keep}` leaves both alone."""
+    escaped = '{"u":"https:\\/\\/u:p@h\\/","p":"100%"}'
+    headers = [("X-U", "see https://u:p@h/ and 100%"), ("X-J", escaped)]
+    _, out, seen = redacted(None, headers)
+    assert out.headers == [("X-U", f"see https://{MASK}@h/ and 100%"), ("X-J", escaped.replace("u:p", MASK))]
+    assert seen == ["pattern:userinfo", "pattern:userinfo"]
+    req, out, seen = redacted({"patterns": {"userinfo": "keep"}}, headers)
+    assert out is req and seen == []
 
 
 # JSON and text ----------------------------------------------------------------------------------
@@ -317,6 +355,14 @@ def test_json_numbers_that_are_card_numbers_are_masked_others_are_not() -> None:
 def test_json_with_nothing_to_redact_comes_back_as_the_same_request(body: bytes) -> None:
     req, out, seen = redacted(NEVER_MATCHES, [("Content-Type", "application/json")], body)
     assert out is req and seen == []
+
+
+def test_json_keys_after_a_kept_or_configured_key_are_still_redacted() -> None:
+    spec = {"json_fields": {"a": "keep", "b": "mask"}}
+    body = json.dumps({"a": "x", "b": "v", "password": "p", "c": {"password": "q", "n": 1}}).encode()
+    _, out, seen = redacted(spec, [("Content-Type", "application/json")], body)
+    assert json.loads(out.body) == {"a": "x", "b": MASK, "password": MASK, "c": {"password": MASK, "n": 1}}
+    assert seen == ["json:b", "json:default", "json:default"]
 
 
 def test_card_scans_inside_json_strings_reach_every_element_of_a_list() -> None:
