@@ -117,7 +117,7 @@ _CARD_TEXT = re.compile(redact_rules.CARD)
 _CARD_BYTES = re.compile(redact_rules.CARD.encode())
 _USERINFO_TEXT = re.compile(redact_rules.USERINFO)
 _USERINFO_BYTES = re.compile(redact_rules.USERINFO.encode())
-_SCAN_ONLY_TEXT = re.compile(f"{redact_rules.CARD_PRESCAN}|://")
+_SCAN_ONLY_TEXT = re.compile(f"{redact_rules.CARD_PRESCAN}|://|:\\\\/\\\\/")  # and `:\/\/`, JSON-escaped
 _CARD_PRESCAN_TEXT = re.compile(redact_rules.CARD_PRESCAN)
 # `"name": value` and `name=value` in text that did not parse as JSON or a form.
 _JSON_PAIR = re.compile(
@@ -486,7 +486,10 @@ class _Core:
         lowered = data.lower()
         if any(fragment in lowered for fragment in self.fragments_bytes):
             return True
-        return (self.cards and _has_card_digits(data)) or (self.userinfo and b"://" in data)
+        # JSON may escape the slashes of a URL (`https:\/\/user:pass@host`): that is userinfo too.
+        return (self.cards and _has_card_digits(data)) or (
+            self.userinfo and (b"://" in data or b":\\/\\/" in data)
+        )
 
     # -- the request ---------------------------------------------------------------------------
 
