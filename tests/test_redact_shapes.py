@@ -271,6 +271,26 @@ def test_query_separators_are_kept_and_each_value_is_scanned() -> None:
     assert seen == ["query:default", "pattern:userinfo", "pattern:cards"]
 
 
+NO_SCANS = {"patterns": {"cards": "keep", "userinfo": "keep"}}
+
+
+@pytest.mark.parametrize(
+    ("spec", "query", "expected"),
+    [
+        (None, "n=4111111111111111", f"n={ENCODED_MASK}"),
+        ({"query": {"tok": "mask"}, **NO_SCANS}, "tok=x=y&a=1", f"tok={ENCODED_MASK}&a=1"),
+        (NO_SCANS, "pass%77ord=x&a=1", f"pass%77ord={ENCODED_MASK}&a=1"),
+        (NO_SCANS, "a+b=1&pass%77ord=x", f"a+b=1&pass%77ord={ENCODED_MASK}"),
+    ],
+    ids=["a card alone", "a value holding '='", "an encoded name, scans off", "a '+' and an encoded name"],
+)
+def test_the_query_pre_scan_lets_through_every_query_with_something_to_redact(
+    spec: dict | None, query: str, expected: str
+) -> None:
+    _, out, _ = redacted(spec, [], path=f"/s?{query}")
+    assert out.path == f"/s?{expected}"
+
+
 def test_a_card_in_a_header_value_is_masked_and_the_other_headers_stay() -> None:
     headers = [("X-Note", f"card {CARD} here"), ("Accept", "*/*"), ("X-Kept", CARD)]
     _, out, seen = redacted({"headers": {"X-Kept": "keep"}}, headers)
@@ -279,12 +299,12 @@ def test_a_card_in_a_header_value_is_masked_and_the_other_headers_stay() -> None
 
 
 def test_userinfo_in_a_header_is_masked_written_plainly_or_json_escaped_unless_switched_off() -> None:
-    """The JSON-escaped form is looked for once the header is scanned (here the `%` makes it so);
-    `patterns: {userinfo: keep}` leaves both alone."""
-    escaped = '{"u":"https:\\/\\/u:p@h\\/","p":"100%"}'
-    headers = [("X-U", "see https://u:p@h/ and 100%"), ("X-J", escaped)]
+    headers = [("X-U", "see https://u:p@h/"), ("X-J", '{"u":"https:\\/\\/u:p@h\\/"}')]
     _, out, seen = redacted(None, headers)
-    assert out.headers == [("X-U", f"see https://{MASK}@h/ and 100%"), ("X-J", escaped.replace("u:p", MASK))]
+    assert out.headers == [
+        ("X-U", f"see https://{MASK}@h/"),
+        ("X-J", '{"u":"https:\\/\\/' + MASK + '@h\\/"}'),
+    ]
     assert seen == ["pattern:userinfo", "pattern:userinfo"]
     req, out, seen = redacted({"patterns": {"userinfo": "keep"}}, headers)
     assert out is req and seen == []
@@ -363,6 +383,24 @@ def test_json_keys_after_a_kept_or_configured_key_are_still_redacted() -> None:
     _, out, seen = redacted(spec, [("Content-Type", "application/json")], body)
     assert json.loads(out.body) == {"a": "x", "b": MASK, "password": MASK, "c": {"password": MASK, "n": 1}}
     assert seen == ["json:b", "json:default", "json:default"]
+
+
+@pytest.mark.parametrize(
+    ("value", "masked"),
+    [
+        ("411\\u0031 111\\u0031 111\\u0031 111\\u0031", MASK),
+        ("https://u:p@h/", f"https://{MASK}@h/"),
+        ("https:\\/\\/u:p@h\\/", f"https://{MASK}@h/"),
+    ],
+    ids=["card behind a \\u escape", "plain userinfo", "userinfo behind escaped slashes"],
+)
+def test_json_strings_are_scanned_whatever_gives_their_secret_away(value: str, masked: str) -> None:
+    """The document is only scanned string by string when its raw bytes hold card digits, `://`,
+    `:\\/\\/` or a `\\u` escape; each of these alone must be enough."""
+    body = b'{"v": "' + value.encode() + b'", "n": 1}'
+    _, out, seen = redacted(None, [("Content-Type", "application/json")], body)
+    assert json.loads(out.body) == {"v": masked, "n": 1}
+    assert len(seen) == 1
 
 
 def test_card_scans_inside_json_strings_reach_every_element_of_a_list() -> None:
