@@ -444,3 +444,74 @@ def test_redact_in_worker_compiles_each_spec_and_returns_the_events(monkeypatch:
     ]:
         out, seen = redact_in_worker(spec, "targets.t.redact", KEY, req)
         assert (out.path, seen) == (path, events)
+
+
+# Text bodies, header names and the pre-scans -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "body", "expected", "events"),
+    [
+        (None, "café password=hunter2", f"café password={ENCODED_MASK}", ["text:default"]),
+        (None, "pan 4111-1111-1111-1111 ok", f"pan {MASK} ok", ["pattern:cards"]),
+        (None, '{"u":"https:\\/\\/u:p@h\\/"', '{"u":"https:\\/\\/' + MASK + '@h\\/"', ["pattern:userinfo"]),
+        (
+            {"patterns": {"cards": "keep"}},
+            "pan 4111111111111111 at https://u:p@h/",
+            f"pan 4111111111111111 at https://{MASK}@h/",
+            ["pattern:userinfo"],
+        ),
+        (
+            {"patterns": {"userinfo": "keep"}},
+            "pan 4111111111111111 at https://u:p@h/",
+            f"pan {MASK} at https://u:p@h/",
+            ["pattern:cards"],
+        ),
+    ],
+    ids=["UTF-8 text", "a card with dashes", "escaped slashes", "cards off", "userinfo off"],
+)
+def test_text_bodies_are_scanned_as_configured(
+    spec: dict | None, body: str, expected: str, events: list[str]
+) -> None:
+    _, out, seen = redacted(spec, [("Content-Type", "text/plain")], body.encode())
+    assert (out.body.decode(), seen) == (expected, events)
+
+
+def test_a_json_media_type_is_tried_as_json_whatever_the_first_byte() -> None:
+    """`application/json` that is not JSON (here it does not even start like it) is reported as
+    unparsed, and its pairs masked as text."""
+    body = b'"password": "hunter2", "a": 1'
+    _, out, seen = redacted(None, [("Content-Type", "application/json")], body)
+    assert (out.body, seen) == (body.replace(b"hunter2", MASK.encode()), ["json:unparsed", "text:default"])
+
+
+def test_patterns_run_over_each_multipart_part_and_then_the_whole_body() -> None:
+    spec = {"patterns": {"tok": {"regex": "TOKEN-[0-9]+", "action": "mask"}}}
+    parts = b"--b\r\n" + part("note", b"see TOKEN-123\r\n") + b"--b\r\n" + part("pin", b"1234\r\n") + b"--b--"
+    body = b"preamble TOKEN-9\r\n" + parts
+    _, out, seen = redacted(spec, [("Content-Type", "multipart/form-data; boundary=b")], body)
+    expected = body.replace(b"TOKEN-123", MASK.encode()).replace(b"1234", MASK.encode())
+    assert out.body == expected.replace(b"TOKEN-9", MASK.encode())
+    assert seen == ["pattern:tok", "multipart:default", "pattern:tok"]  # the preamble's, last
+
+
+def test_header_rules_match_names_with_underscores_or_dashes_and_defaults_are_labelled() -> None:
+    """`X_Custom` in the config matches the `X-Custom` header (and is reported as it is written); a
+    secret-looking header not on the default list is reported as header:default, one on it by its
+    own name."""
+    headers = [("X-Custom", "v"), ("X-My-Secret", "s"), ("Authorization", "Bearer t"), ("Accept", "*/*")]
+    _, out, seen = redacted({"headers": {"X_Custom": "remove"}}, headers)
+    assert out.headers == [("X-My-Secret", MASK), ("Authorization", MASK), ("Accept", "*/*")]
+    assert seen == ["header:x_custom", "header:default", "header:authorization"]
+
+
+def test_a_header_remembered_as_clean_does_not_hide_the_headers_after_it() -> None:
+    """The pre-scan remembers clean (name, value) pairs; the next request's secret header after one
+    of them is still found."""
+    seen: list[str] = []
+    redact = build_redactor(None, "r", KEY, seen.append)
+    first = MirrorRequest("GET", "/", "1.1", [("Accept", "*/*"), ("User-Agent", "t")], b"")
+    assert redact(first) is first
+    second = MirrorRequest("GET", "/", "1.1", [("Accept", "*/*"), ("Authorization", "Bearer t")], b"")
+    assert redact(second).headers == [("Accept", "*/*"), ("Authorization", MASK)]
+    assert seen == ["header:authorization"]
