@@ -254,9 +254,10 @@ def test_a_card_in_a_percent_encoded_path_is_masked_and_the_rest_encoded_as_it_w
     assert seen == ["pattern:cards"]
 
 
-def test_a_card_in_a_plain_path_is_masked() -> None:
-    _, out, seen = redacted(None, [], path="/pay/4111111111111111?x=1")
-    assert (out.path, seen) == ("/pay/[REDACTED]?x=1", ["pattern:cards"])
+@pytest.mark.parametrize("query", ["?x=1", ""], ids=["with a query", "without"])
+def test_a_card_in_a_plain_path_is_masked(query: str) -> None:
+    _, out, seen = redacted(None, [], path=f"/pay/4111111111111111{query}")
+    assert (out.path, seen) == (f"/pay/[REDACTED]{query}", ["pattern:cards"])
 
 
 def test_query_separators_are_kept_and_each_value_is_scanned() -> None:
