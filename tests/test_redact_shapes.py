@@ -478,11 +478,12 @@ def test_text_bodies_are_scanned_as_configured(
     assert (out.body.decode(), seen) == (expected, events)
 
 
-def test_a_json_media_type_is_tried_as_json_whatever_the_first_byte() -> None:
-    """`application/json` that is not JSON (here it does not even start like it) is reported as
+@pytest.mark.parametrize("media_type", ["application/json", "application/problem+json"])
+def test_a_json_media_type_is_tried_as_json_whatever_the_first_byte(media_type: str) -> None:
+    """JSON by media type that is not JSON (here it does not even start like it) is reported as
     unparsed, and its pairs masked as text."""
     body = b'"password": "hunter2", "a": 1'
-    _, out, seen = redacted(None, [("Content-Type", "application/json")], body)
+    _, out, seen = redacted(None, [("Content-Type", media_type)], body)
     assert (out.body, seen) == (body.replace(b"hunter2", MASK.encode()), ["json:unparsed", "text:default"])
 
 
