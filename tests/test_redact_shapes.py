@@ -517,3 +517,9 @@ def test_a_header_remembered_as_clean_does_not_hide_the_headers_after_it() -> No
     second = MirrorRequest("GET", "/", "1.1", [("Accept", "*/*"), ("Authorization", "Bearer t")], b"")
     assert redact(second).headers == [("Accept", "*/*"), ("Authorization", MASK)]
     assert seen == ["header:authorization"]
+
+
+def test_patterns_after_a_switched_off_builtin_scan_still_apply() -> None:
+    spec = {"patterns": {"cards": "keep", "tok": {"regex": "TOKEN-[0-9]+", "action": "mask"}}}
+    _, out, seen = redacted(spec, [("Content-Type", "text/plain")], b"TOKEN-1 4111111111111111")
+    assert (out.body, seen) == (MASK.encode() + b" 4111111111111111", ["pattern:tok"])
