@@ -118,7 +118,7 @@ _CARD_TEXT = re.compile(redact_rules.CARD)
 _CARD_BYTES = re.compile(redact_rules.CARD.encode())
 _USERINFO_TEXT = re.compile(redact_rules.USERINFO)
 _USERINFO_BYTES = re.compile(redact_rules.USERINFO.encode())
-_SCAN_ONLY_TEXT = re.compile(f"{redact_rules.CARD_PRESCAN}|://")
+_SCAN_ONLY_TEXT = re.compile(f"{redact_rules.CARD_PRESCAN}|://|:\\\\/\\\\/")  # and `:\/\/`, JSON-escaped
 _CARD_PRESCAN_TEXT = re.compile(redact_rules.CARD_PRESCAN)
 # `"name": value` and `name=value` in text that did not parse as JSON or a form.
 _JSON_PAIR = re.compile(
@@ -487,7 +487,10 @@ class _Core:
         lowered = data.lower()
         if any(fragment in lowered for fragment in self.fragments_bytes):
             return True
-        return (self.cards and _has_card_digits(data)) or (self.userinfo and b"://" in data)
+        # JSON may escape the slashes of a URL (`https:\/\/user:pass@host`): that is userinfo too.
+        return (self.cards and _has_card_digits(data)) or (
+            self.userinfo and (b"://" in data or b":\\/\\/" in data)
+        )
 
     # -- the request ---------------------------------------------------------------------------
 
@@ -689,7 +692,9 @@ class _Core:
                 decoded = decoder.decompress(body, DECODED_BODY_LIMIT)
             except zlib.error:
                 raise Unredactable("bad_encoding") from None
-        if decoder.unconsumed_tail:
+        # Output past the bound can be pending inside zlib with every input byte consumed (raw
+        # deflate of a long run of one byte): asking for one byte more tells.
+        if decoder.unconsumed_tail or decoder.decompress(b"", 1):
             raise Unredactable("decoded_too_large")
         redacted = self._content(req.header("content-type"), decoded, events, nested=False)
         if redacted is None:

@@ -299,7 +299,7 @@ def test_a_changed_target_takes_over_the_queue_and_the_slot_of_the_one_it_replac
                 stats = app.mirror.target_stats["a"]
                 assert await settled(stats, 4) == {"sent_2xx": 4}
                 await wait_until(lambda: not app.mirror.retired, SETTLE)
-                assert new.held_bytes() == 0
+                assert (new.held_bytes(), new.pending, stats.pending) == (0, 0, 0)
                 assert stats.bytes_sent == sum(len(r.raw) for r in shadow.requests)
 
         run_asyncio(test)

@@ -15,7 +15,15 @@ import zlib
 
 import pytest
 
-from spoa_mirror.redact import JSON_PARSE_LIMIT, MASK, Unredactable, build_redactor, redact_in_worker
+from spoa_mirror import redact as redact_module
+from spoa_mirror.redact import (
+    DECODED_BODY_LIMIT,
+    JSON_PARSE_LIMIT,
+    MASK,
+    Unredactable,
+    build_redactor,
+    redact_in_worker,
+)
 from spoa_mirror.request import MirrorRequest
 
 KEY = b"k" * 32
@@ -78,6 +86,43 @@ def test_each_multipart_part_is_handled_by_its_own_rule_and_the_rest_keeps_its_b
     assert out.body == b"".join(b"--b1\r\n" + each for each in expected) + b"--b1--\r\n"
     assert seen == ["form:drop_me", "form:hashed", "text:default", "pattern:cards", "multipart:default"]
     assert out.body_len == len(out.body) and req.body == body
+
+
+def test_multipart_parts_of_every_shape_are_read_without_failing() -> None:
+    """A part whose value holds a blank line is masked whole; a part with no name, one whose name is
+    not UTF-8, a form part redacted as a form (its own Content-Type) rather than as text, and a
+    part whose headers alone need masking (a card as the file name)."""
+    parts = [
+        part("password", b"line1\r\n\r\nline2\r\n"),
+        b"Content-Type: text/plain\r\n\r\nno name\r\n",
+        b'Content-Disposition: form-data; name="n\xffme"\r\n\r\nv\r\n',
+        part("f", b"user=bob&password=x\r\n", b"\r\nContent-Type: application/x-www-form-urlencoded"),
+        part("upload", b"plain\r\n", f'; filename="{CARD}"'.encode()),
+    ]
+    body = b"".join(b"--b\r\n" + each for each in parts) + b"--b--"
+    _, out, seen = redacted(None, [("Content-Type", "multipart/form-data; boundary=b")], body)
+    expected = [
+        part("password", MASK.encode() + b"\r\n"),
+        parts[1],
+        parts[2],
+        part(
+            "f",
+            f"user=bob&password={ENCODED_MASK}\r\n".encode(),
+            b"\r\nContent-Type: application/x-www-form-urlencoded",
+        ),
+        part("upload", b"plain\r\n", b'; filename="[REDACTED]"'),
+    ]
+    assert out.body == b"".join(b"--b\r\n" + each for each in expected) + b"--b--"
+    assert seen == ["multipart:default", "form:default", "pattern:cards"]
+
+
+def test_a_boundary_that_is_not_latin_1_does_not_stop_redaction() -> None:
+    """HAProxy's header bytes arrive as str with surrogates for what is not UTF-8: such a boundary
+    cannot split the body, which is then scanned as text."""
+    body = b"--b\xff\r\n" + part("pin", b"1234\r\n") + b" pan 4111111111111111 --b\xff--"
+    content_type = "multipart/form-data; boundary=b" + b"\xff".decode("utf-8", "surrogateescape")
+    _, out, seen = redacted(None, [("Content-Type", content_type)], body)
+    assert (out.body, seen) == (body.replace(b"4111111111111111", MASK.encode()), ["pattern:cards"])
 
 
 @pytest.mark.parametrize(
@@ -175,6 +220,22 @@ def test_a_body_that_cannot_be_decoded_is_refused_with_its_reason(
     assert refused.value.reason == reason and str(refused.value) == reason
 
 
+def test_a_raw_deflate_body_is_decoded_within_the_same_bound() -> None:
+    """Raw deflate (no zlib header) is the fallback decoder; it stops at DECODED_BODY_LIMIT too."""
+    bomb = deflate(b"0" * (DECODED_BODY_LIMIT + 1), -15)
+    with pytest.raises(Unredactable) as refused:
+        redacted(None, [("Content-Encoding", "deflate")], bomb)
+    assert refused.value.reason == "decoded_too_large"
+
+
+def test_a_gzipped_multipart_body_is_split_into_its_parts() -> None:
+    body = b"--b\r\n" + part("pin", b"1234\r\n") + b"--b\r\n" + part("note", b"hi\r\n") + b"--b--"
+    headers = [("Content-Encoding", "gzip"), ("Content-Type", "multipart/form-data; boundary=b")]
+    _, out, seen = redacted(None, headers, gzip.compress(body))
+    assert gzip.decompress(out.body) == body.replace(b"1234", MASK.encode())
+    assert seen == ["multipart:default"]
+
+
 def test_an_encoded_body_with_nothing_to_redact_is_sent_as_it_came() -> None:
     body = gzip.compress(b"user=bob")
     req, out, seen = redacted(NEVER_MATCHES, [("Content-Encoding", "gzip")], body)
@@ -193,9 +254,10 @@ def test_a_card_in_a_percent_encoded_path_is_masked_and_the_rest_encoded_as_it_w
     assert seen == ["pattern:cards"]
 
 
-def test_a_card_in_a_plain_path_is_masked() -> None:
-    _, out, seen = redacted(None, [], path="/pay/4111111111111111?x=1")
-    assert (out.path, seen) == ("/pay/[REDACTED]?x=1", ["pattern:cards"])
+@pytest.mark.parametrize("query", ["?x=1", ""], ids=["with a query", "without"])
+def test_a_card_in_a_plain_path_is_masked(query: str) -> None:
+    _, out, seen = redacted(None, [], path=f"/pay/4111111111111111{query}")
+    assert (out.path, seen) == (f"/pay/[REDACTED]{query}", ["pattern:cards"])
 
 
 def test_query_separators_are_kept_and_each_value_is_scanned() -> None:
@@ -210,11 +272,43 @@ def test_query_separators_are_kept_and_each_value_is_scanned() -> None:
     assert seen == ["query:default", "pattern:userinfo", "pattern:cards"]
 
 
+NO_SCANS = {"patterns": {"cards": "keep", "userinfo": "keep"}}
+
+
+@pytest.mark.parametrize(
+    ("spec", "query", "expected"),
+    [
+        (None, "n=4111111111111111", f"n={ENCODED_MASK}"),
+        ({"query": {"tok": "mask"}, **NO_SCANS}, "tok=x=y&a=1", f"tok={ENCODED_MASK}&a=1"),
+        (NO_SCANS, "pass%77ord=x&a=1", f"pass%77ord={ENCODED_MASK}&a=1"),
+        (NO_SCANS, "a+b=1&pass%77ord=x", f"a+b=1&pass%77ord={ENCODED_MASK}"),
+    ],
+    ids=["a card alone", "a value holding '='", "an encoded name, scans off", "a '+' and an encoded name"],
+)
+def test_the_query_pre_scan_lets_through_every_query_with_something_to_redact(
+    spec: dict | None, query: str, expected: str
+) -> None:
+    _, out, _ = redacted(spec, [], path=f"/s?{query}")
+    assert out.path == f"/s?{expected}"
+
+
 def test_a_card_in_a_header_value_is_masked_and_the_other_headers_stay() -> None:
     headers = [("X-Note", f"card {CARD} here"), ("Accept", "*/*"), ("X-Kept", CARD)]
     _, out, seen = redacted({"headers": {"X-Kept": "keep"}}, headers)
     assert out.headers == [("X-Note", f"card {MASK} here"), ("Accept", "*/*"), ("X-Kept", CARD)]
     assert seen == ["pattern:cards"]
+
+
+def test_userinfo_in_a_header_is_masked_written_plainly_or_json_escaped_unless_switched_off() -> None:
+    headers = [("X-U", "see https://u:p@h/"), ("X-J", '{"u":"https:\\/\\/u:p@h\\/"}')]
+    _, out, seen = redacted(None, headers)
+    assert out.headers == [
+        ("X-U", f"see https://{MASK}@h/"),
+        ("X-J", '{"u":"https:\\/\\/' + MASK + '@h\\/"}'),
+    ]
+    assert seen == ["pattern:userinfo", "pattern:userinfo"]
+    req, out, seen = redacted({"patterns": {"userinfo": "keep"}}, headers)
+    assert out is req and seen == []
 
 
 # JSON and text ----------------------------------------------------------------------------------
@@ -258,15 +352,56 @@ def test_json_of_exactly_the_parse_limit_is_parsed_one_byte_more_is_scanned() ->
 
 def test_json_numbers_that_are_card_numbers_are_masked_others_are_not() -> None:
     """13 to 19 digits that pass the Luhn check: 2000000000008 is the smallest such 13-digit number
-    starting 2-6; a float of a card's digits, a 12-digit number and a non-card 16-digit number stay."""
+    starting 2-6. A float of a card's digits, a 12-digit number, a non-card 16-digit one, and numbers
+    outside 13-19 digits that pass the check anyway (240; 20 digits) stay, and so do null and
+    booleans. With the card scan switched off, a document that the userinfo scan still reads keeps
+    its card numbers."""
     document = {"a": 4111111111111111, "b": 2000000000008, "c": 200000000008, "d": 4111111111111112,
-                "e": 4111111111111111.0, "f": "x"}  # fmt: skip
+                "e": 4111111111111111.0, "f": "x", "g": 240, "h": 20000000000000000006, "i": None,
+                "j": True}  # fmt: skip
     body = json.dumps(document).encode()
     _, out, seen = redacted(None, [("Content-Type", "application/json")], body)
     assert json.loads(out.body) == {**document, "a": MASK, "b": MASK}
     assert seen == ["pattern:cards", "pattern:cards"]
-    _, out, seen = redacted({"patterns": {"cards": "keep"}}, [("Content-Type", "application/json")], body)
+    no_cards = {"patterns": {"cards": "keep"}}
+    _, out, seen = redacted(no_cards, [("Content-Type", "application/json")], body)
     assert out.body == body and seen == []
+    with_url = json.dumps({**document, "u": "https://u:p@h/"}).encode()
+    _, out, seen = redacted(no_cards, [("Content-Type", "application/json")], with_url)
+    assert json.loads(out.body) == {**document, "u": f"https://{MASK}@h/"}
+    assert seen == ["pattern:userinfo"]
+
+
+@pytest.mark.parametrize("body", [b'{"a": [1, "x", null], "b": {"c": true, "d": 2.5}}', b'"a string"', b"42"])
+def test_json_with_nothing_to_redact_comes_back_as_the_same_request(body: bytes) -> None:
+    req, out, seen = redacted(NEVER_MATCHES, [("Content-Type", "application/json")], body)
+    assert out is req and seen == []
+
+
+def test_json_keys_after_a_kept_or_configured_key_are_still_redacted() -> None:
+    spec = {"json_fields": {"a": "keep", "b": "mask"}}
+    body = json.dumps({"a": "x", "b": "v", "password": "p", "c": {"password": "q", "n": 1}}).encode()
+    _, out, seen = redacted(spec, [("Content-Type", "application/json")], body)
+    assert json.loads(out.body) == {"a": "x", "b": MASK, "password": MASK, "c": {"password": MASK, "n": 1}}
+    assert seen == ["json:b", "json:default", "json:default"]
+
+
+@pytest.mark.parametrize(
+    ("value", "masked"),
+    [
+        ("411\\u0031 111\\u0031 111\\u0031 111\\u0031", MASK),
+        ("https://u:p@h/", f"https://{MASK}@h/"),
+        ("https:\\/\\/u:p@h\\/", f"https://{MASK}@h/"),
+    ],
+    ids=["card behind a \\u escape", "plain userinfo", "userinfo behind escaped slashes"],
+)
+def test_json_strings_are_scanned_whatever_gives_their_secret_away(value: str, masked: str) -> None:
+    """The document is only scanned string by string when its raw bytes hold card digits, `://`,
+    `:\\/\\/` or a `\\u` escape; each of these alone must be enough."""
+    body = b'{"v": "' + value.encode() + b'", "n": 1}'
+    _, out, seen = redacted(None, [("Content-Type", "application/json")], body)
+    assert json.loads(out.body) == {"v": masked, "n": 1}
+    assert len(seen) == 1
 
 
 def test_card_scans_inside_json_strings_reach_every_element_of_a_list() -> None:
@@ -296,9 +431,10 @@ def test_binary_bodies_skip_the_pair_scan_but_not_the_card_scan() -> None:
 # The worker process's entry point ---------------------------------------------------------------
 
 
-def test_redact_in_worker_compiles_each_spec_and_returns_the_events() -> None:
+def test_redact_in_worker_compiles_each_spec_and_returns_the_events(monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process here (the mirror calls it in its worker): two specs in turn, each with its own
-    rules, and the first again from the cache."""
+    rules, and the first again from the cache, which starts empty here (not filled by another test)."""
+    monkeypatch.setattr(redact_module, "_worker_cores", {})
     req = MirrorRequest("POST", "/?a=1&b=2", "1.1", [], b"")
     masks_a = {"query": {"a": "mask"}}
     masks_b = {"query": {"b": "hmac"}}
@@ -309,3 +445,81 @@ def test_redact_in_worker_compiles_each_spec_and_returns_the_events() -> None:
     ]:
         out, seen = redact_in_worker(spec, "targets.t.redact", KEY, req)
         assert (out.path, seen) == (path, events)
+
+
+# Text bodies, header names and the pre-scans -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "body", "expected", "events"),
+    [
+        (None, "café password=hunter2", f"café password={ENCODED_MASK}", ["text:default"]),
+        (None, "pan 4111-1111-1111-1111 ok", f"pan {MASK} ok", ["pattern:cards"]),
+        (None, '{"u":"https:\\/\\/u:p@h\\/"', '{"u":"https:\\/\\/' + MASK + '@h\\/"', ["pattern:userinfo"]),
+        (
+            {"patterns": {"cards": "keep"}},
+            "pan 4111111111111111 at https://u:p@h/",
+            f"pan 4111111111111111 at https://{MASK}@h/",
+            ["pattern:userinfo"],
+        ),
+        (
+            {"patterns": {"userinfo": "keep"}},
+            "pan 4111111111111111 at https://u:p@h/",
+            f"pan {MASK} at https://u:p@h/",
+            ["pattern:cards"],
+        ),
+    ],
+    ids=["UTF-8 text", "a card with dashes", "escaped slashes", "cards off", "userinfo off"],
+)
+def test_text_bodies_are_scanned_as_configured(
+    spec: dict | None, body: str, expected: str, events: list[str]
+) -> None:
+    _, out, seen = redacted(spec, [("Content-Type", "text/plain")], body.encode())
+    assert (out.body.decode(), seen) == (expected, events)
+
+
+@pytest.mark.parametrize("media_type", ["application/json", "application/problem+json"])
+def test_a_json_media_type_is_tried_as_json_whatever_the_first_byte(media_type: str) -> None:
+    """JSON by media type that is not JSON (here it does not even start like it) is reported as
+    unparsed, and its pairs masked as text."""
+    body = b'"password": "hunter2", "a": 1'
+    _, out, seen = redacted(None, [("Content-Type", media_type)], body)
+    assert (out.body, seen) == (body.replace(b"hunter2", MASK.encode()), ["json:unparsed", "text:default"])
+
+
+def test_patterns_run_over_each_multipart_part_and_then_the_whole_body() -> None:
+    spec = {"patterns": {"tok": {"regex": "TOKEN-[0-9]+", "action": "mask"}}}
+    parts = b"--b\r\n" + part("note", b"see TOKEN-123\r\n") + b"--b\r\n" + part("pin", b"1234\r\n") + b"--b--"
+    body = b"preamble TOKEN-9\r\n" + parts
+    _, out, seen = redacted(spec, [("Content-Type", "multipart/form-data; boundary=b")], body)
+    expected = body.replace(b"TOKEN-123", MASK.encode()).replace(b"1234", MASK.encode())
+    assert out.body == expected.replace(b"TOKEN-9", MASK.encode())
+    assert seen == ["pattern:tok", "multipart:default", "pattern:tok"]  # the preamble's, last
+
+
+def test_header_rules_match_names_with_underscores_or_dashes_and_defaults_are_labelled() -> None:
+    """`X_Custom` in the config matches the `X-Custom` header (and is reported as it is written); a
+    secret-looking header not on the default list is reported as header:default, one on it by its
+    own name."""
+    headers = [("X-Custom", "v"), ("X-My-Secret", "s"), ("Authorization", "Bearer t"), ("Accept", "*/*")]
+    _, out, seen = redacted({"headers": {"X_Custom": "remove"}}, headers)
+    assert out.headers == [("X-My-Secret", MASK), ("Authorization", MASK), ("Accept", "*/*")]
+    assert seen == ["header:x_custom", "header:default", "header:authorization"]
+
+
+def test_a_header_remembered_as_clean_does_not_hide_the_headers_after_it() -> None:
+    """The pre-scan remembers clean (name, value) pairs; the next request's secret header after one
+    of them is still found."""
+    seen: list[str] = []
+    redact = build_redactor(None, "r", KEY, seen.append)
+    first = MirrorRequest("GET", "/", "1.1", [("Accept", "*/*"), ("User-Agent", "t")], b"")
+    assert redact(first) is first
+    second = MirrorRequest("GET", "/", "1.1", [("Accept", "*/*"), ("Authorization", "Bearer t")], b"")
+    assert redact(second).headers == [("Accept", "*/*"), ("Authorization", MASK)]
+    assert seen == ["header:authorization"]
+
+
+def test_patterns_after_a_switched_off_builtin_scan_still_apply() -> None:
+    spec = {"patterns": {"cards": "keep", "tok": {"regex": "TOKEN-[0-9]+", "action": "mask"}}}
+    _, out, seen = redacted(spec, [("Content-Type", "text/plain")], b"TOKEN-1 4111111111111111")
+    assert (out.body, seen) == (MASK.encode() + b" 4111111111111111", ["pattern:tok"])
