@@ -508,9 +508,7 @@ class _Core:
             if rule is not None or (scans and value not in _SCAN_CLEAN and _needs_scan(value)):
                 new_headers = self._headers(req.headers, events)
                 break
-            if len(clean) >= _SCAN_CLEAN_LIMIT:
-                clean.clear()
-            clean.add(header)
+            self._remember_clean(header)
 
         new_path = None
         path = req.path
@@ -546,13 +544,25 @@ class _Core:
                 copy.body_len = req.body_len + len(new_body) - len(body)
         return copy
 
+    def _remember_clean(self, header: tuple[str, str]) -> None:
+        """A header this redactor leaves as it is; bounded, as unique values (request ids) would fill it."""
+        clean = self._clean_headers
+        if len(clean) >= _SCAN_CLEAN_LIMIT:
+            clean.clear()
+        clean.add(header)
+
     def _headers(self, headers: list[tuple[str, str]], events: Events) -> list | None:
         """The new header list, or None when nothing changed."""
         header_rule = self.header_rule
         scans = self.scans
+        clean = self._clean_headers
         changed = False
         new: list[tuple[str, str]] = []
-        for name, value in headers:
+        for header in headers:
+            if header in clean:
+                new.append(header)
+                continue
+            name, value = header
             rule = header_rule(name)
             if rule is None or rule == _KEEP:
                 if rule is None and scans and value not in _SCAN_CLEAN and _needs_scan(value):
@@ -560,6 +570,8 @@ class _Core:
                     if scanned is not None:
                         changed = True
                         value = scanned
+                    else:  # a URL without userinfo (Referer, Origin): scanned once, not per request
+                        self._remember_clean(header)
                 new.append((name, value))
                 continue
             metric, op = rule  # type: ignore[misc]
