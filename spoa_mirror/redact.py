@@ -481,13 +481,16 @@ class _Core:
         return self.scans and query not in _SCAN_CLEAN and _needs_scan(query)
 
     def looks_bytes(self, data: bytes) -> bool:
-        """The pre-scan over a body: substring tests (a regex alternation took 20 ms per MB)."""
-        if self.always_look or b"\\u" in data or b"%" in data:
+        """The pre-scan over a body: substring tests (a regex alternation took 20 ms per MB), with
+        `find`, not `in`: `bytes in bytes` first tries the operand as an integer and builds and clears
+        a TypeError, ~1.3k instructions a test, a fifth of the pre-scan of a 1 KB body."""
+        if self.always_look or data.find(b"\\u") >= 0 or 0x25 in data:  # 0x25: `%`, an int test is memchr
             return True
-        lowered = data.lower()
-        if any(fragment in lowered for fragment in self.fragments_bytes):
-            return True
-        return (self.cards and _has_card_digits(data)) or (self.userinfo and b"://" in data)
+        find = data.lower().find
+        for fragment in self.fragments_bytes:
+            if find(fragment) >= 0:
+                return True
+        return (self.cards and _has_card_digits(data)) or (self.userinfo and data.find(b"://") >= 0)
 
     # -- the request ---------------------------------------------------------------------------
 
@@ -954,8 +957,8 @@ def _is_text(data: bytes) -> bool:
 def _has_card_digits(data: bytes) -> bool:
     """What CARD_PRESCAN matches (4 digits, maybe a space or dash, 4 digits), by translating every
     digit to 0 and three substring tests: ~1 ms per MB where the regex took 25."""
-    zeros = data.translate(_DIGITS_AS_ZERO)
-    return b"00000000" in zeros or b"0000 0000" in zeros or b"0000-0000" in zeros
+    find = data.translate(_DIGITS_AS_ZERO).find
+    return find(b"00000000") >= 0 or find(b"0000 0000") >= 0 or find(b"0000-0000") >= 0
 
 
 def _needs_scan(text: str) -> bool:
