@@ -298,6 +298,16 @@ def test_json_too_deep_for_the_stack_counts_as_unparsed() -> None:
 # Forms
 
 
+@pytest.mark.parametrize("name", ["zip_code", "Work-Phone", "cvv", "X_Token"])
+def test_the_body_pre_scan_finds_names_with_rare_letters(name: str) -> None:
+    """The pre-scan searches for a name holding a rare letter (z, k, v, w, x...) only when that letter
+    is in the body: found in JSON and in text, whatever the case."""
+    redact, seen = redactor({"json_fields": {name: "mask"}, "form_fields": {name: "mask"}})
+    assert json.loads(redact(json_request({"a": 1, name: "555-0100"})).body)[name] == "[REDACTED]"
+    assert redact(form_request(f"a=1&{name}=555-0100")).body == f"a=1&{name}=%5BREDACTED%5D".encode()
+    assert len(seen) == 2
+
+
 def test_form_fields() -> None:
     redact, seen = redactor({"form_fields": {"password": "mask", "otp": "remove", "email": "hmac"}})
     out = redact(form_request("user=bob&password=hun+ter%32&otp=123456&email=a%40b.c&x=%7E"))
