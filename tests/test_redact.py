@@ -94,6 +94,22 @@ def test_defaults_off_leaves_them_and_returns_the_same_object() -> None:
     assert seen == []
 
 
+def test_headers_remembered_as_clean_are_still_copied_and_scanned_per_value() -> None:
+    """The redactor remembers headers it left alone (a Referer without userinfo, once scanned); the
+    second and third requests must come out as the first did, and a new value is scanned again."""
+    redact, seen = redactor(None)
+    referer = ("Referer", "https://shop.example.com/basket?step=2")
+    for _ in range(3):
+        out = redact(request(headers=[("Host", "h"), referer, ("Cookie", "sid=1"), ("Accept", "*/*")]))
+        assert out.headers == [("Host", "h"), referer, ("Cookie", "[REDACTED]"), ("Accept", "*/*")]
+    leaky = ("Referer", "https://bob:hunter2@shop.example.com/")
+    for _ in range(2):
+        out = redact(request(headers=[referer, leaky, ("Cookie", "sid=1")]))
+        masked = ("Referer", "https://[REDACTED]@shop.example.com/")
+        assert out.headers == [referer, masked, ("Cookie", "[REDACTED]")]
+    assert seen == ["header:cookie"] * 3 + ["pattern:userinfo", "header:cookie"] * 2
+
+
 def test_config_entry_overrides_its_default_only() -> None:
     redact, _ = redactor({"headers": {"cookie": "remove", "AUTHORIZATION": "keep", "X-Api-Key": "hmac"}})
     out = redact(
@@ -280,6 +296,16 @@ def test_json_too_deep_for_the_stack_counts_as_unparsed() -> None:
 
 
 # Forms
+
+
+@pytest.mark.parametrize("name", ["zip_code", "Work-Phone", "cvv", "X_Token"])
+def test_the_body_pre_scan_finds_names_with_rare_letters(name: str) -> None:
+    """The pre-scan searches for a name holding a rare letter (z, k, v, w, x...) only when that letter
+    is in the body: found in JSON and in text, whatever the case."""
+    redact, seen = redactor({"json_fields": {name: "mask"}, "form_fields": {name: "mask"}})
+    assert json.loads(redact(json_request({"a": 1, name: "555-0100"})).body)[name] == "[REDACTED]"
+    assert redact(form_request(f"a=1&{name}=555-0100")).body == f"a=1&{name}=%5BREDACTED%5D".encode()
+    assert len(seen) == 2
 
 
 def test_form_fields() -> None:
