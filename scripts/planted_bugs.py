@@ -41,22 +41,22 @@ BUGS = [
         "intake-inline-before-ack",
         "ACK before any replay work: the whole intake runs inside the handler, before the ACK",
         "spoa_mirror/mirror.py",
-        "asyncio.get_running_loop().call_soon(self._process_intake)\n        return ACK_ACCEPTED",
-        "self._process_intake()\n        return ACK_ACCEPTED",
+        "asyncio.get_running_loop().call_soon(self._process_intake)\n        return self._ack_accepted",
+        "self._process_intake()\n        return self._ack_accepted",
         (f"{PIPELINE}::test_ack_is_handed_to_the_transport_before_any_pipeline_stage_runs",),
     ),
     Bug(
         "ack-waits-for-replays",
         "ACK before any replay work: the ACK waits until every replay settled",
         "spoa_mirror/mirror.py",
-        "        return ACK_ACCEPTED\n\n    def _process_intake(",
+        "        return self._ack_accepted\n\n    def _take_primary_response(",
         "        return self._after_replays()\n\n"
         "    async def _after_replays(self) -> tuple[SetVar, ...]:\n"
         "        await asyncio.sleep(0)\n"
         "        while any(target.pending for target in self.targets):\n"
         "            await asyncio.sleep(0.001)\n"
-        "        return ACK_ACCEPTED\n\n"
-        "    def _process_intake(",
+        "        return self._ack_accepted\n\n"
+        "    def _take_primary_response(",
         (f"{PIPELINE}::test_ack_is_handed_to_the_transport_before_any_pipeline_stage_runs",),
     ),
     Bug(
