@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .capture.settings import describe_capture
 from .compare.config import describe_compare
 from .config_types import format_duration, format_size
 from .targets import join_host
@@ -97,8 +98,6 @@ def describe(config: Config) -> str:
 
 def _describe_target(target: TargetConfig, global_redact: dict[str, Any] | None) -> list[str]:
     if target.capture is not None:
-        from .capture.settings import describe_capture
-
         return describe_capture(target)
     sampling = f"{target.sample_percentage:g}% of requests"
     if target.sample_key is not None:

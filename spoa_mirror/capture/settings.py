@@ -19,22 +19,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import Field, StringConstraints, ValidationError, model_validator
+from pydantic import Field, StringConstraints, model_validator
 
 from ..config_types import (
     Bool,
+    MiB,
     Section,
     Str,
     bounded_duration,
     bounded_size,
-    config_error,
     format_duration,
     format_size,
     problem,
 )
-from ..errors import ConfigError
-
-MiB = 1024 * 1024
 
 
 class CaptureSettings(Section):
@@ -75,16 +72,6 @@ class CaptureSettings(Section):
                 f"({self.max_file_size}): the file being written counts against it"
             )
         return self
-
-
-def parse_capture(value: Any, key: str) -> CaptureSettings:
-    """The config loader's converter: a mapping to CaptureSettings, or one-line ConfigError."""
-    try:
-        return CaptureSettings.model_validate(value)
-    except ValidationError as error:
-        raise config_error(error, key) from None
-    except ConfigError as error:  # pragma: no cover - validators report through pydantic
-        raise ConfigError(f"{key}.{error.key}", error.problem) from None
 
 
 def describe_capture(target: Any) -> list[str]:
