@@ -104,7 +104,7 @@ JSON_BODY = json.dumps(
 
 HAPROXY_CFG = """\
 global
-{nbthread}    stats socket {workdir}/haproxy.sock mode 600 level admin
+{nbthread}    stats socket {stats_socket} mode 600 level admin
 defaults
     mode http
     timeout connect 1s
@@ -522,9 +522,9 @@ def compared_outcomes(admin: int) -> tuple[dict[str, int], int]:
     return outcomes, pending
 
 
-def haproxy_command(workdir: Path, command: str) -> str:
+def haproxy_command(stats_socket: Path, command: str) -> str:
     with socket.socket(socket.AF_UNIX) as sock:
-        sock.connect(str(workdir / "haproxy.sock"))
+        sock.connect(str(stats_socket))
         sock.sendall(command.encode() + b"\n")
         chunks = []
         while chunk := sock.recv(65536):
@@ -532,11 +532,11 @@ def haproxy_command(workdir: Path, command: str) -> str:
     return b"".join(chunks).decode()
 
 
-def spoe_errors(workdir: Path) -> Counter[str]:
+def spoe_errors(stats_socket: Path) -> Counter[str]:
     """Requests whose SPOE processing failed, by HAProxy's error code (cumulative)."""
     errors: Counter[str] = Counter()
     for key, count in re.findall(
-        r"key=(\d+) .*?http_req_cnt=(\d+)", haproxy_command(workdir, "show table spoe_errors")
+        r"key=(\d+) .*?http_req_cnt=(\d+)", haproxy_command(stats_socket, "show table spoe_errors")
     ):
         code = int(key)
         name = SPOE_ERRORS.get(code, f"agent_status_{code - 0x100}" if code >= 0x100 else f"code_{code}")
@@ -688,6 +688,9 @@ class Bench:
         ports = {"web": free_port(), "spop": free_port(), "admin": free_port()}
         mirror = shadow_url is not None or agent_kind == "ack"  # the SPOE filter is on
         fixed = name.startswith("fixed_")
+        # One stats socket per scenario: the previous scenario's HAProxy, still exiting, removes its
+        # socket's path on the way out, which was the next one's when they shared it.
+        stats_socket = workdir / f"haproxy-{name}.sock"
         (workdir / "mirror.spoe.conf").write_text(SPOE_COMPARE if compare else SPOE_CONF)
         frontend = MIRROR_FRONTEND.format(workdir=workdir) + (COMPARE_FRONTEND.format() if compare else "")
         (workdir / f"haproxy-{name}.cfg").write_text(
@@ -698,6 +701,7 @@ class Bench:
                 primary=primary.port,
                 mirror=frontend if mirror else "",
                 agents_mode=agents_mode(args.haproxy),
+                stats_socket=stats_socket,
                 **ports,
             )
         )
@@ -713,7 +717,7 @@ class Bench:
             haproxy = stack.enter_context(
                 started(haproxy_cmd, workdir / f"haproxy-{name}.log", ports["web"], "haproxy")
             )
-            info = re.search(r"Nbthread: (\d+)", haproxy_command(workdir, "show info"))
+            info = re.search(r"Nbthread: (\d+)", haproxy_command(stats_socket, "show info"))
             self.haproxy_threads = int(info[1]) if info else 0
 
             self.load(ports["web"], args.warmup, fixed)  # SPOP connections, caches
@@ -721,7 +725,7 @@ class Bench:
             settle(logs)
             primary_before, shadow_before = primary.count(), shadow.count()
             primary_statuses_before = Counter(primary.statuses)
-            errors_before = spoe_errors(workdir)
+            errors_before = spoe_errors(stats_socket)
             ours = agent is not None and agent_kind == "ours"
             account_before = agent_account(ports["admin"]) if ours else None
             pids = {"haproxy": haproxy.pid, "primary": primary.pid, "shadow": shadow.pid}
@@ -743,7 +747,7 @@ class Bench:
             comparisons = compared_outcomes(ports["admin"])[0] if compare else {}
             primary_served = primary.count() - primary_before
             shadow_received = shadow.count() - shadow_before
-            errors = spoe_errors(workdir) - errors_before
+            errors = spoe_errors(stats_socket) - errors_before
             if profiler is not None:
                 profiler.wait()
 
