@@ -214,6 +214,30 @@ def test_the_table_is_carved_out_of_the_memory_budget_and_one_process_pairs() ->
         )
 
 
+def test_the_account_holds_across_reloads() -> None:
+    """A changed section gets a new table and keeps the engine: what the old table held ends as
+    shutdown in the same account. A section removed and added again starts a new engine, and a new
+    account with it: sent never counts requests whose outcomes another engine holds."""
+
+    async def go() -> None:
+        base = {"targets": [{"name": "candidate", "url": "http://127.0.0.1:9"}]}
+        compare = {"candidates": ["candidate"]}
+        mirror = Mirror(parse_config({**base, "compare": compare}), None)
+        mirror.pairing.register("candidate", request("waiting"))
+        engine = mirror.compare_engine
+        assert account(engine) == ({}, 1)
+        mirror.apply(parse_config({**base, "compare": {**compare, "body_limit": "1KiB"}}), None)
+        assert mirror.compare_engine is engine and account(engine) == ({"shutdown": 1}, 0)
+        mirror.pairing.register("candidate", request("again"))
+        mirror.apply(parse_config(base), None)
+        assert account(engine) == ({"shutdown": 2}, 0)
+        mirror.apply(parse_config({**base, "compare": compare}), None)
+        assert mirror.compare_engine is not engine
+        assert mirror.compare_engine.accounts() == [("candidate", 0, 0)]
+
+    run(go)
+
+
 def test_examples_go_through_the_targets_redaction_first() -> None:
     """What the report keeps of a difference is taken from the target's redaction of both
     responses: a json_fields rule masks the nickname (a name the built-in scrubbing would show);
