@@ -515,8 +515,9 @@ def compared_outcomes(admin: int) -> tuple[dict[str, int], int]:
         for sample in family.samples:
             if sample.labels.get("target") != TARGET:
                 continue
-            if sample.name == "spoa_mirror_compare_pairing_total":
-                outcomes[sample.labels["outcome"]] = int(sample.value)
+            if sample.name == "spoa_mirror_compare_comparisons_total" and sample.value:
+                outcome = sample.labels["outcome"]  # summed over the endpoints
+                outcomes[outcome] = outcomes.get(outcome, 0) + int(sample.value)
             elif sample.name == "spoa_mirror_compare_pending":
                 pending = int(sample.value)
     return outcomes, pending

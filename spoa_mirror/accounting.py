@@ -83,7 +83,7 @@ class TargetStats:
     """Everything counted for one target; kept across config reloads (keyed by target name)."""
 
     __slots__ = (
-        "bytes_sent", "capture", "compare", "grpc_status", "latency", "outcomes", "pending", "received",
+        "bytes_sent", "capture", "grpc_status", "latency", "outcomes", "pending", "received",
         "redactions", "truncated_sent",
     )  # fmt: skip
 
@@ -98,7 +98,6 @@ class TargetStats:
         # gRPC responses by grpc-status name; "missing" (none sent) and "other" (not one of the 17)
         # keep the label set bounded whatever a shadow answers.
         self.grpc_status: dict[str, int] = {}
-        self.compare: CompareStats | None = None  # set while the target is compared (compare/pairing.py)
         self.capture: Any = None  # capture/writer.py's CaptureStats while the target captures
 
     def count_grpc_status(self, code: int | None) -> None:
@@ -126,27 +125,6 @@ class MessageStats:
         self.not_mirror = 0
         self.invalid: dict[str, int] = {}
         self.pairing: PairingStats | None = None  # set while a `compare` section is configured
-
-
-class CompareStats:
-    """A compared target's second account: every request it sent (dispatched to its pool) ends with
-    exactly one comparison outcome (compare/engine.py's OUTCOMES). Invariant, like the first one:
-    received == sum(outcomes) + pending, pending being the requests waiting in the pairing table for
-    the shadow's or the primary's response."""
-
-    __slots__ = ("outcomes", "pending", "received")
-
-    def __init__(self) -> None:
-        self.received = 0
-        self.pending = 0
-        self.outcomes: dict[str, int] = {}
-
-    def settle(self, outcome: str) -> None:
-        self.pending -= 1
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-
-    def balanced(self) -> bool:
-        return self.received == sum(self.outcomes.values()) + self.pending
 
 
 class PairingStats:

@@ -185,7 +185,7 @@ class MirrorCollector(Collector):
                 grpc.add_metric([name, code], count)
             latency.add_metric([name], stats.latency.cumulative(), stats.latency.total)
         yield from (received, outcomes, in_flight, redactions, truncated, sent_bytes, grpc, latency)
-        yield from _pairing(messages, targets)
+        yield from _pairing(messages)
         yield from _capture(targets)
 
         depth = GaugeMetricFamily(
@@ -245,34 +245,13 @@ def _capture(targets: dict[str, TargetStats]) -> Iterator[Metric]:
     yield from (files, data, responses)
 
 
-def _pairing(messages: MessageStats, targets: dict[str, TargetStats]) -> Iterator[Metric]:
-    """The compare section's pairing (compare/pairing.py): per compared target, the second account
-    (sent = sum(outcomes) + pending), and the table's fill and the primary's response messages."""
+def _pairing(messages: MessageStats) -> Iterator[Metric]:
+    """The compare section's pairing table (compare/pairing.py): its fill and the primary's response
+    messages. The compared targets' account (requests sent, comparisons by outcome, pending) is the
+    engine's, in compare/metrics.py."""
     table = messages.pairing
     if table is None:
         return
-    sent = CounterMetricFamily(
-        "spoa_mirror_compare_requests_sent",
-        "Requests a compared target sent, each of which ends with one comparison outcome",
-        labels=["target"],
-    )
-    settled = CounterMetricFamily(
-        "spoa_mirror_compare_pairing",
-        "Compared requests by comparison outcome; compare_requests_sent = sum(these) + compare_pending",
-        labels=["target", "outcome"],
-    )
-    pending = GaugeMetricFamily(
-        "spoa_mirror_compare_pending",
-        "Compared requests waiting in the pairing table for the shadow's or the primary's response",
-        labels=["target"],
-    )
-    for name, stats in sorted(targets.items()):
-        if stats.compare is None:
-            continue
-        sent.add_metric([name], stats.compare.received)
-        for outcome, count in sorted(stats.compare.outcomes.items()):
-            settled.add_metric([name, outcome], count)
-        pending.add_metric([name], stats.compare.pending)
     responses = CounterMetricFamily(
         "spoa_mirror_compare_primary_responses",
         "The primary's response messages (paired: a compared request waited for it; unmatched: none "
@@ -287,7 +266,7 @@ def _pairing(messages: MessageStats, targets: dict[str, TargetStats]) -> Iterato
     held.add_metric([], table.held_bytes)
     limit = GaugeMetricFamily("spoa_mirror_compare_table_max_bytes", "compare.table.max_bytes")
     limit.add_metric([], table.max_bytes)
-    yield from (sent, settled, pending, responses, entries, held, limit)
+    yield from (responses, entries, held, limit)
 
 
 def build_info() -> Metric:

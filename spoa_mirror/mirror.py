@@ -670,7 +670,7 @@ class Mirror:
             else self.compare_engine
         )
         stats = PairingStats(compare.table.max_entries, compare.table.max_bytes)
-        return PairingTable(compare, engine, stats, self.target_stats)
+        return PairingTable(compare, engine, stats)
 
     def _redact_response(self, target_name: str, response: Any) -> Any:
         """The engine's hook before it keeps or shows anything of a pair (its examples): the

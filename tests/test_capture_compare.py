@@ -135,6 +135,7 @@ def test_recorded_responses_compare_offline(
     print(f"\nsame service: verdict {summary['compare']['verdict']['state']}, outcomes {outcomes}")
     assert result.returncode == 0, summary["compare"]["verdict"]
     assert {k: v for k, v in outcomes.items() if v} == {"identical": REQUESTS}
+    assert (target["sent"], target["pending"]) == (REQUESTS, 0), "the engine's account: sent = sum + pending"
     assert (tmp_path / "same.html").read_text().startswith("<!doctype html>")
 
     with ShadowServer(responder=changed_service) as changed:

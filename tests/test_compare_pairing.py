@@ -1,7 +1,8 @@
 """Compare, end to end through the real HAProxy (2.6 and 3.2) running the shipped config: the
 primary's response (the mirror-response SPOE group) paired with each compared shadow's by unique-id,
 one comparison outcome per request and compared target, the account exact
-(compare_requests_sent = sum(outcomes) + pending), and bounded under faults.
+(compare_requests_sent = sum(compare_comparisons over endpoints and outcomes) + compare_pending), and
+bounded under faults.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ from tests.test_haproxy_configs import localized
 pytestmark = pytest.mark.haproxy
 
 Responder = Callable[[RecordedRequest], Reply]
+# One sample of the account's outcome family (parse_metrics orders the labels by name).
+COMPARISONS = re.compile(
+    r'spoa_mirror_compare_comparisons_total\{endpoint=".*",outcome="(?P<outcome>\w+)",target="(?P<target>.*)"\}'
+)
 
 
 def service(request: RecordedRequest) -> Reply:
@@ -90,19 +95,17 @@ class CompareStack:
     def metrics(self) -> dict[str, float]:
         return parse_metrics(httpx.get(self.admin_url + "/metrics", trust_env=False).text)
 
-    def pairing(
+    def account(
         self, target: str, metrics: dict[str, float] | None = None
     ) -> tuple[int, dict[str, int], int]:
-        """(sent, outcomes, pending) of a compared target's second account."""
+        """(sent, outcomes summed over endpoints, pending) of a compared target's account."""
         metrics = metrics if metrics is not None else self.metrics()
         sent = int(metrics.get(f'spoa_mirror_compare_requests_sent_total{{target="{target}"}}', 0))
         pending = int(metrics.get(f'spoa_mirror_compare_pending{{target="{target}"}}', 0))
-        prefix, suffix = 'spoa_mirror_compare_pairing_total{outcome="', f'",target="{target}"}}'
-        outcomes = {
-            key[len(prefix) : -len(suffix)]: int(value)
-            for key, value in metrics.items()
-            if key.startswith(prefix) and key.endswith(suffix)
-        }
+        outcomes: dict[str, int] = {}
+        for key, value in metrics.items():
+            if (found := COMPARISONS.fullmatch(key)) and found["target"] == target and value:
+                outcomes[found["outcome"]] = outcomes.get(found["outcome"], 0) + int(value)
         return sent, outcomes, pending
 
     def settle(
@@ -112,7 +115,7 @@ class CompareStack:
         deadline = time.monotonic() + timeout
         while True:
             metrics = self.metrics()
-            accounts = {target: self.pairing(target, metrics) for target in targets}
+            accounts = {target: self.account(target, metrics) for target in targets}
             if all(sent >= at_least and pending == 0 for sent, _, pending in accounts.values()):
                 for target, (sent, outcomes, _) in accounts.items():
                     assert sum(outcomes.values()) == sent, f"{target}: {outcomes} do not add up to {sent}"
@@ -345,10 +348,10 @@ def test_ten_thousand_ids_in_flight_stay_within_the_table_bound(
             metrics = stack.metrics()
             peak_entries = max(peak_entries, int(metrics["spoa_mirror_compare_table_entries"]))
             peak_bytes = max(peak_bytes, int(metrics["spoa_mirror_compare_table_bytes"]))
-            if metrics.get('spoa_mirror_compare_pairing_total{outcome="table_full",target="candidate"}', 0):
+            if stack.account("candidate", metrics)[1].get("table_full"):
                 break
         rss, hwm = agent_rss_kib(stack.agent.pid)
-        sent, outcomes, pending = stack.pairing("candidate", metrics)
+        sent, outcomes, pending = stack.account("candidate", metrics)
         max_bytes = int(metrics["spoa_mirror_compare_table_max_bytes"])
         print(
             f"\ntable: {peak_entries} entries, {peak_bytes / 2**20:.1f} MiB of {max_bytes / 2**20:.0f} MiB; "

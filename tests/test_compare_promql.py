@@ -23,6 +23,7 @@ OUTCOMES = (
     "shadow_failed",
     "too_large",
     "table_full",
+    "shutdown",
 )
 BUCKETS = ("0.005", "0.01", "0.05", "0.1", "+Inf")
 
@@ -55,15 +56,17 @@ def series(replica: str, endpoint: str, per_minute: dict[str, int], shadow_error
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed")
 def test_the_goals_promql_judges_the_sum_of_the_replicas(tmp_path: Path) -> None:
     inputs = []
+    # The family carries the whole account: requests that were not compared must weigh in no rate.
+    uncompared = {"primary_missing": 5, "too_large": 1, "table_full": 2, "shutdown": 1}
     for replica in ("agent-a", "agent-b"):
         # GET /a: 1 in 10 comparisons regress, 1 in 10 shadow answers a 5xx, the shadow 10x slower.
-        inputs += series(
-            replica, "GET /a", {"identical": 6, "noise_only": 3, "different": 1}, 1, "0.01", "0.1"
-        )
-        # GET /b: all good; GET /rare: bad, but under min_endpoint_comparisons (20) in 10 minutes.
-        inputs += series(replica, "GET /b", {"identical": 10}, 0, "0.01", "0.01")
+        compared = {"identical": 6, "noise_only": 3, "different": 1}
+        inputs += series(replica, "GET /a", {**compared, **uncompared}, 1, "0.01", "0.1")
+        # GET /b: all good; GET /rare: bad, but under min_endpoint_comparisons (20) in 10 minutes
+        # (its uncompared requests, over 20, do not count towards that either).
+        inputs += series(replica, "GET /b", {"identical": 10, **uncompared}, 0, "0.01", "0.01")
         if replica == "agent-a":
-            inputs += series(replica, "GET /rare", {"different": 1}, 0, "0.01", "0.01")
+            inputs += series(replica, "GET /rare", {"different": 1, "primary_missing": 30}, 0, "0.01", "0.01")
     goals = {g["goal"]: g for g in promql(CompareConfig(candidates=("candidate",)), "candidate")}
     expected = {"min_comparisons": 10 * (2 * 20 + 1), "regression_rate": 0.1, "error_rate_increase": 0.1}
     tests = [

@@ -94,16 +94,21 @@ def live(
 def planted(engine: CompareEngine) -> None:
     primary, candidate = Shop("primary"), Shop("candidate", plants=("status", "price", "slow"))
     for request in requests(2100):
+        engine.request_sent("candidate")
         engine.compare(
             "candidate", request.method, request.path, primary.respond(request), candidate.respond(request)
         )
     for index in range(7):
+        engine.request_sent("candidate")
         engine.count("candidate", "GET", f"/api/users/{index}", "primary_missing")
+    for _ in range(3):  # sent, their responses not in yet
+        engine.request_sent("candidate")
 
 
 def identical(engine: CompareEngine) -> None:
     primary, candidate = Shop("primary"), Shop("candidate")
     for request in requests(2100):
+        engine.request_sent("candidate")
         engine.compare(
             "candidate", request.method, request.path, primary.respond(request), candidate.respond(request)
         )
@@ -131,6 +136,7 @@ def test_the_api_and_the_verdict_show_the_planted_differences(planted_agent: Liv
     }
     assert regressions == {("GET /api/orders/{id}", "status"), ("GET /api/items/{id}", "items[*].price")}
     assert candidate["outcomes"]["primary_missing"] == 7
+    assert (candidate["sent"], sum(candidate["outcomes"].values()), candidate["pending"]) == (2110, 2107, 3)
 
     status, _, body = planted_agent.get("/verdict")
     verdict = json.loads(body)
@@ -185,6 +191,9 @@ def test_metrics_count_comparisons_differences_and_latency(planted_agent: Live) 
     )
     total = sum(v for (name, labels), v in samples.items() if name == "spoa_mirror_compare_comparisons_total")
     assert total == 2100 + 7
+    # The one account: sent = sum(comparisons over endpoints and outcomes) + pending.
+    assert value("spoa_mirror_compare_pending") == 3
+    assert value("spoa_mirror_compare_requests_sent_total") == total + 3
 
 
 def test_identical_servers_pass_the_verdict() -> None:

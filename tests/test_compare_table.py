@@ -1,7 +1,7 @@
 """The pairing table (spoa_mirror/compare/pairing.py) on a real event loop, with the real engine:
 either side may come first, the baseline's response reaches the candidate's comparison, every
-compared request ends with exactly one outcome (sent = sum(outcomes) + pending at every step), and
-the bounds (entries, bytes, deadline) hold."""
+compared request ends with exactly one outcome (the engine's account: sent = sum(outcomes) + pending
+at every step, an engine that raises included), and the bounds (entries, bytes, deadline) hold."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from spoa_mirror.accounting import CompareStats, PairingStats, TargetStats
+from spoa_mirror.accounting import PairingStats
 from spoa_mirror.compare.config import parse_compare
 from spoa_mirror.compare.engine import CompareEngine
 from spoa_mirror.compare.model import Response
@@ -41,17 +41,12 @@ class RecordingEngine(CompareEngine):
         return super().compare(target, method, path, primary, candidate, baseline)
 
 
-def table(**compare: Any) -> tuple[PairingTable, RecordingEngine, dict[str, TargetStats]]:
+def table(engine_class: type[CompareEngine] = RecordingEngine, **compare: Any) -> tuple[PairingTable, Any]:
     config = parse_compare({"candidates": ["candidate"], **compare}, ("candidate", "baseline"))
     assert config is not None
-    engine = RecordingEngine(config)
-    stats = {name: TargetStats() for name in ("candidate", "baseline")}
-    for target in stats.values():
-        target.compare = CompareStats()
-    pairing = PairingTable(
-        config, engine, PairingStats(config.table.max_entries, config.table.max_bytes), stats
-    )
-    return pairing, engine, stats
+    engine = engine_class(config)
+    pairing = PairingTable(config, engine, PairingStats(config.table.max_entries, config.table.max_bytes))
+    return pairing, engine
 
 
 def request(unique_id: str | None, path: str = "/items/1") -> MirrorRequest:
@@ -62,27 +57,34 @@ def response(body: bytes = b'{"a": 1}', status: int = 200) -> Response:
     return Response(status, (("content-type", "application/json"),), body, len(body), None, 0.01)
 
 
-def outcomes(stats: dict[str, TargetStats], name: str = "candidate") -> dict[str, int]:
-    account = stats[name].compare
-    assert account is not None and account.balanced()
-    return account.outcomes
+def account(engine: CompareEngine, name: str = "candidate") -> tuple[dict[str, int], int]:
+    """The target's outcomes (those that occurred) and pending, from the report, once its account is
+    checked: sent = sum(outcomes) + pending."""
+    target = next(target for target in engine.report()["targets"] if target["name"] == name)
+    settled = {outcome: count for outcome, count in target["outcomes"].items() if count}
+    assert target["sent"] == sum(settled.values()) + target["pending"], target
+    return settled, target["pending"]
+
+
+def outcomes(engine: CompareEngine, name: str = "candidate") -> dict[str, int]:
+    return account(engine, name)[0]
 
 
 def test_either_side_first_and_the_baseline_reaches_the_candidate() -> None:
     async def go() -> None:
-        pairing, engine, stats = table(baseline="baseline")
+        pairing, engine = table(baseline="baseline")
         first = pairing.register("candidate", request("id-1"))
         first_baseline = pairing.register("baseline", request("id-1"))
         assert first is first_baseline is not None
         pairing.primary("id-1", response())  # primary first
-        assert engine.calls == [] and stats["candidate"].compare.pending == 1
+        assert engine.calls == [] and account(engine)[1] == 1
         pairing.shadow_done(first, "baseline", response())
         pairing.shadow_done(first, "candidate", response(b'{"a": 2}'))
         second = pairing.register("candidate", request("id-2"))
         pairing.shadow_done(second, "candidate", response())  # shadow first
         pairing.primary("id-2", response())
-        assert outcomes(stats) == {"different": 1, "identical": 1}
-        assert outcomes(stats, "baseline") == {"identical": 1}
+        assert outcomes(engine) == {"different": 1, "identical": 1}
+        assert outcomes(engine, "baseline") == {"identical": 1}
         by_target = {(call[0], call[1]): call for call in engine.calls}
         candidate_call = engine.calls[[c[0] for c in engine.calls].index("candidate")]
         assert candidate_call[4] == response(), (
@@ -96,7 +98,7 @@ def test_either_side_first_and_the_baseline_reaches_the_candidate() -> None:
 
 def test_failures_missing_ids_and_duplicates_each_end_once() -> None:
     async def go() -> None:
-        pairing, _, stats = table()
+        pairing, engine = table()
         failed = pairing.register("candidate", request("f"))
         pairing.shadow_done(failed, "candidate", RequestTimeout("late"))
         pairing.primary("f", response())
@@ -105,17 +107,39 @@ def test_failures_missing_ids_and_duplicates_each_end_once() -> None:
         assert pairing.register("candidate", request("d")) is None  # the same id again: cannot pair
         pairing.primary("nobody-waits", response())
         assert pairing.stats.primary_responses["unmatched"] == 1
-        assert outcomes(stats) == {"shadow_failed": 1, "primary_missing": 2}
-        assert stats["candidate"].compare.pending == 1
+        assert outcomes(engine) == {"shadow_failed": 1, "primary_missing": 2}
+        assert account(engine)[1] == 1
         assert pairing.flush() == 1
-        assert outcomes(stats) == {"shadow_failed": 1, "primary_missing": 2, "shutdown": 1}
+        assert outcomes(engine) == {"shadow_failed": 1, "primary_missing": 2, "shutdown": 1}
+
+    run(go)
+
+
+class RaisingEngine(CompareEngine):
+    """The real engine with a bug planted in judging a difference."""
+
+    def _judge(self, *args: Any) -> str:
+        raise ValueError("planted")
+
+
+def test_an_engine_that_raises_still_counts_the_request() -> None:
+    async def go() -> None:
+        pairing, engine = table(RaisingEngine, baseline="baseline")
+        entry = pairing.register("candidate", request("boom"))
+        pairing.register("baseline", request("boom"))
+        pairing.shadow_done(entry, "candidate", response(b'{"a": 2}'))  # differs: judging raises
+        pairing.shadow_done(entry, "baseline", response())  # identical: never judged
+        pairing.primary("boom", response())
+        assert account(engine) == ({"different": 1}, 0)
+        assert account(engine, "baseline") == ({"identical": 1}, 0), "the other target is still compared"
+        assert pairing.entries == {} and pairing.bytes == 0
 
     run(go)
 
 
 def test_a_primary_cut_by_haproxy_is_too_large() -> None:
     async def go() -> None:
-        pairing, _, stats = table()
+        pairing, engine = table()
         entry = pairing.register("candidate", request("cut"))
         pairing.shadow_done(entry, "candidate", response(b"x" * 50_000))
         pairing.primary("cut", Response(200, (), b"x" * 30_000, 50_000, None, 0.01))  # declared 50,000
@@ -124,20 +148,20 @@ def test_a_primary_cut_by_haproxy_is_too_large() -> None:
         pairing.primary(
             "chunked", Response(200, (("transfer-encoding", "chunked"),), b"y" * 30_000, 30_000, None, 0)
         )
-        assert outcomes(stats) == {"too_large": 2}
+        assert outcomes(engine) == {"too_large": 2}
 
     run(go)
 
 
 def test_the_bounds_on_entries_and_bytes() -> None:
     async def go() -> None:
-        pairing, _, stats = table(table={"max_entries": 3, "max_bytes": "64KiB"})
+        pairing, engine = table(table={"max_entries": 3, "max_bytes": "64KiB"})
         entries = [pairing.register("candidate", request(f"id-{n}")) for n in range(5)]
         assert [entry is not None for entry in entries] == [True, True, True, False, False]
-        assert outcomes(stats) == {"table_full": 2}
+        assert outcomes(engine) == {"table_full": 2}
         pairing.shadow_done(entries[0], "candidate", response(b"z" * 70_000))  # over max_bytes alone
         pairing.primary("id-0", response())
-        assert outcomes(stats) == {"table_full": 3}
+        assert outcomes(engine) == {"table_full": 3}
         assert pairing.bytes <= 64 * 1024 and len(pairing.entries) == 2
         assert pairing.bytes == sum(entry.size for entry in pairing.entries.values())
         assert all(entry.size >= ENTRY_OVERHEAD for entry in pairing.entries.values())
@@ -147,18 +171,18 @@ def test_the_bounds_on_entries_and_bytes() -> None:
 
 def test_the_deadline_settles_what_is_still_waiting() -> None:
     async def go() -> None:
-        pairing, _, stats = table(table={"deadline": 0.2})
+        pairing, engine = table(table={"deadline": 0.2})
         no_primary = pairing.register("candidate", request("a"))
         pairing.shadow_done(no_primary, "candidate", response())
         pairing.register("candidate", request("b"))
         pairing.primary("b", response())  # the shadow never answers
         await asyncio.sleep(0.4)
-        assert outcomes(stats) == {"primary_missing": 1, "shadow_failed": 1}
+        assert outcomes(engine) == {"primary_missing": 1, "shadow_failed": 1}
         assert pairing.entries == {} and pairing.bytes == 0
         late = pairing.register("candidate", request("c"))  # a new entry re-arms the sweep
         assert late is not None
         await asyncio.sleep(0.4)
-        assert outcomes(stats) == {"primary_missing": 2, "shadow_failed": 1}
+        assert outcomes(engine) == {"primary_missing": 2, "shadow_failed": 1}
 
     run(go)
 
@@ -188,6 +212,30 @@ def test_the_table_is_carved_out_of_the_memory_budget_and_one_process_pairs() ->
                 "compare": {"candidates": ["candidate"]},
             }
         )
+
+
+def test_the_account_holds_across_reloads() -> None:
+    """A changed section gets a new table and keeps the engine: what the old table held ends as
+    shutdown in the same account. A section removed and added again starts a new engine, and a new
+    account with it: sent never counts requests whose outcomes another engine holds."""
+
+    async def go() -> None:
+        base = {"targets": [{"name": "candidate", "url": "http://127.0.0.1:9"}]}
+        compare = {"candidates": ["candidate"]}
+        mirror = Mirror(parse_config({**base, "compare": compare}), None)
+        mirror.pairing.register("candidate", request("waiting"))
+        engine = mirror.compare_engine
+        assert account(engine) == ({}, 1)
+        mirror.apply(parse_config({**base, "compare": {**compare, "body_limit": "1KiB"}}), None)
+        assert mirror.compare_engine is engine and account(engine) == ({"shutdown": 1}, 0)
+        mirror.pairing.register("candidate", request("again"))
+        mirror.apply(parse_config(base), None)
+        assert account(engine) == ({"shutdown": 2}, 0)
+        mirror.apply(parse_config({**base, "compare": compare}), None)
+        assert mirror.compare_engine is not engine
+        assert mirror.compare_engine.accounts() == [("candidate", 0, 0)]
+
+    run(go)
 
 
 def test_examples_go_through_the_targets_redaction_first() -> None:

@@ -178,6 +178,13 @@ class _ComparingReplayTarget(_ReplayTarget):
 
         return tagged
 
+    def _dispatch(self, payload: bytes, head: bool) -> None:
+        """A request sent (or queued) is pending in the engine's account until _sent settles it."""
+        pending = self.pending
+        super()._dispatch(payload, head)
+        if self.pending > pending and getattr(payload, "key", None) is not None:
+            self.engine.request_sent(self.name)
+
     def _sent(self, result: Any, elapsed: float) -> None:
         response, payload = result
         key = getattr(payload, "key", None)

@@ -1,7 +1,10 @@
 """The comparator: pairs of responses in; per-endpoint statistics, noise, a report and a verdict out.
 
-Runs on the SPOP event loop (the pairing table calls `compare` when both sides of a request are in,
-`count` when one side never comes); the admin thread reads it through `report()` and `verdict()`
+Runs on the SPOP event loop (the pairing table calls `request_sent` when a compared target sends a
+request, then `compare` when both sides of it are in, or `count` when one side never comes); the
+engine keeps the whole account of a compared target: sent = sum(outcomes over its endpoints) +
+pending, every request ending with exactly one outcome (the /metrics families and /compare's
+targets show all three from one moment). The admin thread reads it through `report()` and `verdict()`
 scheduled on that loop, so it sees one moment.
 
 Regression or noise. A difference is kept per *field* (`items[*].price`, `header content-type`,
@@ -104,12 +107,14 @@ class _Endpoint:
 
 
 class _Target:
-    __slots__ = ("endpoints", "name", "role")
+    __slots__ = ("endpoints", "name", "pending", "role", "sent")
 
     def __init__(self, name: str, role: str) -> None:
         self.name = name
         self.role = role
         self.endpoints: dict[str, _Endpoint] = {}
+        self.sent = 0  # requests the target sent, each of which ends with one outcome
+        self.pending = 0  # of those, the ones whose outcome is not known yet
 
 
 class CompareEngine:
@@ -152,6 +157,12 @@ class CompareEngine:
 
     # -- input -----------------------------------------------------------------------------------
 
+    def request_sent(self, target: str) -> None:
+        """`target` sent a request: it is pending until `compare` or `count` gives its outcome."""
+        owner = self._target(target)
+        owner.sent += 1
+        owner.pending += 1
+
     def compare(
         self,
         target: str,
@@ -163,9 +174,28 @@ class CompareEngine:
     ) -> str:
         """Compare one request's primary and `target` responses; the outcome (identical, different,
         noise_only). `baseline`: the baseline target's response to the same request, when at hand:
-        fields where it differs from the primary too are noise for this request."""
+        fields where it differs from the primary too are noise for this request. Should comparing
+        raise (a bug), the request is still counted, as different, before the error goes up."""
         owner = self._target(target)
         endpoint = self._endpoint(owner, method, path)
+        outcome = "different"
+        try:
+            outcome = self._compare(owner, endpoint, method, path, primary, candidate, baseline)
+        finally:
+            endpoint.outcomes[outcome] += 1
+            owner.pending -= 1
+        return outcome
+
+    def _compare(
+        self,
+        owner: _Target,
+        endpoint: _Endpoint,
+        method: str,
+        path: str,
+        primary: Response,
+        candidate: Response,
+        baseline: Response | None,
+    ) -> str:
         endpoint.compared += 1
         for side, response in (("primary", primary), ("shadow", candidate)):
             endpoint.latency[side].observe(response.latency)
@@ -174,17 +204,16 @@ class CompareEngine:
                 endpoint.errors[side] += 1
         differences = self._differ.diff(primary, candidate)
         if not differences:
-            outcome = "identical"
-        else:
-            outcome = self._judge(owner, endpoint, method, path, differences, primary, candidate, baseline)
-        endpoint.outcomes[outcome] += 1
-        return outcome
+            return "identical"
+        return self._judge(owner, endpoint, method, path, differences, primary, candidate, baseline)
 
     def count(self, target: str, method: str, path: str, outcome: str) -> None:
-        """A mirrored request of a comparing target that ended without a comparison (UNPAIRED)."""
+        """A request `target` sent that ended without a comparison (UNPAIRED)."""
         if outcome not in UNPAIRED:
             raise ValueError(f"unknown comparison outcome {outcome!r}; one of {', '.join(UNPAIRED)}")
-        self._endpoint(self._target(target), method, path).outcomes[outcome] += 1
+        owner = self._target(target)
+        self._endpoint(owner, method, path).outcomes[outcome] += 1
+        owner.pending -= 1
 
     def _target(self, name: str) -> _Target:
         found = self._targets.get(name)
@@ -442,7 +471,8 @@ class CompareEngine:
         endpoints = [self._endpoint_report(target, endpoint) for endpoint in target.endpoints.values()]
         endpoints.sort(key=lambda e: (-e["regressions"], -e["compared"], e["endpoint"]))
         total = _sum_endpoints(endpoints, [endpoint.pop("_latency") for endpoint in endpoints])
-        return {"name": target.name, "role": target.role, **total, "endpoints": endpoints}
+        account = {"sent": target.sent, "pending": target.pending}  # sent = sum(outcomes) + pending
+        return {"name": target.name, "role": target.role, **account, **total, "endpoints": endpoints}
 
     def _endpoint_report(self, target: _Target, endpoint: _Endpoint) -> dict[str, Any]:
         judged = {
@@ -537,6 +567,10 @@ class CompareEngine:
         return {"state": state, "ok": state == "pass", "reasons": reasons, "checks": checks}
 
     # -- for the Prometheus collector (metrics.py) -----------------------------------------------
+
+    def accounts(self) -> list[tuple[str, int, int]]:
+        """(target, sent, pending) of every compared target, configured or seen, zeros included."""
+        return [(target.name, target.sent, target.pending) for target in self._ordered_targets()]
 
     def series(self) -> list[tuple[str, str, _Endpoint]]:
         return [

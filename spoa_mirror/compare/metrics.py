@@ -1,14 +1,17 @@
 """The comparator's Prometheus families, built from the engine's plain counters at scrape time (wrapped
 in metrics.OnLoop, so a scrape reads them on the loop that writes them).
 
-    spoa_mirror_compare_comparisons_total{target, endpoint, outcome}
+    spoa_mirror_compare_requests_sent_total{target}                 each ends with one outcome:
+    spoa_mirror_compare_comparisons_total{target, endpoint, outcome}  every outcome, compared or not
+    spoa_mirror_compare_pending{target}                             sent = sum(comparisons) + pending
     spoa_mirror_compare_differences_total{target, endpoint, kind}
     spoa_mirror_compare_errors_total{target, endpoint, side}       5xx answers among compared pairs
     spoa_mirror_compare_latency_seconds{target, endpoint, side}    histogram; side: primary or shadow
     spoa_mirror_compare_examples_bytes, spoa_mirror_compare_diff_log_lines_total{result}
 
 Series are bounded: endpoints per target by `compare.endpoints.max` (then `other`), outcomes and
-kinds by the engine's fixed lists. The goals' PromQL (goals.py) is written over these.
+kinds by the engine's fixed lists. The goals' PromQL (goals.py) is written over these. The three
+account families come from one pass on the loop, so the invariant holds within every scrape.
 """
 
 from __future__ import annotations
@@ -45,12 +48,27 @@ class _Families(Collector):
         engine = self._engine()
         if engine is None:
             return
+        sent = CounterMetricFamily(
+            "spoa_mirror_compare_requests_sent",
+            "Requests a compared target sent; compare_requests_sent = sum(compare_comparisons) + "
+            "compare_pending",
+            labels=["target"],
+        )
         comparisons = CounterMetricFamily(
             "spoa_mirror_compare_comparisons",
-            "Compared requests by outcome (identical, different = a regression, noise_only) and requests "
-            "that could not be compared (primary_missing, shadow_failed, too_large, table_full, shutdown)",
+            "Compared target's requests by outcome: compared (identical, different = a regression, "
+            "noise_only) or not (primary_missing, shadow_failed, too_large, table_full, shutdown)",
             labels=["target", "endpoint", "outcome"],
         )
+        pending = GaugeMetricFamily(
+            "spoa_mirror_compare_pending",
+            "Compared target's requests waiting in the pairing table for the shadow's or the primary's "
+            "response",
+            labels=["target"],
+        )
+        for target, requests, waiting in engine.accounts():
+            sent.add_metric([target], requests)
+            pending.add_metric([target], waiting)
         differences = CounterMetricFamily(
             "spoa_mirror_compare_differences",
             "Differences found, by kind (one comparison may find several)",
@@ -76,7 +94,7 @@ class _Families(Collector):
                 errors.add_metric([target, name, side], endpoint.errors[side])
                 histogram = endpoint.prom_latency[side]
                 latency.add_metric([target, name, side], histogram.cumulative(), histogram.total)
-        yield from (comparisons, differences, errors, latency)
+        yield from (sent, comparisons, pending, differences, errors, latency)
         examples = GaugeMetricFamily(
             "spoa_mirror_compare_examples_bytes",
             "Bytes held by the report's example pairs (compare.examples.budget)",

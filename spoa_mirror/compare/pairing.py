@@ -32,7 +32,7 @@ import structlog
 
 from spoe.log import LogThrottle
 
-from ..accounting import CompareStats, PairingStats
+from ..accounting import PairingStats
 from ..mirror import Target
 from ..request import MirrorRequest
 from ..transport import TransportError
@@ -91,13 +91,10 @@ class Entry:
 
 
 class PairingTable:
-    def __init__(
-        self, config: CompareConfig, engine: CompareEngine, stats: PairingStats, target_stats: dict[str, Any]
-    ) -> None:
+    def __init__(self, config: CompareConfig, engine: CompareEngine, stats: PairingStats) -> None:
         self.config = config
-        self.engine = engine
+        self.engine = engine  # keeps each compared target's account: sent = sum(outcomes) + pending
         self.stats = stats
-        self.target_stats = target_stats  # name -> TargetStats, whose .compare this table keeps
         self.candidates = frozenset(config.candidates)
         self.baseline = config.baseline
         self.max_entries = config.table.max_entries
@@ -115,9 +112,7 @@ class PairingTable:
     def register(self, target: str, req: MirrorRequest) -> Entry | None:
         """`target` sent `req`: its comparison is now pending. Returns the entry to hand the
         shadow's response to, or None when the outcome is already settled (table_full, no id)."""
-        stats = self.target_stats[target].compare
-        stats.received += 1
-        stats.pending += 1
+        self.engine.request_sent(target)
         key = req.unique_id
         if not key:
             self._unpairable(target, req, "missing_unique_id")
@@ -126,7 +121,7 @@ class PairingTable:
         if entry is None:
             size = ENTRY_OVERHEAD + len(key) + len(req.path)
             if len(self.entries) >= self.max_entries or self.bytes + size > self.max_bytes:
-                self._count(target, req.method, req.path, "table_full")
+                self.engine.count(target, req.method, req.path, "table_full")
                 return None
             loop = asyncio.get_running_loop()
             entry = Entry(self, key, req.method, req.path, loop.time())
@@ -197,26 +192,21 @@ class PairingTable:
         self._remove(entry)
         engine = self.engine
         for target, result in entry.targets.items():
-            stats = self.target_stats[target].compare
             if type(result) is str:
                 engine.count(target, entry.method, entry.path, result)
-                stats.settle(result)
             elif cut or _cut_without_length(primary, result):
                 engine.count(target, entry.method, entry.path, "too_large")
-                stats.settle("too_large")
             else:
                 try:
                     if target in self.candidates:
-                        outcome = engine.compare(target, entry.method, entry.path, primary, result, baseline)
+                        engine.compare(target, entry.method, entry.path, primary, result, baseline)
                     else:
-                        outcome = engine.compare(target, entry.method, entry.path, primary, result)
-                except Exception as error:  # a bug of the engine's must still leave the account exact
-                    outcome = "different"
+                        engine.compare(target, entry.method, entry.path, primary, result)
+                except Exception as error:  # counted (different) by the engine; the other targets go on
                     if (suppressed := self._log_throttle.allow("engine")) is not None:
                         log.error(
                             "compare.engine_crashed", target=target, error=repr(error), suppressed=suppressed
                         )
-                stats.settle(outcome)
 
     def _settle(self, entry: Entry, outcome_for_waiting: str) -> None:
         """End an entry before it is complete: targets still waiting get `outcome_for_waiting`, those
@@ -230,7 +220,6 @@ class PairingTable:
             else:
                 outcome = "primary_missing" if entry.primary is None else outcome_for_waiting
             self.engine.count(target, entry.method, entry.path, outcome)
-            self.target_stats[target].compare.settle(outcome)
 
     def _remove(self, entry: Entry) -> None:
         entry.settled = True
@@ -285,15 +274,11 @@ class PairingTable:
             self._settle(entry, outcome)
         return count
 
-    def _count(self, target: str, method: str, path: str, outcome: str) -> None:
-        self.engine.count(target, method, path, outcome)
-        self.target_stats[target].compare.settle(outcome)
-
     def _unpairable(self, target: str, req: MirrorRequest, reason: str) -> None:
         if (suppressed := self._log_throttle.allow(reason)) is not None:
             log.warning("compare.unpairable", target=target, reason=reason, unique_id=req.unique_id,
                         suppressed=suppressed)  # fmt: skip
-        self._count(target, req.method, req.path, "primary_missing")
+        self.engine.count(target, req.method, req.path, "primary_missing")
 
 
 def _cut_without_length(primary: Response, shadow: Response) -> bool:
@@ -336,8 +321,6 @@ class ComparingTarget(Target):
             connect_timeout=config.connect_timeout,
             timeout=config.timeout,
         )
-        if self.stats.compare is None:
-            self.stats.compare = CompareStats()
         self._request: MirrorRequest | None = None
 
     def offer(self, req: MirrorRequest) -> None:
