@@ -434,7 +434,9 @@ SHADOW_FAULTS = [
     ShadowFault(
         "hang", "error_timeout", frozenset({"error_timeout", "circuit_open", "queue_full"}), {"timeout": 1}
     ),
-    ShadowFault("delay", "sent_2xx", frozenset({"sent_2xx", "queue_full"}), delay=2.0),
+    # Answers after 2 s, within a target timeout 15 times that: a loaded machine cannot turn one
+    # into error_timeout.
+    ShadowFault("delay", "sent_2xx", frozenset({"sent_2xx", "queue_full"}), {"timeout": 30}, delay=2.0),
     # Every shadow failure opens the circuit breaker, so circuit_open follows the first errors.
     ShadowFault("reset", "error_reset", frozenset({"error_reset", "circuit_open", "queue_full"})),
     ShadowFault("garbage", "error_protocol", frozenset({"error_protocol", "circuit_open", "queue_full"})),
@@ -501,7 +503,9 @@ H2C_FAULTS = [
     ShadowFault(
         "frozen", "error_timeout", frozenset({"error_timeout", "circuit_open", "queue_full"}), {"timeout": 1}
     ),
-    ShadowFault("delay", "sent_2xx", frozenset({"sent_2xx", "queue_full"}), delay=2.0),
+    # Answers after 2 s, within a target timeout 15 times that: a loaded machine cannot turn one
+    # into error_timeout.
+    ShadowFault("delay", "sent_2xx", frozenset({"sent_2xx", "queue_full"}), {"timeout": 30}, delay=2.0),
     ShadowFault(
         "reset", "error_stream_reset", frozenset({"error_stream_reset", "circuit_open", "queue_full"})
     ),
@@ -737,7 +741,8 @@ def test_sigterm_under_load_drains_or_counts_what_was_queued(
     tmp_path: Path, primary: int, healthy: Run, report: Callable[..., None]
 ) -> None:
     """SIGTERM under load, with mirrors queued for a slow shadow (0.2 s) and a hung one (timeout
-    30 s), drain_timeout 2 s: the agent exits 0 and logs agent.stopped; the slow shadow's queue is
+    30 s), drain_timeout 6 s (the slow shadow's 16 in flight and 16 queued take ~0.4 s: the drain
+    has 15 times that): the agent exits 0 and logs agent.stopped; the slow shadow's queue is
     drained (every request it still had reaches the shadow), the hung one's is counted as
     `dropped`, exactly what was in flight for it. The primary never fails; once the agent is gone
     requests go on without mirroring, after at most timeout processing."""
@@ -747,7 +752,7 @@ def test_sigterm_under_load_drains_or_counts_what_was_queued(
         primary,
         shadows,
         lambda s: {
-            "drain_timeout": 2,
+            "drain_timeout": 6,
             "targets": [target(s["slow"].url, name="slow"), target(s["hung"].url, name="hung", timeout=30)],
         },
     ) as stack:
@@ -757,7 +762,7 @@ def test_sigterm_under_load_drains_or_counts_what_was_queued(
             rss = check_rss(agent)
             agent.process.popen.send_signal(signal.SIGTERM)
             last = last_metrics_while_draining(agent)
-            status = agent.process.popen.wait(10)
+            status = agent.process.popen.wait(30)
             result = load.result()
         [stopped] = agent.events("agent.stopped")
         received_slow = len(shadows["slow"].requests)

@@ -760,14 +760,15 @@ def test_sighup_reload_switches_targets_without_dropping_spop_connections(tmp_pa
 
 
 def test_sigterm_drains_what_it_can_and_exits_zero(tmp_path: Path) -> None:
-    """On SIGTERM the agent sends what is queued until drain_timeout (1 s): the mirrors to a slow
+    """On SIGTERM the agent sends what is queued until drain_timeout (5 s): the mirrors to a slow
     shadow (500 ms) are drained, those to a hung one are dropped; it logs `agent.stopped` with both
-    counts and exits 0."""
+    counts and exits 0. SIGTERM goes once both shadows hold all four, so the slow ones are in flight
+    (answers due 0.5 s later) and the drain has ten times their delay to finish them."""
     with mirror_stack(
         tmp_path,
         {"slow": "delay", "hung": "hang"},
         lambda s: {
-            "drain_timeout": 1,
+            "drain_timeout": 5,
             "targets": [
                 {"name": "slow", "url": s["slow"].url},
                 {"name": "hung", "url": s["hung"].url, "timeout": 30},
@@ -779,7 +780,8 @@ def test_sigterm_drains_what_it_can_and_exits_zero(tmp_path: Path) -> None:
             for n in range(4):
                 assert_served(http.get(f"/pending/{n}"))
         stack.shadows["hung"].wait_for(4)
-        status = stack.agent.stop()
+        stack.shadows["slow"].wait_for(4)
+        status = stack.agent.stop(grace=30)  # the drain takes its 5 s (the hung shadow's requests)
         [stopped] = stack.agent_events("agent.stopped")
         assert status == 0
         assert (stopped["drained"], stopped["dropped"]) == (4, 4)
