@@ -148,6 +148,41 @@ BUGS = [
         "",
         ("tests/test_demo.py::test_the_demo_check_finds_each_planted_secret",),
     ),
+    Bug(
+        "nested-multipart-scanned-as-text",
+        "redaction: a secret-named field inside multipart/mixed inside form-data leaves unmasked",
+        "spoa_mirror/redact.py",
+        "            if depth >= MULTIPART_DEPTH_LIMIT:\n"
+        '                raise Unredactable("multipart_too_deep")',
+        "            if depth >= 1:\n                return self._text(body, events)",
+        ("tests/test_redact_shapes.py::test_a_secret_named_part_inside_a_nested_multipart_is_masked",),
+    ),
+    Bug(
+        "multipart-depth-unbounded",
+        "bounded work: multipart nested past the depth limit is split anyway instead of refused",
+        "spoa_mirror/redact.py",
+        'raise Unredactable("multipart_too_deep")',
+        "pass",
+        (
+            "tests/test_redact_shapes.py::test_multipart_nested_deeper_than_the_limit_is_refused_not_passed_through",
+        ),
+    ),
+    Bug(
+        "replay-ignores-speed",
+        "replay --speed: the capture's own pace whatever the speed (was caught only by a timing window)",
+        "spoa_mirror/capture/replay.py",
+        "due = start + (payload.timestamp - first) / 1e9 / options.speed",
+        "due = start + (payload.timestamp - first) / 1e9",
+        ("tests/test_capture_replay.py::test_speed_4_quarters_the_span",),
+    ),
+    Bug(
+        "watchdog-ticks-at-its-interval",
+        "systemd watchdog: pings once per WatchdogSec instead of twice (was caught only by a timing gap)",
+        "spoa_mirror/app.py",
+        "return min(TICK, int(usec) / 2_000_000)",
+        "return min(TICK, int(usec) / 1_000_000)",
+        ("tests/test_systemd.py::test_the_heartbeat_ticks_at_least_twice_per_watchdog_interval",),
+    ),
 ]
 
 

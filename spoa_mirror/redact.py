@@ -29,7 +29,10 @@ Where each kind applies, and the decisions an operator should know:
   decoded value.
 - Bodies are recognised by content as well as by Content-Type: a body starting with `{` or `[` is
   tried as JSON whatever its type (text/plain or none), `multipart/*` parts are split at their
-  boundary and each field handled by name and content. A gzip or deflate body is decoded (at most
+  boundary (CRLF or bare LF line ends) and each field handled by name (quoted, bare or RFC 2231
+  `name*=`, from any of the part's header lines) and content; a part that is multipart itself
+  (multipart/mixed in form-data) is split in turn, up to `MULTIPART_DEPTH_LIMIT` (4) levels, and a
+  body nested deeper raises `Unredactable("multipart_too_deep")`. A gzip or deflate body is decoded (at most
   `DECODED_BODY_LIMIT` bytes), redacted and encoded again when anything changed; one that cannot be
   decoded within the bound, or in another encoding, raises `Unredactable` so the caller drops and
   counts it: a body that cannot be checked does not leave.
@@ -105,6 +108,9 @@ DECODED_BODY_LIMIT = 16 * 1024 * 1024
 # Larger JSON is not parsed (a parsed document takes ~15 times its size in memory) but scanned as text,
 # like JSON that does not parse: `"secret-name": value` pairs masked in place, then cards and userinfo.
 JSON_PARSE_LIMIT = 2 * 1024 * 1024
+# Multipart inside multipart (RFC 7578 allows multipart/mixed in a form-data part) is split level by
+# level, each level one more pass over the body; a body nested deeper is refused, not sent unchecked.
+MULTIPART_DEPTH_LIMIT = 4
 _MAPPING_SECTIONS = ("headers", "query", "json_fields", "form_fields", "patterns")
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -126,8 +132,11 @@ _JSON_PAIR = re.compile(
 )
 _FORM_PAIR = re.compile(rb"(?<![A-Za-z0-9_.\[\]%+-])([A-Za-z0-9_.\[\]%+-]{1,128})=([^&;\s\"'<>]*)")
 _BOUNDARY = re.compile(r'boundary="?([^";]{1,200})"?', re.IGNORECASE)
-_PART_NAME = re.compile(rb'\bname="([^"]*)"', re.IGNORECASE)
-_PART_TYPE = re.compile(rb"^content-type:\s*([^;\r\n]+)", re.IGNORECASE | re.MULTILINE)
+# A part's field name as servers read it: quoted or not, spaced or not, RFC 2231's `name*=` too, in
+# whichever header line carries it (every one found is checked, so a decoy cannot hide the real one).
+_PART_NAME = re.compile(rb'(?<![\w-])name(\*?)\s*=\s*(?:"((?:[^"\\\r\n]|\\.)*)"|([^;\s"]+))', re.IGNORECASE)
+_RFC2231_VALUE = re.compile(r"[^']*'[^']*'(.*)", re.DOTALL)
+_PART_TYPE = re.compile(rb"^content-type:\s*([^\r\n]+)", re.IGNORECASE | re.MULTILINE)
 _PAIR_SEPARATOR = re.compile("([&;])")
 _JSON_START = re.compile(rb"\s*[\[{]")
 _DECODERS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
@@ -703,7 +712,7 @@ class _Core:
         encoding = req.header("content-encoding")
         if encoding is not None and encoding.strip().lower() not in ("", "identity"):
             return self._encoded_body(req, body, encoding.strip().lower(), events)
-        return self._content(req.header("content-type"), body, events, nested=False)
+        return self._content(req.header("content-type"), body, events, depth=0)
 
     def _encoded_body(self, req: MirrorRequest, body: bytes, encoding: str, events: Events) -> bytes | None:
         wbits = _DECODERS.get(encoding)
@@ -724,7 +733,7 @@ class _Core:
         # deflate of a long run of one byte): asking for one byte more tells.
         if decoder.unconsumed_tail or decoder.decompress(b"", 1):
             raise Unredactable("decoded_too_large")
-        redacted = self._content(req.header("content-type"), decoded, events, nested=False)
+        redacted = self._content(req.header("content-type"), decoded, events, depth=0)
         if redacted is None:
             return None
         if wbits == 31:
@@ -733,18 +742,19 @@ class _Core:
             encoder = zlib.compressobj(6, zlib.DEFLATED, 15 if wbits == 15 and body[:1] == b"\x78" else -15)
         return encoder.compress(redacted) + encoder.flush()
 
-    def _content(
-        self, content_type: str | None, body: bytes, events: Events, *, nested: bool
-    ) -> bytes | None:
-        """One body, or one multipart part (`nested`), by what it is."""
+    def _content(self, content_type: str | None, body: bytes, events: Events, *, depth: int) -> bytes | None:
+        """One body (`depth` 0), or one multipart part (`depth` levels of multipart around it), by what
+        it is; a multipart part that is multipart itself is split in turn, up to MULTIPART_DEPTH_LIMIT
+        levels, past which the request is refused."""
         media_type = "" if content_type is None else content_type.partition(";")[0].strip().lower()
         if not self.looks_bytes(body):
             return None
-        if not nested and (
-            media_type.startswith("multipart/")
-            or (body.startswith(b"--") and b"content-disposition" in body[:1024].lower())
+        if media_type.startswith("multipart/") or (
+            body.startswith(b"--") and b"content-disposition" in body[:1024].lower()
         ):
-            return self._finish(body, self._multipart(content_type or "", body, events), events)
+            if depth >= MULTIPART_DEPTH_LIMIT:
+                raise Unredactable("multipart_too_deep")
+            return self._finish(body, self._multipart(content_type or "", body, events, depth), events)
         if media_type == "application/x-www-form-urlencoded":
             text = self._pairs(body.decode("utf-8", "surrogateescape"), self.form_rules, "form", [], events)
             redacted = None if text is None else text.encode("utf-8", "surrogateescape")
@@ -802,7 +812,7 @@ class _Core:
             return scanned
         return body if changed else None
 
-    def _multipart(self, content_type: str, body: bytes, events: Events) -> bytes | None:
+    def _multipart(self, content_type: str, body: bytes, events: Events, depth: int) -> bytes | None:
         found = _BOUNDARY.search(content_type)
         if found is not None:
             delimiter = b"--" + found.group(1).encode("latin-1", "replace")
@@ -817,16 +827,16 @@ class _Core:
         out = [pieces[0]]
         for piece in pieces[1:-1]:
             head, separator, content = piece.partition(b"\r\n\r\n")
+            line_end = b"\r\n"
+            if not separator:  # bare LF line ends, which Go's and Python's readers accept
+                head, separator, content = piece.partition(b"\n\n")
+                line_end = b"\n"
             if not separator:
                 out.append(piece)
                 continue
-            trailer = b"\r\n" if content.endswith(b"\r\n") else b""
+            trailer = line_end if content.endswith(line_end) else b""
             content = content[: len(content) - len(trailer)]
-            named = _PART_NAME.search(head)
-            name = named.group(1).decode("utf-8", "surrogateescape") if named else ""
-            rule = self.form_rules.get(name)
-            if rule is None and self.secret_name(name):
-                rule = ("multipart:default", _mask_op)
+            rule = self._part_rule(head)
             if rule == _KEEP:
                 out.append(piece)
                 continue
@@ -841,7 +851,7 @@ class _Core:
                 continue
             typed = _PART_TYPE.search(head)
             part_type = typed.group(1).decode("latin-1") if typed else None
-            redacted = self._content(part_type, content, events, nested=True)
+            redacted = self._content(part_type, content, events, depth=depth + 1)
             scanned_head = self._scan_bytes(head, events) if self.scans else None
             if redacted is None and scanned_head is None:
                 out.append(piece)
@@ -852,6 +862,21 @@ class _Core:
             )
         out.append(pieces[-1])
         return delimiter.join(out) if changed else None
+
+    def _part_rule(self, head: bytes) -> _Rule | None:
+        """The rule for a part by its field name: the first name with a rule that redacts, else
+        `keep` if one name is kept, else none. An unnamed part has none."""
+        kept = False
+        for match in _PART_NAME.finditer(head):
+            name = _part_name(match)
+            rule = self.form_rules.get(name)
+            if rule is None and self.secret_name(name):
+                rule = ("multipart:default", _mask_op)
+            if rule == _KEEP:
+                kept = True
+            elif rule is not None:
+                return rule
+        return _KEEP if kept else None
 
     # -- JSON ----------------------------------------------------------------------------------
 
@@ -1023,6 +1048,19 @@ def _decoded(raw: str) -> bytes:
     if "%" in raw or "+" in raw:
         raw = unquote_plus(raw, errors="surrogateescape")
     return raw.encode("utf-8", "surrogateescape")
+
+
+def _part_name(match: re.Match[bytes]) -> str:
+    """A `name` parameter's value: quoted (backslash escapes undone) or a token, or RFC 2231's
+    `name*=charset'language'percent-encoded`."""
+    quoted, token = match.group(2), match.group(3)
+    raw = token if quoted is None else re.sub(rb"\\(.)", rb"\1", quoted)
+    name = raw.decode("utf-8", "surrogateescape")
+    if match.group(1):
+        extended = _RFC2231_VALUE.fullmatch(name)
+        if extended is not None:
+            return unquote(extended.group(1), errors="surrogateescape")
+    return name
 
 
 def _decoded_text(raw: str) -> str:

@@ -93,9 +93,29 @@ class TimingServer:
         return f"http://127.0.0.1:{self.port}"
 
 
+# Loopback delivery takes well under a millisecond: this much on top only ends a hung run.
+DELIVERY_HANG_S = 1.0
+
+
+def assert_on_schedule(arrivals: list[float], offsets: list[float], max_lag: float) -> None:
+    """Each arrival, relative to the first, is where the schedule puts it (`offsets`, seconds from the
+    first request's due time), give or take the replay's own `max_lag` (how late the latest request
+    left against its due time: a loaded machine makes the replay late, and it says so) and
+    DELIVERY_HANG_S. Not a clock verdict: a replay that ignores timestamps, speed or rate is off by
+    seconds with no lateness reported, while a slow machine only moves the figures printed."""
+    assert len(arrivals) == len(offsets)
+    slack = max_lag + DELIVERY_HANG_S
+    for index, (arrival, offset) in enumerate(zip(arrivals, offsets, strict=True)):
+        off_by = (arrival - arrivals[0]) - offset
+        assert abs(off_by) <= slack, (
+            f"request {index} off its schedule by {off_by:.3f} s (max_lag {max_lag:.3f})"
+        )
+
+
 def test_speed_1_keeps_the_original_inter_arrival_times(tmp_path: Path) -> None:
     """A 10 s capture with irregular gaps (3 to 500 ms) replayed at its own pace: each request's
-    arrival, relative to the first, next to its capture time relative to the first."""
+    arrival, relative to the first, next to its capture time relative to the first (the errors are
+    printed; the verdict is assert_on_schedule's)."""
     gaps = [3, 500, 17, 90, 5, 150, 40, 120, 8, 60] * 10
     timestamps = [BASE]
     for gap in gaps[:-1]:
@@ -109,6 +129,7 @@ def test_speed_1_keeps_the_original_inter_arrival_times(tmp_path: Path) -> None:
         while len(server.arrivals) < len(timestamps) and time.monotonic() < deadline:
             time.sleep(0.01)
     arrivals = server.arrivals
+    summary = json.loads(result.stdout)
     assert len(arrivals) == len(timestamps)
     drift = [
         abs((arrival - arrivals[0]) - (stamp - timestamps[0]) / 1e9) * 1000
@@ -123,50 +144,54 @@ def test_speed_1_keeps_the_original_inter_arrival_times(tmp_path: Path) -> None:
         f"\n--speed 1 over {span:.1f} s, {len(arrivals)} requests: inter-arrival error "
         f"median {statistics.median(intervals):.2f} ms, "
         f"p99 {sorted(intervals)[int(0.99 * len(intervals))]:.2f} ms, "
-        f"max {max(intervals):.2f} ms; drift from schedule max {max(drift):.2f} ms"
+        f"max {max(intervals):.2f} ms; drift from schedule max {max(drift):.2f} ms, "
+        f"max_lag {summary['max_lag'] * 1000:.2f} ms"
     )
-    # A replay ignoring timestamps would put 10 s of gaps into a few ms; generous bound for a busy machine.
-    assert max(drift) < 250
-    assert statistics.median(intervals) < 20
+    assert_on_schedule(arrivals, [(stamp - timestamps[0]) / 1e9 for stamp in timestamps], summary["max_lag"])
 
 
-def test_speed_2_halves_the_span(tmp_path: Path) -> None:
+def test_speed_4_quarters_the_span(tmp_path: Path) -> None:
+    """An 8 s capture at --speed 4 takes 2 s: ignoring the speed (8 s) or inverting it (32 s) is off
+    by far more than any slack."""
     path = tmp_path / "fast.gor"
-    write_capture(path, [BASE + i * 100_000_000 for i in range(11)])  # 1 s
+    stamps = [BASE + i * 800_000_000 for i in range(11)]  # 8 s
+    write_capture(path, stamps)
     with TimingServer() as server:
-        result = spoa_mirror("replay", str(path), "--to", server.url, "--speed", "2", "--json")
+        result = spoa_mirror("replay", str(path), "--to", server.url, "--speed", "4", "--json")
         assert result.returncode == 0, result.stderr
-        time.sleep(0.1)
-        span = server.arrivals[-1] - server.arrivals[0]
-    print(f"\n--speed 2: a 1 s capture replayed over {span * 1000:.0f} ms")
-    assert 0.4 < span < 0.8
+        deadline = time.monotonic() + 5
+        while len(server.arrivals) < len(stamps) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        arrivals = list(server.arrivals)
+    summary = json.loads(result.stdout)
+    print(f"\n--speed 4: an 8 s capture replayed over {(arrivals[-1] - arrivals[0]) * 1000:.0f} ms")
+    assert_on_schedule(arrivals, [(stamp - BASE) / 1e9 / 4 for stamp in stamps], summary["max_lag"])
 
 
-def test_rate_2000_holds_its_rate(tmp_path: Path) -> None:
-    """4,000 requests captured within one second, sent at 2,000 a second whatever their timestamps."""
+def test_rate_500_holds_its_rate(tmp_path: Path) -> None:
+    """2,000 requests captured within 2 ms, sent at 500 a second whatever their timestamps: 4 s,
+    where as fast as possible takes a fraction of a second."""
     path = tmp_path / "rate.gor"
-    write_capture(path, [BASE + i * 1000 for i in range(4000)])
+    count, rate = 2000, 500
+    write_capture(path, [BASE + i * 1000 for i in range(count)])
     with TimingServer() as server:
         started = time.monotonic()
-        result = spoa_mirror("replay", str(path), "--to", server.url, "--rate", "2000", "--json")
+        result = spoa_mirror("replay", str(path), "--to", server.url, "--rate", str(rate), "--json")
         wall = time.monotonic() - started
         assert result.returncode == 0, result.stderr
-        time.sleep(0.1)
+        deadline = time.monotonic() + 5
+        while len(server.arrivals) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
         arrivals = list(server.arrivals)
     summary = json.loads(result.stdout)
     observed = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
-    per_second = [
-        sum(1 for a in arrivals if arrivals[0] + s <= a < arrivals[0] + s + 0.5) * 2
-        for s in (0, 0.5, 1.0, 1.5)
-    ]
     print(
-        f"\n--rate 2000: {len(arrivals)} requests, server saw {observed:,.0f}/s "
-        f"(per half second: {per_second}), replay reported {summary['rate']:,.0f}/s, "
+        f"\n--rate {rate}: {len(arrivals)} requests, server saw {observed:,.0f}/s, "
+        f"replay reported {summary['rate']:,.0f}/s, max_lag {summary['max_lag'] * 1000:.2f} ms, "
         f"p99 {summary['latency']['p99'] * 1000:.2f} ms, wall {wall:.2f} s"
     )
-    assert len(arrivals) == 4000
-    assert summary["statuses"] == {"200": 4000}
-    assert 1000 < observed < 3000  # as fast as possible would be far above; a stalled loop far below
+    assert summary["statuses"] == {"200": count}
+    assert_on_schedule(arrivals, [index / rate for index in range(count)], summary["max_lag"])
 
 
 def test_limit_loop_and_summary(tmp_path: Path) -> None:

@@ -275,7 +275,7 @@ def test_without_the_response_rules_the_agent_says_so(
 def faulty_candidate(request: RecordedRequest) -> Reply:
     """The service, except that /never/ answers only after the target's timeout."""
     if request.target.startswith("/never/"):
-        return Reply(200, (), b"too late", delay=3.0)
+        return Reply(200, (), b"too late", delay=20.0)  # ten times the timeout (2 s)
     return service(request)
 
 

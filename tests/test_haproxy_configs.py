@@ -56,6 +56,8 @@ CONFIG_2X = HAPROXY_DIR / "haproxy.cfg"
 CONFIG_3X = HAPROXY_DIR / "haproxy-3.x.cfg"
 MAXREWRITE = 1024  # HAProxy's default tune.maxrewrite, reserved in every buffer
 HEADER_ROOM = 4096  # what a body limit must leave of a buffer for the request line and headers
+# Ends a test whose HAProxy never sees an agent change state; inter 1s fall 2 rise 2 takes ~2 s.
+HANG_S = 30.0
 MODE_TCP, MODE_SPOP = "    mode tcp", "    mode spop"
 
 
@@ -273,7 +275,7 @@ class MirrorStack:
                 return row["status"]
         raise AssertionError(f"no mirror-agents/{name} in show stat:\n{text}")
 
-    def log_line(self, request: str, timeout: float = 2.0) -> str:
+    def log_line(self, request: str, timeout: float = 10.0) -> str:
         """HAProxy's log line for the request whose request line contains `request` (it is written
         once the stream ends, just after the client has its response)."""
         deadline = time.monotonic() + timeout
@@ -364,7 +366,7 @@ def test_haproxy_cfg_mirrors_through_two_agents_and_survives_losing_them(
         httpx.Client(base_url=stack.url, trust_env=False) as client,
     ):
         for name in ("agent1", "agent2"):
-            stack.wait_for_status(name, "UP", timeout=5)
+            stack.wait_for_status(name, "UP", timeout=HANG_S)
         sent = [
             client.get("/get?q=1"),
             client.post("/small", content=b"s" * limit),
@@ -378,7 +380,7 @@ def test_haproxy_cfg_mirrors_through_two_agents_and_survives_losing_them(
 
         # A killed agent leaves rotation within about 2 s; the other one takes every request.
         stack.agents[0].popen.kill()
-        down_after = stack.wait_for_status("agent1", "DOWN", timeout=5)
+        down_after = stack.wait_for_status("agent1", "DOWN", timeout=HANG_S)
         for n in range(5):
             assert client.get(f"/one-agent/{n}").status_code == 200
         stack.shadow.wait_for(len(sent) + 5)
@@ -388,9 +390,9 @@ def test_haproxy_cfg_mirrors_through_two_agents_and_survives_losing_them(
         # available) on 2.6; 3.2 fails at once from the first request, with 257 (SPOP status 1, I/O).
         gave_up = "mirror_err=257 " if haproxy_release.at_least_3_1 else "mirror_err=2 "
         stack.agents[1].popen.kill()
-        stack.wait_for_status("agent2", "DOWN", timeout=5)
+        stack.wait_for_status("agent2", "DOWN", timeout=HANG_S)
         slowest = 0.0
-        for n in range(50):
+        for n in range(300):
             started = time.monotonic()
             assert client.get(f"/no-agent/{n}").status_code == 200
             slowest = max(slowest, time.monotonic() - started)
@@ -398,7 +400,7 @@ def test_haproxy_cfg_mirrors_through_two_agents_and_survives_losing_them(
                 break
             time.sleep(0.1)
         else:
-            pytest.fail("HAProxy still waits for dead agents after 5 s")
+            pytest.fail("HAProxy still waits for dead agents after 300 requests (30 s and more)")
 
     for path, request in primary.items():
         assert request.header("x-request-id"), "HAProxy sets X-Request-ID on every request"
@@ -412,7 +414,7 @@ def test_haproxy_cfg_mirrors_through_two_agents_and_survives_losing_them(
         assert len(primary[path].body) > limit
         assert mirrored[path].body == b""
         assert mirrored[path].header("x-mirror-truncated") == "true"
-    # Figures, not verdicts (wait_for_status's 5 s is the hang bound); only a primary request held
+    # Figures, not verdicts (wait_for_status's HANG_S is the hang bound); only a primary request held
     # for seconds behind dead agents fails.
     print(f"\nagent1 marked down after {down_after:.2f} s; slowest request without agents {slowest:.2f} s")
     assert slowest < 5.0, f"a request waited {slowest:.2f} s for dead agents"

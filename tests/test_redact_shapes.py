@@ -20,6 +20,7 @@ from spoa_mirror.redact import (
     DECODED_BODY_LIMIT,
     JSON_PARSE_LIMIT,
     MASK,
+    MULTIPART_DEPTH_LIMIT,
     Unredactable,
     build_redactor,
     redact_in_worker,
@@ -170,6 +171,119 @@ def test_multipart_with_nothing_to_redact_comes_back_as_the_same_request() -> No
     )
     req, out, seen = redacted(NEVER_MATCHES, [("Content-Type", "multipart/form-data; boundary=b")], body)
     assert out is req and seen == []
+
+
+# Nested and loosely written multipart ------------------------------------------------------------
+# Each shape below carried a secret-named field through unmasked before multipart parts were
+# split recursively and their names read the way servers read them (issue 17's redaction audit).
+
+SECRET = b"S3cr3t-Value"
+
+
+def mixed(boundary: bytes, *parts: bytes) -> bytes:
+    return b"".join(b"--" + boundary + b"\r\n" + each for each in parts) + b"--" + boundary + b"--\r\n"
+
+
+def nested_in(content: bytes, inner_type: bytes) -> bytes:
+    """A form-data body whose one part, `files`, has `content` of type `inner_type`."""
+    return mixed(b"out", part("files", content, b"\r\nContent-Type: " + inner_type))
+
+
+FORM_DATA = [("Content-Type", "multipart/form-data; boundary=out")]
+
+
+@pytest.mark.parametrize(
+    "inner_disposition",
+    [b'form-data; name="password"', b'file; name="password"; filename="p.txt"', b"attachment; name=password"],
+    ids=["form-data", "file", "unquoted"],
+)
+def test_a_secret_named_part_inside_a_nested_multipart_is_masked(inner_disposition: bytes) -> None:
+    """RFC 7578's multipart/mixed inside form-data (older clients send several files so): the inner
+    parts are split at their own boundary and handled by name like the outer ones."""
+    inner = mixed(b"in", b"Content-Disposition: " + inner_disposition + b"\r\n\r\n" + SECRET + b"\r\n")
+    body = nested_in(inner, b"multipart/mixed; boundary=in")
+    req, out, seen = redacted(None, FORM_DATA, body)
+    assert out.body == body.replace(SECRET, MASK.encode())
+    assert seen == ["multipart:default"] and out.body_len == len(out.body) and req.body == body
+
+
+def test_json_and_form_parts_inside_a_nested_multipart_are_redacted_by_their_type() -> None:
+    inner = mixed(
+        b"in",
+        b'Content-Type: application/json\r\n\r\n{"user": {"password": "' + SECRET + b'"}}\r\n',
+        b"Content-Type: application/x-www-form-urlencoded\r\n\r\nuser=bob&password=" + SECRET + b"\r\n",
+        b'Content-Disposition: form-data; name="note"\r\n\r\nhello\r\n',
+    )
+    body = nested_in(inner, b'multipart/mixed; boundary="in"')
+    _, out, seen = redacted(None, FORM_DATA, body)
+    expected = body.replace(
+        b'{"user": {"password": "' + SECRET + b'"}}', b'{"user":{"password":"[REDACTED]"}}'
+    ).replace(b"password=" + SECRET, f"password={ENCODED_MASK}".encode())
+    assert out.body == expected
+    assert seen == ["json:default", "form:default"]
+
+
+def test_a_nested_multipart_without_a_boundary_parameter_is_split_from_its_first_line() -> None:
+    inner = mixed(b"in", part("api_key", SECRET + b"\r\n"))
+    body = nested_in(inner, b"multipart/mixed")
+    _, out, seen = redacted(None, FORM_DATA, body)
+    assert (out.body, seen) == (body.replace(SECRET, MASK.encode()), ["multipart:default"])
+
+
+def test_configured_form_rules_reach_parts_of_a_nested_multipart() -> None:
+    inner = mixed(b"in", part("ssn_field", b"123-45-6789\r\n"), part("keep_me", b"x\r\n"))
+    body = nested_in(inner, b"multipart/mixed; boundary=in")
+    _, out, seen = redacted({"form_fields": {"ssn_field": "hmac"}}, FORM_DATA, body)
+    assert out.body == body.replace(b"123-45-6789", hmac_of(b"123-45-6789").encode())
+    assert seen == ["form:ssn_field"]
+
+
+def levels_deep(levels: int) -> bytes:
+    """A multipart body `levels` deep (the body itself is the first), a secret-named part innermost;
+    its Content-Type boundary is b1."""
+    content = mixed(f"b{levels}".encode(), part("password", SECRET + b"\r\n"))
+    for level in range(levels - 1, 0, -1):
+        inner_type = f"Content-Type: multipart/mixed; boundary=b{level + 1}\r\n\r\n".encode()
+        content = mixed(f"b{level}".encode(), inner_type + content)
+    return content
+
+
+def test_multipart_nested_deeper_than_the_limit_is_refused_not_passed_through() -> None:
+    """Each level is one more split of the body (memory and time): MULTIPART_DEPTH_LIMIT levels are
+    redacted, one more is refused as unredactable (the caller drops and counts it) rather than sent
+    unchecked."""
+    headers = [("Content-Type", "multipart/form-data; boundary=b1")]
+    at_limit = levels_deep(MULTIPART_DEPTH_LIMIT)
+    _, out, seen = redacted(None, headers, at_limit)
+    assert (out.body, seen) == (at_limit.replace(SECRET, MASK.encode()), ["multipart:default"])
+    with pytest.raises(Unredactable) as refused:
+        redacted(None, headers, levels_deep(MULTIPART_DEPTH_LIMIT + 1))
+    assert refused.value.reason == "multipart_too_deep"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"Content-Disposition: form-data; name=password",
+        b'content-disposition: form-data;name = "password"',
+        b"Content-Disposition: form-data; name*=UTF-8''pass%77ord",
+        b'Content-Type: text/plain; name="note"\r\nContent-Disposition: form-data; name="password"',
+        b"Content-Disposition: form-data; name=\"note\"; name*=utf-8'en'password",
+    ],
+    ids=["unquoted", "spaced", "RFC 2231 name*", "a name in another header first", "name and name*"],
+)
+def test_a_part_name_is_read_the_ways_servers_read_it(head: bytes) -> None:
+    body = b"--b\r\n" + head + b"\r\n\r\n" + SECRET + b"\r\n--b--\r\n"
+    _, out, seen = redacted(None, [("Content-Type", "multipart/form-data; boundary=b")], body)
+    assert (out.body, seen) == (body.replace(SECRET, MASK.encode()), ["multipart:default"])
+
+
+def test_a_multipart_body_with_bare_lf_line_ends_is_split_too() -> None:
+    """Go's and Python's multipart readers accept LF where RFC 2046 says CRLF; the parts keep LF."""
+    body = b'--b\nContent-Disposition: form-data; name="password"\n\n' + SECRET + b"\n--b\n"
+    body += b'Content-Disposition: form-data; name="note"\n\nhi\n--b--\n'
+    _, out, seen = redacted(None, [("Content-Type", "multipart/form-data; boundary=b")], body)
+    assert (out.body, seen) == (body.replace(SECRET, MASK.encode()), ["multipart:default"])
 
 
 # Content-Encoding -------------------------------------------------------------------------------

@@ -200,20 +200,23 @@ def test_dribbling_peer_is_cut_at_the_frame_timeout(run: Callable[[AsyncTest], N
 
 def test_busy_peer_whose_reads_end_mid_frame_is_never_cut(run: Callable[[AsyncTest], None]) -> None:
     """The deadline is per frame, not per 'something incomplete': a pipelining HAProxy whose every
-    segment ends inside a frame, for three times the frame timeout, keeps its connection."""
+    segment ends inside a frame, for over three times the frame timeout, keeps its connection. Each
+    frame completes one pause (10 ms) after it starts, a thirtieth of the frame timeout: only a
+    stall of the whole process near the timeout could cut it."""
     agent = Agent(frame_timeout=0.3)
+    count = 100
 
     async def test() -> None:
         async with serving(agent) as served:
             peer = await served.ready_peer()
-            frames = [notify(n, 1, [Message("m", {"n": n})]) for n in range(1, 21)]
+            frames = [notify(n, 1, [Message("m", {"n": n})]) for n in range(1, count + 1)]
             stream = b"".join(frames)
-            cuts = [0] + [len(stream) * k // 20 + 3 for k in range(1, 20)] + [len(stream)]
+            cuts = [0] + [len(stream) * k // count + 3 for k in range(1, count)] + [len(stream)]
             for start, end in itertools.pairwise(cuts):
                 await peer.send(stream[start:end])
-                await asyncio.sleep(0.045)
-            acks = await peer.recv_frames(20, timeout=3.0)
-            assert [ack.type for ack in acks] == [FrameType.ACK] * 20
+                await asyncio.sleep(0.01)
+            acks = await peer.recv_frames(count, timeout=15.0)
+            assert [ack.type for ack in acks] == [FrameType.ACK] * count
             assert agent.stats.closed_by_status == {}
             assert agent.connections == 1
 

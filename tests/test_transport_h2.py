@@ -279,7 +279,7 @@ def test_unanswered_streams_time_out_and_only_a_dead_connection_is_dropped(
 
 def test_slow_stream_times_out_without_dropping_the_connection(shadow: H2ShadowServer) -> None:
     shadow.mode = "delay"
-    shadow.delay = 0.6
+    shadow.delay = 3.0  # ten times the timeout: a stalled test process cannot see the answer first
     pool = make_pool(shadow, timeout=0.3)
 
     async def test() -> tuple[int | Exception, int]:
