@@ -272,6 +272,25 @@ async def _no_close() -> None:
     return None
 
 
+def test_only_a_lone_request_on_a_reused_connection_closed_unanswered_is_retried(
+    shadow: PipelineShadow,
+) -> None:
+    """A reused connection closed before any byte of a response: with one request on it, most
+    likely an idle close racing the request, tried once more on a new connection (as `Pool` does);
+    with two, the shadow may have processed the first, so neither is retried."""
+
+    async def scenario() -> list[object]:
+        pool = make_pool(shadow)
+        warm = await outcomes_open(pool, [get("/s201")])
+        lone = await outcomes_open(pool, [get("/drop")])  # retried once, dropped again: reset
+        warm += await outcomes_open(pool, [get("/s202")])
+        pair = await outcomes(pool, [get("/drop"), get("/s203")])
+        return [*warm, *lone, *pair]
+
+    assert run(scenario) == [201, 202, "reset", "reset", "reset"]
+    assert [seen.path for seen in shadow.requests] == ["/s201", "/drop", "/drop", "/s202", "/drop", "/s203"]
+
+
 def test_timeout_mid_pipeline_ends_the_rest_as_timeouts_not_retried(shadow: PipelineShadow) -> None:
     pool = make_pool(shadow, timeout=0.3)
     requests = [get("/s201"), get("/hang"), get("/s203")]
