@@ -37,6 +37,8 @@ run (drain included), its memory VmRSS from /proc/<pid>/status when wrk ends.
     .venv/bin/python bench/e2e_bench.py --haproxy scripts/haproxy-sid --json bench/out/e2e-3.2.json
     .venv/bin/python bench/e2e_bench.py --scenarios fixed_baseline,fixed_ack,fixed_mirror --rate 5000
     .venv/bin/python bench/e2e_bench.py --scenarios baseline,c_agent,mirror --c-agent PATH --body-size 1024
+    .venv/bin/python bench/e2e_bench.py --scenarios mirror --workers 2    # the agent with -n 2
+    .venv/bin/python bench/e2e_bench.py --scenarios mirror --agent-pipeline-depth 8
 
 Prints the table and writes it to bench/out/e2e.md and bench/out/e2e.json (`--json PATH`: there,
 and the table beside it with the suffix .md). HAProxy, both nginx, the
@@ -176,6 +178,7 @@ targets:
     url: {url}
     concurrency: {concurrency}
     queue_size: {queue_size}
+    pipeline_depth: {pipeline_depth}
 """
 
 NGINX_CFG = """\
@@ -495,13 +498,13 @@ def agent_account(admin: int) -> Account:
         for sample in family.samples:
             labels = sample.labels
             if sample.name == "spoa_mirror_requests_received_total" and labels["target"] == TARGET:
-                received = int(sample.value)
+                received += int(sample.value)  # summed: with -n N, one sample per worker
             elif sample.name == "spoa_mirror_requests_total" and labels["target"] == TARGET:
-                outcomes[labels["outcome"]] = int(sample.value)
+                outcomes[labels["outcome"]] = outcomes.get(labels["outcome"], 0) + int(sample.value)
             elif sample.name == "spoa_mirror_in_flight" and labels["target"] == TARGET:
-                in_flight = int(sample.value)
+                in_flight += int(sample.value)
             elif sample.name == "spoa_mirror_spop_frames_total" and labels["type"] == "notify":
-                notifies = int(sample.value)
+                notifies += int(sample.value)
     return Account(received, in_flight, outcomes, notifies)
 
 
@@ -668,11 +671,13 @@ class Bench:
                 url=shadow_url,
                 concurrency=args.agent_concurrency,
                 queue_size=args.agent_queue_size,
+                pipeline_depth=args.agent_pipeline_depth,
                 **ports,
             )
             + (f"compare: {{candidates: [{TARGET}]}}\n" if compare else "")
         )
-        return [str(AGENT), "--config", str(self.workdir / f"agent-{name}.yaml")]
+        workers = ["-n", str(args.workers)] if args.workers > 1 else []
+        return [str(AGENT), "--config", str(self.workdir / f"agent-{name}.yaml"), *workers]
 
     def _run(
         self,
@@ -961,10 +966,13 @@ def setup_lines(args: argparse.Namespace, bench: Bench) -> list[str]:
         f"fixed_*: hey -c {args.connections} at {args.rate:g} req/s in all, {request}",
         f"c_agent: {args.c_agent} -r0 (its defaults otherwise)" if args.c_agent else "c_agent: not run",
         f"HAProxy {_version([args.haproxy, '-v'])} nbthread {bench.haproxy_threads}; "
-        f"nginx primary and shadow (1 worker each, return 200); agent: 1 process, uvloop",
+        f"nginx primary and shadow (1 worker each, return 200); agent: "
+        + (f"-n {args.workers} worker processes" if args.workers > 1 else "1 process")
+        + ", uvloop",
         "SPOE: on-frontend-http-request, pipelining + async, timeout processing 100ms; "
         "args arg_method arg_path arg_ver arg_hdrs arg_body",
-        f"agent target: 100%, concurrency {args.agent_concurrency}, queue_size {args.agent_queue_size}",
+        f"agent target: 100%, concurrency {args.agent_concurrency}, queue_size {args.agent_queue_size}, "
+        f"pipeline_depth {args.agent_pipeline_depth}",
     ]
 
 
@@ -1011,6 +1019,18 @@ def main() -> int:
     parser.add_argument("--haproxy-threads", type=int, default=0, help="HAProxy nbthread (default: its own)")
     parser.add_argument(
         "--agent-concurrency", type=int, default=64, help="the target's connections (64, the agent's default)"
+    )
+    parser.add_argument(
+        "--agent-pipeline-depth",
+        type=int,
+        default=1,
+        help="the target's pipeline_depth (1, the default: no HTTP/1.1 pipelining)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="the agent's worker processes (-n N, SO_REUSEPORT listeners; CPU counts every worker)",
     )
     parser.add_argument(
         "--agent-queue-size",

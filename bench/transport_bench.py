@@ -17,6 +17,9 @@ uvloop (~75-80k req/s), ~12-13 us with the default asyncio loop, ~14 us with uvl
 then also listens for HTTP/2 with prior knowledge), so the HTTP/2 transport's CPU per request
 (transport_h2.H2Pool, streams multiplexed on one connection) is compared with HTTP/1.1's in one run;
 the JSON's top-level figures are the first protocol's, `by_protocol` has each.
+
+`--pipeline-depth D --connections C` sends over HTTP/1.1 pipelining (a target's `pipeline_depth`):
+the `--concurrency` requests share C connections, D at most on each.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from spoa_mirror.transport import Pool
 from spoa_mirror.transport_h2 import H2Pool
+from spoa_mirror.transport_pipeline import PipelinedPool
 from spoa_mirror.wire import build_request
 from spoa_mirror.wire_h2 import build_h2_request
 from tests.support.shadow import NginxServer
@@ -43,13 +47,25 @@ PROTOCOLS = ("http1", "h2c")
 
 
 async def drive(
-    host: str, port: int, requests: int, concurrency: int, build_each: bool, protocol: str = "http1"
+    host: str,
+    port: int,
+    requests: int,
+    concurrency: int,
+    build_each: bool,
+    protocol: str = "http1",
+    connections: int = 0,
+    pipeline_depth: int = 1,
 ) -> Counter[int]:
     pool: Pool | H2Pool
+    connections = connections or concurrency
     if protocol == "h2c":
-        pool = H2Pool(host, port, max_connections=concurrency, connect_timeout=2.0, timeout=5.0)
+        pool = H2Pool(host, port, max_connections=connections, connect_timeout=2.0, timeout=5.0)
+    elif pipeline_depth > 1:
+        pool = PipelinedPool(
+            host, port, depth=pipeline_depth, max_connections=connections, connect_timeout=2.0, timeout=5.0
+        )
     else:
-        pool = Pool(host, port, max_connections=concurrency, connect_timeout=2.0, timeout=5.0)
+        pool = Pool(host, port, max_connections=connections, connect_timeout=2.0, timeout=5.0)
     headers = [
         ("User-Agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36"),
         ("Accept", "text/html,application/xhtml+xml"),
@@ -100,6 +116,15 @@ def main() -> None:
         default="http1",
         help="comma-separated, each run in turn against the same nginx: http1, h2c (default http1)",
     )
+    parser.add_argument(
+        "--connections", type=int, default=0, help="connections at most (default: --concurrency)"
+    )
+    parser.add_argument(
+        "--pipeline-depth",
+        type=int,
+        default=1,
+        help="HTTP/1.1 requests in flight per connection (transport_pipeline.PipelinedPool above 1)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
     args = parser.parse_args()
     protocols = [name.strip() for name in args.protocols.split(",") if name.strip()]
@@ -121,13 +146,13 @@ def main() -> None:
     ):
         for protocol in protocols:
             port = nginx.h2c_port if protocol == "h2c" else nginx.port
-            runner(drive(nginx.host, port, 1000, args.concurrency, args.build_each, protocol))  # warm-up
+            shape = (args.build_each, protocol, args.connections, args.pipeline_depth)
+            runner(drive(nginx.host, port, 1000, args.concurrency, *shape))  # warm-up
             wall, cpu = time.perf_counter(), time.process_time()
-            statuses = runner(
-                drive(nginx.host, port, args.requests, args.concurrency, args.build_each, protocol)
-            )
+            statuses = runner(drive(nginx.host, port, args.requests, args.concurrency, *shape))
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             print(f"protocol={protocol} loop={args.loop} concurrency={args.concurrency}", end=" ")
+            print(f"connections={args.connections or args.concurrency} depth={args.pipeline_depth}", end=" ")
             print(f"requests={args.requests} statuses={dict(statuses)}")
             rps, cpu_us = args.requests / wall, cpu / args.requests * 1e6
             print(f"{rps:,.0f} req/s, {cpu_us:.1f} us client CPU per request")

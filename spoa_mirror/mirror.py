@@ -131,6 +131,7 @@ def _pool_settings(config: Any) -> tuple[Any, ...]:
         config.tls_verify,
         config.ca_file,
         config.concurrency,
+        config.pipeline_depth,
         config.connect_timeout,
         config.timeout,
         config.capture,
@@ -159,7 +160,8 @@ class Target:
         # (payload, head, time.monotonic() when queued), oldest first
         self.queue: deque[tuple[bytes, bool, float]] = deque()
         self.queue_size: int = config.queue_size
-        self.concurrency: int = config.concurrency
+        # Requests in flight at most: with pipelining, `pipeline_depth` per connection.
+        self.concurrency: int = config.concurrency * config.pipeline_depth
         self.memory_budget: int = config.memory_budget
         self.max_queue_age: float = config.max_queue_age
         self.budget = budget

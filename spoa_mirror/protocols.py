@@ -111,6 +111,10 @@ def build_pool(
     )
     http1_options = {**options, "source_ip": outgoing.source_ip, "source_ports": outgoing.ports}
     if not speaks_h2(config):
+        if config.pipeline_depth > 1:
+            from .transport_pipeline import PipelinedPool
+
+            return PipelinedPool(config.host, config.port, depth=config.pipeline_depth, **http1_options)
         return Pool(config.host, config.port, **http1_options)
     from .transport_h2 import H2Pool
 

@@ -223,6 +223,13 @@ class TargetConfig(Section):
     concurrency: int_between(1, 100_000) = Field(
         64, description="connections open to the target at most; over HTTP/2, requests in flight at most"
     )
+    pipeline_depth: int_between(1, 64) = Field(
+        1,
+        description="HTTP/1.1 requests in flight on one connection at most (pipelining); 1 is off. Above 1, "
+        "the requests one loop iteration gives a connection go in one write, up to concurrency x "
+        "pipeline_depth are in flight, and a connection lost mid-pipeline ends its unanswered requests "
+        "as errors, never retried",
+    )
     queue_size: int_between(1, 10_000_000) = Field(
         8192, description="mirrors waiting for a connection at most; more are dropped, counted"
     )
@@ -281,6 +288,8 @@ class TargetConfig(Section):
         if data.get("capture") is not None:
             if data.get("url") is not None or data.get("upstream") is not None:
                 raise problem("a target either sends (url) or captures, not both", "capture")
+            if data.get("pipeline_depth", 1) != 1:
+                raise problem("a capture target has no connections to pipeline on", "pipeline_depth")
             if data.get("host") == "target":
                 raise problem("a capture target has no Host of its own: original or suffix", "host")
             return {**data, "host": data.get("host") or "original"}
@@ -306,6 +315,8 @@ class TargetConfig(Section):
             raise problem("h2 needs an https URL; use h2c for HTTP/2 without TLS", "protocol")
         if self.protocol == "h2c" and scheme != "http":
             raise problem("h2c needs an http URL; use h2 for HTTP/2 over TLS", "protocol")
+        if self.pipeline_depth > 1 and self.protocol != "http1":
+            raise problem("pipelining is HTTP/1.1's: it needs protocol http1", "pipeline_depth")
         default_port = 443 if scheme == "https" else 80
         self.derive(
             url=url,

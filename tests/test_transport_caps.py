@@ -15,6 +15,7 @@ from spoa_mirror.transport import (
     Pool,
     ProtocolError,
 )
+from spoa_mirror.transport_pipeline import PipelinedPool
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: shadow\r\n\r\n"
 FINAL = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
@@ -46,9 +47,14 @@ async def canned_server(answer: Callable[[], list[bytes]]) -> AsyncIterator[int]
         server.close()
 
 
-async def send_once(answer: list[bytes]) -> int:
+async def send_once(answer: list[bytes], pipelined: bool = False) -> int:
     async with canned_server(lambda: answer) as port:
-        pool = Pool("127.0.0.1", port, max_connections=1, connect_timeout=2, timeout=5)
+        options = {"max_connections": 1, "connect_timeout": 2, "timeout": 5}
+        pool = (
+            PipelinedPool("127.0.0.1", port, depth=4, **options)
+            if pipelined
+            else Pool("127.0.0.1", port, **options)
+        )
         try:
             return await pool.send(REQUEST)
         finally:
@@ -72,14 +78,16 @@ def final_with_head_of(size: int) -> list[bytes]:
     ],
     ids=["16-interim", "17-interim", "head-under-64k", "head-over-64k"],
 )
-def test_caps_before_the_final_response(answer: bytes, ok: bool) -> None:
+@pytest.mark.parametrize("pipelined", [False, True], ids=["pool", "pipelined"])
+def test_caps_before_the_final_response(answer: bytes, ok: bool, pipelined: bool) -> None:
     """At most 16 interim responses (counted even when the final response follows in the same read)
-    and 64 KiB of head before the final response; one more is a protocol error."""
+    and 64 KiB of head before the final response; one more is a protocol error. The same with
+    pipelining (transport_pipeline), whose connection checks them on its own."""
     if ok:
-        assert asyncio.run(send_once(answer)) == 200
+        assert asyncio.run(send_once(answer, pipelined)) == 200
     else:
         with pytest.raises(ProtocolError):
-            asyncio.run(send_once(answer))
+            asyncio.run(send_once(answer, pipelined))
 
 
 def test_held_bytes_count_what_is_submitted_until_it_settles() -> None:

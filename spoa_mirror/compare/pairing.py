@@ -311,6 +311,7 @@ class ComparingTarget(Target):
     def __init__(self, config: Any, *, pairing: PairingTable, **options: Any) -> None:
         super().__init__(config, **options)
         self.pairing = pairing
+        self.concurrency = config.concurrency  # the capturing pool does not pipeline
         self.pool = CapturingPool(
             config.host,
             config.port,

@@ -1,0 +1,389 @@
+"""HTTP/1.1 pipelining (`transport_pipeline.PipelinedPool`) against a real shadow over real sockets.
+
+The shadow here answers pipelined requests strictly in order, as HTTP/1.1 requires, and does what
+each request's path asks, so one pipeline can hold a good request, a slow one, one the shadow drops
+the connection at, and so on:
+
+    /s201     answer 201 (any status)           /slow201  answer 201 after 0.2 s
+    /close201 answer 201 with Connection: close, then close
+    /lie201   answer 201 with Connection: close, but keep the connection and answer what follows
+    /drop     close the connection without answering      /hang  never answer
+    /i201     100 Continue and 103 Early Hints, then 201
+    HEAD      the head of a 5-byte response, no body
+
+It records every request with its connection and every read it made, and the most requests it held
+unanswered on one connection at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import httptools
+import pytest
+
+from spoa_mirror.config import ConfigError, parse_config
+from spoa_mirror.protocols import build_pool
+from spoa_mirror.transport_pipeline import PipelinedPool
+from spoa_mirror.wire import build_request
+from tests.support.live_agent import loop_runner
+from tests.support.shadow import LoopThreadServer
+from tests.test_pipeline import mirror_message, running, send_and_ack, settled
+
+T = TypeVar("T")
+
+
+def run(test: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(asyncio.wait_for(test(), 30))
+
+
+def get(path: str) -> bytes:
+    return build_request("GET", path, [("Accept", "*/*")], b"", "shadow.test")
+
+
+@dataclass
+class Seen:
+    connection: int
+    method: str
+    path: str
+
+
+@dataclass
+class PipelineShadow(LoopThreadServer):
+    requests: list[Seen] = field(default_factory=list)
+    reads: list[tuple[int, bytes]] = field(default_factory=list)
+    connections: int = 0
+    most_unanswered: int = 0
+
+    def __post_init__(self) -> None:
+        super().__init__(None)
+
+    @property
+    def port(self) -> int:
+        return self._listening_port
+
+    def _protocol(self) -> asyncio.Protocol:
+        return _InOrderConnection(self)
+
+
+class _InOrderConnection(asyncio.Protocol):
+    def __init__(self, server: PipelineShadow) -> None:
+        self.server = server
+        self.parser = httptools.HttpRequestParser(self)
+        self.path = b""
+        self.unanswered = 0
+        self.answer_after = 0.0  # loop time before which no later answer may go out (keeps order)
+        self.stopped = False  # dropped, hung, or closed: answer nothing more
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.server.connections += 1
+        self.id = self.server.connections
+        self.server._connections.add(self)
+        self.out: list[bytes] = []
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.server.reads.append((self.id, data))
+        self.parser.feed_data(data)
+        if self.out:  # what this read's requests were answered at once goes out in one write
+            self.transport.write(b"".join(self.out))
+            self.out.clear()
+
+    def on_url(self, url: bytes) -> None:
+        self.path += url
+
+    def on_message_complete(self) -> None:
+        method = self.parser.get_method().decode()
+        path, self.path = self.path.decode(), b""
+        self.server.requests.append(Seen(self.id, method, path))
+        self.unanswered += 1
+        self.server.most_unanswered = max(self.server.most_unanswered, self.unanswered)
+        loop = asyncio.get_running_loop()
+        delay = 0.2 if path.startswith("/slow") else 0.0
+        at = max(self.answer_after, loop.time() + delay)
+        self.answer_after = at
+        if at > loop.time():
+            loop.call_at(at, self._answer, method, path, False)
+        else:
+            self._answer(method, path, True)
+
+    def _answer(self, method: str, path: str, batched: bool) -> None:
+        if self.stopped or self.transport.is_closing():
+            return
+        self.unanswered -= 1
+        if path == "/hang":
+            self.stopped = True
+            return
+        if path == "/drop":
+            self.stopped = True
+            self._write(b"", batched)
+            self.transport.close()
+            return
+        status = int(path.lstrip("/").lstrip("abcdefghijklmnopqrstuvwxyz") or 200)
+        head = f"HTTP/1.1 {status} X\r\nContent-Length: 5\r\n"
+        if path.startswith(("/close", "/lie")):
+            head += "Connection: close\r\n"
+        interim = (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n\r\n" if path.startswith("/i") else b""
+        )
+        closing = self.stopped = path.startswith("/close")
+        self._write(interim + (head + "\r\n").encode() + (b"" if method == "HEAD" else b"hello"), batched)
+        if closing:
+            self.transport.close()
+
+    def _write(self, data: bytes, batched: bool) -> None:
+        if batched:
+            self.out.append(data)
+            if self.stopped:
+                self.transport.write(b"".join(self.out))
+                self.out.clear()
+        else:
+            self.transport.write(data)
+
+
+@pytest.fixture
+def shadow() -> Iterator[PipelineShadow]:
+    with PipelineShadow() as server:
+        yield server
+
+
+def make_pool(shadow: PipelineShadow, **overrides: object) -> PipelinedPool:
+    options: dict[str, object] = {"depth": 8, "max_connections": 1, "connect_timeout": 1.0, "timeout": 2.0}
+    options.update(overrides)
+    return PipelinedPool("127.0.0.1", shadow.port, **options)  # type: ignore[arg-type]
+
+
+async def outcomes(pool: PipelinedPool, requests: list[bytes], heads: tuple[int, ...] = ()) -> list[object]:
+    """Submits every request in one loop iteration; each one's outcome (status or failure reason),
+    after checking each was reported exactly once and the pool holds no bytes afterwards."""
+    results: dict[int, list[object]] = {index: [] for index in range(len(requests))}
+    finished = asyncio.Event()
+
+    def done(index: int, result: int | Exception, _elapsed: float) -> None:
+        results[index].append(result if isinstance(result, int) else getattr(result, "reason", result))
+        if all(results.values()):
+            finished.set()
+
+    try:
+        for index, request in enumerate(requests):
+            pool.submit(request, lambda r, e, i=index: done(i, r, e), head=index in heads)
+        await finished.wait()
+        await asyncio.sleep(0.3)  # a second report, or a retry, would come by now
+        assert pool.bytes_held == 0
+    finally:
+        await pool.close()
+    assert all(len(reported) == 1 for reported in results.values()), results
+    return [reported[0] for reported in results.values()]
+
+
+# -- what pipelining is for ----------------------------------------------------------------------
+
+
+def test_requests_of_one_iteration_go_in_one_write_and_responses_match_in_order(
+    shadow: PipelineShadow,
+) -> None:
+    pool = make_pool(shadow)
+    requests = [get(f"/s{status}") for status in (201, 202, 203, 206, 299)]
+    assert run(lambda: outcomes(pool, requests)) == [201, 202, 203, 206, 299]
+    assert pool.writes == 1
+    assert shadow.connections == 1
+    assert shadow.reads[0] == (1, b"".join(requests))  # the shadow got them in one read, in order
+    assert [seen.path for seen in shadow.requests] == ["/s201", "/s202", "/s203", "/s206", "/s299"]
+
+
+def test_depth_bounds_requests_in_flight_per_connection(shadow: PipelineShadow) -> None:
+    pool = make_pool(shadow, depth=2, max_connections=2)
+    requests = [get(f"/slow{210 + index}") for index in range(7)]
+    assert run(lambda: outcomes(pool, requests)) == [210 + index for index in range(7)]
+    assert shadow.most_unanswered == 2
+    assert shadow.connections == 2
+
+
+def test_bytes_bound_keeps_a_large_request_off_a_busy_connection(shadow: PipelineShadow) -> None:
+    big = build_request("POST", "/s201", [], b"x" * 3000, "shadow.test")
+    pool = make_pool(shadow, max_pipeline_bytes=4000)
+    assert run(lambda: outcomes(pool, [big, get("/s202"), big, get("/s203")])) == [201, 202, 201, 203]
+    assert pool.writes == 2  # big + GET, then (the first two answered) big + GET
+
+
+def test_a_slow_response_holds_the_ones_behind_it_but_nothing_is_lost(shadow: PipelineShadow) -> None:
+    pool = make_pool(shadow)
+    assert run(lambda: outcomes(pool, [get("/slow201"), get("/s202"), get("/s203")])) == [201, 202, 203]
+
+
+def test_head_ends_a_pipeline_and_interim_responses_are_skipped(shadow: PipelineShadow) -> None:
+    pool = make_pool(shadow)
+    requests = [get("/i201"), build_request("HEAD", "/s202", [], b"", "shadow.test"), get("/s203")]
+    assert run(lambda: outcomes(pool, requests, heads=(1,))) == [201, 202, 203]
+    assert pool.writes == 2  # nothing went behind the HEAD: the GET after it waited for its response
+    assert shadow.connections == 1
+
+
+# -- exact failure semantics ---------------------------------------------------------------------
+
+
+def test_connection_dropped_mid_pipeline_ends_each_unanswered_request_once_without_retry(
+    shadow: PipelineShadow,
+) -> None:
+    pool = make_pool(shadow)
+    requests = [get("/s201"), get("/s202"), get("/drop"), get("/s206"), get("/s207")]
+    assert run(lambda: outcomes(pool, requests)) == [201, 202, "reset", "reset", "reset"]
+    assert [seen.path for seen in shadow.requests] == ["/s201", "/s202", "/drop", "/s206", "/s207"]
+    assert shadow.connections == 1
+
+
+def test_connection_close_ends_the_pipeline_and_later_answers_are_never_credited(
+    shadow: PipelineShadow,
+) -> None:
+    pool = make_pool(shadow)
+    requests = [get("/s201"), get("/lie202"), get("/s203"), get("/s206")]
+    assert run(lambda: outcomes(pool, requests)) == [201, 202, "reset", "reset"]
+    assert len(shadow.requests) == 4 and shadow.connections == 1
+
+
+def test_close_after_a_response_then_a_new_connection_for_what_follows(shadow: PipelineShadow) -> None:
+    async def scenario() -> list[object]:
+        pool = make_pool(shadow)
+        first = await outcomes_open(pool, [get("/s201"), get("/close202"), get("/s203")])
+        second = await outcomes(pool, [get("/s206")])
+        return [*first, *second]
+
+    assert run(scenario) == [201, 202, "reset", 206]
+    assert shadow.connections == 2
+    assert [seen.path for seen in shadow.requests].count("/s203") == 1
+
+
+async def outcomes_open(pool: PipelinedPool, requests: list[bytes]) -> list[object]:
+    """`outcomes` without closing the pool."""
+    close, pool.close = pool.close, _no_close  # type: ignore[method-assign]
+    try:
+        return await outcomes(pool, requests)
+    finally:
+        pool.close = close  # type: ignore[method-assign]
+
+
+async def _no_close() -> None:
+    return None
+
+
+def test_only_a_lone_request_on_a_reused_connection_closed_unanswered_is_retried(
+    shadow: PipelineShadow,
+) -> None:
+    """A reused connection closed before any byte of a response: with one request on it, most
+    likely an idle close racing the request, tried once more on a new connection (as `Pool` does);
+    with two, the shadow may have processed the first, so neither is retried."""
+
+    async def scenario() -> list[object]:
+        pool = make_pool(shadow)
+        warm = await outcomes_open(pool, [get("/s201")])
+        lone = await outcomes_open(pool, [get("/drop")])  # retried once, dropped again: reset
+        warm += await outcomes_open(pool, [get("/s202")])
+        pair = await outcomes(pool, [get("/drop"), get("/s203")])
+        return [*warm, *lone, *pair]
+
+    assert run(scenario) == [201, 202, "reset", "reset", "reset"]
+    assert [seen.path for seen in shadow.requests] == ["/s201", "/drop", "/drop", "/s202", "/drop", "/s203"]
+
+
+def test_timeout_mid_pipeline_ends_the_rest_as_timeouts_not_retried(shadow: PipelineShadow) -> None:
+    pool = make_pool(shadow, timeout=0.3)
+    requests = [get("/s201"), get("/hang"), get("/s203")]
+    assert run(lambda: outcomes(pool, requests)) == [201, "timeout", "timeout"]
+    assert len(shadow.requests) == 3 and shadow.connections == 1
+
+
+def test_close_fails_what_is_in_flight_and_waiting_once(shadow: PipelineShadow) -> None:
+    async def scenario() -> list[object]:
+        pool = make_pool(shadow, depth=2)
+        results: list[object] = []
+        for path in ("/hang", "/s202", "/s203"):  # the third waits in the backlog
+            pool.submit(get(path), lambda r, _e: results.append(getattr(r, "reason", r)))
+        await shadow_sees(shadow, 2)
+        await pool.close()
+        await asyncio.sleep(0.2)
+        assert pool.bytes_held == 0
+        return results
+
+    assert sorted(map(str, run(scenario))) == ["closed"] * 3
+
+
+async def shadow_sees(shadow: PipelineShadow, count: int) -> None:
+    for _ in range(200):
+        if len(shadow.requests) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError(f"shadow saw {len(shadow.requests)} requests")
+
+
+# -- configuration ---------------------------------------------------------------------------------
+
+
+def target_document(**target: object) -> dict[str, object]:
+    return {"mirroring": {"targets": [{"url": "http://127.0.0.1:9", **target}]}}
+
+
+def test_pipeline_depth_builds_a_pipelined_pool_and_defaults_off() -> None:
+    off = parse_config(target_document(), env={}).targets[0]
+    on = parse_config(target_document(pipeline_depth=4), env={}).targets[0]
+    assert off.pipeline_depth == 1
+    assert type(build_pool(off, None, lambda *_: None, _NoOutgoing())).__name__ == "Pool"
+    pool = build_pool(on, None, lambda *_: None, _NoOutgoing())
+    assert isinstance(pool, PipelinedPool) and pool.depth == 4
+
+
+class _NoOutgoing:
+    source_ip = None
+    ports = None
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ({"pipeline_depth": 0}, "pipeline_depth"),
+        ({"pipeline_depth": 65}, "pipeline_depth"),
+        ({"pipeline_depth": 2, "protocol": "h2c"}, "needs protocol http1"),
+    ],
+)
+def test_pipeline_depth_is_checked(target: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(target_document(**target), env={})
+    assert message in str(caught.value)
+
+
+# -- through the agent: the account stays exact ------------------------------------------------
+
+
+def test_the_agents_account_holds_when_a_connection_drops_mid_pipeline(shadow: PipelineShadow) -> None:
+    """HAProxy's copies through the agent's SPOP listener to a target with pipeline_depth 4 and one
+    connection: the shadow drops the connection at the third request, so it and every request
+    behind it on that connection (those the freed slots placed there before the EOF arrived too)
+    end as error_reset, each once, never retried; the rest are answered. received = Σ outcomes."""
+    paths = ["/s201", "/s202", "/drop", "/s206", "/s207", "/s208"]
+
+    outcomes: dict[str, int] = {}
+
+    async def test() -> None:
+        config = {
+            "targets": [
+                {"name": "t", "url": f"http://127.0.0.1:{shadow.port}", "pipeline_depth": 4, "concurrency": 1}
+            ]
+        }
+        async with running(config) as (app, _, peer):
+            await send_and_ack(peer, 1, [mirror_message(path) for path in paths])
+            outcomes.update(await settled(app.mirror.target_stats["t"], len(paths)))
+
+    loop_runner("uvloop", 30)(test)
+    seen = [request.path for request in shadow.requests]
+    assert len(seen) == len(set(seen))  # nothing retried
+    answered = 0  # requests ahead of /drop on their connection: answered by the shadow
+    for connection in {request.connection for request in shadow.requests}:
+        on_it = [request.path for request in shadow.requests if request.connection == connection]
+        answered += on_it.index("/drop") if "/drop" in on_it else len(on_it)
+    assert answered >= 2
+    assert outcomes == {"sent_2xx": answered, "error_reset": len(paths) - answered}
