@@ -227,8 +227,9 @@ class TargetConfig(Section):
         1,
         description="HTTP/1.1 requests in flight on one connection at most (pipelining); 1 is off. Above 1, "
         "the requests one loop iteration gives a connection go in one write, up to concurrency x "
-        "pipeline_depth are in flight, and a connection lost mid-pipeline ends its unanswered requests "
-        "as errors, never retried",
+        "pipeline_depth are in flight; those behind a Connection: close response are sent again once "
+        "(the shadow did not process them), a connection lost mid-pipeline ends its unanswered "
+        "requests as errors, never retried",
     )
     queue_size: int_between(1, 10_000_000) = Field(
         8192, description="mirrors waiting for a connection at most; more are dropped, counted"
