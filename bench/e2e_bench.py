@@ -38,8 +38,8 @@ run (drain included), its memory VmRSS from /proc/<pid>/status when wrk ends.
     .venv/bin/python bench/e2e_bench.py --scenarios fixed_baseline,fixed_ack,fixed_mirror --rate 5000
     .venv/bin/python bench/e2e_bench.py --scenarios baseline,c_agent,mirror --c-agent PATH --body-size 1024
     .venv/bin/python bench/e2e_bench.py --scenarios mirror --workers 2    # the agent with -n 2
-    .venv/bin/python bench/e2e_bench.py --scenarios mirror --agent-pipeline-depth 8
-    .venv/bin/python bench/e2e_bench.py --scenarios mirror --agent-pipeline-depth 8 \
+    .venv/bin/python bench/e2e_bench.py --scenarios mirror --agent-pipeline-depth 1    # no pipelining
+    .venv/bin/python bench/e2e_bench.py --scenarios mirror \
         --shadow-keepalive-requests 1000    # nginx's default: Connection: close every 1000
 
 Prints the table and writes it to bench/out/e2e.md and bench/out/e2e.json (`--json PATH`: there,
@@ -1036,8 +1036,8 @@ def main() -> int:
     parser.add_argument(
         "--agent-pipeline-depth",
         type=int,
-        default=1,
-        help="the target's pipeline_depth (1, the default: no HTTP/1.1 pipelining)",
+        default=8,
+        help="the target's pipeline_depth (8, the agent's default; 1: no HTTP/1.1 pipelining)",
     )
     parser.add_argument(
         "--workers",

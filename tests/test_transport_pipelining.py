@@ -428,13 +428,17 @@ def target_document(**target: object) -> dict[str, object]:
     return {"mirroring": {"targets": [{"url": "http://127.0.0.1:9", **target}]}}
 
 
-def test_pipeline_depth_builds_a_pipelined_pool_and_defaults_off() -> None:
-    off = parse_config(target_document(), env={}).targets[0]
-    on = parse_config(target_document(pipeline_depth=4), env={}).targets[0]
-    assert off.pipeline_depth == 1
+def test_pipeline_depth_builds_a_pipelined_pool_by_default_for_http1_only() -> None:
+    default = parse_config(target_document(), env={}).targets[0]
+    off = parse_config(target_document(pipeline_depth=1), env={}).targets[0]
+    h2c = parse_config(target_document(protocol="h2c"), env={}).targets[0]
+    capture_document = {"mirroring": {"targets": [{"capture": {"directory": "/tmp"}}]}}
+    capture = parse_config(capture_document, env={}).targets[0]
+    depths = (default.pipeline_depth, off.pipeline_depth, h2c.pipeline_depth, capture.pipeline_depth)
+    assert depths == (8, 1, 1, 1)
     assert type(build_pool(off, None, lambda *_: None, _NoOutgoing())).__name__ == "Pool"
-    pool = build_pool(on, None, lambda *_: None, _NoOutgoing())
-    assert isinstance(pool, PipelinedPool) and pool.depth == 4
+    pool = build_pool(default, None, lambda *_: None, _NoOutgoing())
+    assert isinstance(pool, PipelinedPool) and pool.depth == 8
 
 
 class _NoOutgoing:
