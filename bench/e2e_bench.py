@@ -38,7 +38,9 @@ run (drain included), its memory VmRSS from /proc/<pid>/status when wrk ends.
     .venv/bin/python bench/e2e_bench.py --scenarios fixed_baseline,fixed_ack,fixed_mirror --rate 5000
     .venv/bin/python bench/e2e_bench.py --scenarios baseline,c_agent,mirror --c-agent PATH --body-size 1024
     .venv/bin/python bench/e2e_bench.py --scenarios mirror --workers 2    # the agent with -n 2
-    .venv/bin/python bench/e2e_bench.py --scenarios mirror --agent-pipeline-depth 8
+    .venv/bin/python bench/e2e_bench.py --scenarios mirror --agent-pipeline-depth 1    # no pipelining
+    .venv/bin/python bench/e2e_bench.py --scenarios mirror \
+        --shadow-keepalive-requests 1000    # nginx's default: Connection: close every 1000
 
 Prints the table and writes it to bench/out/e2e.md and bench/out/e2e.json (`--json PATH`: there,
 and the table beside it with the suffix .md). HAProxy, both nginx, the
@@ -195,7 +197,7 @@ http {{
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
-    keepalive_requests 10000000;
+    keepalive_requests {keepalive_requests};
     keepalive_timeout 60s;
     server {{
         listen {host}:{port};
@@ -255,7 +257,9 @@ def started(
 class Nginx:
     """An nginx answering 200 to everything, logging one line (the status) per request."""
 
-    def __init__(self, workdir: Path, name: str, json_body: str | None = None) -> None:
+    def __init__(
+        self, workdir: Path, name: str, json_body: str | None = None, keepalive_requests: int = 10_000_000
+    ) -> None:
         self.dir = workdir / name
         self.dir.mkdir()
         self.port = free_port()
@@ -271,6 +275,7 @@ class Nginx:
                 dir=self.dir,
                 host=HOST,
                 port=self.port,
+                keepalive_requests=keepalive_requests,
                 answer='return 200 "ok\\n";'
                 if json_body is None
                 else f"default_type application/json; return 200 '{json_body}';",
@@ -608,7 +613,7 @@ class Bench:
         self.args = args
         self.workdir = workdir
         self.primary = Nginx(workdir, "primary")
-        self.shadow = Nginx(workdir, "shadow")
+        self.shadow = Nginx(workdir, "shadow", keepalive_requests=args.shadow_keepalive_requests)
         self.json_primary = Nginx(workdir, "json-primary", JSON_BODY)
         self.json_shadow = Nginx(workdir, "json-shadow", JSON_BODY)
         self.haproxy_threads = 0
@@ -972,7 +977,8 @@ def setup_lines(args: argparse.Namespace, bench: Bench) -> list[str]:
         "SPOE: on-frontend-http-request, pipelining + async, timeout processing 100ms; "
         "args arg_method arg_path arg_ver arg_hdrs arg_body",
         f"agent target: 100%, concurrency {args.agent_concurrency}, queue_size {args.agent_queue_size}, "
-        f"pipeline_depth {args.agent_pipeline_depth}",
+        f"pipeline_depth {args.agent_pipeline_depth}; shadow nginx keepalive_requests "
+        f"{args.shadow_keepalive_requests:,}",
     ]
 
 
@@ -1021,10 +1027,17 @@ def main() -> int:
         "--agent-concurrency", type=int, default=64, help="the target's connections (64, the agent's default)"
     )
     parser.add_argument(
+        "--shadow-keepalive-requests",
+        type=int,
+        default=10_000_000,
+        help="the shadow nginx's keepalive_requests (10,000,000; nginx's own default, 1000, closes each "
+        "connection with Connection: close after that many requests)",
+    )
+    parser.add_argument(
         "--agent-pipeline-depth",
         type=int,
-        default=1,
-        help="the target's pipeline_depth (1, the default: no HTTP/1.1 pipelining)",
+        default=8,
+        help="the target's pipeline_depth (8, the agent's default; 1: no HTTP/1.1 pipelining)",
     )
     parser.add_argument(
         "--workers",

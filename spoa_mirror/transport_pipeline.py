@@ -11,11 +11,19 @@ What it promises when a connection goes wrong, since requests may have reached t
 - Responses are matched to requests in order; a response nobody asked for makes the connection
   unusable and is never credited to a request.
 - A connection lost, timed out, or answered with a response the parser rejects ends every unanswered
-  request on it, each settled once with that failure's reason ("reset", "timeout", "protocol"); a
-  response with `Connection: close` (or a body that ends at EOF) ends the pipeline: the requests
-  behind it end as "reset". Nothing is retried that the shadow may have processed: the one retry
-  (a reused idle connection the server closed before any byte of a response) applies only when that
-  connection carried exactly one unanswered request, as in `Pool`.
+  request on it, each settled once with that failure's reason ("reset", "timeout", "protocol").
+  Nothing is retried that the shadow may have processed: the stale-connection retry (a reused idle
+  connection the server closed before any byte of a response) applies only when that connection
+  carried exactly one unanswered request, as in `Pool`.
+- A response that ends its connection by declaring so (`Connection: close`, or HTTP/1.0 without
+  keep-alive) ends the pipeline: the requests behind it were not processed (see `_complete`), so each
+  is sent again, once, ahead of the backlog and in its order; one that meets a close response a
+  second time ends as "reset". A response whose body ends at EOF without such a declaration leaves
+  the requests behind it as "reset", since nothing says the shadow did not process them.
+- The pool learns how many requests a shadow serves per connection (nginx: `keepalive_requests`,
+  1000 by default; an HTTP/1.0 server: one) from the last close response, and pipelines no more than
+  that on a connection, so requests are rarely put behind a close at all; a connection past the
+  count still takes one request at a time when idle, which is how a larger count is learned again.
 - Nothing is pipelined behind a HEAD request: llhttp cannot be told that a response has no body
   without a parser of its own, so the HEAD response ends its connection's pipeline and any bytes
   after it are stray.
@@ -28,6 +36,7 @@ a connection takes another request only while its unanswered requests total at m
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections import deque
 
@@ -50,6 +59,9 @@ from .transport import (
 # the bound keeps what a lost connection takes with it small.
 MAX_PIPELINE_BYTES = 64 * 1024
 MAX_PIPELINE_DEPTH = 64
+UNLEARNED = 1 << 62  # requests per connection before the shadow closed one with a close response
+
+_CONNECTION_OPTIONS = re.compile(rb"\r\nconnection[ \t]*:([^\r\n]*)", re.IGNORECASE)
 
 
 class PipelinedPool(Pool):
@@ -73,6 +85,10 @@ class PipelinedPool(Pool):
         self.depth = depth
         self.max_pipeline_bytes = max_pipeline_bytes
         self.writes = 0
+        self.resent = 0  # requests sent again because a close response ended the pipeline ahead of them
+        # Requests the shadow answers on one connection before closing it, learned from its close
+        # responses; a connection takes no more pipelined requests than that.
+        self.requests_per_connection = UNLEARNED
         self._filling: list[_PipelinedConnection] = []  # written to in this loop iteration
         self._flush_handle: asyncio.Handle | None = None
 
@@ -80,7 +96,8 @@ class PipelinedPool(Pool):
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        exchange = _Exchange(request, head, done, loop.time())
+        exchange = _PipelinedExchange(request, head, done, loop.time())
+        exchange.resent = False
         self.bytes_held += len(request)
         if self._closed:
             loop.call_soon(self._settle, exchange, PoolClosed(f"pool for {self.host}:{self.port} is closed"))
@@ -186,9 +203,12 @@ class PipelinedPool(Pool):
         finished: list[tuple[_Exchange, int]],
         lost: list[_Exchange],
         error: TransportError | None,
+        behind_close: list[_PipelinedExchange] | tuple[()] = (),
     ) -> None:
-        """From the connection: the exchanges answered (in order), and those it lost with `error`.
-        The connection is put where it belongs first, so the callbacks may place requests on it."""
+        """From the connection: the exchanges answered (in order), those it lost with `error`, and
+        those a close response left unprocessed. The connection is put where it belongs first, and
+        the requests to send again go to the front of the backlog before any callback runs, so the
+        requests the callbacks submit queue behind them."""
         if not connection.inflight:
             self._busy.discard(connection)
             if connection.reusable and not self._closed:
@@ -200,8 +220,23 @@ class PipelinedPool(Pool):
                     )
             else:
                 connection.transport.close()
+        closed_twice: list[_PipelinedExchange] = []
+        if behind_close:
+            again: list[_PipelinedExchange] = []
+            for exchange in behind_close:
+                if exchange.done is None:  # cancelled
+                    continue
+                exchange.connection = None
+                (closed_twice if exchange.resent else again).append(exchange)
+                exchange.resent = True
+            self._backlog.extendleft(reversed(again))
+            self.resent += len(again)
         for exchange, status in finished:
             self._settle(exchange, status)
+        if closed_twice:
+            closed = ResetError("the shadow closed the connection ahead of this request a second time")
+            for exchange in closed_twice:
+                self._settle(exchange, closed)
         if type(error) is _StaleConnection:  # exactly one unanswered request (see the connection)
             exchange = lost[0]
             exchange.connection = None
@@ -232,6 +267,12 @@ class PipelinedPool(Pool):
             exchange.connecting.cancel()
 
 
+class _PipelinedExchange(_Exchange):
+    """`resent`: sent again once already, after a close response ended the pipeline ahead of it."""
+
+    __slots__ = ("resent",)
+
+
 class _PipelinedConnection(asyncio.Protocol):
     """One connection and the requests in flight on it, oldest (the one being answered) first.
 
@@ -241,6 +282,7 @@ class _PipelinedConnection(asyncio.Protocol):
     cannot be judged an end of its body (counted as "reset")."""
 
     __slots__ = (
+        "behind_close",
         "completed_in_read",
         "deadline",
         "filling",
@@ -249,11 +291,11 @@ class _PipelinedConnection(asyncio.Protocol):
         "idle_since",
         "inflight",
         "interim",
-        "lost",
         "mid_read_start",
         "outbox",
         "parser",
         "pool",
+        "pushed",
         "quiet",
         "received_before_body",
         "reusable",
@@ -274,7 +316,7 @@ class _PipelinedConnection(asyncio.Protocol):
         self.filling = False
         self.tail_is_head = False  # the last request placed is a HEAD: nothing may follow it
         self.finished: list[tuple[_Exchange, int]] = []  # answered in this read, not handed over yet
-        self.lost: list[_Exchange] = []  # behind a response that ended the connection
+        self.behind_close: list[_PipelinedExchange] = []  # behind a close response, not handed over yet
         self.status = 0
         self.interim = 0
         self.received_before_body: list[bytes] = []
@@ -283,6 +325,7 @@ class _PipelinedConnection(asyncio.Protocol):
         self.head_parser_abandoned = False
         self.quiet = True  # nothing received since the connection last had nothing in flight
         self.served = 0
+        self.pushed = 0  # requests placed on this connection, ever
         self.reusable = True
         self.idle_since = 0.0
         self.deadline = 0.0
@@ -295,6 +338,7 @@ class _PipelinedConnection(asyncio.Protocol):
             self.reusable
             and not self.tail_is_head
             and len(self.inflight) < pool.depth
+            and self.pushed < pool.requests_per_connection
             and self.unanswered_bytes + len(exchange.request) <= pool.max_pipeline_bytes
         )
 
@@ -304,6 +348,7 @@ class _PipelinedConnection(asyncio.Protocol):
             self.deadline = exchange.deadline
             self.quiet = True
         inflight.append(exchange)
+        self.pushed += 1
         exchange.connection = self  # type: ignore[assignment]
         self.unanswered_bytes += len(exchange.request)
         self.tail_is_head = exchange.head
@@ -366,19 +411,15 @@ class _PipelinedConnection(asyncio.Protocol):
             error = None  # bytes after a response that ended the connection: llhttp refuses them, unread
         if error is None and not self.status and inflight:
             error = self._over_head_cap()
-        finished, lost = self.finished, self.lost
+        finished, behind_close = self.finished, self.behind_close
+        lost: list[_Exchange] = []
         if error is not None:
             lost.extend(inflight)
             self._drop()
             self.transport.abort()
-        elif lost:
-            error = ResetError(
-                f"the shadow ended the connection (Connection: close) with {len(lost)} requests "
-                "pipelined behind its response"
-            )
-        if finished or lost:
-            self.finished, self.lost = [], []
-            self.pool._hand_over(self, finished, lost, error)
+        if finished or lost or behind_close:
+            self.finished, self.behind_close = [], []
+            self.pool._hand_over(self, finished, lost, error, behind_close)
 
     def _over_head_cap(self) -> ProtocolError | None:
         received = self.received_before_body
@@ -397,13 +438,16 @@ class _PipelinedConnection(asyncio.Protocol):
         if not inflight:
             return
         finished: list[tuple[_Exchange, int]] = []
-        if (
-            exc is None
-            and self.status
-            and not self.mid_read_start
-            and _body_ends_at_eof(b"".join(self.received_before_body))
-        ):
+        received = b"".join(self.received_before_body)
+        if exc is None and self.status and not self.mid_read_start and _body_ends_at_eof(received):
             finished.append((inflight.popleft(), self.status))
+            self.served += 1
+            if _declares_close(received):  # see _complete: the rest were not processed
+                self.pool.requests_per_connection = self.served
+                behind_close: list[_PipelinedExchange] = list(inflight)  # type: ignore[arg-type]
+                self._drop()
+                self.pool._hand_over(self, finished, [], None, behind_close)
+                return
             error: TransportError = ResetError(
                 f"connection closed after a response without a length, {len(inflight)} requests behind it"
             )
@@ -434,19 +478,28 @@ class _PipelinedConnection(asyncio.Protocol):
             return
         self.status = status
         if self.inflight[0].head:  # nothing is pipelined behind a HEAD: see the module docstring
-            if not self.parser.should_keep_alive():
+            if not self.parser.should_keep_alive():  # close, or just no length: not learned from
                 self.reusable = False
             self.parser = HttpResponseParser(self)
             self.head_parser_abandoned = True
-            self._complete()
+            self._complete(False)
 
     def on_message_complete(self) -> None:
         if self.inflight and self.status:
-            if not self.parser.should_keep_alive():
-                self.reusable = False
-            self._complete()
+            # A complete message: llhttp's "no keep-alive" can only mean `Connection: close` or
+            # HTTP/1.0 without keep-alive here (a body ending at EOF never completes in feed_data).
+            self._complete(not self.parser.should_keep_alive())
 
-    def _complete(self) -> None:
+    def _complete(self, closing: bool) -> None:
+        """The oldest request's response is complete. `closing`: it ends the connection, and then
+        the requests pipelined behind it go back to the pool to be sent again. RFC 9112 section 9.6:
+        "A server that sends a "close" connection option MUST initiate closure of the connection
+        (see below) after it sends the response containing the "close" connection option. The
+        server MUST NOT process any further requests received on that connection." An HTTP/1.0
+        response without keep-alive says the same of a server that serves one request per
+        connection (RFC 9112 section 9.3: "otherwise, the connection will close after the current
+        response"; RFC 1945 section 1.3: the connection is "closed by the server after sending the
+        response")."""
         inflight = self.inflight
         exchange = inflight.popleft()
         self.unanswered_bytes -= len(exchange.request)
@@ -456,13 +509,36 @@ class _PipelinedConnection(asyncio.Protocol):
         self.received_before_body.clear()
         self.completed_in_read = True
         self.mid_read_start = False
-        if not inflight:
+        if closing:
+            self.reusable = False
+            self.pool.requests_per_connection = self.served
+            if inflight:
+                self.behind_close.extend(inflight)  # type: ignore[arg-type]
+                inflight.clear()
+                self.unanswered_bytes = 0
+                self.transport.close()
             self.tail_is_head = False
-        elif not self.reusable:  # the response ended the connection: the rest will not be answered
-            self.lost.extend(inflight)
-            inflight.clear()
-            self.unanswered_bytes = 0
+        elif not inflight:
             self.tail_is_head = False
-            self.transport.close()
         else:
             self.deadline = inflight[0].deadline
+
+
+def _declares_close(received: bytes) -> bool:
+    """Whether the final response head in `received` (after any 1xx heads) ends its connection by
+    declaring so: a `close` connection option, or HTTP/1.0 without `keep-alive`. On the rare path of
+    a body that ended at EOF only, so no header callback is paid for on every response."""
+    start = 0
+    while True:
+        end = received.find(b"\r\n\r\n", start)
+        if end < 0:
+            return False
+        head = received[start:end].lstrip(b"\r\n")
+        if head[9:10] != b"1":
+            break
+        start = end + 4
+    options = b",".join(match.group(1) for match in _CONNECTION_OPTIONS.finditer(head)).lower()
+    tokens = {token.strip() for token in options.split(b",")}
+    if b"close" in tokens:
+        return True
+    return head.startswith(b"HTTP/1.0") and b"keep-alive" not in tokens

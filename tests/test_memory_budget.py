@@ -201,7 +201,7 @@ def test_queued_requests_go_stale_instead_of_waiting_for_a_hung_shadow(tmp_path:
     in flight and the 18 queued are dropped as stale about a second after they were queued,
     instead of reaching the shadow minutes later."""
     shadow = SinkShadow(delay=None)
-    config = {"name": "hung", "timeout": 30, "concurrency": 2, "max_queue_age": 1}
+    config = {"name": "hung", "timeout": 30, "concurrency": 2, "pipeline_depth": 1, "max_queue_age": 1}
     with shadow, mirror_stack(tmp_path, {}, lambda _: {"targets": [{**config, "url": shadow.url}]}) as stack:
         before = stack.metrics()
         started = time.monotonic()
@@ -230,6 +230,7 @@ def test_an_opening_breaker_sheds_the_queue(tmp_path: Path) -> None:
         "name": "hung",
         "timeout": 1,
         "concurrency": 2,
+        "pipeline_depth": 1,
         "circuit_breaker": {"failure_threshold": 1, "backoff": 60},
     }
     with shadow, mirror_stack(tmp_path, {}, lambda _: {"targets": [{**config, "url": shadow.url}]}) as stack:

@@ -62,6 +62,10 @@ def mirror_message(path: str = "/x", *, body: bytes = b"", headers: str = "host:
 
 
 def target(name: str, shadow: ShadowServer, **options: Any) -> dict[str, Any]:
+    """With `concurrency` given, one request per connection (pipeline_depth 1, unless given too), so
+    the tests' counts of requests in flight and queued are `concurrency`'s."""
+    if "concurrency" in options:
+        options.setdefault("pipeline_depth", 1)
     return {"name": name, "url": shadow.url, **options}
 
 

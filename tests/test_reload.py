@@ -50,6 +50,7 @@ def hung_target(shadow: SinkShadow, **extra: Any) -> dict[str, Any]:
         "url": shadow.url,
         "timeout": 30,
         "concurrency": CONCURRENCY,
+        "pipeline_depth": 1,  # one request per connection: in flight = connections the shadow sees
         "max_queue_age": 60,
         **extra,
     }

@@ -9,10 +9,17 @@ the connection at, and so on:
     /lie201   answer 201 with Connection: close, but keep the connection and answer what follows
     /drop     close the connection without answering      /hang  never answer
     /i201     100 Continue and 103 Early Hints, then 201
+    /tenclose201  answer "HTTP/1.0 201" without keep-alive, then close
+    /eofclose201  answer 201 with no length and Connection: close, the body ending at EOF
+    /eof201       answer 201 with no length and no Connection header, the body ending at EOF
     HEAD      the head of a 5-byte response, no body
 
-It records every request with its connection and every read it made, and the most requests it held
-unanswered on one connection at once.
+With `close_after` N, every connection's Nth answer ends it: with `Connection: close` (as nginx's
+`keepalive_requests`) when `announce_close`, else a plain close after a keep-alive response.
+
+It records every request it processed with its connection, every read it made, and the most
+requests it held unanswered on one connection at once. A request that arrives after it announced a
+close is not processed (RFC 9112 section 9.6), only counted in `unprocessed`.
 """
 
 from __future__ import annotations
@@ -57,6 +64,9 @@ class PipelineShadow(LoopThreadServer):
     reads: list[tuple[int, bytes]] = field(default_factory=list)
     connections: int = 0
     most_unanswered: int = 0
+    close_after: int = 0
+    announce_close: bool = True
+    unprocessed: int = 0
 
     def __post_init__(self) -> None:
         super().__init__(None)
@@ -77,6 +87,8 @@ class _InOrderConnection(asyncio.Protocol):
         self.unanswered = 0
         self.answer_after = 0.0  # loop time before which no later answer may go out (keeps order)
         self.stopped = False  # dropped, hung, or closed: answer nothing more
+        self.announced_close = False  # said Connection: close (or HTTP/1.0): process nothing more
+        self.answers = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
@@ -101,6 +113,9 @@ class _InOrderConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         method = self.parser.get_method().decode()
         path, self.path = self.path.decode(), b""
+        if self.announced_close:
+            self.server.unprocessed += 1
+            return
         self.server.requests.append(Seen(self.id, method, path))
         self.unanswered += 1
         self.server.most_unanswered = max(self.server.most_unanswered, self.unanswered)
@@ -126,13 +141,19 @@ class _InOrderConnection(asyncio.Protocol):
             self.transport.close()
             return
         status = int(path.lstrip("/").lstrip("abcdefghijklmnopqrstuvwxyz") or 200)
-        head = f"HTTP/1.1 {status} X\r\nContent-Length: 5\r\n"
-        if path.startswith(("/close", "/lie")):
-            head += "Connection: close\r\n"
+        self.answers += 1
+        last = self.answers == self.server.close_after
+        version = "1.0" if path.startswith("/ten") else "1.1"
+        length = "" if path.startswith(("/eof", "/teneof")) else "Content-Length: 5\r\n"
+        head = f"HTTP/{version} {status} X\r\n{length}"
+        announced = path.startswith(("/close", "/eofclose", "/ten")) or (last and self.server.announce_close)
+        if announced or path.startswith("/lie"):
+            head += "Connection: close\r\n" if version == "1.1" else ""
         interim = (
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n\r\n" if path.startswith("/i") else b""
         )
-        closing = self.stopped = path.startswith("/close")
+        self.announced_close = announced
+        closing = self.stopped = announced or last or path.startswith("/eof")
         self._write(interim + (head + "\r\n").encode() + (b"" if method == "HEAD" else b"hello"), batched)
         if closing:
             self.transport.close()
@@ -241,10 +262,20 @@ def test_connection_dropped_mid_pipeline_ends_each_unanswered_request_once_witho
 def test_connection_close_ends_the_pipeline_and_later_answers_are_never_credited(
     shadow: PipelineShadow,
 ) -> None:
+    """A shadow that breaks RFC 9112 and answers after its close response: its later answers are
+    never read, the requests behind the close go again on a new connection and are credited there."""
     pool = make_pool(shadow)
     requests = [get("/s201"), get("/lie202"), get("/s203"), get("/s206")]
-    assert run(lambda: outcomes(pool, requests)) == [201, 202, "reset", "reset"]
-    assert len(shadow.requests) == 4 and shadow.connections == 1
+    assert run(lambda: outcomes(pool, requests)) == [201, 202, 203, 206]
+    assert [(seen.connection, seen.path) for seen in shadow.requests] == [
+        (1, "/s201"),
+        (1, "/lie202"),
+        (1, "/s203"),
+        (1, "/s206"),
+        (2, "/s203"),
+        (2, "/s206"),
+    ]
+    assert pool.resent == 2
 
 
 def test_close_after_a_response_then_a_new_connection_for_what_follows(shadow: PipelineShadow) -> None:
@@ -254,9 +285,78 @@ def test_close_after_a_response_then_a_new_connection_for_what_follows(shadow: P
         second = await outcomes(pool, [get("/s206")])
         return [*first, *second]
 
-    assert run(scenario) == [201, 202, "reset", 206]
+    assert run(scenario) == [201, 202, 203, 206]
     assert shadow.connections == 2
-    assert [seen.path for seen in shadow.requests].count("/s203") == 1
+    assert [(seen.connection, seen.path) for seen in shadow.requests] == [
+        (1, "/s201"),
+        (1, "/close202"),
+        (2, "/s203"),
+        (2, "/s206"),
+    ]
+    assert shadow.unprocessed == 1
+
+
+@pytest.mark.parametrize("connections", [1, 3])
+def test_a_shadow_closing_every_connection_after_n_answers_gets_every_request_once_in_order(
+    connections: int,
+) -> None:
+    """nginx's `keepalive_requests`: the Nth response on a connection says `Connection: close` and
+    the requests pipelined behind it are not processed. Each is sent again, once, in its order; the
+    pool learns N and puts no more than N on a connection after that, so only the connections opened
+    before it learned leave requests behind their close. Every request ends once, answered."""
+    paths = [f"/s{210 + index}" for index in range(20)]  # 204 has no body whatever its length says
+    with PipelineShadow(close_after=3) as shadow:
+        pool = make_pool(shadow, max_connections=connections)
+        assert run(lambda: outcomes(pool, [get(path) for path in paths])) == [
+            210 + index for index in range(20)
+        ]
+    processed = [seen.path for seen in shadow.requests]
+    assert sorted(processed) == sorted(paths)  # each exactly once
+    if connections == 1:  # one connection at a time: the shadow sees them in the order submitted
+        assert processed == paths
+    assert pool.resent == shadow.unprocessed  # each request behind a close went again, once
+    if connections == 1:  # depth 8, 3 answered: only the first connection left requests behind
+        assert pool.resent == 5
+    assert pool.requests_per_connection == 3
+
+
+def test_a_request_behind_a_close_twice_is_an_error_not_a_third_send(shadow: PipelineShadow) -> None:
+    """/close203 and /s206 sit behind /close202: both go again, on a new connection, where
+    /close203 closes it ahead of /s206 a second time. /s206 ends as "reset", never sent a third time."""
+    pool = make_pool(shadow)
+    requests = [get("/s201"), get("/close202"), get("/close203"), get("/s206")]
+    assert run(lambda: outcomes(pool, requests)) == [201, 202, 203, "reset"]
+    assert [seen.path for seen in shadow.requests] == ["/s201", "/close202", "/close203"]
+    assert shadow.unprocessed == 3 and shadow.connections == 2  # /close203, /s206; then /s206
+
+
+def test_a_shadow_closing_without_saying_so_mid_pipeline_loses_the_rest_counted_never_resent() -> None:
+    """The Nth response on each connection is an ordinary keep-alive one, then the shadow closes:
+    nothing says the requests behind it were not processed, so each ends as "reset", sent once."""
+    with PipelineShadow(close_after=2, announce_close=False) as shadow:
+        pool = make_pool(shadow)
+        requests = [get(f"/s{210 + index}") for index in range(5)]
+        assert run(lambda: outcomes(pool, requests)) == [210, 211, "reset", "reset", "reset"]
+    assert [seen.path for seen in shadow.requests] == ["/s210", "/s211", "/s212", "/s213", "/s214"]
+    assert shadow.connections == 1 and pool.resent == 0
+
+
+@pytest.mark.parametrize(
+    ("first", "behind"),
+    [
+        ("/tenclose201", [202, 203]),  # HTTP/1.0 without keep-alive: one request per connection
+        ("/eofclose201", [202, 203]),  # body to EOF, Connection: close
+        ("/eof201", ["reset", "reset"]),  # body to EOF, nothing said: may have been processed
+    ],
+)
+def test_what_an_end_of_connection_response_says_decides_whether_the_rest_go_again(
+    shadow: PipelineShadow, first: str, behind: list[object]
+) -> None:
+    pool = make_pool(shadow)
+    assert run(lambda: outcomes(pool, [get(first), get("/s202"), get("/s203")])) == [201, *behind]
+    sent = [seen.path for seen in shadow.requests]
+    assert sent.count("/s202") == (1 if behind[0] == 202 else sent.count("/s202"))
+    assert pool.resent == (2 if behind[0] == 202 else 0)
 
 
 async def outcomes_open(pool: PipelinedPool, requests: list[bytes]) -> list[object]:
@@ -328,13 +428,17 @@ def target_document(**target: object) -> dict[str, object]:
     return {"mirroring": {"targets": [{"url": "http://127.0.0.1:9", **target}]}}
 
 
-def test_pipeline_depth_builds_a_pipelined_pool_and_defaults_off() -> None:
-    off = parse_config(target_document(), env={}).targets[0]
-    on = parse_config(target_document(pipeline_depth=4), env={}).targets[0]
-    assert off.pipeline_depth == 1
+def test_pipeline_depth_builds_a_pipelined_pool_by_default_for_http1_only() -> None:
+    default = parse_config(target_document(), env={}).targets[0]
+    off = parse_config(target_document(pipeline_depth=1), env={}).targets[0]
+    h2c = parse_config(target_document(protocol="h2c"), env={}).targets[0]
+    capture_document = {"mirroring": {"targets": [{"capture": {"directory": "/tmp"}}]}}
+    capture = parse_config(capture_document, env={}).targets[0]
+    depths = (default.pipeline_depth, off.pipeline_depth, h2c.pipeline_depth, capture.pipeline_depth)
+    assert depths == (8, 1, 1, 1)
     assert type(build_pool(off, None, lambda *_: None, _NoOutgoing())).__name__ == "Pool"
-    pool = build_pool(on, None, lambda *_: None, _NoOutgoing())
-    assert isinstance(pool, PipelinedPool) and pool.depth == 4
+    pool = build_pool(default, None, lambda *_: None, _NoOutgoing())
+    assert isinstance(pool, PipelinedPool) and pool.depth == 8
 
 
 class _NoOutgoing:
@@ -387,3 +491,26 @@ def test_the_agents_account_holds_when_a_connection_drops_mid_pipeline(shadow: P
         answered += on_it.index("/drop") if "/drop" in on_it else len(on_it)
     assert answered >= 2
     assert outcomes == {"sent_2xx": answered, "error_reset": len(paths) - answered}
+
+
+def test_the_agents_account_holds_when_the_shadow_closes_connections_like_nginx() -> None:
+    """As nginx's `keepalive_requests`, every third answer says `Connection: close`: through the
+    agent with pipeline_depth 4, every mirrored request reaches the shadow exactly once and ends
+    sent_2xx; no error outcome, received = Σ outcomes."""
+    paths = [f"/s{210 + index}" for index in range(24)]
+    outcomes: dict[str, int] = {}
+
+    async def test() -> None:
+        config = {
+            "targets": [
+                {"name": "t", "url": f"http://127.0.0.1:{shadow.port}", "pipeline_depth": 4, "concurrency": 2}
+            ]
+        }
+        async with running(config) as (app, _, peer):
+            await send_and_ack(peer, 1, [mirror_message(path) for path in paths])
+            outcomes.update(await settled(app.mirror.target_stats["t"], len(paths)))
+
+    with PipelineShadow(close_after=3) as shadow:
+        loop_runner("uvloop", 30)(test)
+    assert sorted(request.path for request in shadow.requests) == sorted(paths)
+    assert outcomes == {"sent_2xx": len(paths)}
