@@ -50,7 +50,7 @@ from .message import BadMessage, is_mirror_message, to_primary_response, to_requ
 from .protocols import build_grpc_guard, build_pool, build_serialiser
 from .redact import INLINE_BODY_LIMIT, Unredactable, build_redactor, redact_in_worker
 from .request import MirrorRequest
-from .sampling import build_sampler
+from .sampling import always_sampled, build_sampler
 from .tls import client_context
 from .transport import TransportError
 from .wire import WireError
@@ -232,7 +232,8 @@ class Target:
         if passes is not None:
             checks.append(lambda req: None if passes(req) else "filtered")
         sample = build_sampler(config.sample_percentage, config.sample_key, f"targets.{self.name}")
-        checks.append(lambda req: None if sample(req) else "sampled_out")
+        if sample is not always_sampled:  # 100% without a key: no check to run
+            checks.append(lambda req: None if sample(req) else "sampled_out")
         max_body = config.max_body_size
         checks.append(lambda req: "body_too_large" if len(req.body) > max_body else None)
         if truncated_body == "drop":
@@ -807,12 +808,14 @@ class Mirror:
             if type(args) is tuple:  # the primary's response (compare), see _take_primary_response
                 self._pair_primary_response(*args)
                 continue
-            if not self.message_names and not is_mirror_message(args):
-                self.messages.not_mirror += 1
-                continue
             try:
                 req = to_request(args)
             except BadMessage as error:
+                # Without a method or a path (to_request's first checks) it is no mirror request,
+                # unless message names say which messages are: asked here, not of every message.
+                if not self.message_names and not is_mirror_message(args):
+                    self.messages.not_mirror += 1
+                    continue
                 self.messages.invalid[error.reason] = self.messages.invalid.get(error.reason, 0) + 1
                 suppressed = self._log_throttle.allow(error.reason)
                 if suppressed is not None:

@@ -73,14 +73,14 @@ def build_sampler(percentage: float, key: dict | None, where: str) -> Sampler:
         if pct <= 0:
             return _never
         if pct >= 100:
-            return _always
+            return always_sampled
         return _random_sampler(pct / 100)
 
     extract, missing = _key_extractor(key, f"{where}.key")
     if pct <= 0:
         return _never
     if pct >= 100 and missing == "random":
-        return _always
+        return always_sampled
     threshold = pct * (BUCKETS / 100)
     fallback = _never if missing == "skip" else _random_sampler(pct / 100)
     lookup = _bucket_cache()
@@ -98,7 +98,8 @@ def _never(req: MirrorRequest) -> bool:
     return False
 
 
-def _always(req: MirrorRequest) -> bool:
+def always_sampled(req: MirrorRequest) -> bool:
+    """100% without a key (or a key whose missing values sample randomly): the mirror skips the check."""
     return True
 
 

@@ -76,6 +76,13 @@ def encode_varint(value: int) -> bytes:
         if value < 0:
             raise ValueError(f"varint must not be negative: {value}")
         return _SMALL_VARINTS[value]
+    # Two and three bytes (values below 264,432: HAProxy's stream ids for a long while) in one
+    # expression: the loop below costs an ACK ~1.5k instructions more (callgrind).
+    if value < 2288:
+        return bytes(((value & 0x0F) | 0xF0, (value - 240) >> 4))
+    if value < 264432:
+        rest = (value - 240) >> 4
+        return bytes(((value & 0x0F) | 0xF0, (rest & 0x7F) | 0x80, (rest - 128) >> 7))
     if value > UINT64_MAX:
         raise ValueError(f"varint exceeds 64 bits: {value}")
     out = bytearray(((value & 0xFF) | 240,))

@@ -317,7 +317,9 @@ class SpopProtocol(asyncio.Protocol):
         """Pull every ready event, run the handlers, write all output once."""
         conn = self.conn
         agent = self.agent
-        while not self._writing_paused and conn.unacked < agent.max_inflight:
+        max_inflight = agent.max_inflight
+        # conn._unacked_count is what the `unacked` property reads: one call less per NOTIFY.
+        while not self._writing_paused and conn._unacked_count < max_inflight:
             event = conn.next_event()
             if event is NEED_DATA:
                 break
@@ -351,7 +353,7 @@ class SpopProtocol(asyncio.Protocol):
         # A handler's own list or tuple goes to the ACK as it is (a constant tuple is then encoded
         # once, see encode_ack_actions); several handlers' results are joined into a new list.
         actions: Sequence[Action] = ()
-        awaiting: list[Awaitable[Any]] = []
+        awaiting: list[Awaitable[Any]] | None = None
         handlers = self.agent._handlers
         default = self.agent._default
         for message in event.messages:
@@ -366,6 +368,8 @@ class SpopProtocol(asyncio.Protocol):
                 continue
             # inspect.isawaitable costs ~0.3 us a call; None, a list or a tuple never is awaitable.
             if is_async or (type(result) not in _PLAIN_RESULTS and inspect.isawaitable(result)):
+                if awaiting is None:
+                    awaiting = []
                 awaiting.append(result)  # type: ignore[arg-type]
             elif result:
                 actions = [*actions, *result] if actions else result

@@ -510,3 +510,36 @@ def test_bad_actions_say_what_is_wrong(payload: bytes, message: str) -> None:
     with pytest.raises(InvalidFrame) as info:
         decode_actions(payload)
     assert str(info.value) == message
+
+
+def test_messages_read_by_a_learned_shape_are_what_they_say() -> None:
+    """After one mirror message, the next of that name is read by its shape (decode_messages):
+    other values, a long value, a NULL where a STRING was, args in another order, one arg fewer and
+    a value running past the end each decode as they are, or are refused, as without the shape."""
+    first = {"arg_method": "GET", "arg_path": "/", "arg_hdrs": "host: a\r\n\r\n", "arg_body": b""}
+    assert decode_messages(encode_messages([Message("mirror", first)])) == [Message("mirror", first)]
+    variants = [
+        {**first, "arg_path": "/other?q=1", "arg_body": b"\x00\xff" * 3},
+        {**first, "arg_hdrs": "x-long: " + "é" * 300 + "\r\n\r\n", "arg_body": b"b" * 5000},
+        {**first, "arg_path": None},
+        {**first, "arg_path": 7},
+        dict(reversed(first.items())),
+        {"arg_method": "GET", "arg_path": "/", "arg_hdrs": "h: 1\r\n\r\n"},
+    ]
+    for args in variants:
+        payload = encode_messages([Message("mirror", args), Message("mirror", first)])
+        assert decode_messages(payload) == [Message("mirror", args), Message("mirror", first)], args
+        assert decode_messages(encode_messages([Message("mirror", first)])) == [Message("mirror", first)]
+    whole = encode_messages([Message("mirror", {**first, "arg_body": b"body"})])
+    for cut in range(1, len(whole)):
+        with pytest.raises(InvalidFrame):
+            decode_messages(whole[:-cut])
+
+
+def test_a_learned_shape_never_reads_into_the_next_message() -> None:
+    """A message with fewer args than the shape of its name: the next message's name, count and
+    first arg (`\\x01b\\x08...`) look like the shape's next arg, and must stay a message."""
+    decode_messages(encode_messages([Message("m", {"a": "1", "b": "2"})]))
+    eight = {f"k{i}": "v" for i in range(8)}
+    payload = encode_messages([Message("m", {"a": "1"}), Message("b", eight)])
+    assert decode_messages(payload) == [Message("m", {"a": "1"}), Message("b", eight)]

@@ -154,3 +154,28 @@ def test_text_header_blocks_are_capped_at_max_headers_lines() -> None:
     after_the_blank_line = "a: 1\r\n\r\n" + "\r\n".join(lines) + "\r\n"
     assert parse_text_headers(after_the_blank_line) == [("a", "1")]
     assert parse_text_headers("a: 1\r\nb: 2") == [("a", "1"), ("b", "2")]
+
+
+def test_header_lookup_is_case_insensitive_whatever_the_lengths() -> None:
+    """MirrorRequest.header passes over names of another length unlowered; what lowers to the name
+    asked for is still found: the Kelvin sign K lowers to an ASCII k of the same length, and a
+    non-ASCII name ("İ" lowers to two characters) takes the full comparison."""
+    req = MirrorRequest("GET", "/", "1.1", [("X-a", "1"), ("Content-Length", "7"), ("\u212aey", "k"),
+                                             ("\u0130d", "i"), ("Content-Length", "8")])  # fmt: skip
+    assert req.header("content-length") == "7"
+    assert req.header("CONTENT-LENGTH") == "7"
+    assert req.header("key") == "k"
+    assert req.header("i\u0307d") == "i"
+    assert req.header("\u0130D") == "i"
+    assert req.header("x-b") is None and req.header("content-lengt") is None
+
+
+def test_optional_args_under_either_name() -> None:
+    """body_len, src and unique_id are read under the C agent's name first, then the plain one (and
+    unique-id); absent, they are None."""
+    plain = to_request({**GET, "body_len": Uint32(3), "src": IPv4Address("192.0.2.1"), "unique-id": b"u1"})
+    assert (plain.body_len, plain.src, plain.unique_id) == (3, "192.0.2.1", "u1")
+    prefixed = to_request({**GET, "arg_body_len": 4, "arg_src": "192.0.2.2", "arg_unique_id": "u2"})
+    assert (prefixed.body_len, prefixed.src, prefixed.unique_id) == (4, "192.0.2.2", "u2")
+    bare = to_request(GET)
+    assert (bare.body_len, bare.src, bare.unique_id) == (None, None, None)

@@ -268,3 +268,19 @@ def test_hostile_actions(data: bytes) -> None:
 @given(_hostile(frames.map(lambda frame: _hot_frame(frame)[4:])))
 def test_hostile_frame(data: bytes) -> None:
     _same_verdict(decode_frame, spec.parse_frame, data)
+
+
+# Messages of one name with the mirror message's arg names, as HAProxy sends them again and again:
+# decode_messages learns the shape of the first and reads the next by it (see its docstring).
+_shaped_args = st.dictionaries(
+    st.sampled_from(["arg_method", "arg_path", "arg_hdrs", "arg_body", "x" * 250]),
+    st.one_of(st.text(max_size=300), st.binary(max_size=300), st.none(), st.integers(0, 5)),
+    max_size=5,
+)
+
+
+@settings(max_examples=300)
+@given(_shaped_args, _hostile(_shaped_args.map(lambda args: encode_messages([Message("shaped", args)]))))
+def test_hostile_messages_after_their_shape_was_learned(taught: dict[str, Any], data: bytes) -> None:
+    decode_messages(encode_messages([Message("shaped", taught)]))
+    _same_verdict(decode_messages, spec.parse_messages, data)

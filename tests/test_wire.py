@@ -327,3 +327,19 @@ def test_hop_by_hop_names_in_any_case_are_dropped_the_first_time_they_are_seen(
         assert raw == b"GET / HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nX-B: 2\r\n\r\n"
     cached = {"CONNECTION": "connection", "tRaNsFeR-eNcOdInG": "transfer-encoding", "X-A": "x-a"}
     assert wire._validated_lowercase_names == cached
+
+
+@pytest.mark.parametrize("name", ["Host", "Content-Length", "Transfer-Encoding", "Expect"])
+@pytest.mark.parametrize("value", ["a\rb", "a\nb", "a\x00b", "\r\n"])
+def test_each_breaking_character_refused_in_every_dropped_header(name: str, value: str) -> None:
+    """Dropped headers are checked by three substring tests, one per character: each must refuse."""
+    with pytest.raises(WireError) as caught:
+        build_request("GET", "/", [(name, value)], b"", "h")
+    assert caught.value.reason == "bad_header"
+
+
+@pytest.mark.parametrize("target", ["/caf\u00e9", "/a\u00a0b", "/a\x85b", "/a\u2028b", "/%20?q=\u00e9"])
+def test_targets_the_printable_shortcut_passes_over_still_go_out(target: str) -> None:
+    """Non-ASCII that is not a control character or space in the ASCII range goes out as before,
+    whether isprintable() (the shortcut) says so or the pattern decides."""
+    assert build_request("GET", target, [], b"", "h").startswith(f"GET {target} HTTP/1.1\r\n".encode())
