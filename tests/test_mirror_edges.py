@@ -1,0 +1,315 @@
+"""The pipeline's narrow edges that mutation testing of spoa_mirror/mirror.py found unguarded: what a
+reload carries over (pool, breaker, rate limiter, the slot of a request in flight, a queued HEAD),
+the exact sum of the agent's memory budget with several targets, the stale sweep on a clock the test
+drives, and the redaction worker process dying. Real sockets, real shadows, the production wiring;
+each test builds its own agent, so each passes alone and in any order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from spoa_mirror import mirror as mirror_module
+from spoa_mirror.config import parse_config
+from spoa_mirror.message import to_request
+from spoa_mirror.mirror import Mirror
+from spoe import Message
+from tests.support.live_agent import AsyncTest, loop_runner, wait_until
+from tests.support.shadow import ShadowServer
+from tests.test_pipeline import (
+    SETTLE,
+    TEST_DEADLINE,
+    mirror_message,
+    request_message,
+    running,
+    send_and_ack,
+    settled,
+    target,
+)
+
+KiB = 1024
+
+
+@pytest.fixture
+def run_asyncio() -> Callable[[AsyncTest], None]:
+    return loop_runner("asyncio", TEST_DEADLINE)
+
+
+def reload(app: Any, config: dict[str, Any]) -> None:
+    app.mirror.apply(parse_config(config, env={}), None)
+
+
+# What a reload carries over -------------------------------------------------------------------------
+
+
+def test_a_reload_keeps_pool_breaker_and_limiter_whose_settings_are_equal_and_renews_changed_ones(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """Three changed targets, two reloads. The first changes only an added header: `pooled` keeps
+    its pool (the next request goes on the same keep-alive connection, also after the old target
+    drained, which must not close the pool it handed on), `broken`'s open breaker stays open
+    (circuit_open, not another failed connect) and `limited`'s spent token stays spent
+    (rate_limited). The second changes the timeout, the breaker and the rate: a new pool (a new
+    connection), a closed breaker (the connect is tried again), a full bucket (sent)."""
+    with ShadowServer() as ok, ShadowServer(mode="refuse") as refused, ShadowServer() as limited_shadow:
+        pooled = target("pooled", ok, concurrency=1, timeout=30)
+        broken = target("broken", refused, circuit_breaker={"failure_threshold": 1, "backoff": 600})
+        limited = target("limited", limited_shadow, rate_limit={"requests_per_second": 0.001})
+
+        def config(extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
+            targets = [{**spec, **extra.get(spec["name"], {})} for spec in (pooled, broken, limited)]
+            return {"targets": targets, "drain_timeout": 5}
+
+        async def test() -> None:
+            async with running(config({})) as (app, _, peer):
+                stats = app.mirror.target_stats
+                await send_and_ack(peer, 1, [mirror_message("/1")])
+                assert await settled(stats["pooled"], 1) == {"sent_2xx": 1}
+                assert await settled(stats["broken"], 1) == {"error_connect": 1}
+                assert await settled(stats["limited"], 1) == {"sent_2xx": 1}
+
+                header = {"headers": {"X-Reload": "1"}}
+                reload(app, config({"pooled": header, "broken": header, "limited": header}))
+                await wait_until(lambda: not app.mirror.retired, SETTLE)
+                await send_and_ack(peer, 2, [mirror_message("/2")])
+                assert await settled(stats["pooled"], 2) == {"sent_2xx": 2}
+                assert await settled(stats["broken"], 2) == {"error_connect": 1, "circuit_open": 1}
+                assert await settled(stats["limited"], 2) == {"sent_2xx": 1, "rate_limited": 1}
+
+                reload(app, config({
+                    "pooled": {**header, "timeout": 20},
+                    "broken": {**header, "circuit_breaker": {"failure_threshold": 2, "backoff": 600}},
+                    "limited": {**header, "rate_limit": {"requests_per_second": 0.002}},
+                }))  # fmt: skip
+                await wait_until(lambda: not app.mirror.retired, SETTLE)
+                await send_and_ack(peer, 3, [mirror_message("/3")])
+                assert await settled(stats["pooled"], 3) == {"sent_2xx": 3}
+                assert await settled(stats["broken"], 3) == {"error_connect": 2, "circuit_open": 1}
+                assert await settled(stats["limited"], 3) == {"sent_2xx": 2, "rate_limited": 1}
+
+        run_asyncio(test)
+        connections = [(r.target, r.connection_id) for r in ok.requests]
+        assert connections == [("/1", 1), ("/2", 1), ("/3", 2)]
+        assert [r.target for r in limited_shadow.requests] == ["/1", "/3"]
+
+
+def test_the_slot_and_a_queued_head_go_to_the_successor_of_a_target_a_reload_changed(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """concurrency 1, a shadow answering after 0.3 s. A reload while one GET is in flight and
+    nothing waits: the new target counts the slot, and gives it up when the old target's request
+    settles (one slot taken too many would stop the target; one too few would let two requests go at
+    once). A reload while a GET is in flight and a HEAD waits: the HEAD goes out when the GET settles,
+    still as a HEAD (its response has a Content-Length and no body), and the connection goes on."""
+    with ShadowServer(mode="delay", delay=0.3) as shadow:
+
+        async def test() -> None:
+            spec = target("a", shadow, concurrency=1, timeout=3)
+            async with running({"targets": [spec], "drain_timeout": 10}) as (app, _, peer):
+                stats = app.mirror.target_stats["a"]
+                await send_and_ack(peer, 1, [mirror_message("/0")])
+                await wait_until(lambda: len(shadow.requests) == 1, SETTLE)
+                reload(app, {"targets": [{**spec, "headers": {"X-Reload": "1"}}], "drain_timeout": 10})
+                [first] = app.mirror.targets
+                assert first.active == 1
+                assert await settled(stats, 1) == {"sent_2xx": 1}
+                await wait_until(lambda: not app.mirror.retired, SETTLE)
+                assert first.active == 0
+
+                head = request_message("/2", [("Host", "h")], method="HEAD")
+                await send_and_ack(peer, 2, [mirror_message("/1"), head])
+                await wait_until(lambda: len(shadow.requests) == 2 and len(first.queue) == 1, SETTLE)
+                reload(app, {"targets": [{**spec, "headers": {"X-Reload": "2"}}], "drain_timeout": 10})
+                [second] = app.mirror.targets
+                assert (second.active, len(second.queue)) == (1, 1)
+                assert await settled(stats, 3) == {"sent_2xx": 3}
+                await send_and_ack(peer, 3, [mirror_message("/3")])
+                assert await settled(stats, 4) == {"sent_2xx": 4}
+                await wait_until(lambda: not app.mirror.retired and second.active == 0, SETTLE)
+
+        run_asyncio(test)
+        assert [(r.method, r.target) for r in shadow.requests] == [
+            ("GET", "/0"), ("GET", "/1"), ("HEAD", "/2"), ("GET", "/3")
+        ]  # fmt: skip
+        assert shadow.connections_accepted == 1
+
+
+# The agent's memory budget at its exact sum ----------------------------------------------------------
+
+
+async def _hung_server() -> tuple[asyncio.Server, int]:
+    """Accepts and never answers, so what a target sends stays held in its pool and queue."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(3600)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def _post(path: str, body_size: int) -> Message:
+    headers = f"content-length: {body_size}\r\n\r\n"
+    args = {"arg_method": "POST", "arg_path": path, "arg_ver": "1.1", "arg_hdrs": headers,
+            "arg_body": b"x" * body_size}  # fmt: skip
+    return Message("mirror", args)
+
+
+def test_a_target_past_its_share_may_fill_the_agents_budget_to_the_byte_and_no_further() -> None:
+    """Two targets on a hung shadow: b (its own memory_budget 64 KiB, so its share is that) holds
+    exactly its share; a's own memory_budget is exactly three of its requests, and the agent's is
+    those three plus b's 64 KiB. a's third request takes it past its share, so the exact sum decides:
+    held + b's = the agent's budget to the byte, so it fits (and a's own budget too, to the byte); a
+    fourth is refused as budget_exceeded. The request sizes are what the production builder makes of
+    them, measured first on an agent with room to spare."""
+    body = 24 * KiB
+
+    def config(port: int, agent_budget: int, a_budget: int) -> dict[str, Any]:
+        def spec(name: str, budget: int) -> dict[str, Any]:
+            only = {"allow": {"path_prefix": [f"/{name}"]}}
+            return {"name": name, "url": f"http://127.0.0.1:{port}", "concurrency": 1, "timeout": 60,
+                    "memory_budget": budget, "filters": only}  # fmt: skip
+
+        return {"memory_budget": agent_budget, "targets": [spec("a", a_budget), spec("b", 64 * KiB)]}
+
+    async def test() -> None:
+        server, port = await _hung_server()
+        try:
+            roomy = Mirror(parse_config(config(port, 4 * 1024 * KiB, 1024 * KiB), env={}), None)
+            a_probe, b_probe = roomy.targets
+            a_size = len(a_probe.build(to_request(_post("/a/x", body).args)))
+            b_overhead = len(b_probe.build(to_request(_post("/b/x", 0).args)))
+            # b's one request is 64 KiB to the byte (the same number of Content-Length digits)
+            b_body = 64 * KiB - b_overhead - (len(str(64 * KiB)) - 1)
+            assert len(b_probe.build(to_request(_post("/b/x", b_body).args))) == 64 * KiB
+
+            mirror = Mirror(parse_config(config(port, 3 * a_size + 64 * KiB, 3 * a_size), env={}), None)
+            a, b = mirror.targets
+            assert a.share < 3 * a_size and b.share == 64 * KiB
+            mirror.handle(_post("/b/x", b_body))
+            for _ in range(4):
+                mirror.handle(_post("/a/x", body))
+            await wait_until(lambda: not mirror._intake, SETTLE)
+            assert (b.held_bytes(), a.held_bytes()) == (64 * KiB, 3 * a_size)
+            assert mirror.budget.used() == mirror.budget.limit
+            stats = mirror.target_stats.items()
+            outcomes = {name: {k: v for k, v in s.outcomes.items() if v} for name, s in stats}
+            assert outcomes == {"a": {"filtered": 1, "budget_exceeded": 1}, "b": {"filtered": 4}}
+            assert (a.pending, b.pending) == (3, 1)
+        finally:
+            server.close()
+
+    loop_runner("asyncio", TEST_DEADLINE)(test)
+
+
+# The stale sweep on a clock the test drives -----------------------------------------------------------
+
+
+class DrivenClockLoop(asyncio.SelectorEventLoop):
+    """asyncio's loop with a clock the test moves forward (`advance`): the timers due by then fire at
+    the next iteration, as if that much time had passed. The agent's queue stamps and stale sweeps
+    read only the loop's clock, so max_queue_age can be 100 s and the test still takes milliseconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skew = 0.0
+
+    def time(self) -> float:
+        return super().time() + self.skew
+
+    def advance(self, seconds: float) -> None:
+        self.skew += seconds
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """wait_until on the real clock: the loop's own runs ahead whenever the test advances it."""
+    deadline = time.monotonic() + SETTLE
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0)
+
+
+def test_the_stale_sweep_drops_exactly_what_passed_max_queue_age_and_comes_back_for_the_next() -> None:
+    """max_queue_age 100 s, one request held by a hung shadow, three queued behind it at loop times
+    0, 60 and 80. At 110 only the first is stale (the other two are 50 and 30 s old), and the next
+    sweep is set for the second's expiry, 160, not the third's; at 165 the second goes too, and the
+    third, 85 s old, still waits, for a sweep at 180. The send and connect timeouts are longer than
+    the clock ever moves, so only the sweeps see time pass."""
+    age = 100.0
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, DrivenClockLoop)
+        server, port = await _hung_server()
+        try:
+            spec = {"name": "a", "url": f"http://127.0.0.1:{port}", "concurrency": 1, "timeout": 10_000,
+                    "connect_timeout": 10_000, "max_queue_age": age}  # fmt: skip
+            mirror = Mirror(parse_config({"targets": [spec]}, env={}), None)
+            [a] = mirror.targets
+            stale = mirror.target_stats["a"].outcomes
+            mirror.handle(mirror_message("/held"))
+            mirror.handle(mirror_message("/0"))
+            await _until(lambda: len(a.queue) == 1)
+            start = a.queue[0][2]
+            for path, at in (("/60", 60.0), ("/80", 80.0)):
+                loop.advance(start + at - loop.time())
+                mirror.handle(mirror_message(path))
+                await _until(lambda: not mirror._intake)
+            assert [round(queued - start) for _, _, queued in a.queue] == [0, 60, 80]
+
+            loop.advance(start + 110 - loop.time())
+            await _until(lambda: stale["stale"] > 0)
+            assert (stale["stale"], len(a.queue)) == (1, 2)
+            assert a._stale_sweep is not None and a._stale_sweep.when() == pytest.approx(start + 160)
+
+            loop.advance(start + 165 - loop.time())
+            await _until(lambda: stale["stale"] > 1)
+            assert (stale["stale"], len(a.queue)) == (2, 1)
+            assert a._stale_sweep is not None and a._stale_sweep.when() == pytest.approx(start + 180)
+            assert mirror.target_stats["a"].pending == 2  # the held one and /80
+        finally:
+            server.close()
+
+    with asyncio.Runner(loop_factory=DrivenClockLoop) as runner:
+        runner.run(test())
+
+
+# The redaction worker process dying -------------------------------------------------------------------
+
+
+def test_requests_after_the_redaction_worker_was_killed_are_still_redacted_and_counted(
+    run_asyncio: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bodies over INLINE_BODY_LIMIT (lowered to 1 KiB here) are redacted in one worker process.
+    SIGKILL it (the kernel's OOM killer would) between requests: the next ones are redacted in a new
+    worker, sent and counted; nothing is lost or sent unredacted."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+    big = b'{"password": "hunter2", "fill": "' + b"x" * 2048 + b'"}'
+    redacted = big.replace(b'"password": "hunter2", "fill": ', b'"password":"[REDACTED]","fill":')
+    json = [("Host", "e"), ("Content-Type", "application/json")]
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            async with running({"targets": [target("a", shadow, concurrency=1)]}) as (app, _, peer):
+                stats = app.mirror.target_stats["a"]
+                await send_and_ack(peer, 1, [request_message("/1", json, big)])
+                assert await settled(stats, 1) == {"sent_2xx": 1}
+                worker = mirror_module._executor
+                assert worker is not None
+                [pid] = list(worker._processes)
+                os.kill(pid, signal.SIGKILL)
+                await wait_until(lambda: worker._broken, SETTLE)
+                await send_and_ack(peer, 2, [request_message(f"/{n}", json, big) for n in (2, 3)])
+                assert await settled(stats, 3) == {"sent_2xx": 3}
+                assert stats.redactions == {"json:default": 3}
+                assert mirror_module._executor is not worker
+                assert app.mirror.targets[0].held_bytes() == 0
+
+        run_asyncio(test)
+        assert [(r.target, r.body) for r in shadow.requests] == [(f"/{n}", redacted) for n in (1, 2, 3)]
