@@ -866,14 +866,18 @@ def _target_class(config: Any) -> type[Target]:
 
 
 _executor: ProcessPoolExecutor | None = None
+_executor_pid = 0  # the process that started _executor
 
 
 def _redaction_executor() -> ProcessPoolExecutor:
     """The one worker process that redacts large bodies, started on first use. Spawned, not forked:
-    a fresh interpreter holds none of the agent's sockets or threads."""
-    global _executor
-    if _executor is None:
+    a fresh interpreter holds none of the agent's sockets or threads. A pool inherited through fork
+    is useless (its manager thread stayed in the parent: work given to it never runs), so a forked
+    child starts its own."""
+    global _executor, _executor_pid
+    if _executor is None or _executor_pid != os.getpid():
         _executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        _executor_pid = os.getpid()
     return _executor
 
 

@@ -313,3 +313,23 @@ def test_requests_after_the_redaction_worker_was_killed_are_still_redacted_and_c
 
         run_asyncio(test)
         assert [(r.target, r.body) for r in shadow.requests] == [(f"/{n}", redacted) for n in (1, 2, 3)]
+
+
+def test_a_forked_child_redacts_in_a_worker_of_its_own() -> None:
+    """A redaction pool inherited through fork never runs what it is given (its manager thread
+    stayed in the parent), so the child of a fork starts its own worker; the parent's still works."""
+    parent_pool = mirror_module._redaction_executor()
+    assert parent_pool.submit(abs, -1).result(timeout=SETTLE) == 1
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if its own pool ran the call
+        ok = False
+        try:
+            pool = mirror_module._redaction_executor()
+            ok = pool is not parent_pool and pool.submit(abs, -2).result(timeout=SETTLE) == 2
+            pool.shutdown(wait=True)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert mirror_module._redaction_executor() is parent_pool
+    assert parent_pool.submit(abs, -3).result(timeout=SETTLE) == 3
