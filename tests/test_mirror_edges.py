@@ -309,10 +309,40 @@ def test_requests_after_the_redaction_worker_was_killed_are_still_redacted_and_c
                 assert await settled(stats, 3) == {"sent_2xx": 3}
                 assert stats.redactions == {"json:default": 3}
                 assert mirror_module._executor is not worker
-                assert app.mirror.targets[0].held_bytes() == 0
+                [a] = app.mirror.targets
+                assert (a.held_bytes(), a.offloaded, a.pending) == (0, 0, 0)
 
         run_asyncio(test)
         assert [(r.target, r.body) for r in shadow.requests] == [(f"/{n}", redacted) for n in (1, 2, 3)]
+        assert [r.header("X-Mirror-Truncated") for r in shadow.requests] == [None] * 3
+
+
+def test_a_body_redacted_in_the_worker_is_held_under_the_targets_budget(
+    run_asyncio: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body bound for the worker process counts against the memory budget before it goes there. A
+    hung shadow and a target budget of 64 KiB: five 12 KiB bodies are redacted and held (one sent,
+    four queued); the sixth would pass the budget, so it is refused as budget_exceeded, once, and
+    never reaches the worker (five redactions, not six)."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+    json = [("Host", "e"), ("Content-Type", "application/json")]
+    body = b'{"password": "p", "fill": "' + b"x" * (12 * KiB) + b'"}'
+    with ShadowServer(mode="hang") as shadow:
+
+        async def test() -> None:
+            spec = target("a", shadow, concurrency=1, timeout=60, memory_budget=64 * KiB)
+            async with running({"targets": [spec], "drain_timeout": 0.05}) as (app, _, peer):
+                stats = app.mirror.target_stats["a"]
+                [a] = app.mirror.targets
+                for n in range(6):  # one frame each: a frame holds 16 KiB
+                    await send_and_ack(peer, n + 1, [request_message(f"/{n}", json, body)])
+                await wait_until(lambda: stats.received == 6 and a.offloaded == 0, SETTLE)
+                assert {k: v for k, v in stats.outcomes.items() if v} == {"budget_exceeded": 1}
+                assert stats.redactions == {"json:default": 5}
+                assert (stats.pending, a.pending, len(a.queue), a.offloaded_bytes) == (5, 5, 4, 0)
+                assert 5 * len(body) < a.held_bytes() <= 64 * KiB
+
+        run_asyncio(test)
 
 
 def test_a_forked_child_redacts_in_a_worker_of_its_own() -> None:
