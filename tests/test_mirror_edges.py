@@ -103,12 +103,12 @@ def test_a_reload_keeps_pool_breaker_and_limiter_whose_settings_are_equal_and_re
 def test_the_slot_and_a_queued_head_go_to_the_successor_of_a_target_a_reload_changed(
     run_asyncio: Callable[[AsyncTest], None],
 ) -> None:
-    """concurrency 1, a shadow answering after 0.3 s. A reload while one GET is in flight and
+    """concurrency 1, a shadow answering after 1 s. A reload while one GET is in flight and
     nothing waits: the new target counts the slot, and gives it up when the old target's request
     settles (one slot taken too many would stop the target; one too few would let two requests go at
     once). A reload while a GET is in flight and a HEAD waits: the HEAD goes out when the GET settles,
     still as a HEAD (its response has a Content-Length and no body), and the connection goes on."""
-    with ShadowServer(mode="delay", delay=0.3) as shadow:
+    with ShadowServer(mode="delay", delay=1.0) as shadow:
 
         async def test() -> None:
             spec = target("a", shadow, concurrency=1, timeout=3)
