@@ -363,3 +363,47 @@ def test_a_forked_child_redacts_in_a_worker_of_its_own() -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     assert mirror_module._redaction_executor() is parent_pool
     assert parent_pool.submit(abs, -3).result(timeout=SETTLE) == 3
+
+
+# Failures and drains ---------------------------------------------------------------------------------
+
+
+def test_a_failure_that_leaves_the_breaker_closed_sheds_nothing(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """failure_threshold 3, concurrency 1, a shadow refusing connections, three requests in one
+    batch: each is tried in turn (the first two failures leave the breaker closed, so what waits
+    behind them still goes), and the third failure opens it with nothing left to shed."""
+    with ShadowServer(mode="refuse") as refused:
+
+        async def test() -> None:
+            breaker = {"failure_threshold": 3, "backoff": 600}
+            spec = target("a", refused, concurrency=1, circuit_breaker=breaker)
+            async with running({"targets": [spec]}) as (app, _, peer):
+                await send_and_ack(peer, 1, [mirror_message(f"/{n}") for n in range(3)])
+                assert await settled(app.mirror.target_stats["a"], 3) == {"error_connect": 3}
+                assert app.mirror.targets[0].breaker.state == "open"
+
+        run_asyncio(test)
+
+
+def test_a_shutdown_while_a_retired_target_drains_ends_at_the_sooner_deadline(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """A reload retires target a with a request stuck at a hung shadow and 30 s to drain; SIGTERM's
+    drain, with 0.05 s, brings a's deadline forward: both drains end, and the stuck request is
+    counted shutdown once."""
+    with ShadowServer(mode="hang") as hung, ShadowServer() as ok:
+
+        async def test() -> None:
+            config = {"targets": [target("a", hung, concurrency=1, timeout=60)], "drain_timeout": 30}
+            async with running(config) as (app, _, peer):
+                await send_and_ack(peer, 1, [mirror_message("/stuck")])
+                await wait_until(lambda: len(hung.requests) == 1, SETTLE)
+                reload(app, {"targets": [target("b", ok)], "drain_timeout": 30})
+                assert [t.name for t in app.mirror.retired] == ["a"]
+                assert await app.mirror.drain(0.05) == (0, 1)
+                await wait_until(lambda: not app.mirror.retired, SETTLE)
+                assert await settled(app.mirror.target_stats["a"], 1) == {"shutdown": 1}
+
+        run_asyncio(test)
