@@ -407,3 +407,29 @@ def test_a_shutdown_while_a_retired_target_drains_ends_at_the_sooner_deadline(
                 assert await settled(app.mirror.target_stats["a"], 1) == {"shutdown": 1}
 
         run_asyncio(test)
+
+
+def test_a_body_back_from_the_worker_to_a_full_queue_is_counted_queue_full(
+    run_asyncio: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """queue_size 1, concurrency 1, a hung shadow; one batch: a GET (sent), a large body (to the
+    worker: the queue is empty then), a GET (queued: now the queue is full). The large body comes
+    back from the worker to a full queue, so it is counted queue_full, once, and never sent."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+    json = [("Host", "e"), ("Content-Type", "application/json")]
+    body = b'{"fill": "' + b"x" * 2048 + b'"}'
+    with ShadowServer(mode="hang") as shadow:
+
+        async def test() -> None:
+            spec = target("a", shadow, concurrency=1, timeout=60, queue_size=1)
+            async with running({"targets": [spec], "drain_timeout": 0.05}) as (app, _, peer):
+                stats = app.mirror.target_stats["a"]
+                [a] = app.mirror.targets
+                batch = [mirror_message("/0"), request_message("/large", json, body), mirror_message("/2")]
+                await send_and_ack(peer, 1, batch)
+                await wait_until(lambda: stats.received == 3 and a.offloaded == 0, SETTLE)
+                assert {k: v for k, v in stats.outcomes.items() if v} == {"queue_full": 1}
+                assert (stats.pending, len(a.queue), a.queue[0][0].split(b" ")[1]) == (2, 1, b"/2")
+
+        run_asyncio(test)
+        assert [r.target for r in shadow.requests] == ["/0"]
