@@ -67,7 +67,10 @@ def test_a_reload_keeps_pool_breaker_and_limiter_whose_settings_are_equal_and_re
             targets = [{**spec, **extra.get(spec["name"], {})} for spec in (pooled, broken, limited)]
             return {"targets": targets, "drain_timeout": 5}
 
+        sent = 0
+
         async def test() -> None:
+            nonlocal sent
             async with running(config({})) as (app, _, peer):
                 stats = app.mirror.target_stats
                 await send_and_ack(peer, 1, [mirror_message("/1")])
@@ -93,8 +96,10 @@ def test_a_reload_keeps_pool_breaker_and_limiter_whose_settings_are_equal_and_re
                 assert await settled(stats["pooled"], 3) == {"sent_2xx": 3}
                 assert await settled(stats["broken"], 3) == {"error_connect": 2, "circuit_open": 1}
                 assert await settled(stats["limited"], 3) == {"sent_2xx": 2, "rate_limited": 1}
+                sent = stats["pooled"].bytes_sent
 
         run_asyncio(test)
+        assert sent == sum(len(r.raw) for r in ok.requests)  # each went out on a free connection
         connections = [(r.target, r.connection_id) for r in ok.requests]
         assert connections == [("/1", 1), ("/2", 1), ("/3", 2)]
         assert [r.target for r in limited_shadow.requests] == ["/1", "/3"]
@@ -433,3 +438,12 @@ def test_a_body_back_from_the_worker_to_a_full_queue_is_counted_queue_full(
 
         run_asyncio(test)
         assert [r.target for r in shadow.requests] == ["/0"]
+
+
+def test_a_chunked_body_is_never_taken_for_a_truncated_one() -> None:
+    """With Transfer-Encoding, a Content-Length larger than the body means nothing (RFC 9112 6.3):
+    HAProxy framed the body by its chunks and handed all of it over. Without it, the body was cut."""
+    declared = [("Host", "h"), ("Content-Length", "100")]
+    assert mirror_module.is_truncated(to_request(request_message("/", declared, b"x" * 10).args))
+    chunked = [*declared, ("Transfer-Encoding", "chunked")]
+    assert not mirror_module.is_truncated(to_request(request_message("/", chunked, b"x" * 10).args))
