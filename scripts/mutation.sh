@@ -9,7 +9,9 @@
 # tests do not notice "survived". Each module runs in its own scratch copy of the checkout (mutmut
 # writes a mutants/ tree beside the code), niced, bounded by MUTATION_TIMEOUT seconds per module
 # (default 3600: redact.py's 1,740 mutants took ~25 min and mirror.py's 1,081 more than 45 min on a
-# 2-core machine at load 6; MUTATION_JOBS=2 runs two mutants at a time).
+# 2-core machine at load 6; MUTATION_JOBS=2 runs two mutants at a time). A run cut short by the
+# timeout keeps what it checked (mutants/*.meta): MUTATION_RESUME=1 continues it in the same scratch
+# copy with only the mutants not yet checked (mutmut skips those with a result).
 # Prints the count of each result per module (killed, survived, timeout, no tests, not checked when
 # the time ran out) and where the survivors' names are; `mutmut show NAME` in the scratch copy (kept
 # under $MUTATION_DIR) shows a survivor's diff. Reviewed survivors are listed in
@@ -25,7 +27,7 @@ JOBS=${MUTATION_JOBS:-1}
 declare -A TESTS=(
     [spoe/connection.py]="tests/test_connection.py"
     [spoe/frames.py]="tests/test_connection.py tests/test_data.py tests/test_oracle.py"
-    [spoa_mirror/mirror.py]="tests/test_pipeline.py tests/test_budget_shares.py tests/test_intake.py tests/test_loop_marker.py tests/test_hardening_config.py tests/test_message_targets.py"
+    [spoa_mirror/mirror.py]="tests/test_pipeline.py tests/test_budget_shares.py tests/test_intake.py tests/test_loop_marker.py tests/test_hardening_config.py tests/test_message_targets.py tests/test_mirror_edges.py"
     [spoa_mirror/accounting.py]="tests/test_pipeline.py"
     [spoa_mirror/limits.py]="tests/test_limits.py tests/test_pipeline.py"
     [spoa_mirror/redact.py]="tests/test_redact.py tests/test_redact_defaults.py tests/test_redact_shapes.py tests/test_config.py"
@@ -41,31 +43,36 @@ fi
 for module in "${MODULES[@]}"; do
     tests=${TESTS[$module]:?"no tests listed for $module in scripts/mutation.sh"}
     scratch="$WORK/${module//\//_}"
-    rm -rf "$scratch"
-    mkdir -p "$scratch"
-    (cd "$ROOT" && git ls-files -z spoe spoa_mirror tests examples pyproject.toml | xargs -0 cp --parents -t "$scratch")
-    {
-        echo "[mutmut]"
-        echo "source_paths="
-        echo "    spoe"
-        echo "    spoa_mirror"
-        echo "also_copy="
-        echo "    examples"
-        echo "only_mutate=$module"
-        echo "pytest_add_cli_args_test_selection="
-        for test in $tests; do
-            [ -e "$ROOT/$test" ] && echo "    $test"
-        done
-        echo "pytest_add_cli_args="
-        echo "    -p"
-        echo "    no:cacheprovider"
-        echo "    -m"
-        echo "    not haproxy"
-        echo "    -q"
-    } > "$scratch/setup.cfg"
-    echo "== $module ($tests)"
+    if [ "${MUTATION_RESUME:-0}" = 1 ] && [ -d "$scratch/mutants" ]; then
+        echo "== $module: resuming in $scratch (its snapshot of the code; only mutants not yet checked)"
+    else
+        rm -rf "$scratch"
+        mkdir -p "$scratch"
+        (cd "$ROOT" && git ls-files -z spoe spoa_mirror tests examples docs/config.schema.json pyproject.toml | xargs -0 cp --parents -t "$scratch")
+        {
+            echo "[mutmut]"
+            echo "source_paths="
+            echo "    spoe"
+            echo "    spoa_mirror"
+            echo "also_copy="
+            echo "    examples"
+            echo "    docs"
+            echo "only_mutate=$module"
+            echo "pytest_add_cli_args_test_selection="
+            for test in $tests; do
+                [ -e "$ROOT/$test" ] && echo "    $test"
+            done
+            echo "pytest_add_cli_args="
+            echo "    -p"
+            echo "    no:cacheprovider"
+            echo "    -m"
+            echo "    not haproxy"
+            echo "    -q"
+        } > "$scratch/setup.cfg"
+        echo "== $module ($tests)"
+    fi
     status=0
-    (cd "$scratch" && timeout "$TIMEOUT" nice -n 10 "$MUTMUT" run --max-children "$JOBS" >run.log 2>&1) || status=$?
+    (cd "$scratch" && timeout "$TIMEOUT" nice -n 10 "$MUTMUT" run --max-children "$JOBS" >>run.log 2>&1) || status=$?
     [ "$status" -eq 124 ] && echo "   stopped after ${TIMEOUT}s: results are partial"
     grep -q "failed to collect stats" "$scratch/run.log" &&
         echo "   the tests fail on the unmutated code, so no mutant was tried: see $scratch/run.log"

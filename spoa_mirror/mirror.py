@@ -157,7 +157,8 @@ class Target:
         self.config = config
         self.inputs = (config, loop_header, truncated_body, hmac_key)  # equal on reload: kept as is
         self.stats = stats
-        # (payload, head, time.monotonic() when queued), oldest first
+        # (payload, head, loop time when queued), oldest first: the stale sweep's timer runs on the
+        # same clock, so a test can drive the event loop's clock instead of waiting max_queue_age.
         self.queue: deque[tuple[bytes, bool, float]] = deque()
         self.queue_size: int = config.queue_size
         # Requests in flight at most: with pipelining, `pipeline_depth` per connection.
@@ -361,9 +362,12 @@ class Target:
         self.pending += 1
         self.offloaded += 1
         self.offloaded_bytes += size
-        future = asyncio.get_running_loop().run_in_executor(
-            _redaction_executor(), redact_in_worker, *self.redact_spec, req
-        )
+        loop = asyncio.get_running_loop()
+        try:
+            future = loop.run_in_executor(_redaction_executor(), redact_in_worker, *self.redact_spec, req)
+        except BrokenProcessPool:  # the worker died while idle (killed for memory?): start another
+            _reset_redaction_executor()
+            future = loop.run_in_executor(_redaction_executor(), redact_in_worker, *self.redact_spec, req)
         future.add_done_callback(functools.partial(self._redacted, req, truncated, size))
 
     def _redacted(self, req: MirrorRequest, truncated: bool, size: int, future: Future) -> None:
@@ -417,7 +421,7 @@ class Target:
             queue = self.queue
             if not queue:
                 self._schedule_stale_sweep()
-            queue.append((payload, head, time.monotonic()))
+            queue.append((payload, head, asyncio.get_running_loop().time()))
             self.queued_bytes += size
 
     def _fits(self, held: int, size: int) -> bool:
@@ -515,10 +519,11 @@ class Target:
         queue at `concurrency` per timeout: a full queue would wait minutes, and a recovered shadow
         would get minutes-old traffic). One timer per target, at the oldest request's expiry."""
         self._stale_sweep = None
-        now = time.monotonic()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         self._shed("stale", keep_newer_than=now - self.max_queue_age)
         if self.queue:
-            self._stale_sweep = asyncio.get_running_loop().call_later(
+            self._stale_sweep = loop.call_later(
                 self.queue[0][2] + self.max_queue_age - now, self._sweep_stale
             )
 
@@ -866,14 +871,18 @@ def _target_class(config: Any) -> type[Target]:
 
 
 _executor: ProcessPoolExecutor | None = None
+_executor_pid = 0  # the process that started _executor
 
 
 def _redaction_executor() -> ProcessPoolExecutor:
     """The one worker process that redacts large bodies, started on first use. Spawned, not forked:
-    a fresh interpreter holds none of the agent's sockets or threads."""
-    global _executor
-    if _executor is None:
+    a fresh interpreter holds none of the agent's sockets or threads. A pool inherited through fork
+    is useless (its manager thread stayed in the parent: work given to it never runs), so a forked
+    child starts its own."""
+    global _executor, _executor_pid
+    if _executor is None or _executor_pid != os.getpid():
         _executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        _executor_pid = os.getpid()
     return _executor
 
 

@@ -1,0 +1,449 @@
+"""The pipeline's narrow edges that mutation testing of spoa_mirror/mirror.py found unguarded: what a
+reload carries over (pool, breaker, rate limiter, the slot of a request in flight, a queued HEAD),
+the exact sum of the agent's memory budget with several targets, the stale sweep on a clock the test
+drives, and the redaction worker process dying. Real sockets, real shadows, the production wiring;
+each test builds its own agent, so each passes alone and in any order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from spoa_mirror import mirror as mirror_module
+from spoa_mirror.config import parse_config
+from spoa_mirror.message import to_request
+from spoa_mirror.mirror import Mirror
+from spoe import Message
+from tests.support.live_agent import AsyncTest, loop_runner, wait_until
+from tests.support.shadow import ShadowServer
+from tests.test_pipeline import (
+    SETTLE,
+    TEST_DEADLINE,
+    mirror_message,
+    request_message,
+    running,
+    send_and_ack,
+    settled,
+    target,
+)
+
+KiB = 1024
+
+
+@pytest.fixture
+def run_asyncio() -> Callable[[AsyncTest], None]:
+    return loop_runner("asyncio", TEST_DEADLINE)
+
+
+def reload(app: Any, config: dict[str, Any]) -> None:
+    app.mirror.apply(parse_config(config, env={}), None)
+
+
+# What a reload carries over -------------------------------------------------------------------------
+
+
+def test_a_reload_keeps_pool_breaker_and_limiter_whose_settings_are_equal_and_renews_changed_ones(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """Three changed targets, two reloads. The first changes only an added header: `pooled` keeps
+    its pool (the next request goes on the same keep-alive connection, also after the old target
+    drained, which must not close the pool it handed on), `broken`'s open breaker stays open
+    (circuit_open, not another failed connect) and `limited`'s spent token stays spent
+    (rate_limited). The second changes the timeout, the breaker and the rate: a new pool (a new
+    connection), a closed breaker (the connect is tried again), a full bucket (sent)."""
+    with ShadowServer() as ok, ShadowServer(mode="refuse") as refused, ShadowServer() as limited_shadow:
+        pooled = target("pooled", ok, concurrency=1, timeout=30)
+        broken = target("broken", refused, circuit_breaker={"failure_threshold": 1, "backoff": 600})
+        limited = target("limited", limited_shadow, rate_limit={"requests_per_second": 0.001})
+
+        def config(extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
+            targets = [{**spec, **extra.get(spec["name"], {})} for spec in (pooled, broken, limited)]
+            return {"targets": targets, "drain_timeout": 5}
+
+        sent = 0
+
+        async def test() -> None:
+            nonlocal sent
+            async with running(config({})) as (app, _, peer):
+                stats = app.mirror.target_stats
+                await send_and_ack(peer, 1, [mirror_message("/1")])
+                assert await settled(stats["pooled"], 1) == {"sent_2xx": 1}
+                assert await settled(stats["broken"], 1) == {"error_connect": 1}
+                assert await settled(stats["limited"], 1) == {"sent_2xx": 1}
+
+                header = {"headers": {"X-Reload": "1"}}
+                reload(app, config({"pooled": header, "broken": header, "limited": header}))
+                await wait_until(lambda: not app.mirror.retired, SETTLE)
+                await send_and_ack(peer, 2, [mirror_message("/2")])
+                assert await settled(stats["pooled"], 2) == {"sent_2xx": 2}
+                assert await settled(stats["broken"], 2) == {"error_connect": 1, "circuit_open": 1}
+                assert await settled(stats["limited"], 2) == {"sent_2xx": 1, "rate_limited": 1}
+
+                reload(app, config({
+                    "pooled": {**header, "timeout": 20},
+                    "broken": {**header, "circuit_breaker": {"failure_threshold": 2, "backoff": 600}},
+                    "limited": {**header, "rate_limit": {"requests_per_second": 0.002}},
+                }))  # fmt: skip
+                await wait_until(lambda: not app.mirror.retired, SETTLE)
+                await send_and_ack(peer, 3, [mirror_message("/3")])
+                assert await settled(stats["pooled"], 3) == {"sent_2xx": 3}
+                assert await settled(stats["broken"], 3) == {"error_connect": 2, "circuit_open": 1}
+                assert await settled(stats["limited"], 3) == {"sent_2xx": 2, "rate_limited": 1}
+                sent = stats["pooled"].bytes_sent
+
+        run_asyncio(test)
+        assert sent == sum(len(r.raw) for r in ok.requests)  # each went out on a free connection
+        connections = [(r.target, r.connection_id) for r in ok.requests]
+        assert connections == [("/1", 1), ("/2", 1), ("/3", 2)]
+        assert [r.target for r in limited_shadow.requests] == ["/1", "/3"]
+
+
+def test_the_slot_and_a_queued_head_go_to_the_successor_of_a_target_a_reload_changed(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """concurrency 1, a shadow answering after 1 s. A reload while one GET is in flight and
+    nothing waits: the new target counts the slot, and gives it up when the old target's request
+    settles (one slot taken too many would stop the target; one too few would let two requests go at
+    once). A reload while a GET is in flight and a HEAD waits: the HEAD goes out when the GET settles,
+    still as a HEAD (its response has a Content-Length and no body), and the connection goes on."""
+    with ShadowServer(mode="delay", delay=1.0) as shadow:
+
+        async def test() -> None:
+            spec = target("a", shadow, concurrency=1, timeout=3)
+            async with running({"targets": [spec], "drain_timeout": 10}) as (app, _, peer):
+                stats = app.mirror.target_stats["a"]
+                await send_and_ack(peer, 1, [mirror_message("/0")])
+                await wait_until(lambda: len(shadow.requests) == 1, SETTLE)
+                reload(app, {"targets": [{**spec, "headers": {"X-Reload": "1"}}], "drain_timeout": 10})
+                [first] = app.mirror.targets
+                assert first.active == 1
+                assert await settled(stats, 1) == {"sent_2xx": 1}
+                await wait_until(lambda: not app.mirror.retired, SETTLE)
+                assert first.active == 0
+
+                head = request_message("/2", [("Host", "h")], method="HEAD")
+                await send_and_ack(peer, 2, [mirror_message("/1"), head])
+                await wait_until(lambda: len(shadow.requests) == 2 and len(first.queue) == 1, SETTLE)
+                reload(app, {"targets": [{**spec, "headers": {"X-Reload": "2"}}], "drain_timeout": 10})
+                [second] = app.mirror.targets
+                assert (second.active, len(second.queue)) == (1, 1)
+                assert await settled(stats, 3) == {"sent_2xx": 3}
+                await send_and_ack(peer, 3, [mirror_message("/3")])
+                assert await settled(stats, 4) == {"sent_2xx": 4}
+                await wait_until(lambda: not app.mirror.retired and second.active == 0, SETTLE)
+
+        run_asyncio(test)
+        assert [(r.method, r.target) for r in shadow.requests] == [
+            ("GET", "/0"), ("GET", "/1"), ("HEAD", "/2"), ("GET", "/3")
+        ]  # fmt: skip
+        assert shadow.connections_accepted == 1
+
+
+# The agent's memory budget at its exact sum ----------------------------------------------------------
+
+
+async def _hung_server() -> tuple[asyncio.Server, int]:
+    """Accepts and never answers, so what a target sends stays held in its pool and queue."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(3600)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def _post(path: str, body_size: int) -> Message:
+    headers = f"content-length: {body_size}\r\n\r\n"
+    args = {"arg_method": "POST", "arg_path": path, "arg_ver": "1.1", "arg_hdrs": headers,
+            "arg_body": b"x" * body_size}  # fmt: skip
+    return Message("mirror", args)
+
+
+def test_a_target_past_its_share_may_fill_the_agents_budget_to_the_byte_and_no_further() -> None:
+    """Two targets on a hung shadow: b (its own memory_budget 64 KiB, so its share is that) holds
+    exactly its share; a's own memory_budget is exactly three of its requests, and the agent's is
+    those three plus b's 64 KiB. a's third request takes it past its share, so the exact sum decides:
+    held + b's = the agent's budget to the byte, so it fits (and a's own budget too, to the byte); a
+    fourth is refused as budget_exceeded. The request sizes are what the production builder makes of
+    them, measured first on an agent with room to spare."""
+    body = 24 * KiB
+
+    def config(port: int, agent_budget: int, a_budget: int) -> dict[str, Any]:
+        def spec(name: str, budget: int) -> dict[str, Any]:
+            only = {"allow": {"path_prefix": [f"/{name}"]}}
+            return {"name": name, "url": f"http://127.0.0.1:{port}", "concurrency": 1, "timeout": 60,
+                    "memory_budget": budget, "filters": only}  # fmt: skip
+
+        return {"memory_budget": agent_budget, "targets": [spec("a", a_budget), spec("b", 64 * KiB)]}
+
+    async def test() -> None:
+        server, port = await _hung_server()
+        try:
+            roomy = Mirror(parse_config(config(port, 4 * 1024 * KiB, 1024 * KiB), env={}), None)
+            a_probe, b_probe = roomy.targets
+            a_size = len(a_probe.build(to_request(_post("/a/x", body).args)))
+            b_overhead = len(b_probe.build(to_request(_post("/b/x", 0).args)))
+            # b's one request is 64 KiB to the byte (the same number of Content-Length digits)
+            b_body = 64 * KiB - b_overhead - (len(str(64 * KiB)) - 1)
+            assert len(b_probe.build(to_request(_post("/b/x", b_body).args))) == 64 * KiB
+
+            mirror = Mirror(parse_config(config(port, 3 * a_size + 64 * KiB, 3 * a_size), env={}), None)
+            a, b = mirror.targets
+            assert a.share < 3 * a_size and b.share == 64 * KiB
+            mirror.handle(_post("/b/x", b_body))
+            for _ in range(4):
+                mirror.handle(_post("/a/x", body))
+            await wait_until(lambda: not mirror._intake, SETTLE)
+            assert (b.held_bytes(), a.held_bytes()) == (64 * KiB, 3 * a_size)
+            assert mirror.budget.used() == mirror.budget.limit
+            stats = mirror.target_stats.items()
+            outcomes = {name: {k: v for k, v in s.outcomes.items() if v} for name, s in stats}
+            assert outcomes == {"a": {"filtered": 1, "budget_exceeded": 1}, "b": {"filtered": 4}}
+            assert (a.pending, b.pending) == (3, 1)
+        finally:
+            server.close()
+
+    loop_runner("asyncio", TEST_DEADLINE)(test)
+
+
+# The stale sweep on a clock the test drives -----------------------------------------------------------
+
+
+class DrivenClockLoop(asyncio.SelectorEventLoop):
+    """asyncio's loop with a clock the test moves forward (`advance`): the timers due by then fire at
+    the next iteration, as if that much time had passed. The agent's queue stamps and stale sweeps
+    read only the loop's clock, so max_queue_age can be 100 s and the test still takes milliseconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skew = 0.0
+
+    def time(self) -> float:
+        return super().time() + self.skew
+
+    def advance(self, seconds: float) -> None:
+        self.skew += seconds
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """wait_until on the real clock: the loop's own runs ahead whenever the test advances it."""
+    deadline = time.monotonic() + SETTLE
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0)
+
+
+def test_the_stale_sweep_drops_exactly_what_passed_max_queue_age_and_comes_back_for_the_next() -> None:
+    """max_queue_age 100 s, one request held by a hung shadow, three queued behind it at loop times
+    0, 60 and 80. At 110 only the first is stale (the other two are 50 and 30 s old), and the next
+    sweep is set for the second's expiry, 160, not the third's; at 165 the second goes too, and the
+    third, 85 s old, still waits, for a sweep at 180. The send and connect timeouts are longer than
+    the clock ever moves, so only the sweeps see time pass."""
+    age = 100.0
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, DrivenClockLoop)
+        server, port = await _hung_server()
+        try:
+            spec = {"name": "a", "url": f"http://127.0.0.1:{port}", "concurrency": 1, "timeout": 10_000,
+                    "connect_timeout": 10_000, "max_queue_age": age}  # fmt: skip
+            mirror = Mirror(parse_config({"targets": [spec]}, env={}), None)
+            [a] = mirror.targets
+            stale = mirror.target_stats["a"].outcomes
+            mirror.handle(mirror_message("/held"))
+            mirror.handle(mirror_message("/0"))
+            await _until(lambda: len(a.queue) == 1)
+            start = a.queue[0][2]
+            for path, at in (("/60", 60.0), ("/80", 80.0)):
+                loop.advance(start + at - loop.time())
+                mirror.handle(mirror_message(path))
+                await _until(lambda: not mirror._intake)
+            assert [round(queued - start) for _, _, queued in a.queue] == [0, 60, 80]
+
+            loop.advance(start + 110 - loop.time())
+            await _until(lambda: stale["stale"] > 0)
+            assert (stale["stale"], len(a.queue)) == (1, 2)
+            assert a._stale_sweep is not None and a._stale_sweep.when() == pytest.approx(start + 160)
+
+            loop.advance(start + 165 - loop.time())
+            await _until(lambda: stale["stale"] > 1)
+            assert (stale["stale"], len(a.queue)) == (2, 1)
+            assert a._stale_sweep is not None and a._stale_sweep.when() == pytest.approx(start + 180)
+            assert mirror.target_stats["a"].pending == 2  # the held one and /80
+        finally:
+            server.close()
+
+    with asyncio.Runner(loop_factory=DrivenClockLoop) as runner:
+        runner.run(test())
+
+
+# The redaction worker process dying -------------------------------------------------------------------
+
+
+def test_requests_after_the_redaction_worker_was_killed_are_still_redacted_and_counted(
+    run_asyncio: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bodies over INLINE_BODY_LIMIT (lowered to 1 KiB here) are redacted in one worker process.
+    SIGKILL it (the kernel's OOM killer would) between requests: the next ones are redacted in a new
+    worker, sent and counted; nothing is lost or sent unredacted."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+    big = b'{"password": "hunter2", "fill": "' + b"x" * 2048 + b'"}'
+    redacted = big.replace(b'"password": "hunter2", "fill": ', b'"password":"[REDACTED]","fill":')
+    json = [("Host", "e"), ("Content-Type", "application/json")]
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            async with running({"targets": [target("a", shadow, concurrency=1)]}) as (app, _, peer):
+                stats = app.mirror.target_stats["a"]
+                await send_and_ack(peer, 1, [request_message("/1", json, big)])
+                assert await settled(stats, 1) == {"sent_2xx": 1}
+                worker = mirror_module._executor
+                assert worker is not None
+                [pid] = list(worker._processes)
+                os.kill(pid, signal.SIGKILL)
+                await wait_until(lambda: worker._broken, SETTLE)
+                await send_and_ack(peer, 2, [request_message(f"/{n}", json, big) for n in (2, 3)])
+                assert await settled(stats, 3) == {"sent_2xx": 3}
+                assert stats.redactions == {"json:default": 3}
+                assert mirror_module._executor is not worker
+                [a] = app.mirror.targets
+                assert (a.held_bytes(), a.offloaded, a.pending) == (0, 0, 0)
+
+        run_asyncio(test)
+        assert [(r.target, r.body) for r in shadow.requests] == [(f"/{n}", redacted) for n in (1, 2, 3)]
+        assert [r.header("X-Mirror-Truncated") for r in shadow.requests] == [None] * 3
+
+
+def test_a_body_redacted_in_the_worker_is_held_under_the_targets_budget(
+    run_asyncio: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body bound for the worker process counts against the memory budget before it goes there. A
+    hung shadow and a target budget of 64 KiB: five 12 KiB bodies are redacted and held (one sent,
+    four queued); the sixth would pass the budget, so it is refused as budget_exceeded, once, and
+    never reaches the worker (five redactions, not six)."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+    json = [("Host", "e"), ("Content-Type", "application/json")]
+    body = b'{"password": "p", "fill": "' + b"x" * (12 * KiB) + b'"}'
+    with ShadowServer(mode="hang") as shadow:
+
+        async def test() -> None:
+            spec = target("a", shadow, concurrency=1, timeout=60, memory_budget=64 * KiB)
+            async with running({"targets": [spec], "drain_timeout": 0.05}) as (app, _, peer):
+                stats = app.mirror.target_stats["a"]
+                [a] = app.mirror.targets
+                for n in range(6):  # one frame each: a frame holds 16 KiB
+                    await send_and_ack(peer, n + 1, [request_message(f"/{n}", json, body)])
+                await wait_until(lambda: stats.received == 6 and a.offloaded == 0, SETTLE)
+                assert {k: v for k, v in stats.outcomes.items() if v} == {"budget_exceeded": 1}
+                assert stats.redactions == {"json:default": 5}
+                assert (stats.pending, a.pending, len(a.queue), a.offloaded_bytes) == (5, 5, 4, 0)
+                assert 5 * len(body) < a.held_bytes() <= 64 * KiB
+
+        run_asyncio(test)
+
+
+def test_a_forked_child_redacts_in_a_worker_of_its_own() -> None:
+    """A redaction pool inherited through fork never runs what it is given (its manager thread
+    stayed in the parent), so the child of a fork starts its own worker; the parent's still works."""
+    parent_pool = mirror_module._redaction_executor()
+    assert parent_pool.submit(abs, -1).result(timeout=SETTLE) == 1
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if its own pool ran the call
+        ok = False
+        try:
+            pool = mirror_module._redaction_executor()
+            ok = pool is not parent_pool and pool.submit(abs, -2).result(timeout=SETTLE) == 2
+            pool.shutdown(wait=True)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert mirror_module._redaction_executor() is parent_pool
+    assert parent_pool.submit(abs, -3).result(timeout=SETTLE) == 3
+
+
+# Failures and drains ---------------------------------------------------------------------------------
+
+
+def test_a_failure_that_leaves_the_breaker_closed_sheds_nothing(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """failure_threshold 3, concurrency 1, a shadow refusing connections, three requests in one
+    batch: each is tried in turn (the first two failures leave the breaker closed, so what waits
+    behind them still goes), and the third failure opens it with nothing left to shed."""
+    with ShadowServer(mode="refuse") as refused:
+
+        async def test() -> None:
+            breaker = {"failure_threshold": 3, "backoff": 600}
+            spec = target("a", refused, concurrency=1, circuit_breaker=breaker)
+            async with running({"targets": [spec]}) as (app, _, peer):
+                await send_and_ack(peer, 1, [mirror_message(f"/{n}") for n in range(3)])
+                assert await settled(app.mirror.target_stats["a"], 3) == {"error_connect": 3}
+                assert app.mirror.targets[0].breaker.state == "open"
+
+        run_asyncio(test)
+
+
+def test_a_shutdown_while_a_retired_target_drains_ends_at_the_sooner_deadline(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """A reload retires target a with a request stuck at a hung shadow and 30 s to drain; SIGTERM's
+    drain, with 0.05 s, brings a's deadline forward: both drains end, and the stuck request is
+    counted shutdown once."""
+    with ShadowServer(mode="hang") as hung, ShadowServer() as ok:
+
+        async def test() -> None:
+            config = {"targets": [target("a", hung, concurrency=1, timeout=60)], "drain_timeout": 30}
+            async with running(config) as (app, _, peer):
+                await send_and_ack(peer, 1, [mirror_message("/stuck")])
+                await wait_until(lambda: len(hung.requests) == 1, SETTLE)
+                reload(app, {"targets": [target("b", ok)], "drain_timeout": 30})
+                assert [t.name for t in app.mirror.retired] == ["a"]
+                assert await app.mirror.drain(0.05) == (0, 1)
+                await wait_until(lambda: not app.mirror.retired, SETTLE)
+                assert await settled(app.mirror.target_stats["a"], 1) == {"shutdown": 1}
+
+        run_asyncio(test)
+
+
+def test_a_body_back_from_the_worker_to_a_full_queue_is_counted_queue_full(
+    run_asyncio: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """queue_size 1, concurrency 1, a hung shadow; one batch: a GET (sent), a large body (to the
+    worker: the queue is empty then), a GET (queued: now the queue is full). The large body comes
+    back from the worker to a full queue, so it is counted queue_full, once, and never sent."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+    json = [("Host", "e"), ("Content-Type", "application/json")]
+    body = b'{"fill": "' + b"x" * 2048 + b'"}'
+    with ShadowServer(mode="hang") as shadow:
+
+        async def test() -> None:
+            spec = target("a", shadow, concurrency=1, timeout=60, queue_size=1)
+            async with running({"targets": [spec], "drain_timeout": 0.05}) as (app, _, peer):
+                stats = app.mirror.target_stats["a"]
+                [a] = app.mirror.targets
+                batch = [mirror_message("/0"), request_message("/large", json, body), mirror_message("/2")]
+                await send_and_ack(peer, 1, batch)
+                await wait_until(lambda: stats.received == 3 and a.offloaded == 0, SETTLE)
+                assert {k: v for k, v in stats.outcomes.items() if v} == {"queue_full": 1}
+                assert (stats.pending, len(a.queue), a.queue[0][0].split(b" ")[1]) == (2, 1, b"/2")
+
+        run_asyncio(test)
+        assert [r.target for r in shadow.requests] == ["/0"]
+
+
+def test_a_chunked_body_is_never_taken_for_a_truncated_one() -> None:
+    """With Transfer-Encoding, a Content-Length larger than the body means nothing (RFC 9112 6.3):
+    HAProxy framed the body by its chunks and handed all of it over. Without it, the body was cut."""
+    declared = [("Host", "h"), ("Content-Length", "100")]
+    assert mirror_module.is_truncated(to_request(request_message("/", declared, b"x" * 10).args))
+    chunked = [*declared, ("Transfer-Encoding", "chunked")]
+    assert not mirror_module.is_truncated(to_request(request_message("/", chunked, b"x" * 10).args))
