@@ -84,7 +84,7 @@ class TargetStats:
 
     __slots__ = (
         "bytes_sent", "capture", "grpc_status", "latency", "outcomes", "pending", "received",
-        "redactions", "truncated_sent",
+        "redactions", "resent", "truncated_sent",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -94,6 +94,9 @@ class TargetStats:
         self.redactions: dict[str, int] = {}
         self.truncated_sent = 0
         self.bytes_sent = 0
+        # Pipelined requests sent again because a Connection: close response ended the pipeline
+        # ahead of them (transport_pipeline.py); each still ends with one outcome.
+        self.resent = 0
         self.latency = Histogram()
         # gRPC responses by grpc-status name; "missing" (none sent) and "other" (not one of the 17)
         # keep the label set bounded whatever a shadow answers.
@@ -103,6 +106,9 @@ class TargetStats:
     def count_grpc_status(self, code: int | None) -> None:
         name = "missing" if code is None else GRPC_CODES[code] if 0 <= code < len(GRPC_CODES) else "other"
         self.grpc_status[name] = self.grpc_status.get(name, 0) + 1
+
+    def count_resent(self, count: int) -> None:
+        self.resent += count
 
     def count_redaction(self, rule: str) -> None:
         self.redactions[rule] = self.redactions.get(rule, 0) + 1

@@ -169,6 +169,12 @@ class MirrorCollector(Collector):
             "gRPC responses from the shadow by grpc-status (sent_* outcomes; missing: none sent)",
             labels=["target", "code"],
         )
+        resent = CounterMetricFamily(
+            "spoa_mirror_pipeline_resent",
+            "Pipelined requests sent again because the shadow's Connection: close response ended the "
+            "pipeline ahead of them (not processed, RFC 9112 9.6); each still ends with one outcome",
+            labels=["target"],
+        )
         latency = HistogramMetricFamily(
             "spoa_mirror_shadow_latency_seconds", "Shadow response time", labels=["target"]
         )
@@ -181,10 +187,11 @@ class MirrorCollector(Collector):
                 redactions.add_metric([name, rule], count)
             truncated.add_metric([name], stats.truncated_sent)
             sent_bytes.add_metric([name], stats.bytes_sent)
+            resent.add_metric([name], stats.resent)
             for code, count in sorted(stats.grpc_status.items()):
                 grpc.add_metric([name, code], count)
             latency.add_metric([name], stats.latency.cumulative(), stats.latency.total)
-        yield from (received, outcomes, in_flight, redactions, truncated, sent_bytes, grpc, latency)
+        yield from (received, outcomes, in_flight, redactions, truncated, sent_bytes, resent, grpc, latency)
         yield from _pairing(messages)
         yield from _capture(targets)
 

@@ -195,7 +195,8 @@ class Target:
     def _build_pool(self, config: Any, outgoing: OutgoingConfig) -> Any:
         """Where built requests go: a connection pool here, a file writer for a capture target."""
         ssl_context = client_context(config) if config.scheme == "https" else None
-        return build_pool(config, ssl_context, self.stats.count_grpc_status, outgoing)
+        stats = self.stats
+        return build_pool(config, ssl_context, stats.count_grpc_status, outgoing, stats.count_resent)
 
     def take_over(self, old: Target) -> None:
         """After a reload, from the target this one replaces (same name, changed config): its

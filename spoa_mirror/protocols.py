@@ -97,10 +97,15 @@ class AutoRequest:
 
 
 def build_pool(
-    config: Any, ssl_context: ssl.SSLContext | None, on_grpc_status: GrpcObserver, outgoing: Any
+    config: Any,
+    ssl_context: ssl.SSLContext | None,
+    on_grpc_status: GrpcObserver,
+    outgoing: Any,
+    on_resent: Callable[[int], None] | None = None,
 ) -> Any:
-    """The pool for a target: `Pool`, `H2Pool`, or `AutoPool` over both; same interface.
-    `outgoing` (the C agent's -I/-P source address and ports) applies to HTTP/1.1 connections."""
+    """The pool for a target: `Pool`, `PipelinedPool`, `H2Pool`, or `AutoPool` over both; same
+    interface. `outgoing` (the C agent's -I/-P source address and ports) applies to HTTP/1.1
+    connections; `on_resent` hears of requests a pipelined pool sends again."""
     server_hostname = config.host if ssl_context is not None else None
     options = dict(
         ssl_context=ssl_context,
@@ -114,7 +119,9 @@ def build_pool(
         if config.pipeline_depth > 1:
             from .transport_pipeline import PipelinedPool
 
-            return PipelinedPool(config.host, config.port, depth=config.pipeline_depth, **http1_options)
+            return PipelinedPool(
+                config.host, config.port, depth=config.pipeline_depth, on_resent=on_resent, **http1_options
+            )
         return Pool(config.host, config.port, **http1_options)
     from .transport_h2 import H2Pool
 

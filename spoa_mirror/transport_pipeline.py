@@ -39,6 +39,7 @@ import asyncio
 import re
 import ssl
 from collections import deque
+from collections.abc import Callable
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
@@ -77,6 +78,7 @@ class PipelinedPool(Pool):
         depth: int,
         max_pipeline_bytes: int = MAX_PIPELINE_BYTES,
         ssl_context: ssl.SSLContext | None = None,
+        on_resent: Callable[[int], None] | None = None,
         **options: object,
     ) -> None:
         if not 1 <= depth <= MAX_PIPELINE_DEPTH:
@@ -86,6 +88,7 @@ class PipelinedPool(Pool):
         self.max_pipeline_bytes = max_pipeline_bytes
         self.writes = 0
         self.resent = 0  # requests sent again because a close response ended the pipeline ahead of them
+        self._on_resent = on_resent  # the target's count (spoa_mirror_pipeline_resent), kept across reloads
         # Requests the shadow answers on one connection before closing it, learned from its close
         # responses; a connection takes no more pipelined requests than that.
         self.requests_per_connection = UNLEARNED
@@ -231,6 +234,8 @@ class PipelinedPool(Pool):
                 exchange.resent = True
             self._backlog.extendleft(reversed(again))
             self.resent += len(again)
+            if self._on_resent is not None and again:
+                self._on_resent(len(again))
         for exchange, status in finished:
             self._settle(exchange, status)
         if closed_twice:

@@ -509,8 +509,13 @@ def test_the_agents_account_holds_when_the_shadow_closes_connections_like_nginx(
         async with running(config) as (app, _, peer):
             await send_and_ack(peer, 1, [mirror_message(path) for path in paths])
             outcomes.update(await settled(app.mirror.target_stats["t"], len(paths)))
+            resent.append(app.mirror.target_stats["t"].resent)
 
+    resent: list[int] = []
     with PipelineShadow(close_after=3) as shadow:
         loop_runner("uvloop", 30)(test)
     assert sorted(request.path for request in shadow.requests) == sorted(paths)
     assert outcomes == {"sent_2xx": len(paths)}
+    # Each request a close response left unprocessed went again, and the target's count
+    # (spoa_mirror_pipeline_resent_total) says how many.
+    assert shadow.unprocessed > 0 and resent == [shadow.unprocessed]
