@@ -670,7 +670,12 @@ def test_shadow_faults_are_classified_and_never_reach_the_client(shared: MirrorS
     assert shared.settle("reset", 3, before) == {"error_reset": 3}
     assert shared.settle("garbage", 3, before) == {"error_protocol": 3}
     for name in ("hang", "reset", "garbage"):
-        assert len(shared.shadows[name].requests) == 3
+        # Pipelining (pipeline_depth 8 by default): a request the agent put behind a faulty one on
+        # the same connection ends with that fault's outcome without the shadow reading it. What
+        # holds is that none is sent twice (a fault is never retried) and the first got there.
+        targets = [request.target for request in shared.shadows[name].requests]
+        assert 1 <= len(targets) == len(set(targets)) <= 3, targets
+        assert "/fault/0" in targets
 
 
 # -- accounting ------------------------------------------------------------------------------
