@@ -435,6 +435,7 @@ def test_a_body_back_from_the_worker_to_a_full_queue_is_counted_queue_full(
                 await wait_until(lambda: stats.received == 3 and a.offloaded == 0, SETTLE)
                 assert {k: v for k, v in stats.outcomes.items() if v} == {"queue_full": 1}
                 assert (stats.pending, len(a.queue), a.queue[0][0].split(b" ")[1]) == (2, 1, b"/2")
+                assert app.mirror._intake_bytes == 0  # what bounds the intake was given back
 
         run_asyncio(test)
         assert [r.target for r in shadow.requests] == ["/0"]
