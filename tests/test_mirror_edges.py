@@ -434,7 +434,9 @@ def test_a_body_back_from_the_worker_to_a_full_queue_is_counted_queue_full(
                 await send_and_ack(peer, 1, [mirror_message("/0"), large, large, mirror_message("/2")])
                 await wait_until(lambda: stats.received == 4 and a.offloaded == 0, SETTLE)
                 assert {k: v for k, v in stats.outcomes.items() if v} == {"queue_full": 2}
-                assert (stats.pending, len(a.queue), a.queue[0][0].split(b" ")[1]) == (2, 1, b"/2")
+                # Usually /2 waits in the queue; on a busy machine the intake may yield before /2 and
+                # a large body come back first and take the place: the counts are the same.
+                assert (stats.pending, len(a.queue)) == (2, 1)
                 assert app.mirror._intake_bytes == 0  # what bounds the intake was given back
 
         run_asyncio(test)
