@@ -305,6 +305,7 @@ def test_requests_after_the_redaction_worker_was_killed_are_still_redacted_and_c
                 stats = app.mirror.target_stats["a"]
                 await send_and_ack(peer, 1, [request_message("/1", json, big)])
                 assert await settled(stats, 1) == {"sent_2xx": 1}
+                assert app.mirror.targets[0].pending == 0
                 worker = mirror_module._executor
                 assert worker is not None
                 [pid] = list(worker._processes)
