@@ -253,8 +253,9 @@ def test_the_stale_sweep_drops_exactly_what_passed_max_queue_age_and_comes_back_
         assert isinstance(loop, DrivenClockLoop)
         server, port = await _hung_server()
         try:
-            spec = {"name": "a", "url": f"http://127.0.0.1:{port}", "concurrency": 1, "timeout": 10_000,
-                    "connect_timeout": 10_000, "max_queue_age": age}  # fmt: skip
+            # One request per connection (pipeline_depth 1), so the second one queues.
+            spec = {"name": "a", "url": f"http://127.0.0.1:{port}", "concurrency": 1, "pipeline_depth": 1,
+                    "timeout": 10_000, "connect_timeout": 10_000, "max_queue_age": age}  # fmt: skip
             mirror = Mirror(parse_config({"targets": [spec]}, env={}), None)
             [a] = mirror.targets
             stale = mirror.target_stats["a"].outcomes
