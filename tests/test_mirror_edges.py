@@ -452,3 +452,26 @@ def test_a_chunked_body_is_never_taken_for_a_truncated_one() -> None:
     assert mirror_module.is_truncated(to_request(request_message("/", declared, b"x" * 10).args))
     chunked = [*declared, ("Transfer-Encoding", "chunked")]
     assert not mirror_module.is_truncated(to_request(request_message("/", chunked, b"x" * 10).args))
+
+
+def test_in_flight_per_target_is_concurrency_times_the_default_pipeline_depth() -> None:
+    """With the defaults a target holds concurrency x pipeline_depth requests in flight (2 x 8 here)
+    on a shadow that never answers, and queues the rest: of 20 GETs, 16 go to its connections and 4
+    wait in its queue. The memory budget and the stale sweep bound what waits; this is the bound on
+    what is sent without an answer."""
+
+    async def test() -> None:
+        server, port = await _hung_server()
+        try:
+            spec = {"name": "a", "url": f"http://127.0.0.1:{port}", "concurrency": 2, "timeout": 60}
+            mirror = Mirror(parse_config({"targets": [spec]}, env={}), None)
+            [a] = mirror.targets
+            for n in range(20):
+                mirror.handle(mirror_message(f"/{n}"))
+            await _until(lambda: mirror.target_stats["a"].received == 20 and len(a.queue) == 4)
+            assert a.concurrency == 16
+            assert mirror.target_stats["a"].pending == 20
+        finally:
+            server.close()
+
+    asyncio.run(test())
