@@ -475,3 +475,31 @@ def test_in_flight_per_target_is_concurrency_times_the_default_pipeline_depth() 
             server.close()
 
     asyncio.run(test())
+
+
+def test_a_reload_keeps_an_unchanged_target_and_still_builds_every_target_after_it() -> None:
+    """Reload with the first target unchanged (kept as the same object) and a second one changed
+    and a third new: all three run after it, the kept one is the same Target, the changed one a
+    successor, and a request reaches each of them."""
+
+    async def test() -> None:
+        server, port = await _hung_server()
+        try:
+            url = f"http://127.0.0.1:{port}"
+
+            def targets(*specs: dict[str, Any]) -> Any:
+                specs = tuple({"url": url, "timeout": 60, **spec} for spec in specs)
+                return parse_config({"targets": list(specs)}, env={})
+
+            mirror = Mirror(targets({"name": "kept"}, {"name": "changed"}), None)
+            kept, changed = mirror.targets
+            mirror.apply(targets({"name": "kept"}, {"name": "changed", "timeout": 30}, {"name": "new"}), None)
+            assert [target.name for target in mirror.targets] == ["kept", "changed", "new"]
+            assert mirror.targets[0] is kept and mirror.targets[1] is not changed
+            mirror.handle(mirror_message("/after"))
+            names = ("kept", "changed", "new")
+            await _until(lambda: all(mirror.target_stats[name].received == 1 for name in names))
+        finally:
+            server.close()
+
+    asyncio.run(test())
