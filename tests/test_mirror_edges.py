@@ -503,3 +503,24 @@ def test_a_reload_keeps_an_unchanged_target_and_still_builds_every_target_after_
             server.close()
 
     asyncio.run(test())
+
+
+def test_a_loop_header_with_bytes_that_are_not_utf8_is_mirrored_and_counted() -> None:
+    """HAProxy hands header blocks over as bytes, and a client's loop header may carry any byte: one
+    that is not UTF-8 is not our marker, so the request is mirrored (offered to the target, which
+    replaces the header's value) rather than raising in the intake and leaving it with no outcome."""
+
+    async def test() -> None:
+        server, port = await _hung_server()
+        try:
+            spec = {"name": "a", "url": f"http://127.0.0.1:{port}", "timeout": 60}
+            mirror = Mirror(parse_config({"targets": [spec]}, env={}), None)
+            hdrs = b"host: example\r\nx-spoa-mirror: v1-\xff\xfe\r\n\r\n"
+            args = {"arg_method": "GET", "arg_path": "/x", "arg_ver": "1.1", "arg_hdrs": hdrs}
+            mirror.handle(Message("mirror", args))
+            await _until(lambda: mirror.target_stats["a"].received == 1)
+            assert mirror.target_stats["a"].outcomes["loop"] == 0
+        finally:
+            server.close()
+
+    asyncio.run(test())
