@@ -524,3 +524,31 @@ def test_a_loop_header_with_bytes_that_are_not_utf8_is_mirrored_and_counted() ->
             server.close()
 
     asyncio.run(test())
+
+
+def test_the_outgoing_source_address_reaches_every_targets_connections() -> None:
+    """`outgoing.address` (the C agent's -I): the shadow sees connections from 127.0.0.2, not the
+    kernel's choice of 127.0.0.1, both at start and for a target added by a reload."""
+    peers: list[str] = []
+
+    async def test() -> None:
+        async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peers.append(writer.get_extra_info("peername")[0])
+            await asyncio.sleep(3600)
+
+        server = await asyncio.start_server(record, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            def config(*names: str) -> Any:
+                targets = [{"name": name, "url": f"http://127.0.0.1:{port}", "timeout": 60} for name in names]
+                return parse_config({"outgoing": {"address": "127.0.0.2"}, "targets": targets}, env={})
+
+            mirror = Mirror(config("a"), None)
+            mirror.apply(config("a", "b"), None)
+            mirror.handle(mirror_message("/x"))
+            await _until(lambda: len(peers) == 2)
+            assert peers == ["127.0.0.2", "127.0.0.2"]
+        finally:
+            server.close()
+
+    asyncio.run(test())
