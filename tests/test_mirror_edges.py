@@ -552,3 +552,29 @@ def test_the_outgoing_source_address_reaches_every_targets_connections() -> None
             server.close()
 
     asyncio.run(test())
+
+
+def test_a_drained_target_closes_its_connections() -> None:
+    """At shutdown a target's drain ends with its pool closed: the shadow sees each connection end
+    (EOF) even while its request is unanswered, instead of holding sockets until the process exits."""
+    ended: list[bool] = []
+
+    async def test() -> None:
+        async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            ended.append(await reader.read(1) == b"")
+
+        server = await asyncio.start_server(hold, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            spec = {"name": "a", "url": f"http://127.0.0.1:{port}", "timeout": 60}
+            mirror = Mirror(parse_config({"targets": [spec]}, env={}), None)
+            mirror.handle(mirror_message("/x"))
+            await _until(lambda: mirror.targets[0].pending == 1 and mirror.targets[0].active)
+            await mirror.drain(0.1)
+            await _until(lambda: ended == [True])
+            assert mirror.target_stats["a"].outcomes["shutdown"] == 1
+        finally:
+            server.close()
+
+    asyncio.run(test())
