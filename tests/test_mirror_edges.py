@@ -578,3 +578,22 @@ def test_a_drained_target_closes_its_connections() -> None:
             server.close()
 
     asyncio.run(test())
+
+
+@pytest.mark.parametrize(
+    ("args", "held"),
+    [
+        ({"arg_body": b"x" * 10, "arg_hdrs": "h" * 5}, 15),  # the C agent's names
+        ({"body": b"x" * 10, "hdrs": b"h" * 5}, 15),  # the shipped primary-response message's
+        ({"body": "x" * 7, "headers": "h" * 3}, 10),
+        ({"arg_body": b"", "body": b"x" * 4, "arg_hdrs": "", "hdrs": "h" * 2}, 6),
+        ({"arg_body": 5, "arg_hdrs": None}, 0),  # neither bytes nor text: not counted, never raising
+        ({}, 0),
+    ],
+)
+def test_the_intake_counts_a_messages_body_and_headers_under_every_name(
+    args: dict[str, Any], held: int
+) -> None:
+    """The intake's byte bound (16 MiB) charges each message its body and header block, under the C
+    agent's argument names and the plain ones the primary-response message uses alike."""
+    assert mirror_module._message_bytes(args) == held
