@@ -597,3 +597,12 @@ def test_the_intake_counts_a_messages_body_and_headers_under_every_name(
     """The intake's byte bound (16 MiB) charges each message its body and header block, under the C
     agent's argument names and the plain ones the primary-response message uses alike."""
     assert mirror_module._message_bytes(args) == held
+
+
+def test_a_targets_base_path_is_kept_to_its_last_character() -> None:
+    """The URL's path is prefixed to every mirrored path as it is written, whatever letter ends it
+    (only a trailing slash goes, so `/v2X/` and `/v2X` both give `/v2X/a`)."""
+    for url_path in ("/v2X", "/v2X/"):
+        spec = {"name": "a", "url": f"http://127.0.0.1:9{url_path}"}
+        [a] = Mirror(parse_config({"targets": [spec]}, env={}), None).targets
+        assert a.build(to_request(mirror_message("/a").args)).startswith(b"GET /v2X/a HTTP/1.1\r\n")
