@@ -606,3 +606,27 @@ def test_a_targets_base_path_is_kept_to_its_last_character() -> None:
         spec = {"name": "a", "url": f"http://127.0.0.1:9{url_path}"}
         [a] = Mirror(parse_config({"targets": [spec]}, env={}), None).targets
         assert a.build(to_request(mirror_message("/a").args)).startswith(b"GET /v2X/a HTTP/1.1\r\n")
+
+
+def test_the_intake_takes_messages_up_to_its_byte_bound_exactly() -> None:
+    """INTAKE_BYTES (16 MiB) is what the intake may hold: two messages filling it to the byte are
+    taken in, one byte more is refused and counted queue_full on the target."""
+
+    async def test() -> None:
+        server, port = await _hung_server()
+        try:
+            spec = {"name": "a", "url": f"http://127.0.0.1:{port}", "timeout": 60}
+            mirror = Mirror(parse_config({"targets": [spec]}, env={}), None)
+            half = mirror_module.INTAKE_BYTES // 2
+            headers = "host: example\r\n\r\n"
+            body = b"x" * (half - len(headers))
+            message = Message("mirror", {"arg_method": "POST", "arg_path": "/x", "arg_ver": "1.1",
+                                         "arg_hdrs": headers, "arg_body": body})  # fmt: skip
+            one_more = Message("mirror", {**message.args, "arg_body": b"x"})
+            results = [mirror.handle(message), mirror.handle(message), mirror.handle(one_more)]
+            assert results[0] == results[1] != results[2] == mirror_module.ACK_REFUSED
+            assert mirror.target_stats["a"].outcomes["queue_full"] == 1
+        finally:
+            server.close()
+
+    asyncio.run(test())
