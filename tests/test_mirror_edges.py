@@ -630,3 +630,27 @@ def test_the_intake_takes_messages_up_to_its_byte_bound_exactly() -> None:
             server.close()
 
     asyncio.run(test())
+
+
+def test_a_truncated_body_redacted_in_the_worker_goes_out_marked(
+    run_asyncio: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`truncated_body: send_marked`: a body HAProxy cut short (Content-Length larger than what it
+    sent) and over INLINE_BODY_LIMIT (1 KiB here), so redacted in the worker process, reaches the
+    shadow with X-Mirror-Truncated, as a small one redacted inline does."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+    cut = b'{"password": "hunter2", "fill": "' + b"x" * 2048
+    headers = [("Host", "e"), ("Content-Type", "application/json"), ("Content-Length", str(len(cut) + 100))]
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            config = {"truncated_body": "send_marked", "targets": [target("a", shadow)]}
+            async with running(config) as (app, _, peer):
+                stats = app.mirror.target_stats["a"]
+                await send_and_ack(peer, 1, [request_message("/cut", headers, cut)])
+                assert await settled(stats, 1) == {"sent_2xx": 1}
+
+        run_asyncio(test)
+        [request] = shadow.requests
+        assert request.header("X-Mirror-Truncated") is not None
+        assert b"hunter2" not in request.body
