@@ -654,3 +654,31 @@ def test_a_truncated_body_redacted_in_the_worker_goes_out_marked(
         [request] = shadow.requests
         assert request.header("X-Mirror-Truncated") is not None
         assert b"hunter2" not in request.body
+
+
+def test_a_head_with_a_body_redacted_in_the_worker_is_still_sent_as_a_head(
+    run_asyncio: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A HEAD whose body is over INLINE_BODY_LIMIT (1 KiB here) is redacted in the worker and sent
+    as a HEAD: its response has a Content-Length and no body, so the GET after it on the same
+    connection is answered too (without the HEAD flag the pool would read the GET's response as the
+    HEAD's body)."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+    body = b"x" * 2048
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            spec = target("a", shadow, concurrency=1, timeout=5)
+            async with running({"targets": [spec]}) as (app, _, peer):
+                stats = app.mirror.target_stats["a"]
+                head = request_message("/head", [("Host", "h"), ("Content-Length", str(len(body)))], body,
+                                       method="HEAD")  # fmt: skip
+                await send_and_ack(peer, 1, [head])
+                assert await settled(stats, 1) == {"sent_2xx": 1}
+                await send_and_ack(peer, 2, [mirror_message("/after")])
+                assert await settled(stats, 2) == {"sent_2xx": 2}
+
+        run_asyncio(test)
+        assert [(r.method, r.target, r.connection_id) for r in shadow.requests] == [
+            ("HEAD", "/head", 1), ("GET", "/after", 1)
+        ]  # fmt: skip
