@@ -140,7 +140,9 @@ def test_unary_and_client_streaming_calls_reach_the_grpc_shadow(tmp_path: Path) 
         assert collect(channel, [b"one", b"", b"three" * 100]) == b"one||" + b"three" * 100
         assert unary(channel, b"side effect", WRITE) == b"side effect"
         assert stack.settle("shadow", 4, before) == {"sent_2xx": 3, "filtered": 1}
-        assert shadow.calls(UNARY) == [[b"hello"], [binary]]
+        # Mirrors are fire-and-forget, each on its own stream: the two unary copies may reach the
+        # shadow in either order (seen on 3.2 in a clean-clone run), so the order is not the promise.
+        assert sorted(shadow.calls(UNARY)) == sorted([[b"hello"], [binary]])
         assert shadow.calls(COLLECT) == [[b"one", b"", b"three" * 100]]
         assert shadow.calls(WRITE) == []
         assert primary.calls(WRITE) == [[b"side effect"]]
