@@ -535,15 +535,9 @@ class _Connection(asyncio.Protocol):
             self.pool._on_result(self, exchange, self.status)
 
     def _check_head_caps(self) -> None:
-        """After a read that did not complete the final head: everything received so far is head.
-        (Checked per read: a read that also completes the final head is at most asyncio's read
-        size, and its head cannot be told from its body without a callback per header.)"""
-        received = self.received_before_body
-        if len(received) > 16:  # a shadow dribbling its head: keep the sum below cheap
-            received[:] = [b"".join(received)]
-        pool = self.pool
-        if sum(map(len, received)) > pool.max_response_head:
-            self.fail(ProtocolError(f"response head over {pool.max_response_head} bytes"))
+        error = head_over_cap(self.received_before_body, self.pool.max_response_head)
+        if error is not None:
+            self.fail(error)
 
     def eof_received(self) -> bool:
         self.reusable = False
@@ -602,6 +596,30 @@ class _Connection(asyncio.Protocol):
             self._complete()
 
 
+def head_over_cap(received: list[bytes], limit: int) -> ProtocolError | None:
+    """After a read that did not complete the final head, everything received so far is head: the
+    error when it is over `limit` bytes. (Checked per read: a read that also completes the final
+    head is at most asyncio's read size, and its head cannot be told from its body without a
+    callback per header.) Shared by Pool's and PipelinedPool's connections."""
+    if len(received) > 16:  # a shadow dribbling its head: keep the sum below cheap
+        received[:] = [b"".join(received)]
+    return ProtocolError(f"response head over {limit} bytes") if sum(map(len, received)) > limit else None
+
+
+def final_head(received: bytes) -> bytes | None:
+    """The final response head in `received`, after any interim (1xx) heads; None while it is not
+    complete. Read only on the rare EOF paths, so no header callback is paid for on every response."""
+    start = 0
+    while True:
+        end = received.find(b"\r\n\r\n", start)
+        if end < 0:
+            return None
+        head = received[start:end].lstrip(b"\r\n")
+        if head[9:10] != b"1":  # "HTTP/1.1 1xx": an interim response, the final one follows
+            return head
+        start = end + 4
+
+
 _FRAMING_HEADER = re.compile(rb"\r\n(?:content-length|transfer-encoding)[ \t]*:", re.IGNORECASE)
 
 
@@ -611,15 +629,8 @@ def _body_ends_at_eof(received: bytes) -> bool:
 
     Looked up here, on the rare EOF-mid-body path, rather than in an `on_header` callback: handing
     every header to Python cost ~1.5 us of the ~14 us a request cost in the benchmark."""
-    start = 0
-    while True:
-        end = received.find(b"\r\n\r\n", start)
-        if end < 0:
-            return False
-        head = received[start:end].lstrip(b"\r\n")
-        if head[9:10] != b"1":  # "HTTP/1.1 1xx": an interim response, the final one follows
-            return _FRAMING_HEADER.search(head) is None
-        start = end + 4
+    head = final_head(received)
+    return head is not None and _FRAMING_HEADER.search(head) is None
 
 
 def parse_target_url(url: str) -> tuple[str, str, int, str]:

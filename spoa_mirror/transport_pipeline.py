@@ -54,6 +54,8 @@ from .transport import (
     _body_ends_at_eof,
     _Exchange,
     _StaleConnection,
+    final_head,
+    head_over_cap,
 )
 
 # Unanswered request bytes one connection may carry: pipelining buys nothing for large bodies, and
@@ -415,7 +417,7 @@ class _PipelinedConnection(asyncio.Protocol):
         if error is not None and not inflight and not self.reusable:
             error = None  # bytes after a response that ended the connection: llhttp refuses them, unread
         if error is None and not self.status and inflight:
-            error = self._over_head_cap()
+            error = head_over_cap(self.received_before_body, self.pool.max_response_head)
         finished, behind_close = self.finished, self.behind_close
         lost: list[_Exchange] = []
         if error is not None:
@@ -425,13 +427,6 @@ class _PipelinedConnection(asyncio.Protocol):
         if finished or lost or behind_close:
             self.finished, self.behind_close = [], []
             self.pool._hand_over(self, finished, lost, error, behind_close)
-
-    def _over_head_cap(self) -> ProtocolError | None:
-        received = self.received_before_body
-        if len(received) > 16:  # a shadow dribbling its head: keep the sum below cheap
-            received[:] = [b"".join(received)]
-        limit = self.pool.max_response_head
-        return ProtocolError(f"response head over {limit} bytes") if sum(map(len, received)) > limit else None
 
     def eof_received(self) -> bool:
         self.reusable = False
@@ -533,15 +528,9 @@ def _declares_close(received: bytes) -> bool:
     """Whether the final response head in `received` (after any 1xx heads) ends its connection by
     declaring so: a `close` connection option, or HTTP/1.0 without `keep-alive`. On the rare path of
     a body that ended at EOF only, so no header callback is paid for on every response."""
-    start = 0
-    while True:
-        end = received.find(b"\r\n\r\n", start)
-        if end < 0:
-            return False
-        head = received[start:end].lstrip(b"\r\n")
-        if head[9:10] != b"1":
-            break
-        start = end + 4
+    head = final_head(received)
+    if head is None:
+        return False
     options = b",".join(match.group(1) for match in _CONNECTION_OPTIONS.finditer(head)).lower()
     tokens = {token.strip() for token in options.split(b",")}
     if b"close" in tokens:
