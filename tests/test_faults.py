@@ -715,8 +715,12 @@ def test_sighup_under_load_switches_targets_and_keeps_spop_connections(
                 time.sleep(0.05)
             connections = spop_connections(agent)
             result = load.result()
+        # HAProxy 3.2 may purge idle SPOP connections from its pool once the load stops (seen once
+        # in CI: closed by peer during the settle), its own choice. The promise is the agent's: it
+        # closes none of them, ever, and HAProxy closes none while the load runs.
+        closed_by_peer_under_load = spop_closes(agent, by_peer=True) & connections
         accounts = settle(agent, ["a", "b"])
-        closed = [c for c in spop_connections(agent, closed=True) if c in connections]
+        closed = sorted((spop_closes(agent, by_peer=False) & connections) | closed_by_peer_under_load)
         rss = check_rss(agent)
         received_b = len(shadows["b"].requests)
     report(
@@ -734,12 +738,22 @@ def test_sighup_under_load_switches_targets_and_keeps_spop_connections(
     assert accounts["b"].outcomes.get("sent_2xx", 0) == received_b > 0
 
 
-def spop_connections(agent: Agent, *, closed: bool = False) -> set[int]:
-    """Ids of the SPOP connections that said HELLO as HAProxy's SPOE (health checks left out), or
-    of those that were closed since (`closed`)."""
-    if closed:
-        return {record["conn"] for record in agent.events("spop.connection.closed")}
+def spop_connections(agent: Agent) -> set[int]:
+    """Ids of the SPOP connections that said HELLO as HAProxy's SPOE (health checks left out)."""
     return {record["conn"] for record in agent.events("spop.hello") if not record.get("healthcheck")}
+
+
+def spop_closes(agent: Agent, *, by_peer: bool) -> set[int]:
+    """Ids of the SPOP connections closed so far by HAProxy (`by_peer`), or by the agent: normally
+    or on a protocol error, which has its own event."""
+    closes = {
+        record["conn"]
+        for record in agent.events("spop.connection.closed")
+        if bool(record.get("by_peer")) is by_peer
+    }
+    if not by_peer:
+        closes |= {record["conn"] for record in agent.events("spop.protocol_error")}
+    return closes
 
 
 def test_sigterm_under_load_drains_or_counts_what_was_queued(
