@@ -16,6 +16,8 @@ Four scenarios, one after the other, each bounded in time; wrk drives GETs throu
 
 and, on request (`--scenarios`):
 
+    ack_only        wrk through the SPOE filter to the minimal agent that only ACKs (below): the
+                    most HAProxy serves with SPOE on and an agent doing no work on this engine
     c_agent         the mirror scenario through the C agent (`--c-agent PATH`, haproxytech/spoa-mirror,
                     run as `PATH -r0 -a 127.0.0.1 -p PORT -u URL`) instead of this one
     fixed_baseline  hey at a constant `--rate` (32 connections), no SPOE filter
@@ -560,6 +562,7 @@ SCENARIOS = (
     "mirror",
     "shadow_down",
     "shadow_hang",
+    "ack_only",
     "c_agent",
     "fixed_baseline",
     "fixed_ack",
@@ -636,7 +639,7 @@ class Bench:
             return self._run(name, seconds, shadow_url=shadow)
         if name == "c_agent":
             return self._run(name, seconds, shadow_url=shadow, agent_kind="c")
-        if name == "fixed_ack":
+        if name in ("ack_only", "fixed_ack"):
             return self._run(name, seconds, shadow_url=None, agent_kind="ack")
         if name in ("json_mirror", "json_compare"):
             url = f"http://{HOST}:{self.json_shadow.port}/"
