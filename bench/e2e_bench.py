@@ -1077,6 +1077,8 @@ def main() -> int:
             parser.error(f"unknown scenario {name!r}")
     if "c_agent" in names and not args.c_agent:
         parser.error("the c_agent scenario needs --c-agent PATH")
+    if args.profile and not PY_SPY.exists():
+        parser.error(f"--profile needs py-spy at {PY_SPY} (pip install -e '.[bench]')")
 
     workdir = Path(tempfile.mkdtemp(prefix="spoa-mirror-e2e-"))
     bench = Bench(args, workdir)
