@@ -11,7 +11,10 @@
 # (default 3600: redact.py's 1,740 mutants took ~25 min, and mirror.py's first 667 of 1,369 40 min, on a
 # 2-core machine at load 6; MUTATION_JOBS=2 runs two mutants at a time). A run cut short by the
 # timeout keeps what it checked (mutants/*.meta): MUTATION_RESUME=1 continues it in the same scratch
-# copy with only the mutants not yet checked (mutmut skips those with a result).
+# copy with only the mutants not yet checked (mutmut skips those with a result). MUTATION_NAMES=FILE
+# checks only the mutants named in FILE (one mutmut name a line: say, an earlier run's survivors.txt)
+# in a fresh copy of the current checkout: new tests against old survivors in minutes, not hours; the
+# rest count as "not checked".
 # Prints the count of each result per module (killed, survived, timeout, no tests, not checked when
 # the time ran out) and where the survivors' names are; `mutmut show NAME` in the scratch copy (kept
 # under $MUTATION_DIR) shows a survivor's diff. Reviewed survivors are listed in
@@ -71,8 +74,14 @@ for module in "${MODULES[@]}"; do
         } > "$scratch/setup.cfg"
         echo "== $module ($tests)"
     fi
+    names=()
+    if [ -n "${MUTATION_NAMES:-}" ]; then
+        mapfile -t names < <(grep -o '[^[:space:]]*__mutmut_[0-9]*' "$MUTATION_NAMES")
+        echo "   only the ${#names[@]} mutants named in $MUTATION_NAMES"
+    fi
     status=0
-    (cd "$scratch" && timeout "$TIMEOUT" nice -n 10 "$MUTMUT" run --max-children "$JOBS" >>run.log 2>&1) || status=$?
+    (cd "$scratch" && timeout "$TIMEOUT" nice -n 10 "$MUTMUT" run --max-children "$JOBS" "${names[@]}" >>run.log 2>&1) ||
+        status=$?
     [ "$status" -eq 124 ] && echo "   stopped after ${TIMEOUT}s: results are partial"
     grep -q "failed to collect stats" "$scratch/run.log" &&
         echo "   the tests fail on the unmutated code, so no mutant was tried: see $scratch/run.log"
