@@ -8,13 +8,18 @@ each test builds its own agent, so each passes alone and in any order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from spoa_mirror import mirror as mirror_module
 from spoa_mirror.config import parse_config
@@ -23,6 +28,7 @@ from spoa_mirror.mirror import Mirror
 from spoe import Message
 from tests.support.live_agent import AsyncTest, loop_runner, wait_until
 from tests.support.shadow import ShadowServer
+from tests.support.worker_gate import wait_at_gate
 from tests.test_pipeline import (
     SETTLE,
     TEST_DEADLINE,
@@ -539,6 +545,7 @@ def test_the_outgoing_source_address_reaches_every_targets_connections() -> None
         server = await asyncio.start_server(record, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         try:
+
             def config(*names: str) -> Any:
                 targets = [{"name": name, "url": f"http://127.0.0.1:{port}", "timeout": 60} for name in names]
                 return parse_config({"outgoing": {"address": "127.0.0.2"}, "targets": targets}, env={})
@@ -682,3 +689,75 @@ def test_a_head_with_a_body_redacted_in_the_worker_is_still_sent_as_a_head(
         assert [(r.method, r.target, r.connection_id) for r in shadow.requests] == [
             ("HEAD", "/head", 1), ("GET", "/after", 1)
         ]  # fmt: skip
+
+
+# While the redaction worker holds a body ---------------------------------------------------------------
+
+
+@asynccontextmanager
+async def worker_held() -> AsyncIterator[ProcessPoolExecutor]:
+    """The redaction worker busy with a job of the test's own (tests/support/worker_gate.py) until
+    the block ends: the bodies the mirror hands the worker meanwhile wait behind it, still in the
+    worker's hands (in flight, their bytes held) for as long as the block runs. Killing the worker
+    inside the block fails each of them with BrokenProcessPool, as the OOM killer would."""
+    entered = asyncio.Event()
+    gate_open = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        entered.set()
+        await gate_open.wait()
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    executor = mirror_module._redaction_executor()
+    job = asyncio.wrap_future(executor.submit(wait_at_gate, server.sockets[0].getsockname()[1]))
+    try:
+        await asyncio.wait_for(entered.wait(), SETTLE)  # the worker is in our job now
+        yield executor
+    finally:
+        gate_open.set()
+        with contextlib.suppress(BrokenProcessPool):  # killed inside the block
+            await asyncio.wait_for(job, SETTLE)
+        server.close()
+
+
+def _large_json(password: str) -> bytes:
+    return b'{"password": "' + password.encode() + b'", "fill": "' + b"x" * 2048 + b'"}'
+
+
+JSON = [("Host", "e"), ("Content-Type", "application/json")]
+
+
+def test_bodies_the_worker_holds_when_it_is_killed_are_each_counted_error_internal_once(
+    run_asyncio: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two bodies over INLINE_BODY_LIMIT (1 KiB here) wait in the redaction worker behind a job of
+    the test's own when the worker is SIGKILLed (the kernel's OOM killer would): each is counted
+    error_internal once (two in all), the dead pool is replaced, and the next large body is redacted
+    by a new worker and sent."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            async with running({"targets": [target("a", shadow, concurrency=1)]}) as (app, _, peer):
+                stats = app.mirror.target_stats["a"]
+                [a] = app.mirror.targets
+                with capture_logs() as logs:
+                    async with worker_held() as worker:
+                        bodies = [request_message(f"/{n}", JSON, _large_json("hunter2")) for n in (1, 2)]
+                        await send_and_ack(peer, 1, bodies)
+                        await wait_until(lambda: a.offloaded == 2, SETTLE)
+                        [pid] = list(worker._processes)
+                        os.kill(pid, signal.SIGKILL)
+                        assert await settled(stats, 2) == {"error_internal": 2}
+                died = [entry["event"] for entry in logs if entry["event"].startswith("mirror.")]
+                assert died == ["mirror.redaction_worker_died"]  # the second one throttled
+                assert mirror_module._executor is not worker
+                await send_and_ack(peer, 2, [request_message("/3", JSON, _large_json("hunter3"))])
+                assert await settled(stats, 3) == {"error_internal": 2, "sent_2xx": 1}
+                assert stats.redactions == {"json:default": 1}
+                assert (a.held_bytes(), a.offloaded, a.pending) == (0, 0, 0)
+
+        run_asyncio(test)
+        [request] = shadow.requests
+        assert request.target == "/3" and b"hunter3" not in request.body
