@@ -761,3 +761,66 @@ def test_bodies_the_worker_holds_when_it_is_killed_are_each_counted_error_intern
         run_asyncio(test)
         [request] = shadow.requests
         assert request.target == "/3" and b"hunter3" not in request.body
+
+
+def test_a_bug_of_ours_on_a_body_back_from_the_worker_is_counted_error_internal_once_per_body(
+    run_asyncio: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two large bodies come back redacted from the worker to a builder that raises (a bug of ours,
+    planted by replacing the real target's builder: the accounting is what is under test): each is
+    counted error_internal once, the crash is logged, and with the builder back the next one is sent."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            async with running({"targets": [target("a", shadow)]}) as (app, _, peer):
+                stats = app.mirror.target_stats["a"]
+                [a] = app.mirror.targets
+                build = a.build
+
+                def crash(*args: Any) -> bytes:
+                    raise RuntimeError("a bug of ours")
+
+                a.build = crash
+                with capture_logs() as logs:
+                    bodies = [request_message(f"/{n}", JSON, _large_json("hunter2")) for n in (1, 2)]
+                    await send_and_ack(peer, 1, bodies)
+                    assert await settled(stats, 2) == {"error_internal": 2}
+                crashed = [entry for entry in logs if entry["event"].startswith("mirror.")]
+                assert [(e["event"], e["error"]) for e in crashed] == [
+                    ("mirror.redaction_crashed", "RuntimeError('a bug of ours')")
+                ]  # fmt: skip
+                a.build = build
+                await send_and_ack(peer, 2, [request_message("/3", JSON, _large_json("hunter3"))])
+                assert await settled(stats, 3) == {"error_internal": 2, "sent_2xx": 1}
+                assert (a.held_bytes(), a.offloaded, a.pending) == (0, 0, 0)
+
+        run_asyncio(test)
+        assert [r.target for r in shadow.requests] == ["/3"]
+
+
+def test_a_body_back_from_the_worker_that_cannot_be_sent_is_counted_and_logged_by_its_reason(
+    run_asyncio: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two bodies over INLINE_BODY_LIMIT (1 KiB here) the worker cannot make sendable: a Brotli one,
+    which redaction cannot look into (Unredactable, raised in the worker), and one with a header name
+    no request may carry (WireError, raised building it after the worker redacted it). Each is
+    counted by its own reason and logged with it, as the same requests are when redacted inline."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+    brotli = request_message("/br", [("Host", "h"), ("Content-Encoding", "br")], b"\x1b" * 2048)
+    bad_name = request_message("/bad", [("Host", "h"), ("Bad Name", "x")], b"x" * 2048)
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            async with running({"targets": [target("a", shadow)]}) as (app, _, peer):
+                stats = app.mirror.target_stats["a"]
+                with capture_logs() as logs:
+                    await send_and_ack(peer, 1, [brotli, bad_name, mirror_message("/ok")])
+                    assert await settled(stats, 3) == {"unredactable": 1, "invalid": 1, "sent_2xx": 1}
+                dropped = [entry for entry in logs if entry["event"].startswith("mirror.")]
+                assert sorted((e["event"], e["reason"]) for e in dropped) == [
+                    ("mirror.invalid_request", "bad_header"), ("mirror.unredactable", "encoding")
+                ]  # fmt: skip
+
+        run_asyncio(test)
+        assert [r.target for r in shadow.requests] == ["/ok"]
