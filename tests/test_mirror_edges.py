@@ -824,3 +824,85 @@ def test_a_body_back_from_the_worker_that_cannot_be_sent_is_counted_and_logged_b
 
         run_asyncio(test)
         assert [r.target for r in shadow.requests] == ["/ok"]
+
+
+def _one_target_in_64_kib(port: int) -> Mirror:
+    """The agent's memory_budget at its minimum, 64 KiB, and one target, whose share is all of it;
+    one request in flight at a time, the next one queued."""
+    spec = {"name": "a", "url": f"http://127.0.0.1:{port}", "concurrency": 1, "pipeline_depth": 1,
+            "timeout": 60}  # fmt: skip
+    return Mirror(parse_config({"memory_budget": 64 * KiB, "targets": [spec]}, env={}), None)
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_a_body_in_the_worker_is_held_in_the_budget_of_what_comes_after_it_to_the_byte(
+    over: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large body waits in the redaction worker (behind a job of the test's own), a hung shadow.
+    Its bytes are held, by the target and in the agent's sum, while it is there. Sized to leave room
+    for exactly one GET (over 0), the GET is sent and 64 KiB are held to the byte; one byte larger
+    (over 1), the GET is refused as budget_exceeded."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+
+    async def test() -> None:
+        server, port = await _hung_server()
+        try:
+            mirror = _one_target_in_64_kib(port)
+            [a] = mirror.targets
+            stats = mirror.target_stats["a"]
+            get = mirror_message("/get")
+            get_size = len(a.build(to_request(get.args)))
+            body = 64 * KiB - get_size + over
+            async with worker_held():
+                mirror.handle(_post("/large", body))
+                await _until(lambda: a.offloaded == 1)
+                assert (a.offloaded_bytes, a.held_bytes(), mirror.budget.used()) == (body, body, body)
+                mirror.handle(get)
+                await _until(lambda: stats.received == 2)
+                held = body + get_size * (1 - over)
+                assert (a.held_bytes(), mirror.budget.used()) == (held, held)
+                assert (stats.bytes_sent, stats.outcomes["budget_exceeded"]) == ((get_size, 0), (0, 1))[over]
+            await _until(lambda: a.offloaded == 0)
+        finally:
+            server.close()
+
+    loop_runner("asyncio", TEST_DEADLINE)(test)
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_the_budget_check_before_the_worker_sums_queue_pool_and_worker_to_the_byte(
+    over: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before a large body goes to the redaction worker, what the target holds is summed: a GET in
+    flight at a hung shadow (its pool), one queued behind it, a large body already in the worker
+    (behind a job of the test's own). A second large body that brings the sum to 64 KiB to the byte
+    (over 0) goes to the worker too; one byte larger (over 1) it is refused as budget_exceeded before
+    the worker ever sees it."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+
+    async def test() -> None:
+        server, port = await _hung_server()
+        try:
+            mirror = _one_target_in_64_kib(port)
+            [a] = mirror.targets
+            stats = mirror.target_stats["a"]
+            sent, queued = mirror_message("/sent"), mirror_message("/queued")
+            sent_size, queued_size = (len(a.build(to_request(m.args))) for m in (sent, queued))
+            first = 4 * KiB
+            async with worker_held():
+                for message in (_post("/large/1", first), sent, queued):
+                    mirror.handle(message)
+                await _until(lambda: a.offloaded == 1 and len(a.queue) == 1)
+                terms = (a.queued_bytes, a.pool.bytes_held, a.offloaded_bytes)
+                assert terms == (queued_size, sent_size, first)
+                second = 64 * KiB - sum(terms) + over
+                mirror.handle(_post("/large/2", second))
+                await _until(lambda: stats.received == 4)
+                held = sum(terms) + second * (1 - over)
+                assert (a.held_bytes(), mirror.budget.used()) == (held, held)
+                assert (a.offloaded, stats.outcomes["budget_exceeded"]) == ((2, 0), (1, 1))[over]
+            await _until(lambda: a.offloaded == 0)
+        finally:
+            server.close()
+
+    loop_runner("asyncio", TEST_DEADLINE)(test)
