@@ -906,3 +906,47 @@ def test_the_budget_check_before_the_worker_sums_queue_pool_and_worker_to_the_by
             server.close()
 
     loop_runner("asyncio", TEST_DEADLINE)(test)
+
+
+def test_a_target_replaced_while_its_stale_sweep_is_set_still_drains_and_closes_its_pool() -> None:
+    """concurrency 1, a shadow that never answers: /held in flight, /queued waiting (so the target's
+    stale sweep is set). A reload changing the timeout (so a new pool) hands /queued to the new
+    target and cancels the old one's sweep; the old target, retired with 0.05 s to drain, counts /held
+    as shutdown and closes its pool (the shadow sees that connection end), which frees the slot:
+    /queued goes out on the new target's pool."""
+    seen: list[str] = []
+    ended: list[str] = []
+
+    async def test() -> None:
+        async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            path = (await reader.readuntil(b"\r\n\r\n")).split(b" ")[1].decode()
+            seen.append(path)
+            if await reader.read(1) == b"":
+                ended.append(path)
+
+        server = await asyncio.start_server(hold, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+
+            def config(timeout: float) -> Any:
+                spec = {"name": "a", "url": f"http://127.0.0.1:{port}", "concurrency": 1, "pipeline_depth": 1,
+                        "timeout": timeout}  # fmt: skip
+                return parse_config({"drain_timeout": 0.05, "targets": [spec]}, env={})
+
+            mirror = Mirror(config(60), None)
+            [old] = mirror.targets
+            mirror.handle(mirror_message("/held"))
+            mirror.handle(mirror_message("/queued"))
+            await _until(lambda: len(old.queue) == 1 and seen == ["/held"])
+            assert old._stale_sweep is not None
+            mirror.apply(config(30), None)
+            [new] = mirror.targets
+            assert new is not old and len(new.queue) == 1
+            await _until(lambda: not mirror.retired and seen == ["/held", "/queued"])
+            assert ended == ["/held"]
+            stats = mirror.target_stats["a"]
+            assert ({k: v for k, v in stats.outcomes.items() if v}, stats.pending) == ({"shutdown": 1}, 1)
+        finally:
+            server.close()
+
+    loop_runner("asyncio", TEST_DEADLINE)(test)
