@@ -8,13 +8,18 @@ each test builds its own agent, so each passes alone and in any order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from spoa_mirror import mirror as mirror_module
 from spoa_mirror.config import parse_config
@@ -23,6 +28,7 @@ from spoa_mirror.mirror import Mirror
 from spoe import Message
 from tests.support.live_agent import AsyncTest, loop_runner, wait_until
 from tests.support.shadow import ShadowServer
+from tests.support.worker_gate import wait_at_gate
 from tests.test_pipeline import (
     SETTLE,
     TEST_DEADLINE,
@@ -539,6 +545,7 @@ def test_the_outgoing_source_address_reaches_every_targets_connections() -> None
         server = await asyncio.start_server(record, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         try:
+
             def config(*names: str) -> Any:
                 targets = [{"name": name, "url": f"http://127.0.0.1:{port}", "timeout": 60} for name in names]
                 return parse_config({"outgoing": {"address": "127.0.0.2"}, "targets": targets}, env={})
@@ -682,3 +689,264 @@ def test_a_head_with_a_body_redacted_in_the_worker_is_still_sent_as_a_head(
         assert [(r.method, r.target, r.connection_id) for r in shadow.requests] == [
             ("HEAD", "/head", 1), ("GET", "/after", 1)
         ]  # fmt: skip
+
+
+# While the redaction worker holds a body ---------------------------------------------------------------
+
+
+@asynccontextmanager
+async def worker_held() -> AsyncIterator[ProcessPoolExecutor]:
+    """The redaction worker busy with a job of the test's own (tests/support/worker_gate.py) until
+    the block ends: the bodies the mirror hands the worker meanwhile wait behind it, still in the
+    worker's hands (in flight, their bytes held) for as long as the block runs. Killing the worker
+    inside the block fails each of them with BrokenProcessPool, as the OOM killer would."""
+    entered = asyncio.Event()
+    gate_open = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        entered.set()
+        await gate_open.wait()
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    executor = mirror_module._redaction_executor()
+    job = asyncio.wrap_future(executor.submit(wait_at_gate, server.sockets[0].getsockname()[1]))
+    try:
+        await asyncio.wait_for(entered.wait(), SETTLE)  # the worker is in our job now
+        yield executor
+    finally:
+        gate_open.set()
+        with contextlib.suppress(BrokenProcessPool):  # killed inside the block
+            await asyncio.wait_for(job, SETTLE)
+        server.close()
+
+
+def _large_json(password: str) -> bytes:
+    return b'{"password": "' + password.encode() + b'", "fill": "' + b"x" * 2048 + b'"}'
+
+
+JSON = [("Host", "e"), ("Content-Type", "application/json")]
+
+
+def test_bodies_the_worker_holds_when_it_is_killed_are_each_counted_error_internal_once(
+    run_asyncio: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two bodies over INLINE_BODY_LIMIT (1 KiB here) wait in the redaction worker behind a job of
+    the test's own when the worker is SIGKILLed (the kernel's OOM killer would): each is counted
+    error_internal once (two in all), the dead pool is replaced, and the next large body is redacted
+    by a new worker and sent."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            async with running({"targets": [target("a", shadow, concurrency=1)]}) as (app, _, peer):
+                stats = app.mirror.target_stats["a"]
+                [a] = app.mirror.targets
+                with capture_logs() as logs:
+                    async with worker_held() as worker:
+                        bodies = [request_message(f"/{n}", JSON, _large_json("hunter2")) for n in (1, 2)]
+                        await send_and_ack(peer, 1, bodies)
+                        await wait_until(lambda: a.offloaded == 2, SETTLE)
+                        [pid] = list(worker._processes)
+                        os.kill(pid, signal.SIGKILL)
+                        assert await settled(stats, 2) == {"error_internal": 2}
+                died = [entry["event"] for entry in logs if entry["event"].startswith("mirror.")]
+                assert died == ["mirror.redaction_worker_died"]  # the second one throttled
+                assert mirror_module._executor is not worker
+                await send_and_ack(peer, 2, [request_message("/3", JSON, _large_json("hunter3"))])
+                assert await settled(stats, 3) == {"error_internal": 2, "sent_2xx": 1}
+                assert stats.redactions == {"json:default": 1}
+                assert (a.held_bytes(), a.offloaded, a.pending) == (0, 0, 0)
+
+        run_asyncio(test)
+        [request] = shadow.requests
+        assert request.target == "/3" and b"hunter3" not in request.body
+
+
+def test_a_bug_of_ours_on_a_body_back_from_the_worker_is_counted_error_internal_once_per_body(
+    run_asyncio: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two large bodies come back redacted from the worker to a builder that raises (a bug of ours,
+    planted by replacing the real target's builder: the accounting is what is under test): each is
+    counted error_internal once, the crash is logged, and with the builder back the next one is sent."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            async with running({"targets": [target("a", shadow)]}) as (app, _, peer):
+                stats = app.mirror.target_stats["a"]
+                [a] = app.mirror.targets
+                build = a.build
+
+                def crash(*args: Any) -> bytes:
+                    raise RuntimeError("a bug of ours")
+
+                a.build = crash
+                with capture_logs() as logs:
+                    bodies = [request_message(f"/{n}", JSON, _large_json("hunter2")) for n in (1, 2)]
+                    await send_and_ack(peer, 1, bodies)
+                    assert await settled(stats, 2) == {"error_internal": 2}
+                crashed = [entry for entry in logs if entry["event"].startswith("mirror.")]
+                assert [(e["event"], e["error"]) for e in crashed] == [
+                    ("mirror.redaction_crashed", "RuntimeError('a bug of ours')")
+                ]  # fmt: skip
+                a.build = build
+                await send_and_ack(peer, 2, [request_message("/3", JSON, _large_json("hunter3"))])
+                assert await settled(stats, 3) == {"error_internal": 2, "sent_2xx": 1}
+                assert (a.held_bytes(), a.offloaded, a.pending) == (0, 0, 0)
+
+        run_asyncio(test)
+        assert [r.target for r in shadow.requests] == ["/3"]
+
+
+def test_a_body_back_from_the_worker_that_cannot_be_sent_is_counted_and_logged_by_its_reason(
+    run_asyncio: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two bodies over INLINE_BODY_LIMIT (1 KiB here) the worker cannot make sendable: a Brotli one,
+    which redaction cannot look into (Unredactable, raised in the worker), and one with a header name
+    no request may carry (WireError, raised building it after the worker redacted it). Each is
+    counted by its own reason and logged with it, as the same requests are when redacted inline."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+    brotli = request_message("/br", [("Host", "h"), ("Content-Encoding", "br")], b"\x1b" * 2048)
+    bad_name = request_message("/bad", [("Host", "h"), ("Bad Name", "x")], b"x" * 2048)
+    with ShadowServer() as shadow:
+
+        async def test() -> None:
+            async with running({"targets": [target("a", shadow)]}) as (app, _, peer):
+                stats = app.mirror.target_stats["a"]
+                with capture_logs() as logs:
+                    await send_and_ack(peer, 1, [brotli, bad_name, mirror_message("/ok")])
+                    assert await settled(stats, 3) == {"unredactable": 1, "invalid": 1, "sent_2xx": 1}
+                dropped = [entry for entry in logs if entry["event"].startswith("mirror.")]
+                assert sorted((e["event"], e["reason"]) for e in dropped) == [
+                    ("mirror.invalid_request", "bad_header"), ("mirror.unredactable", "encoding")
+                ]  # fmt: skip
+
+        run_asyncio(test)
+        assert [r.target for r in shadow.requests] == ["/ok"]
+
+
+def _one_target_in_64_kib(port: int) -> Mirror:
+    """The agent's memory_budget at its minimum, 64 KiB, and one target, whose share is all of it;
+    one request in flight at a time, the next one queued."""
+    spec = {"name": "a", "url": f"http://127.0.0.1:{port}", "concurrency": 1, "pipeline_depth": 1,
+            "timeout": 60}  # fmt: skip
+    return Mirror(parse_config({"memory_budget": 64 * KiB, "targets": [spec]}, env={}), None)
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_a_body_in_the_worker_is_held_in_the_budget_of_what_comes_after_it_to_the_byte(
+    over: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large body waits in the redaction worker (behind a job of the test's own), a hung shadow.
+    Its bytes are held, by the target and in the agent's sum, while it is there. Sized to leave room
+    for exactly one GET (over 0), the GET is sent and 64 KiB are held to the byte; one byte larger
+    (over 1), the GET is refused as budget_exceeded."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+
+    async def test() -> None:
+        server, port = await _hung_server()
+        try:
+            mirror = _one_target_in_64_kib(port)
+            [a] = mirror.targets
+            stats = mirror.target_stats["a"]
+            get = mirror_message("/get")
+            get_size = len(a.build(to_request(get.args)))
+            body = 64 * KiB - get_size + over
+            async with worker_held():
+                mirror.handle(_post("/large", body))
+                await _until(lambda: a.offloaded == 1)
+                assert (a.offloaded_bytes, a.held_bytes(), mirror.budget.used()) == (body, body, body)
+                mirror.handle(get)
+                await _until(lambda: stats.received == 2)
+                held = body + get_size * (1 - over)
+                assert (a.held_bytes(), mirror.budget.used()) == (held, held)
+                assert (stats.bytes_sent, stats.outcomes["budget_exceeded"]) == ((get_size, 0), (0, 1))[over]
+            await _until(lambda: a.offloaded == 0)
+        finally:
+            server.close()
+
+    loop_runner("asyncio", TEST_DEADLINE)(test)
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_the_budget_check_before_the_worker_sums_queue_pool_and_worker_to_the_byte(
+    over: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before a large body goes to the redaction worker, what the target holds is summed: a GET in
+    flight at a hung shadow (its pool), one queued behind it, a large body already in the worker
+    (behind a job of the test's own). A second large body that brings the sum to 64 KiB to the byte
+    (over 0) goes to the worker too; one byte larger (over 1) it is refused as budget_exceeded before
+    the worker ever sees it."""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+
+    async def test() -> None:
+        server, port = await _hung_server()
+        try:
+            mirror = _one_target_in_64_kib(port)
+            [a] = mirror.targets
+            stats = mirror.target_stats["a"]
+            sent, queued = mirror_message("/sent"), mirror_message("/queued")
+            sent_size, queued_size = (len(a.build(to_request(m.args))) for m in (sent, queued))
+            first = 4 * KiB
+            async with worker_held():
+                for message in (_post("/large/1", first), sent, queued):
+                    mirror.handle(message)
+                await _until(lambda: a.offloaded == 1 and len(a.queue) == 1)
+                terms = (a.queued_bytes, a.pool.bytes_held, a.offloaded_bytes)
+                assert terms == (queued_size, sent_size, first)
+                second = 64 * KiB - sum(terms) + over
+                mirror.handle(_post("/large/2", second))
+                await _until(lambda: stats.received == 4)
+                held = sum(terms) + second * (1 - over)
+                assert (a.held_bytes(), mirror.budget.used()) == (held, held)
+                assert (a.offloaded, stats.outcomes["budget_exceeded"]) == ((2, 0), (1, 1))[over]
+            await _until(lambda: a.offloaded == 0)
+        finally:
+            server.close()
+
+    loop_runner("asyncio", TEST_DEADLINE)(test)
+
+
+def test_a_target_replaced_while_its_stale_sweep_is_set_still_drains_and_closes_its_pool() -> None:
+    """concurrency 1, a shadow that never answers: /held in flight, /queued waiting (so the target's
+    stale sweep is set). A reload changing the timeout (so a new pool) hands /queued to the new
+    target and cancels the old one's sweep; the old target, retired with 0.05 s to drain, counts /held
+    as shutdown and closes its pool (the shadow sees that connection end), which frees the slot:
+    /queued goes out on the new target's pool."""
+    seen: list[str] = []
+    ended: list[str] = []
+
+    async def test() -> None:
+        async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            path = (await reader.readuntil(b"\r\n\r\n")).split(b" ")[1].decode()
+            seen.append(path)
+            if await reader.read(1) == b"":
+                ended.append(path)
+
+        server = await asyncio.start_server(hold, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+
+            def config(timeout: float) -> Any:
+                spec = {"name": "a", "url": f"http://127.0.0.1:{port}", "concurrency": 1, "pipeline_depth": 1,
+                        "timeout": timeout}  # fmt: skip
+                return parse_config({"drain_timeout": 0.05, "targets": [spec]}, env={})
+
+            mirror = Mirror(config(60), None)
+            [old] = mirror.targets
+            mirror.handle(mirror_message("/held"))
+            mirror.handle(mirror_message("/queued"))
+            await _until(lambda: len(old.queue) == 1 and seen == ["/held"])
+            assert old._stale_sweep is not None
+            mirror.apply(config(30), None)
+            [new] = mirror.targets
+            assert new is not old and len(new.queue) == 1
+            await _until(lambda: not mirror.retired and seen == ["/held", "/queued"])
+            assert ended == ["/held"]
+            stats = mirror.target_stats["a"]
+            assert ({k: v for k, v in stats.outcomes.items() if v}, stats.pending) == ({"shutdown": 1}, 1)
+        finally:
+            server.close()
+
+    loop_runner("asyncio", TEST_DEADLINE)(test)
