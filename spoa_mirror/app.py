@@ -243,7 +243,6 @@ class App:
         )
         return registry
 
-
     def _compare_engine(self) -> CompareEngine | None:
         """The comparator the mirror feeds (None without a `compare:` section); read at each use, as a
         reload may replace it."""

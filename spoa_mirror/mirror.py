@@ -107,8 +107,11 @@ class MemoryBudget:
     def update(self, targets: list[Target], retired: list[Target]) -> None:
         """After a reload or a retired target finishing: recompute every current target's share."""
         self.targets, self.retired = targets, retired
+        # A retired target's queue and the bodies it has in the redaction worker stay its own until
+        # they settle, even when its successor kept its pool (then counted once, under the successor).
         current_pools = {id(target.pool) for target in targets}
-        retired_held = _held([t for t in retired if id(t.pool) not in current_pools])
+        pools = {id(t.pool): t.pool.bytes_held for t in retired if id(t.pool) not in current_pools}
+        retired_held = sum(t.queued_bytes + t.offloaded_bytes for t in retired) + sum(pools.values())
         share = max(0, self.limit - retired_held) // max(1, len(targets))
         for target in targets:
             target.share = min(share, target.memory_budget)

@@ -950,3 +950,39 @@ def test_a_target_replaced_while_its_stale_sweep_is_set_still_drains_and_closes_
             server.close()
 
     loop_runner("asyncio", TEST_DEADLINE)(test)
+
+
+def test_a_body_in_the_worker_at_a_reload_stays_in_the_budget_until_it_settles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 40 KiB body waits in the redaction worker (behind a job of the test's own) when a reload
+    replaces its target with one that keeps the pool (only max_queue_age changed). The body is the
+    retired target's until it settles, so the new target's share leaves it out: a second 40 KiB body
+    is refused as budget_exceeded and the agent never holds more than its 64 KiB. (MemoryBudget.update
+    once left a retired target out whole when its pool was kept: the new share was all 64 KiB again
+    and the agent held 80 KiB.)"""
+    monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
+
+    async def test() -> None:
+        server, port = await _hung_server()
+        try:
+            mirror = _one_target_in_64_kib(port)
+            [old] = mirror.targets
+            stats = mirror.target_stats["a"]
+            async with worker_held():
+                mirror.handle(_post("/large/1", 40 * KiB))
+                await _until(lambda: old.offloaded == 1)
+                spec = {"name": "a", "url": f"http://127.0.0.1:{port}", "concurrency": 1,
+                        "pipeline_depth": 1, "timeout": 60, "max_queue_age": 30}  # fmt: skip
+                mirror.apply(parse_config({"memory_budget": 64 * KiB, "targets": [spec]}, env={}), None)
+                [new] = mirror.targets
+                assert new is not old and new.pool is old.pool and mirror.budget.retired == [old]
+                mirror.handle(_post("/large/2", 40 * KiB))
+                await _until(lambda: stats.received == 2)
+                assert stats.outcomes["budget_exceeded"] == 1, stats.outcomes
+                assert 40 * KiB <= mirror.budget.used() <= 64 * KiB
+            await _until(lambda: old.offloaded == 0)
+        finally:
+            server.close()
+
+    loop_runner("asyncio", TEST_DEADLINE)(test)
