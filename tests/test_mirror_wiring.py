@@ -1,0 +1,175 @@
+"""How spoa_mirror/mirror.py wires what the fast tests otherwise meet only through HAProxy: the compare
+section (the pairing table and engine built for it, the primary's response message paired with the
+request it answers, the section coming, staying and going across reloads, its bytes taken from the
+memory budget, what still waits at shutdown), a target's `grpc_methods` guard and gRPC status counter,
+the resent counter of a pipelining target, and the headers a client's `Connection` header cannot name
+away. The production wiring (`App`) serves a scripted HAProxy peer in-process; replays go to real
+recording shadows over real sockets. Each test builds its own agent, so each passes alone and in any
+order.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+
+from spoa_mirror.app import App
+from spoa_mirror.config import parse_config
+from spoe import Message, SetVar, VarScope
+from tests.support.live_agent import AsyncTest, loop_runner, wait_until
+from tests.support.mirror_stack import parse_metrics
+from tests.support.shadow import RecordedRequest, Reply, ShadowServer
+from tests.support.spop_peer import TcpPeer, ack_actions, notify
+from tests.test_pipeline import SETTLE, TEST_DEADLINE, running, target
+
+KiB = 1024
+ACCEPTED = SetVar(VarScope.TRANSACTION, "accepted", 1)
+COMPARE = SetVar(VarScope.TRANSACTION, "compare", 1)
+# One sample of the compare account's outcome family (parse_metrics orders the labels by name).
+COMPARISONS = re.compile(
+    r'spoa_mirror_compare_comparisons_total\{endpoint=".*",outcome="(?P<outcome>\w+)",target="(?P<target>.*)"\}'
+)
+
+
+@pytest.fixture
+def run_asyncio() -> Callable[[AsyncTest], None]:
+    return loop_runner("asyncio", TEST_DEADLINE)
+
+
+def reload(app: App, config: dict[str, Any]) -> None:
+    app.mirror.apply(parse_config(config, env={}), None)
+
+
+def request(
+    path: str,
+    unique_id: str | None = None,
+    *,
+    method: str = "GET",
+    headers: str = "host: example\r\n",
+    body: bytes = b"",
+    **args: Any,
+) -> Message:
+    """A request message as the shipped mirror.spoe.conf sends it (its unique-id among the args)."""
+    length = f"content-length: {len(body)}\r\n" if body else ""
+    message = {
+        "arg_method": method,
+        "arg_path": path,
+        "arg_ver": "1.1",
+        "arg_hdrs": headers + length + "\r\n",
+        "arg_body": body,
+        **args,
+    }
+    if unique_id is not None:
+        message["unique_id"] = unique_id
+    return Message("mirror", message)
+
+
+def item(path: str, price: int = 10) -> bytes:
+    return json.dumps({"item": path, "price": price}).encode()
+
+
+def json_service(req: RecordedRequest) -> Reply:
+    """The compared shadow: the same JSON document for the same path, price 10; /slow/ paths answer
+    only after the test has ended (the shadow's stop aborts them)."""
+    delay = 60.0 if req.target.startswith("/slow/") else 0.0
+    return Reply(200, (("Content-Type", "application/json"),), item(req.target), delay)
+
+
+def primary_response(unique_id: str, body: bytes, name: str = "mirror-response") -> Message:
+    """The primary's response as the shipped config's mirror-response group sends it."""
+    headers = f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    args = {"unique_id": unique_id, "status": 200, "hdrs": headers, "body": body, "body_len": len(body)}
+    return Message(name, args)
+
+
+async def actions_of(peer: TcpPeer, frame_id: int, messages: list[Message]) -> list[Any]:
+    """The actions of the ACK the agent answers this NOTIFY with."""
+    await peer.send(notify(1, frame_id, messages))
+    return ack_actions(await peer.recv_frame())
+
+
+def scrape(app: App) -> dict[str, float]:
+    """/metrics as the admin server renders it (on the loop, as the agent's OnLoop collectors do)."""
+    return parse_metrics(generate_latest(app._registry()).decode())
+
+
+def comparisons(metrics: dict[str, float], target_name: str) -> dict[str, int]:
+    """spoa_mirror_compare_comparisons_total of one target, summed over its endpoints, by outcome."""
+    found: dict[str, int] = {}
+    for key, value in metrics.items():
+        if (sample := COMPARISONS.fullmatch(key)) and sample["target"] == target_name and value:
+            found[sample["outcome"]] = found.get(sample["outcome"], 0) + int(value)
+    return found
+
+
+def account(engine: Any, target_name: str = "candidate") -> tuple[int, dict[str, int], int]:
+    """(sent, outcomes, pending) of a compared target in the engine's report, checked to add up."""
+    report = next(t for t in engine.report()["targets"] if t["name"] == target_name)
+    outcomes = {outcome: count for outcome, count in report["outcomes"].items() if count}
+    assert report["sent"] == sum(outcomes.values()) + report["pending"], report
+    return report["sent"], outcomes, report["pending"]
+
+
+# Compare: the primary's response message meets the request it answers ---------------------------------
+
+
+def test_a_compared_request_is_paired_with_the_primarys_response_message_and_judged(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """With a `compare` section the ACK asks HAProxy for the primary's response (txn.compare); the
+    response message, handed back through the intake, is paired by unique-id with the candidate
+    shadow's answer and judged: identical for the same document, different for another status. A
+    response and the next request in one NOTIFY: the request is still mirrored at once. At shutdown,
+    what still waits in the pairing table ends there: a request queued behind a slow one as
+    `shutdown`, the slow one as `shadow_failed` (its connection closed). The other target is
+    mirrored as usual and never compared; the account is in /metrics."""
+    with ShadowServer(responder=json_service) as candidate, ShadowServer() as plain:
+        config = {
+            "targets": [target("candidate", candidate, concurrency=1, timeout=60), target("plain", plain)],
+            "compare": {"candidates": ["candidate"], "table": {"max_bytes": "1MiB"}},
+        }
+        before: dict[str, float] = {}
+        after: dict[str, float] = {}
+        candidate_outcomes: dict[str, int] = {}
+
+        async def test() -> None:
+            async with running(config) as (app, _, peer):
+                stats = app.mirror.target_stats["candidate"]
+                assert await actions_of(peer, 1, [request("/items/1", "id-1")]) == [ACCEPTED, COMPARE]
+                await wait_until(lambda: len(candidate.requests) == 1, SETTLE)
+                both = [primary_response("id-1", item("/items/1")), request("/items/2", "id-2")]
+                assert await actions_of(peer, 2, both) == [ACCEPTED, ACCEPTED, COMPARE]
+                await wait_until(lambda: len(candidate.requests) == 2, SETTLE)
+                gone = Message("mirror-response", {**primary_response("id-2", b"gone").args, "status": 404})
+                assert await actions_of(peer, 3, [gone]) == [ACCEPTED]
+                engine = app.mirror.compare_engine
+                await wait_until(lambda: account(engine)[0::2] == (2, 0), SETTLE)
+
+                waiting = [request("/slow/3", "id-3"), request("/items/4", "id-4")]
+                assert await actions_of(peer, 4, waiting) == [ACCEPTED, COMPARE, ACCEPTED, COMPARE]
+                await wait_until(lambda: len(candidate.requests) == 3 and stats.received == 4, SETTLE)
+                assert stats.pending == 2  # one in flight, one queued behind it
+                before.update(scrape(app))
+                await app.mirror.drain(0.2)
+                after.update(scrape(app))
+                candidate_outcomes.update({k: v for k, v in stats.outcomes.items() if v})
+
+        run_asyncio(test)
+    assert comparisons(before, "candidate") == {"identical": 1, "different": 1}
+    assert before['spoa_mirror_compare_pending{target="candidate"}'] == 2
+    assert before['spoa_mirror_compare_primary_responses_total{result="paired"}'] == 2
+    assert before["spoa_mirror_compare_table_entries"] == 2
+    assert before["spoa_mirror_compare_table_max_bytes"] == 1024 * KiB
+    expected = {"identical": 1, "different": 1, "shadow_failed": 1, "shutdown": 1}
+    assert comparisons(after, "candidate") == expected
+    assert after['spoa_mirror_compare_requests_sent_total{target="candidate"}'] == 4
+    assert after['spoa_mirror_compare_pending{target="candidate"}'] == 0
+    assert candidate_outcomes == {"sent_2xx": 2, "shutdown": 2}
+    assert comparisons(after, "plain") == {}
+    assert after['spoa_mirror_requests_total{outcome="sent_2xx",target="plain"}'] == 4
+    assert sorted(r.target for r in plain.requests) == ["/items/1", "/items/2", "/items/4", "/slow/3"]
