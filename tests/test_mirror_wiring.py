@@ -25,7 +25,7 @@ from tests.support.live_agent import AsyncTest, loop_runner, wait_until
 from tests.support.mirror_stack import parse_metrics
 from tests.support.shadow import RecordedRequest, Reply, ShadowServer
 from tests.support.spop_peer import TcpPeer, ack_actions, notify
-from tests.test_pipeline import SETTLE, TEST_DEADLINE, running, target
+from tests.test_pipeline import SETTLE, TEST_DEADLINE, running, settled, target
 
 KiB = 1024
 ACCEPTED = SetVar(VarScope.TRANSACTION, "accepted", 1)
@@ -173,3 +173,76 @@ def test_a_compared_request_is_paired_with_the_primarys_response_message_and_jud
     assert comparisons(after, "plain") == {}
     assert after['spoa_mirror_requests_total{outcome="sent_2xx",target="plain"}'] == 4
     assert sorted(r.target for r in plain.requests) == ["/items/1", "/items/2", "/items/4", "/slow/3"]
+
+
+# Compare across reloads: the section comes, stays, changes and goes ------------------------------------
+
+
+def test_a_compare_section_comes_stays_changes_and_goes_across_reloads(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """Comes: the ACK asks for the primary's response and the candidate is compared. Stays (a
+    reload with the same config): both targets are kept as they are, the candidate still sharing
+    the table, and a request waiting in it across the reload is still paired. Changes (an ignore
+    rule added): what waited in the old table ends as `shutdown` in the same account, and the new
+    rule judges the next pair. Goes: what waited ends as `shutdown`, the ACK no longer asks for
+    the response, and the candidate is mirrored like any target. (What waits at a change is a
+    request its shadow has not answered yet: an answered one would end as primary_missing.)"""
+    with ShadowServer(responder=json_service) as candidate, ShadowServer() as plain:
+        candidate_spec = target("candidate", candidate, timeout=60)  # /slow/ waits on until drained
+        base = {"targets": [candidate_spec, target("plain", plain)], "drain_timeout": 5}
+        comparing = {**base, "compare": {"candidates": ["candidate"]}}
+        ignoring_price = {
+            **base,
+            "compare": {"candidates": ["candidate"], "ignore": {"json_paths": ["price"]}},
+        }
+        accounts: list[tuple[int, dict[str, int], int]] = []
+
+        async def test() -> None:
+            async with running(base) as (app, _, peer):
+                stats = app.mirror.target_stats["candidate"]
+                assert await actions_of(peer, 1, [request("/items/0", "id-0")]) == [ACCEPTED]
+                assert await settled(stats, 1) == {"sent_2xx": 1}
+
+                reload(app, comparing)  # comes
+                await wait_until(lambda: not app.mirror.retired, SETTLE)
+                targets, engine = list(app.mirror.targets), app.mirror.compare_engine
+                assert await actions_of(peer, 2, [request("/items/1", "id-1")]) == [ACCEPTED, COMPARE]
+                assert await settled(stats, 2) == {"sent_2xx": 2}
+
+                reload(app, comparing)  # stays, while id-1 waits for the primary's response
+                assert all(kept is was for kept, was in zip(app.mirror.targets, targets, strict=True))
+                assert app.mirror.retired == []
+                assert await actions_of(peer, 3, [primary_response("id-1", item("/items/1"))]) == [ACCEPTED]
+                await wait_until(lambda: account(engine)[0::2] == (1, 0), SETTLE)
+                accounts.append(account(engine))
+
+                slow = [request("/slow/2", "id-2")]
+                assert await actions_of(peer, 4, slow) == [ACCEPTED, COMPARE]
+                await wait_until(lambda: len(candidate.requests) == 3, SETTLE)
+                reload(app, ignoring_price)  # changes, while id-2 waits for the shadow
+                accounts.append(account(app.mirror.compare_engine))
+                assert await actions_of(peer, 5, [request("/items/3", "id-3")]) == [ACCEPTED, COMPARE]
+                await wait_until(lambda: len(candidate.requests) == 4, SETTLE)
+                dearer = primary_response("id-3", item("/items/3", price=11))
+                assert await actions_of(peer, 6, [dearer]) == [ACCEPTED]
+                await wait_until(lambda: account(engine)[0::2] == (3, 0), SETTLE)
+                accounts.append(account(engine))
+
+                slow = [request("/slow/4", "id-4")]
+                assert await actions_of(peer, 7, slow) == [ACCEPTED, COMPARE]
+                await wait_until(lambda: len(candidate.requests) == 5, SETTLE)
+                reload(app, base)  # goes, while id-4 waits for the shadow
+                accounts.append(account(engine))
+                assert app.mirror.compare_engine is None
+                assert await actions_of(peer, 8, [request("/items/5", "id-5")]) == [ACCEPTED]
+                await wait_until(lambda: stats.received == 6 and stats.outcomes["sent_2xx"] == 4, SETTLE)
+                assert account(engine)[0] == 4  # the request after it was not sent for comparison
+
+        run_asyncio(test)
+    assert accounts == [
+        (1, {"identical": 1}, 0),
+        (2, {"identical": 1, "shutdown": 1}, 0),
+        (3, {"identical": 2, "shutdown": 1}, 0),
+        (4, {"identical": 2, "shutdown": 2}, 0),
+    ]
