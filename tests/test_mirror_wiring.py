@@ -20,6 +20,8 @@ from prometheus_client import generate_latest
 
 from spoa_mirror.app import App
 from spoa_mirror.config import parse_config
+from spoa_mirror.errors import ConfigError
+from spoa_mirror.mirror import Mirror
 from spoe import Message, SetVar, VarScope
 from tests.support.live_agent import AsyncTest, loop_runner, wait_until
 from tests.support.mirror_stack import parse_metrics
@@ -246,3 +248,98 @@ def test_a_compare_section_comes_stays_changes_and_goes_across_reloads(
         (3, {"identical": 2, "shutdown": 1}, 0),
         (4, {"identical": 2, "shutdown": 2}, 0),
     ]
+
+
+def test_examples_of_a_compared_pair_are_taken_from_the_targets_redaction(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """The engine keeps examples of what differs only as the candidate target's redaction rules
+    leave them: a json_fields rule masks the nickname (a name the engine's own scrubbing would
+    show) on both sides; the plan, which the rules leave alone, shows."""
+
+    def account_service(req: RecordedRequest) -> Reply:
+        body = json.dumps({"nickname": "sekrit-shadow", "plan": "premium"}).encode()
+        return Reply(200, (("Content-Type", "application/json"),), body)
+
+    with ShadowServer(responder=account_service) as candidate:
+        spec = target("candidate", candidate, redact={"json_fields": {"nickname": "mask"}})
+        config = {"targets": [spec], "compare": {"candidates": ["candidate"]}}
+        report: list[dict[str, Any]] = []
+
+        async def test() -> None:
+            async with running(config) as (app, _, peer):
+                engine = app.mirror.compare_engine
+                for n in range(3):
+                    await actions_of(peer, 2 * n + 1, [request(f"/account/{n}", f"id-{n}")])
+                    await wait_until(lambda n=n: len(candidate.requests) == n + 1, SETTLE)
+                    body = json.dumps({"nickname": "sekrit-primary", "plan": "basic"}).encode()
+                    await actions_of(peer, 2 * n + 2, [primary_response(f"id-{n}", body)])
+                await wait_until(lambda: account(engine)[0::2] == (3, 0), SETTLE)
+                report.append(engine.report())
+
+        run_asyncio(test)
+    [endpoint] = report[0]["targets"][0]["endpoints"]
+    shown = {
+        f["field"]: (f["examples"][0]["primary"], f["examples"][0]["candidate"]) for f in endpoint["fields"]
+    }
+    assert shown == {"nickname": ("<redacted>", "<redacted>"), "plan": ('"basic"', '"premium"')}
+    assert "sekrit" not in json.dumps(report)
+
+
+# Compare: the table's bytes are part of the agent's memory budget --------------------------------------
+
+
+def test_the_pairing_table_must_fit_below_the_memory_budget(run_asyncio: Callable[[AsyncTest], None]) -> None:
+    """`compare.table.max_bytes` at the agent's whole `memory_budget` leaves the targets nothing:
+    refused with one line naming the key; a KiB below it is taken."""
+    base = {"targets": [{"name": "candidate", "url": "http://127.0.0.1:9"}], "memory_budget": "256KiB"}
+
+    def config(max_bytes: str) -> Any:
+        compare = {"candidates": ["candidate"], "table": {"max_bytes": max_bytes}}
+        return parse_config({**base, "compare": compare}, env={})
+
+    async def test() -> None:
+        with pytest.raises(ConfigError) as refused:
+            Mirror(config("256KiB"), None)
+        assert str(refused.value) == (
+            "compare.table.max_bytes: must be below memory_budget (262144 bytes): the table is part of it"
+        )
+        assert refused.value.key == "compare.table.max_bytes"
+        mirror = Mirror(config("255KiB"), None)
+        assert mirror.pairing is not None and mirror.pairing.max_bytes == 255 * KiB
+        await mirror.drain(0.1)
+
+    run_asyncio(test)
+
+
+def test_the_targets_share_the_memory_budget_less_the_pairing_table(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """memory_budget 192 KiB with a 128 KiB table leaves the targets 64 KiB: a candidate whose
+    shadow never answers holds its in-flight and queued requests up to that, and the rest of twelve
+    8 KiB POSTs is dropped as budget_exceeded (with the table's bytes left in, all twelve fit)."""
+    with ShadowServer(mode="hang") as candidate:
+        spec = target("candidate", candidate, concurrency=1, timeout=60, max_queue_age=60, queue_size=100)
+        config = {
+            "targets": [spec],
+            "memory_budget": "192KiB",
+            "compare": {"candidates": ["candidate"], "table": {"max_bytes": "128KiB"}},
+        }
+        outcomes: dict[str, int] = {}
+        held: list[int] = []
+
+        async def test() -> None:
+            async with running(config) as (app, _, peer):
+                stats = app.mirror.target_stats["candidate"]
+                for n in range(12):
+                    post = request(f"/orders/{n:02}", f"id-{n}", method="POST", body=b"x" * (8 * KiB))
+                    await actions_of(peer, n + 1, [post])
+                await wait_until(lambda: stats.received == 12 and len(candidate.requests) == 1, SETTLE)
+                outcomes.update({k: v for k, v in stats.outcomes.items() if v})
+                held.extend((stats.pending, app.mirror.budget.used(), len(candidate.requests[0].raw)))
+
+        run_asyncio(test)
+    pending, used, size = held
+    assert used <= 64 * KiB
+    assert outcomes == {"budget_exceeded": 12 - pending}
+    assert pending == 64 * KiB // size
