@@ -26,6 +26,7 @@ from spoe import Message, SetVar, VarScope
 from tests.support.live_agent import AsyncTest, loop_runner, wait_until
 from tests.support.mirror_stack import parse_metrics
 from tests.support.shadow import RecordedRequest, Reply, ShadowServer
+from tests.support.shadow_h2 import H2ShadowServer
 from tests.support.spop_peer import TcpPeer, ack_actions, notify
 from tests.test_pipeline import SETTLE, TEST_DEADLINE, running, settled, target
 
@@ -343,3 +344,64 @@ def test_the_targets_share_the_memory_budget_less_the_pairing_table(
     assert used <= 64 * KiB
     assert outcomes == {"budget_exceeded": 12 - pending}
     assert pending == 64 * KiB // size
+
+
+# gRPC: the method guard and the status counter --------------------------------------------------------
+
+GRPC_HEADERS = "host: example\r\ncontent-type: application/grpc\r\nte: trailers\r\n"
+GRPC_MESSAGE = b"\x00\x00\x00\x00\x02hi"  # one uncompressed gRPC message of two bytes
+
+
+def test_grpc_methods_filters_the_methods_a_target_does_not_list(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """A target with `grpc_methods` mirrors the gRPC calls it lists (a method, or a whole service)
+    and counts any other as filtered; a request that is not gRPC is not the guard's business."""
+    with ShadowServer() as shadow:
+        spec = target("grpc", shadow, grpc_methods=["/shop.Cart/Add", "/shop.Search/*"])
+        calls = ["/shop.Cart/Add", "/shop.Cart/Empty", "/shop.Search/Find"]
+        outcomes: dict[str, int] = {}
+
+        async def test() -> None:
+            async with running({"targets": [spec]}) as (app, _, peer):
+                messages = [
+                    request(path, method="POST", headers=GRPC_HEADERS, body=GRPC_MESSAGE) for path in calls
+                ]
+                await actions_of(peer, 1, [*messages, request("/shop.Cart/Empty")])
+                outcomes.update(await settled(app.mirror.target_stats["grpc"], 4))
+
+        run_asyncio(test)
+        assert outcomes == {"sent_2xx": 3, "filtered": 1}
+        assert sorted(r.target for r in shadow.requests) == [
+            "/shop.Cart/Add",
+            "/shop.Cart/Empty",
+            "/shop.Search/Find",
+        ]
+        assert [r.method for r in shadow.requests if r.target == "/shop.Cart/Empty"] == ["GET"]
+
+
+def test_the_grpc_status_of_each_mirrored_call_is_counted_by_name(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """An h2c target replaying gRPC calls to a gRPC shadow (HTTP/2, grpc-status in the trailers):
+    each call's status is counted by its name (spoa_mirror_grpc_responses_total in /metrics)."""
+    with H2ShadowServer(mode="grpc", grpc_status=5) as shadow:
+        spec = {"name": "grpc", "url": shadow.url, "protocol": "h2c"}
+        counted: dict[str, int] = {}
+        outcomes: dict[str, int] = {}
+
+        async def test() -> None:
+            async with running({"targets": [spec]}) as (app, _, peer):
+                calls = [
+                    request(f"/shop.Cart/Get{n}", method="POST", headers=GRPC_HEADERS, body=GRPC_MESSAGE)
+                    for n in range(2)
+                ]
+                await actions_of(peer, 1, calls)
+                stats = app.mirror.target_stats["grpc"]
+                outcomes.update(await settled(stats, 2))
+                counted.update(stats.grpc_status)
+
+        run_asyncio(test)
+        assert len(shadow.requests) == 2
+    assert outcomes == {"sent_2xx": 2}
+    assert counted == {"NOT_FOUND": 2}
