@@ -29,6 +29,7 @@ from tests.support.shadow import RecordedRequest, Reply, ShadowServer
 from tests.support.shadow_h2 import H2ShadowServer
 from tests.support.spop_peer import TcpPeer, ack_actions, notify
 from tests.test_pipeline import SETTLE, TEST_DEADLINE, running, settled, target
+from tests.test_transport_pipelining import PipelineShadow
 
 KiB = 1024
 ACCEPTED = SetVar(VarScope.TRANSACTION, "accepted", 1)
@@ -405,3 +406,31 @@ def test_the_grpc_status_of_each_mirrored_call_is_counted_by_name(
         assert len(shadow.requests) == 2
     assert outcomes == {"sent_2xx": 2}
     assert counted == {"NOT_FOUND": 2}
+
+
+# Pipelining: requests a close left unanswered go again, counted ---------------------------------------
+
+
+def test_requests_pipelined_behind_a_close_are_sent_again_and_counted(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """One connection, pipeline_depth 4: the shadow answers the first request with `Connection:
+    close` and processes none of the three pipelined behind it (RFC 9112 section 9.6). Each goes
+    again on a new connection, once, and spoa_mirror_pipeline_resent_total says how many."""
+    paths = ["/close201", "/s202", "/s203", "/s204"]
+    outcomes: dict[str, int] = {}
+    metrics: dict[str, float] = {}
+    with PipelineShadow() as shadow:
+        spec = {"name": "t", "url": f"http://127.0.0.1:{shadow.port}", "pipeline_depth": 4, "concurrency": 1}
+
+        async def test() -> None:
+            async with running({"targets": [spec]}) as (app, _, peer):
+                await actions_of(peer, 1, [request(path) for path in paths])
+                outcomes.update(await settled(app.mirror.target_stats["t"], len(paths)))
+                metrics.update(scrape(app))
+
+        run_asyncio(test)
+    assert sorted(seen.path for seen in shadow.requests) == paths
+    assert outcomes == {"sent_2xx": len(paths)}
+    assert shadow.unprocessed > 0
+    assert metrics['spoa_mirror_pipeline_resent_total{target="t"}'] == shadow.unprocessed
