@@ -434,3 +434,56 @@ def test_requests_pipelined_behind_a_close_are_sent_again_and_counted(
     assert outcomes == {"sent_2xx": len(paths)}
     assert shadow.unprocessed > 0
     assert metrics['spoa_mirror_pipeline_resent_total{target="t"}'] == shadow.unprocessed
+
+
+# What the agent adds cannot be overridden or named away by the client ---------------------------------
+
+
+def test_client_headers_cannot_override_or_remove_what_the_agent_adds(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """The operator's `X-Env: shadow` is the only X-Env the shadow sees; a client's `Connection`
+    header naming the operator's header, the loop marker, the truncation marker, X-Request-ID or
+    (when the agent appends the client's address to it) X-Forwarded-For removes none of them, while
+    a header of the client's own named there is dropped as hop-by-hop. A client's own
+    X-Mirror-Truncated is never forwarded: only the agent's, on a body HAProxy cut, reaches the
+    shadow. The same with and without the client's address (`src`)."""
+    named = "keep-alive, X-Env, X-Spoa-Mirror, X-Forwarded-For, X-Request-ID, X-Mirror-Truncated, X-Hop"
+    client = (
+        "host: example\r\nx-env: production\r\nx-request-id: req-42\r\nx-mirror-truncated: true\r\n"
+        "x-forwarded-for: 10.0.0.1\r\nx-hop: hop-by-hop\r\n"
+    )
+    messages = [
+        request("/with-src", method="POST", headers=client + f"connection: {named}\r\n", body=b"abc",
+                body_len=10, src="192.0.2.7"),
+        request("/without-src", headers=client + f"connection: {named}\r\n"),
+        request("/claims-truncated", headers=client),
+    ]  # fmt: skip
+    with ShadowServer() as shadow:
+        config = {
+            "targets": [target("t", shadow, headers={"X-Env": "shadow"})],
+            "truncated_body": "send_marked",
+        }
+        outcomes: dict[str, int] = {}
+
+        async def test() -> None:
+            async with running(config) as (app, _, peer):
+                await actions_of(peer, 1, messages)
+                outcomes.update(await settled(app.mirror.target_stats["t"], len(messages)))
+
+        run_asyncio(test)
+    assert outcomes == {"sent_2xx": 3}
+    seen = {r.target: r for r in shadow.requests}
+    for path, forwarded_for, truncated in (
+        ("/with-src", ["10.0.0.1, 192.0.2.7"], ["true"]),
+        ("/without-src", None, []),
+        ("/claims-truncated", ["10.0.0.1"], []),
+    ):
+        req = seen[path]
+        assert req.header_values("x-env") == ["shadow"], path
+        assert len(req.header_values("x-spoa-mirror")) == 1, path
+        assert req.header_values("x-request-id") == ["req-42"], path
+        assert req.header_values("x-mirror-truncated") == truncated, path
+        assert req.header_values("x-hop") == ([] if path != "/claims-truncated" else ["hop-by-hop"]), path
+        if forwarded_for is not None:  # without src, the client's own X-Forwarded-For is just a header
+            assert req.header_values("x-forwarded-for") == forwarded_for, path
