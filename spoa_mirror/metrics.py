@@ -273,7 +273,9 @@ def _pairing(messages: MessageStats) -> Iterator[Metric]:
     held.add_metric([], table.held_bytes)
     limit = GaugeMetricFamily("spoa_mirror_compare_table_max_bytes", "compare.table.max_bytes")
     limit.add_metric([], table.max_bytes)
-    yield from (responses, entries, held, limit)
+    max_entries = GaugeMetricFamily("spoa_mirror_compare_table_max_entries", "compare.table.max_entries")
+    max_entries.add_metric([], table.max_entries)
+    yield from (responses, entries, held, limit, max_entries)
 
 
 def build_info() -> Metric:

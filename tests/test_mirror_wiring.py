@@ -135,7 +135,7 @@ def test_a_compared_request_is_paired_with_the_primarys_response_message_and_jud
     with ShadowServer(responder=json_service) as candidate, ShadowServer() as plain:
         config = {
             "targets": [target("candidate", candidate, concurrency=1, timeout=60), target("plain", plain)],
-            "compare": {"candidates": ["candidate"], "table": {"max_bytes": "1MiB"}},
+            "compare": {"candidates": ["candidate"], "table": {"max_bytes": "1MiB", "max_entries": 1000}},
         }
         before: dict[str, float] = {}
         after: dict[str, float] = {}
@@ -169,6 +169,7 @@ def test_a_compared_request_is_paired_with_the_primarys_response_message_and_jud
     assert before['spoa_mirror_compare_primary_responses_total{result="paired"}'] == 2
     assert before["spoa_mirror_compare_table_entries"] == 2
     assert before["spoa_mirror_compare_table_max_bytes"] == 1024 * KiB
+    assert before["spoa_mirror_compare_table_max_entries"] == 1000  # to alert on entries / max_entries
     expected = {"identical": 1, "different": 1, "shadow_failed": 1, "shutdown": 1}
     assert comparisons(after, "candidate") == expected
     assert after['spoa_mirror_compare_requests_sent_total{target="candidate"}'] == 4
