@@ -554,7 +554,7 @@ def test_json_keys_after_a_kept_or_configured_key_are_still_redacted() -> None:
         ("https://u:p@h/", f"https://{MASK}@h/"),
         ("https:\\/\\/u:p@h\\/", f"https://{MASK}@h/"),
     ],
-    ids=["card behind a \\u escape", "plain userinfo", "userinfo behind escaped slashes"],
+    ids=["card behind a JSON unicode escape", "plain userinfo", "userinfo behind escaped slashes"],
 )
 def test_json_strings_are_scanned_whatever_gives_their_secret_away(value: str, masked: str) -> None:
     """The document is only scanned string by string when its raw bytes hold card digits, `://`,
