@@ -33,7 +33,15 @@ from spoe import (
 )
 from spoe.connection import ReassemblyBudget
 from spoe.data import encode_string
-from spoe.frames import FLAG_ABORT, FLAG_FIN, FrameType, encode_frame, encode_kv_list, encode_messages
+from spoe.frames import (
+    FLAG_ABORT,
+    FLAG_FIN,
+    FrameType,
+    decode_messages,
+    encode_frame,
+    encode_kv_list,
+    encode_messages,
+)
 from tests.support.spop_peer import (
     HAPROXY_2X_CAPABILITIES,
     HAPROXY_3X_CAPABILITIES,
@@ -394,6 +402,27 @@ def test_fragmented_notify_without_negotiated_fragmentation_is_refused_with_stat
     assert "fragmentation" not in conn.hello.capabilities
     events, frames = exchange(conn, notify_fragments(1, 1, MESSAGES, [10])[0])
     assert_closed_with(events, frames, Status.FRAGMENTATION_NOT_SUPPORTED)
+
+
+def test_a_notify_is_bounded_in_messages_plus_arguments_to_the_entry() -> None:
+    """MESSAGES is 2 messages with 7 arguments: 9 entries pass (twice: the second NOTIFY takes the
+    shapes the first taught the decoder), 8 are refused with status 13 and a message saying so."""
+    at_bound = ready_connection(max_notify_entries=9)
+    for frame_id in (1, 2):
+        events, _ = exchange(at_bound, notify(1, frame_id, MESSAGES))
+        assert events == [Notify(1, frame_id, MESSAGES)]
+    over = ready_connection(max_notify_entries=8)
+    events, frames = exchange(over, notify(1, 1, MESSAGES))
+    assert_closed_with(events, frames, Status.RESOURCE_ALLOCATION)
+    assert events[-1].message == "NOTIFY carries more than 8 messages and arguments"
+
+
+def test_a_message_carries_at_most_255_arguments() -> None:
+    """The argument count is one byte: 255 arguments encode and decode back, 256 are refused."""
+    most = Message("m", {f"a{n}": f"v{n}" for n in range(255)})
+    assert decode_messages(encode_messages([most])) == [most]
+    with pytest.raises(ValueError, match=r"^message 'm' has more than 255 args$"):
+        encode_messages([Message("m", {f"a{n}": None for n in range(256)})])
 
 
 def test_reassembly_is_capped_with_status_13() -> None:
