@@ -499,6 +499,13 @@ def test_json_under_a_json_media_type_is_parsed_whatever_its_first_byte() -> Non
     assert (out.body, seen) == (json.dumps(f" {MASK}").encode(), ["pattern:cards"])
 
 
+def test_json_that_mentions_content_disposition_is_still_json() -> None:
+    """Only a body starting with `--` is sniffed as multipart by its Content-Disposition."""
+    body = b'{"note": "Content-Disposition: form-data", "ref": "r-1"}'
+    _, out, seen = redacted({"json_fields": {"ref": "mask"}}, [("Content-Type", "application/json")], body)
+    assert (out.body, seen) == (b'{"note":"Content-Disposition: form-data","ref":"[REDACTED]"}', ["json:ref"])
+
+
 def test_json_of_exactly_the_parse_limit_is_parsed_one_byte_more_is_scanned() -> None:
     def document(size: int) -> bytes:
         head = b'{"password":"hunter2","fill":"'
