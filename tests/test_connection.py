@@ -294,6 +294,20 @@ def test_set_and_unset_var_round_trip_through_the_ack(value: Any) -> None:
         assert type(received.value) is expected_type, "the SPOP width must survive the round trip"
 
 
+def test_a_handlers_tuple_of_actions_goes_in_every_ack_that_returns_it() -> None:
+    """A tuple of actions (a handler's constant) is encoded once and its bytes reused by identity:
+    every ACK returning it carries it, and another tuple or a list carries its own."""
+    conn = ready_connection()
+    constant = (SetVar(VarScope.TRANSACTION, "mirrored", 1), UnsetVar(VarScope.REQUEST, "x"))
+    other = (SetVar(VarScope.SESSION, "other", "v"),)
+    sent = [constant, constant, other, list(other), constant]
+    for frame_id, actions in enumerate(sent, start=1):
+        exchange(conn, notify(1, frame_id, MESSAGES))
+        conn.send_ack(1, frame_id, actions)
+        (ack,) = parse_frames(conn.data_to_send())
+        assert ack_actions(ack) == list(actions)
+
+
 def test_send_ack_for_a_frame_never_received_raises() -> None:
     conn = ready_connection()
     with pytest.raises(LocalProtocolError):
