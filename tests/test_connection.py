@@ -431,6 +431,20 @@ def test_a_notify_is_bounded_in_messages_plus_arguments_to_the_entry() -> None:
     assert events[-1].message == "NOTIFY carries more than 8 messages and arguments"
 
 
+def test_strings_and_names_that_are_not_utf8_keep_their_bytes_in_either_decoding() -> None:
+    """HAProxy sends header values and names as they came: bytes that are not UTF-8 decode with
+    surrogateescape (so they encode back the same) both when the decoder learns a message's shape
+    and when it reads by the shape learned; short and long (over 239 bytes) strings alike."""
+    long_value = "v\udce9" * 200
+    messages = [Message("m", {"n\udcff": "caf\udce9", "long": long_value, "raw": b"\xff"})]
+    conn = ready_connection()
+    for frame_id in (1, 2):
+        events, _ = exchange(conn, notify(1, frame_id, messages))
+        assert events == [Notify(1, frame_id, messages)]
+        conn.send_ack(1, frame_id)
+        conn.data_to_send()
+
+
 def test_a_message_carries_at_most_255_arguments() -> None:
     """The argument count is one byte: 255 arguments encode and decode back, 256 are refused."""
     most = Message("m", {f"a{n}": f"v{n}" for n in range(255)})
