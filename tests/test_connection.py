@@ -445,6 +445,39 @@ def test_strings_and_names_that_are_not_utf8_keep_their_bytes_in_either_decoding
         conn.data_to_send()
 
 
+def test_a_message_whose_arguments_change_is_decoded_by_what_it_holds() -> None:
+    """The decoder reads a message by the shape it learned from the last one of that name: one that
+    matches for a while and then differs, and argument names of 240 bytes and more (a varint
+    length), decode as they are."""
+    long_names = {"n" * 240: "a", "m" * 300: "b"}
+    sent = [
+        [Message("m", {"a": "x", "b": "y"})],
+        [Message("m", {"a": "x", "c": b"z"})],
+        [Message("m", {"a": "x", "c": 7})],
+        [Message("m", long_names)],
+        [Message("m", long_names)],
+    ]
+    conn = ready_connection()
+    for frame_id, messages in enumerate(sent, start=1):
+        events, _ = exchange(conn, notify(1, frame_id, messages))
+        assert events == [Notify(1, frame_id, messages)]
+        conn.send_ack(1, frame_id)
+        conn.data_to_send()
+
+
+def test_a_list_of_actions_reused_by_a_handler_is_encoded_as_it_is_now() -> None:
+    """A list may change between ACKs (only a tuple's bytes are kept): the second ACK carries the
+    action added since the first."""
+    conn = ready_connection()
+    actions = [SetVar(VarScope.TRANSACTION, "a", 1)]
+    for frame_id in (1, 2):
+        exchange(conn, notify(1, frame_id, MESSAGES))
+        conn.send_ack(1, frame_id, actions)
+        (ack,) = parse_frames(conn.data_to_send())
+        assert ack_actions(ack) == actions
+        actions.append(UnsetVar(VarScope.REQUEST, "b"))
+
+
 def test_a_message_carries_at_most_255_arguments() -> None:
     """The argument count is one byte: 255 arguments encode and decode back, 256 are refused."""
     most = Message("m", {f"a{n}": f"v{n}" for n in range(255)})
