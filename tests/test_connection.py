@@ -38,6 +38,7 @@ from spoe.frames import (
     FLAG_FIN,
     FrameType,
     decode_messages,
+    encode_ack_actions,
     encode_frame,
     encode_kv_list,
     encode_messages,
@@ -306,6 +307,34 @@ def test_a_handlers_tuple_of_actions_goes_in_every_ack_that_returns_it() -> None
         conn.send_ack(1, frame_id, actions)
         (ack,) = parse_frames(conn.data_to_send())
         assert ack_actions(ack) == list(actions)
+
+
+def test_an_acks_actions_fill_the_frame_size_exactly_and_no_more() -> None:
+    """An ACK's actions may take max-frame-size less 30 bytes (the frame's head at its largest);
+    one byte more is refused before the NOTIFY stops being pending."""
+    conn = ready_connection(hello_2x(max_frame_size=1024))
+    def payload_size(size: int) -> int:
+        return len(encode_ack_actions([SetVar(VarScope.TRANSACTION, "v", b"x" * size)]))
+    fits = max(size for size in range(1100) if payload_size(size) + 30 <= conn.frame_limit)
+    assert payload_size(fits) + 30 == conn.frame_limit
+    exchange(conn, notify(1, 1, MESSAGES), notify(1, 2, MESSAGES))
+    conn.send_ack(1, 1, [SetVar(VarScope.TRANSACTION, "v", b"x" * fits)])
+    with pytest.raises(LocalProtocolError, match="exceeds max-frame-size"):
+        conn.send_ack(1, 2, [SetVar(VarScope.TRANSACTION, "v", b"x" * (fits + 1))])
+    assert conn.unacked == 1
+
+
+def test_a_notify_id_sent_twice_is_pending_until_acked_twice() -> None:
+    """HAProxy may reuse a stream and frame id while its first NOTIFY is pending: each needs its ACK."""
+    conn = ready_connection()
+    exchange(conn, notify(1, 1, MESSAGES), notify(1, 1, MESSAGES))
+    assert conn.unacked == 2
+    conn.send_ack(1, 1)
+    assert conn.unacked == 1
+    conn.send_ack(1, 1)
+    assert conn.unacked == 0
+    with pytest.raises(LocalProtocolError):
+        conn.send_ack(1, 1)
 
 
 def test_send_ack_for_a_frame_never_received_raises() -> None:
