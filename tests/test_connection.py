@@ -337,6 +337,18 @@ def test_a_notify_id_sent_twice_is_pending_until_acked_twice() -> None:
         conn.send_ack(1, 1)
 
 
+def test_frames_past_64_kib_of_one_read_all_come_out_in_order() -> None:
+    """Past 64 KiB the connection lets go of what it has taken from its input: every frame of a
+    large read still comes out whole and in order, the read ending on a frame's end or inside one."""
+    big = [Message("m", {"body": b"x" * 10_000})]
+    data = b"".join(notify(1, frame_id, big) for frame_id in range(1, 9))
+    for cuts in ([len(data)], [len(data) - 50]):
+        conn = ready_connection()
+        chunks = [data[: cuts[0]], data[cuts[0] :]]
+        events, _ = exchange(conn, *(chunk for chunk in chunks if chunk))
+        assert events == [Notify(1, frame_id, big) for frame_id in range(1, 9)]
+
+
 def test_send_ack_for_a_frame_never_received_raises() -> None:
     conn = ready_connection()
     with pytest.raises(LocalProtocolError):
