@@ -349,6 +349,16 @@ def test_frames_past_64_kib_of_one_read_all_come_out_in_order() -> None:
         assert events == [Notify(1, frame_id, big) for frame_id in range(1, 9)]
 
 
+def test_a_connection_is_built_only_with_what_spop_allows() -> None:
+    """A frame size under SPOP's minimum and capabilities it does not know are programming errors,
+    each named; by default a NOTIFY may carry 1024 messages plus arguments."""
+    with pytest.raises(ValueError, match=r"^max_frame_size must be at least 256, got 255$"):
+        Connection(max_frame_size=255)
+    with pytest.raises(ValueError, match=r"^unknown capabilities: bogus, zzz$"):
+        Connection(capabilities={"pipelining", "zzz", "bogus"})
+    assert Connection().max_notify_entries == 1024
+
+
 def test_send_ack_for_a_frame_never_received_raises() -> None:
     conn = ready_connection()
     with pytest.raises(LocalProtocolError):
