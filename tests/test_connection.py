@@ -175,6 +175,8 @@ def test_hello_keeps_the_engine_id() -> None:
     assert event.engine_id == ENGINE_ID
     event, _ = agent_hello_items(Connection(), hello_2x(engine_id=None))
     assert event.engine_id is None
+    event, _ = agent_hello_items(Connection(), hello_2x(engine_id=Uint32(7)))  # not a string: none
+    assert event.engine_id is None
 
 
 def test_healthcheck_is_answered_then_closed_without_disconnect() -> None:
