@@ -361,6 +361,16 @@ def test_a_connection_is_built_only_with_what_spop_allows() -> None:
     assert Connection().max_notify_entries == 1024
 
 
+def test_actions_from_any_iterable_go_in_the_ack() -> None:
+    """A handler may return its actions as any iterable (a generator here): each goes in the ACK."""
+    conn = ready_connection()
+    actions = [SetVar(VarScope.TRANSACTION, "a", 1), UnsetVar(VarScope.REQUEST, "b")]
+    exchange(conn, notify(1, 1, MESSAGES))
+    conn.send_ack(1, 1, (action for action in actions))
+    (ack,) = parse_frames(conn.data_to_send())
+    assert ack_actions(ack) == actions
+
+
 def test_send_ack_for_a_frame_never_received_raises() -> None:
     conn = ready_connection()
     with pytest.raises(LocalProtocolError):
