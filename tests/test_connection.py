@@ -371,6 +371,17 @@ def test_actions_from_any_iterable_go_in_the_ack() -> None:
     assert ack_actions(ack) == actions
 
 
+def test_a_bytes_like_read_is_copied_before_the_caller_reuses_its_buffer() -> None:
+    """receive_data takes any bytes-like object: a bytearray or memoryview the caller then reuses
+    (a buffered protocol's read buffer) must not change what was received."""
+    for wrap in (bytearray, lambda data: memoryview(bytearray(data))):
+        conn = ready_connection()
+        buffer = wrap(notify(1, 1, MESSAGES))
+        conn.receive_data(buffer)
+        buffer[:] = bytes(len(buffer))
+        assert conn.next_event() == Notify(1, 1, MESSAGES)
+
+
 def test_send_ack_for_a_frame_never_received_raises() -> None:
     conn = ready_connection()
     with pytest.raises(LocalProtocolError):
