@@ -747,11 +747,14 @@ class _Core:
         it is; a multipart part that is multipart itself is split in turn, up to MULTIPART_DEPTH_LIMIT
         levels, past which the request is refused."""
         media_type = "" if content_type is None else content_type.partition(";")[0].strip().lower()
-        if not self.looks_bytes(body):
-            return None
-        if media_type.startswith("multipart/") or (
+        multipart = media_type.startswith("multipart/") or (
             body.startswith(b"--") and b"content-disposition" in body[:1024].lower()
-        ):
+        )
+        # A quoted part name may hide a secret name behind backslash escapes (`name="to\ken"`, which
+        # busboy and RFC 2045 read as `token`), which no substring of the pre-scan finds.
+        if not self.looks_bytes(body) and not (multipart and body.find(b"\\") >= 0):
+            return None
+        if multipart:
             if depth >= MULTIPART_DEPTH_LIMIT:
                 raise Unredactable("multipart_too_deep")
             return self._finish(body, self._multipart(content_type or "", body, events, depth), events)

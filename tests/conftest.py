@@ -90,6 +90,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items.reverse()
 
 
+@pytest.fixture(autouse=True)
+def _cold_spop_caches() -> None:
+    """Each test starts with spoe.frames' caches empty (the message shapes and argument names the
+    decoder learns, the encoded action tuples), so the path that fills them is tested too, not only
+    the one that reads them: mutmut runs each mutant's tests in a child forked after the whole suite
+    has warmed them, and 60 mutants of that path survived (2026-12-05 run)."""
+    from spoe import frames
+
+    frames._SHAPES.clear()
+    frames._ARG_NAMES.clear()
+    frames._ENCODED_TUPLES.clear()
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """The redaction worker process (spoa_mirror/mirror.py) ends with the session, not at the
     interpreter's exit: mutmut ends each mutant's test run with os._exit, which skips exit handlers,

@@ -5,11 +5,13 @@ the same contract through a running agent."""
 
 from __future__ import annotations
 
+import hashlib
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 import pytest
 
+from spoa_mirror.compare.model import Response
 from spoa_mirror.message import (
     MAX_HEADERS,
     BadMessage,
@@ -17,6 +19,7 @@ from spoa_mirror.message import (
     parse_binary_headers,
     parse_headers,
     parse_text_headers,
+    to_primary_response,
     to_request,
 )
 from spoa_mirror.request import MirrorRequest
@@ -150,7 +153,7 @@ def test_text_header_blocks_are_capped_at_max_headers_lines() -> None:
     assert parse_text_headers(at_cap) == [(f"x-{n}", "v") for n in range(MAX_HEADERS)]
     with pytest.raises(BadMessage) as caught:
         parse_text_headers("\r\n".join(lines) + "\r\n\r\n")
-    assert caught.value.reason == "too_many_headers"
+    assert str(caught.value) == f"too_many_headers: more than {MAX_HEADERS} header lines"
     after_the_blank_line = "a: 1\r\n\r\n" + "\r\n".join(lines) + "\r\n"
     assert parse_text_headers(after_the_blank_line) == [("a", "1")]
     assert parse_text_headers("a: 1\r\nb: 2") == [("a", "1"), ("b", "2")]
@@ -179,3 +182,68 @@ def test_optional_args_under_either_name() -> None:
     assert (prefixed.body_len, prefixed.src, prefixed.unique_id) == (4, "192.0.2.2", "u2")
     bare = to_request(GET)
     assert (bare.body_len, bare.src, bare.unique_id) == (None, None, None)
+
+
+def test_a_unique_id_haproxy_sent_as_null_is_no_unique_id() -> None:
+    """HAProxy sends an argument whose sample fetch failed as NULL: `unique-id` with no
+    unique-id-format set is then no unique id, and the request is still mirrored."""
+    request = to_request({**GET, "unique-id": None})
+    assert (request.path, request.unique_id) == ("/", None)
+
+
+RESPONSE_HEADERS = (("Content-Type", "text/plain"), ("X-A", "1"))
+
+
+def test_the_primary_response_message_under_each_name() -> None:
+    """The compare section's response message (haproxy/mirror.spoe.conf's mirror-response): the
+    unique id, status and headers under each of their names, the body, and the latency given; an
+    int subclass from the SPOP decoder becomes a plain int."""
+    block = "Content-Type: text/plain\r\nX-A: 1\r\n\r\n"
+    for id_name in ("arg_unique_id", "unique_id", "unique-id"):
+        for status_name in ("arg_status", "status"):
+            for headers_name in ("arg_hdrs", "hdrs", "headers"):
+                args = {id_name: "u1", status_name: Int64(201), headers_name: block, "body": b"abc"}
+                key, response = to_primary_response(args, 0.25, 1024)
+                assert key == "u1"
+                assert response == Response(201, RESPONSE_HEADERS, b"abc", 3, None, 0.25)
+                assert type(response.status) is int
+    key, response = to_primary_response({"unique-id": b"u2", "status": 204}, 0.5, 1024)
+    assert (key, response) == ("u2", Response(204, (), b"", 0, None, 0.5))
+
+
+def test_the_primary_response_status_must_be_an_http_status_code() -> None:
+    """100 to 999 pass; anything else, a bool, a string or none at all is refused as bad_status."""
+    for status in (100, 999):
+        assert to_primary_response({"unique_id": "u", "status": status}, 0.0, 16)[1].status == status
+    for status in (99, 1000, True, "200", None):
+        with pytest.raises(BadMessage) as caught:
+            to_primary_response({"unique_id": "u", "status": status}, 0.0, 16)
+        assert str(caught.value) == f"bad_status: status must be an HTTP status code, got {status!r}"
+
+
+def test_the_primary_response_needs_a_unique_id() -> None:
+    """Without a unique id a response pairs with nothing: none at all and an empty one (HAProxy's
+    unique-id-format unset) are each refused, with a message saying which."""
+    with pytest.raises(BadMessage) as caught:
+        to_primary_response({"status": 200}, 0.0, 16)
+    names = "arg_unique_id, unique_id, unique-id"
+    assert str(caught.value) == f"missing_unique_id: no unique_id argument (one of {names})"
+    with pytest.raises(BadMessage) as caught:
+        to_primary_response({"unique_id": "", "status": 200}, 0.0, 16)
+    assert str(caught.value) == "missing_unique_id: empty unique_id (HAProxy's unique-id-format unset?)"
+
+
+def test_a_primary_body_cut_by_haproxy_or_over_the_limit() -> None:
+    """A `body_len` over the bytes sent is a body HAProxy cut: its length is the declared one, with no
+    digest (the whole body never came). One at or under the bytes sent, or a bool, changes nothing.
+    A body over `body_limit` is kept cut at it with the digest of the whole; one at it is whole."""
+    base = {"unique_id": "u", "status": 200, "body": b"abcdef"}
+    for name in ("arg_body_len", "body_len"):
+        cut_by_haproxy = to_primary_response({**base, name: Uint32(9)}, 0.0, 16)[1]
+        assert cut_by_haproxy == Response(200, (), b"abcdef", 9, None, 0.0)
+    for declared in (6, 2):
+        assert to_primary_response({**base, "body_len": declared}, 0.0, 16)[1].body_length == 6
+    assert to_primary_response({**base, "body": b"", "body_len": True}, 0.0, 16)[1].body_length == 0
+    cut = to_primary_response(base, 0.0, 4)[1]
+    assert cut == Response(200, (), b"abcd", 6, hashlib.sha256(b"abcdef").digest(), 0.0)
+    assert to_primary_response(base, 0.0, 6)[1] == Response(200, (), b"abcdef", 6, None, 0.0)

@@ -301,11 +301,12 @@ def test_json_too_deep_for_the_stack_counts_as_unparsed() -> None:
 @pytest.mark.parametrize("name", ["zip_code", "Work-Phone", "cvv", "X_Token"])
 def test_the_body_pre_scan_finds_names_with_rare_letters(name: str) -> None:
     """The pre-scan searches for a name holding a rare letter (z, k, v, w, x...) only when that letter
-    is in the body: found in JSON and in text, whatever the case."""
+    is in the body: found in JSON and in text, whatever the case, and at the body's first byte."""
     redact, seen = redactor({"json_fields": {name: "mask"}, "form_fields": {name: "mask"}})
     assert json.loads(redact(json_request({"a": 1, name: "555-0100"})).body)[name] == "[REDACTED]"
     assert redact(form_request(f"a=1&{name}=555-0100")).body == f"a=1&{name}=%5BREDACTED%5D".encode()
-    assert len(seen) == 2
+    assert redact(form_request(f"{name}=555-0100&a=1")).body == f"{name}=%5BREDACTED%5D&a=1".encode()
+    assert len(seen) == 3
 
 
 def test_form_fields() -> None:

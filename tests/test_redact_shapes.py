@@ -269,8 +269,18 @@ def test_multipart_nested_deeper_than_the_limit_is_refused_not_passed_through() 
         b"Content-Disposition: form-data; name*=UTF-8''pass%77ord",
         b'Content-Type: text/plain; name="note"\r\nContent-Disposition: form-data; name="password"',
         b"Content-Disposition: form-data; name=\"note\"; name*=utf-8'en'password",
+        b'Content-Disposition: form-data; name="to\\ken"',
+        b"Content-Disposition: form-data; name*=UTF-8''password%FF",
     ],
-    ids=["unquoted", "spaced", "RFC 2231 name*", "a name in another header first", "name and name*"],
+    ids=[
+        "unquoted",
+        "spaced",
+        "RFC 2231 name*",
+        "a name in another header first",
+        "name and name*",
+        "quoted with a backslash escape",
+        "RFC 2231 name* with a byte that is not UTF-8",
+    ],
 )
 def test_a_part_name_is_read_the_ways_servers_read_it(head: bytes) -> None:
     body = b"--b\r\n" + head + b"\r\n\r\n" + SECRET + b"\r\n--b--\r\n"
@@ -279,11 +289,22 @@ def test_a_part_name_is_read_the_ways_servers_read_it(head: bytes) -> None:
 
 
 def test_a_multipart_body_with_bare_lf_line_ends_is_split_too() -> None:
-    """Go's and Python's multipart readers accept LF where RFC 2046 says CRLF; the parts keep LF."""
+    """Go's and Python's multipart readers accept LF where RFC 2046 says CRLF; the parts keep LF. A
+    part's head ends at its first blank line: a secret value holding blank lines is masked whole."""
     body = b'--b\nContent-Disposition: form-data; name="password"\n\n' + SECRET + b"\n--b\n"
-    body += b'Content-Disposition: form-data; name="note"\n\nhi\n--b--\n'
+    body += b'Content-Disposition: form-data; name="note"\n\nhi\n--b\n'
+    body += b'Content-Disposition: form-data; name="token"\n\nfirst line\n\nsecond line\n--b--\n'
     _, out, seen = redacted(None, [("Content-Type", "multipart/form-data; boundary=b")], body)
-    assert (out.body, seen) == (body.replace(SECRET, MASK.encode()), ["multipart:default"])
+    expected = body.replace(SECRET, MASK.encode()).replace(b"first line\n\nsecond line", MASK.encode())
+    assert (out.body, seen) == (expected, ["multipart:default", "multipart:default"])
+
+
+def test_a_part_kept_by_its_rule_is_not_scanned_either() -> None:
+    """`keep` for a form field leaves its part as it came: a secret-looking name's card number too."""
+    body = b"--b\r\n" + part("pin", CARD.encode() + b"\r\n") + b"--b--\r\n"
+    headers = [("Content-Type", "multipart/form-data; boundary=b")]
+    _, out, seen = redacted({"form_fields": {"pin": "keep"}}, headers, body)
+    assert (out.body, seen) == (body, [])
 
 
 # Content-Encoding -------------------------------------------------------------------------------
@@ -340,6 +361,32 @@ def test_a_raw_deflate_body_is_decoded_within_the_same_bound() -> None:
     with pytest.raises(Unredactable) as refused:
         redacted(None, [("Content-Encoding", "deflate")], bomb)
     assert refused.value.reason == "decoded_too_large"
+
+
+def test_a_gzip_body_cut_before_its_trailer_is_redacted_and_sent_whole() -> None:
+    """HAProxy cuts a body at its buffer: a gzip stream without its 8-byte trailer decodes all the
+    same, and goes out redacted and encoded again as a whole stream."""
+    text = b"user=bob&password=hunter2"
+    _, out, seen = redacted(None, [("Content-Encoding", "gzip")], gzip.compress(text)[:-8])
+    assert gzip.decompress(out.body) == b"user=bob&password=" + ENCODED_MASK.encode()
+    assert seen == ["text:default"]
+
+
+def test_an_encoded_multipart_body_is_nested_as_deep_as_a_plain_one() -> None:
+    """The decoded body is the first level, as a plain body is: MULTIPART_DEPTH_LIMIT levels under
+    gzip are redacted, not refused."""
+    headers = [("Content-Encoding", "gzip"), ("Content-Type", "multipart/form-data; boundary=b1")]
+    at_limit = levels_deep(MULTIPART_DEPTH_LIMIT)
+    _, out, seen = redacted(None, headers, gzip.compress(at_limit))
+    assert gzip.decompress(out.body) == at_limit.replace(SECRET, MASK.encode())
+    assert seen == ["multipart:default"]
+
+
+def test_a_card_number_at_the_very_start_of_a_body_is_masked() -> None:
+    """The card pre-scan's matches at offset 0, spaced and dashed."""
+    for card in (CARD, CARD.replace(" ", "-")):
+        _, out, seen = redacted(None, [("Content-Type", "text/plain")], card.encode() + b" is it")
+        assert (out.body, seen) == (MASK.encode() + b" is it", ["pattern:cards"])
 
 
 def test_a_gzipped_multipart_body_is_split_into_its_parts() -> None:
@@ -452,6 +499,13 @@ def test_json_under_a_json_media_type_is_parsed_whatever_its_first_byte() -> Non
     assert (out.body, seen) == (json.dumps(f" {MASK}").encode(), ["pattern:cards"])
 
 
+def test_json_that_mentions_content_disposition_is_still_json() -> None:
+    """Only a body starting with `--` is sniffed as multipart by its Content-Disposition."""
+    body = b'{"note": "Content-Disposition: form-data", "ref": "r-1"}'
+    _, out, seen = redacted({"json_fields": {"ref": "mask"}}, [("Content-Type", "application/json")], body)
+    assert (out.body, seen) == (b'{"note":"Content-Disposition: form-data","ref":"[REDACTED]"}', ["json:ref"])
+
+
 def test_json_of_exactly_the_parse_limit_is_parsed_one_byte_more_is_scanned() -> None:
     def document(size: int) -> bytes:
         head = b'{"password":"hunter2","fill":"'
@@ -507,7 +561,7 @@ def test_json_keys_after_a_kept_or_configured_key_are_still_redacted() -> None:
         ("https://u:p@h/", f"https://{MASK}@h/"),
         ("https:\\/\\/u:p@h\\/", f"https://{MASK}@h/"),
     ],
-    ids=["card behind a \\u escape", "plain userinfo", "userinfo behind escaped slashes"],
+    ids=["card behind a JSON unicode escape", "plain userinfo", "userinfo behind escaped slashes"],
 )
 def test_json_strings_are_scanned_whatever_gives_their_secret_away(value: str, masked: str) -> None:
     """The document is only scanned string by string when its raw bytes hold card digits, `://`,
