@@ -16,12 +16,15 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from spoa_mirror import mirror as mirror_module
+from spoa_mirror.capture import gor
+from spoa_mirror.capture.target import payload_id
 from spoa_mirror.config import parse_config
 from spoa_mirror.message import to_request
 from spoa_mirror.mirror import Mirror
@@ -982,6 +985,99 @@ def test_a_body_in_the_worker_at_a_reload_stays_in_the_budget_until_it_settles(
                 assert stats.outcomes["budget_exceeded"] == 1, stats.outcomes
                 assert 40 * KiB <= mirror.budget.used() <= 64 * KiB
             await _until(lambda: old.offloaded == 0)
+        finally:
+            server.close()
+
+    loop_runner("asyncio", TEST_DEADLINE)(test)
+
+
+# Capture targets recording responses, the compare log, the loop marker, and shares at a reload ------
+
+
+def test_a_capture_target_recording_responses_has_the_ack_ask_for_them_and_records_them(
+    tmp_path: Path,
+) -> None:
+    """No compare section, a plain target on a hung shadow and a capture target with
+    `capture.responses`: the ACK of a mirrored request asks HAProxy for the primary's response
+    (txn.compare), and the capture target's response message (its name, not compare's) is taken
+    and written after the request it answers, with the request's id."""
+
+    async def test() -> None:
+        server, port = await _hung_server()
+        try:
+            plain = {"name": "plain", "url": f"http://127.0.0.1:{port}", "timeout": 60}
+            recorder = {"name": "rec", "capture": {"directory": str(tmp_path), "responses": True,
+                                                   "response_message": "recorded-response"}}  # fmt: skip
+            mirror = Mirror(parse_config({"targets": [plain, recorder]}, env={}), None)
+            rec = mirror.targets[1]
+            assert mirror.recorders == [rec]
+            ack = mirror.handle(request_message("/orders/1", [("Host", "app")], b"", "GET", unique_id="id-1"))
+            assert ack == mirror_module.ACK_ACCEPTED_COMPARE
+            response = {"unique_id": "id-1", "status": 201, "hdrs": b"content-type: text/plain\r\n\r\n",
+                        "body": b"made"}  # fmt: skip
+            assert mirror.handle(Message("recorded-response", response)) == mirror_module.ACK_ACCEPTED
+            await wait_until(lambda: rec.capture_stats.responses == {"written": 1}, SETTLE)
+            await rec.drain(asyncio.get_running_loop().time() + 5)
+        finally:
+            server.close()
+
+    loop_runner("asyncio", TEST_DEADLINE)(test)
+    errors: list[gor.FormatError] = []
+    captured = list(gor.merge(gor.capture_files([str(tmp_path)]), errors.append))
+    assert errors == [] and [p.kind for p in captured] == [gor.REQUEST, gor.RESPONSE]
+    assert captured[0].id == captured[1].id == payload_id("id-1")
+    response = captured[1].message
+    assert response.startswith(b"HTTP/1.1 201 Created\r\n") and response.endswith(b"\r\n\r\nmade")
+
+
+def test_a_compare_section_is_logged_once_with_its_candidates_baseline_and_response_message(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """compare.enabled, one event when a compare section comes in, naming what is compared and the
+    message the primary's responses arrive in (what an operator checks HAProxy's config against)."""
+    targets = [{"name": name, "url": "http://127.0.0.1:9"} for name in ("new", "old")]
+    compare = {"candidates": ["new"], "baseline": "old", "response_message": "primary-response",
+               "table": {"max_bytes": "1MiB", "max_entries": 100}}  # fmt: skip
+
+    async def test() -> None:
+        with capture_logs() as logs:
+            Mirror(parse_config({"targets": targets, "compare": compare}, env={}), None)
+        enabled = [entry for entry in logs if entry["event"] == "compare.enabled"]
+        assert enabled == [{"event": "compare.enabled", "log_level": "info", "candidates": ["new"],
+                            "baseline": "old", "response_message": "primary-response"}]  # fmt: skip
+
+    run_asyncio(test)
+
+
+def test_the_loop_marker_under_a_given_key_is_the_same_in_every_version() -> None:
+    """Replicas given the same `secrets` key recognise each other's mirrors, also in a rolling
+    upgrade: the marker under a key is pinned here (HMAC-SHA-512 of "spoa-mirror loop marker", its
+    first 32 hex digits), and a change to it must be a deliberate one (a new "v2-" prefix)."""
+    config = parse_config({"targets": [{"name": "a", "url": "http://127.0.0.1:9"}]}, env={})
+    mirror = Mirror(config, bytes(range(32)))
+    assert mirror.loop_value == b"v1-d8fbd6c8b2b4c17ca13f02340eccc364"
+
+
+def test_two_retired_targets_pools_each_count_against_the_share_of_their_successor() -> None:
+    """Two targets on a hung shadow each hold a request in their own pool when a reload replaces
+    both with a third (a new pool): the third's share is the agent's budget less both pools' bytes,
+    not less one of them."""
+
+    async def test() -> None:
+        server, port = await _hung_server()
+        try:
+            def spec(name: str) -> dict[str, Any]:
+                return {"name": name, "url": f"http://127.0.0.1:{port}", "concurrency": 1, "timeout": 60}
+
+            config = {"memory_budget": 256 * KiB, "drain_timeout": 60}
+            mirror = Mirror(parse_config({**config, "targets": [spec("a"), spec("b")]}, env={}), None)
+            a, b = mirror.targets
+            mirror.handle(_post("/1", 10 * KiB))
+            await _until(lambda: a.pool.bytes_held > 10 * KiB and b.pool.bytes_held > 10 * KiB)
+            mirror.apply(parse_config({**config, "targets": [spec("c")]}, env={}), None)
+            [c] = mirror.targets
+            assert mirror.retired == [a, b] and c.pool is not a.pool and c.pool is not b.pool
+            assert c.share == 256 * KiB - a.pool.bytes_held - b.pool.bytes_held
         finally:
             server.close()
 
