@@ -24,6 +24,7 @@ from structlog.testing import capture_logs
 
 from spoa_mirror import mirror as mirror_module
 from spoa_mirror.capture import gor
+from spoa_mirror.capture.replay import ReplayOptions, replay
 from spoa_mirror.capture.target import payload_id
 from spoa_mirror.config import parse_config
 from spoa_mirror.message import to_request
@@ -1082,3 +1083,16 @@ def test_two_retired_targets_pools_each_count_against_the_share_of_their_success
             server.close()
 
     loop_runner("asyncio", TEST_DEADLINE)(test)
+
+
+def test_a_replay_builds_its_one_targets_budget_from_memory_budget_alone(tmp_path: Path) -> None:
+    """`spoa-mirror replay` has no Mirror: it builds a MemoryBudget from memory_budget and gives its
+    one target the whole of it as its share before sending what the capture holds."""
+    capture = tmp_path / "requests.gor"
+    message = b"GET /replayed HTTP/1.1\r\nHost: app.example\r\n\r\n"
+    capture.write_bytes(gor.encode(gor.REQUEST, f"{1:024x}", 1_700_000_000_000_000_000, 0, message))
+    with ShadowServer() as shadow:
+        summary = asyncio.run(replay(ReplayOptions(files=[str(capture)], to=shadow.url)))
+    outcomes = {name: count for name, count in summary.outcomes.items() if count}
+    assert (summary.read, outcomes) == (1, {"sent_2xx": 1})
+    assert [r.target for r in shadow.requests] == ["/replayed"]
