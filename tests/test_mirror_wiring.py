@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
 
+import spoa_mirror.mirror as mirror_module
 from spoa_mirror.app import App
 from spoa_mirror.config import parse_config
 from spoa_mirror.errors import ConfigError
@@ -34,6 +36,7 @@ from tests.test_transport_pipelining import PipelineShadow
 KiB = 1024
 ACCEPTED = SetVar(VarScope.TRANSACTION, "accepted", 1)
 COMPARE = SetVar(VarScope.TRANSACTION, "compare", 1)
+REFUSED = SetVar(VarScope.TRANSACTION, "accepted", 0)
 # One sample of the compare account's outcome family (parse_metrics orders the labels by name).
 COMPARISONS = re.compile(
     r'spoa_mirror_compare_comparisons_total\{endpoint=".*",outcome="(?P<outcome>\w+)",target="(?P<target>.*)"\}'
@@ -178,6 +181,68 @@ def test_a_compared_request_is_paired_with_the_primarys_response_message_and_jud
     assert comparisons(after, "plain") == {}
     assert after['spoa_mirror_requests_total{outcome="sent_2xx",target="plain"}'] == 4
     assert sorted(r.target for r in plain.requests) == ["/items/1", "/items/2", "/items/4", "/slow/3"]
+
+
+def test_the_primarys_response_waits_in_the_intake_within_its_bounds_and_is_refused_beyond_them(
+    run_asyncio: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The primary's response message takes its place in the intake as a request does, under the same
+    two bounds. In bytes (INTAKE_BYTES made a request's and its response's size here): the response
+    that fills the intake to the byte is taken in, paired and judged, and recorded by the capture
+    target; the next one, smaller than the request, is refused. In messages (INTAKE_LIMIT made 2):
+    behind two requests, both responses are refused. Each refusal is counted once, in the compare
+    account and in the capture target's (/metrics), and ACKed as not accepted."""
+    with ShadowServer(responder=json_service) as candidate:
+        recorder = {"name": "rec", "capture": {"directory": str(tmp_path), "responses": True}}
+        config = {
+            "targets": [target("candidate", candidate), recorder],
+            "compare": {"candidates": ["candidate"]},
+        }
+        metrics: dict[str, float] = {}
+        compared: list[dict[str, int]] = []
+
+        def held(message: Message) -> int:
+            args = message.args
+            headers, body = args.get("arg_hdrs", args.get("hdrs")), args.get("arg_body", args.get("body"))
+            return len(headers) + len(body)
+
+        async def test() -> None:
+            async with running(config) as (app, _, peer):
+                captured = app.mirror.target_stats["rec"].capture
+                post = request("/items/1", "id-1", method="POST", body=b"x" * 1000)
+                answer = primary_response("id-1", item("/items/1"))
+                late = primary_response("id-2", b"{}")
+                assert held(late) < held(post)
+                monkeypatch.setattr(mirror_module, "INTAKE_BYTES", held(post) + held(answer))
+                expected = [ACCEPTED, COMPARE, ACCEPTED, REFUSED]
+                assert await actions_of(peer, 1, [post, answer, late]) == expected
+                engine = app.mirror.compare_engine
+                await wait_until(lambda: account(engine)[0::2] == (1, 0), SETTLE)
+                await wait_until(lambda: captured.responses.get("written") == 1, SETTLE)
+                compared.append(account(engine)[1])
+
+                monkeypatch.setattr(mirror_module, "INTAKE_LIMIT", 2)
+                behind = [request("/items/3", "id-3"), request("/items/4", "id-4")]
+                answers = [primary_response(f"id-{n}", item(f"/items/{n}")) for n in (3, 4)]
+                expected = [ACCEPTED, COMPARE, ACCEPTED, COMPARE, REFUSED, REFUSED]
+                assert await actions_of(peer, 2, behind + answers) == expected
+                await wait_until(lambda: len(candidate.requests) == 3, SETTLE)
+                metrics.update(scrape(app))
+
+        run_asyncio(test)
+    assert compared == [{"identical": 1}]
+    responses = {
+        result: metrics[f'spoa_mirror_compare_primary_responses_total{{result="{result}"}}']
+        for result in ("paired", "unmatched", "invalid", "refused")
+    }
+    assert responses == {"paired": 1, "unmatched": 0, "invalid": 0, "refused": 3}
+    recorded = {
+        key: value for key, value in metrics.items() if key.startswith("spoa_mirror_capture_responses_total")
+    }
+    assert recorded == {
+        'spoa_mirror_capture_responses_total{result="refused",target="rec"}': 3,
+        'spoa_mirror_capture_responses_total{result="written",target="rec"}': 1,
+    }
 
 
 # Compare across reloads: the section comes, stays, changes and goes ------------------------------------
