@@ -10,6 +10,7 @@ order.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
+from structlog.testing import capture_logs
 
 import spoa_mirror.mirror as mirror_module
 from spoa_mirror.app import App
@@ -243,6 +245,84 @@ def test_the_primarys_response_waits_in_the_intake_within_its_bounds_and_is_refu
         'spoa_mirror_capture_responses_total{result="refused",target="rec"}': 3,
         'spoa_mirror_capture_responses_total{result="written",target="rec"}': 1,
     }
+
+
+def test_a_response_message_that_cannot_be_read_is_counted_invalid_and_logged_once_per_reason(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """A response message without a unique-id, one with a status that is no number, and a second
+    without a unique-id: each taken in, then counted invalid (/metrics); one warning per reason,
+    with the reason and the error, the repeat held back by the log throttle."""
+    with ShadowServer(responder=json_service) as candidate:
+        config = {"targets": [target("candidate", candidate)], "compare": {"candidates": ["candidate"]}}
+        no_id = Message("mirror-response", {k: v for k, v in primary_response("id-1", b"{}").args.items()
+                                            if k != "unique_id"})  # fmt: skip
+        text_status = Message("mirror-response", {**primary_response("id-2", b"{}").args, "status": "200"})
+        metrics: dict[str, float] = {}
+        warned: list[tuple[Any, ...]] = []
+
+        async def test() -> None:
+            async with running(config) as (app, _, peer):
+                stats = app.mirror.pairing.stats
+                with capture_logs() as logs:
+                    assert await actions_of(peer, 1, [no_id, text_status, no_id]) == [ACCEPTED] * 3
+                    await wait_until(lambda: stats.primary_responses["invalid"] == 3, SETTLE)
+                warned.extend(
+                    (e["event"], e["log_level"], e["reason"], e["error"], e["suppressed"])
+                    for e in logs
+                    if e["event"].startswith("compare.")
+                )
+                metrics.update(scrape(app))
+
+        run_asyncio(test)
+    assert warned == [
+        ("compare.bad_response_message", "warning", "missing_unique_id",
+         "missing_unique_id: no unique_id argument (one of arg_unique_id, unique_id, unique-id)", 0),
+        ("compare.bad_response_message", "warning", "bad_status",
+         "bad_status: status must be an HTTP status code, got '200'", 0),
+    ]  # fmt: skip
+    assert metrics['spoa_mirror_compare_primary_responses_total{result="invalid"}'] == 3
+    assert metrics['spoa_mirror_compare_primary_responses_total{result="paired"}'] == 0
+
+
+def test_the_primarys_latency_runs_from_the_compared_request_to_its_response_message(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """The primary's latency in the comparison (spoa_mirror_compare_latency_seconds, side primary) is
+    the time from the compared request's registration in the pairing table (when the candidate sent
+    it) to the response message's arrival: here at least the pause the test made between the two,
+    and at most the time the test took from sending the request to the response's ACK."""
+    with ShadowServer(responder=json_service) as candidate:
+        config = {"targets": [target("candidate", candidate)], "compare": {"candidates": ["candidate"]}}
+        bounds: list[float] = []
+        metrics: dict[str, float] = {}
+
+        async def test() -> None:
+            async with running(config) as (app, _, peer):
+                loop = asyncio.get_running_loop()
+                engine = app.mirror.compare_engine
+                sent = loop.time()
+                assert await actions_of(peer, 1, [request("/items/1", "id-1")]) == [ACCEPTED, COMPARE]
+                await wait_until(lambda: len(candidate.requests) == 1, SETTLE)  # registered before
+                paused = loop.time()
+                await asyncio.sleep(0.05)
+                answering = loop.time()
+                assert await actions_of(peer, 2, [primary_response("id-1", item("/items/1"))]) == [ACCEPTED]
+                bounds.extend((answering - paused, loop.time() - sent))
+                await wait_until(lambda: account(engine) == (1, {"identical": 1}, 0), SETTLE)
+                metrics.update(scrape(app))
+
+        run_asyncio(test)
+    latency = {
+        key.partition("{")[0]: value
+        for key, value in metrics.items()
+        if key.startswith("spoa_mirror_compare_latency_seconds_")
+        and 'side="primary"' in key
+        and not key.startswith("spoa_mirror_compare_latency_seconds_bucket")
+    }
+    least, most = bounds
+    assert latency["spoa_mirror_compare_latency_seconds_count"] == 1
+    assert least <= latency["spoa_mirror_compare_latency_seconds_sum"] <= most
 
 
 # Compare across reloads: the section comes, stays, changes and goes ------------------------------------
