@@ -11,6 +11,7 @@ order.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -432,6 +433,56 @@ def test_examples_of_a_compared_pair_are_taken_from_the_targets_redaction(
     }
     assert shown == {"nickname": ("<redacted>", "<redacted>"), "plan": ('"basic"', '"premium"')}
     assert "sekrit" not in json.dumps(report)
+
+
+def test_an_example_shows_a_header_the_targets_rules_mask_masked_and_nothing_of_what_they_cannot_redact(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """The candidate's `X-Account-Name`, which its target's rules mask, shows masked in the example;
+    the primary's Brotli body, which redaction cannot look into, shows nothing of itself: neither
+    its Content-Encoding nor its bytes (an empty body is what the example compares)."""
+    secret = b"\x1bsekrit-primary-bytes"
+    shadow_body = b"candidate bytes"
+
+    def binary_service(req: RecordedRequest) -> Reply:
+        headers = (("Content-Type", "application/octet-stream"), ("X-Account-Name", "alice-shadow"))
+        return Reply(200, headers, shadow_body)
+
+    with ShadowServer(responder=binary_service) as candidate:
+        spec = target("candidate", candidate, redact={"headers": {"X-Account-Name": "mask"}})
+        config = {"targets": [spec], "compare": {"candidates": ["candidate"]}}
+        headers = (
+            f"content-type: application/octet-stream\r\ncontent-encoding: br\r\n"
+            f"content-length: {len(secret)}\r\n\r\n"
+        )
+        args = {"unique_id": "id-1", "status": 200, "hdrs": headers, "body": secret, "body_len": len(secret)}
+        report: list[dict[str, Any]] = []
+
+        async def test() -> None:
+            async with running(config) as (app, _, peer):
+                engine = app.mirror.compare_engine
+                await actions_of(peer, 1, [request("/files/1", "id-1")])
+                await wait_until(lambda: len(candidate.requests) == 1, SETTLE)
+                await actions_of(peer, 2, [Message("mirror-response", args)])
+                await wait_until(lambda: account(engine)[0::2] == (1, 0), SETTLE)
+                report.append(engine.report())
+
+        run_asyncio(test)
+    [endpoint] = report[0]["targets"][0]["endpoints"]
+    shown = {
+        f["field"]: (f["examples"][0]["primary"], f["examples"][0]["candidate"]) for f in endpoint["fields"]
+    }
+    empty, shadow_digest = hashlib.sha256(b"").hexdigest(), hashlib.sha256(shadow_body).hexdigest()
+    assert shown == {
+        "header content-encoding": ("<redacted>", "<redacted>"),
+        "header x-account-name": ("(absent)", "[REDACTED]"),
+        "body (bytes)": (
+            f"0 bytes, sha256 {empty[:16]}",
+            f"{len(shadow_body)} bytes, sha256 {shadow_digest[:16]}",
+        ),
+    }
+    assert endpoint["outcomes"]["different"] == 1
+    assert "sekrit" not in json.dumps(report) and "alice" not in json.dumps(report)
 
 
 # Compare: the table's bytes are part of the agent's memory budget --------------------------------------
