@@ -10,14 +10,19 @@ order.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
+from structlog.testing import capture_logs
 
+import spoa_mirror.mirror as mirror_module
 from spoa_mirror.app import App
 from spoa_mirror.config import parse_config
 from spoa_mirror.errors import ConfigError
@@ -34,6 +39,7 @@ from tests.test_transport_pipelining import PipelineShadow
 KiB = 1024
 ACCEPTED = SetVar(VarScope.TRANSACTION, "accepted", 1)
 COMPARE = SetVar(VarScope.TRANSACTION, "compare", 1)
+REFUSED = SetVar(VarScope.TRANSACTION, "accepted", 0)
 # One sample of the compare account's outcome family (parse_metrics orders the labels by name).
 COMPARISONS = re.compile(
     r'spoa_mirror_compare_comparisons_total\{endpoint=".*",outcome="(?P<outcome>\w+)",target="(?P<target>.*)"\}'
@@ -180,6 +186,146 @@ def test_a_compared_request_is_paired_with_the_primarys_response_message_and_jud
     assert sorted(r.target for r in plain.requests) == ["/items/1", "/items/2", "/items/4", "/slow/3"]
 
 
+def test_the_primarys_response_waits_in_the_intake_within_its_bounds_and_is_refused_beyond_them(
+    run_asyncio: Callable[[AsyncTest], None], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The primary's response message takes its place in the intake as a request does, under the same
+    two bounds. In bytes (INTAKE_BYTES made a request's and its response's size here): the response
+    that fills the intake to the byte is taken in, paired and judged, and recorded by the capture
+    target; the next one, smaller than the request, is refused. In messages (INTAKE_LIMIT made 2):
+    behind two requests, both responses are refused. Each refusal is counted once, in the compare
+    account and in the capture target's (/metrics), and ACKed as not accepted."""
+    with ShadowServer(responder=json_service) as candidate:
+        recorder = {"name": "rec", "capture": {"directory": str(tmp_path), "responses": True}}
+        config = {
+            "targets": [target("candidate", candidate), recorder],
+            "compare": {"candidates": ["candidate"]},
+        }
+        metrics: dict[str, float] = {}
+        compared: list[dict[str, int]] = []
+
+        def held(message: Message) -> int:
+            args = message.args
+            headers, body = args.get("arg_hdrs", args.get("hdrs")), args.get("arg_body", args.get("body"))
+            return len(headers) + len(body)
+
+        async def test() -> None:
+            async with running(config) as (app, _, peer):
+                captured = app.mirror.target_stats["rec"].capture
+                post = request("/items/1", "id-1", method="POST", body=b"x" * 1000)
+                answer = primary_response("id-1", item("/items/1"))
+                late = primary_response("id-2", b"{}")
+                assert held(late) < held(post)
+                monkeypatch.setattr(mirror_module, "INTAKE_BYTES", held(post) + held(answer))
+                expected = [ACCEPTED, COMPARE, ACCEPTED, REFUSED]
+                assert await actions_of(peer, 1, [post, answer, late]) == expected
+                engine = app.mirror.compare_engine
+                await wait_until(lambda: account(engine)[0::2] == (1, 0), SETTLE)
+                await wait_until(lambda: captured.responses.get("written") == 1, SETTLE)
+                compared.append(account(engine)[1])
+
+                monkeypatch.setattr(mirror_module, "INTAKE_LIMIT", 2)
+                behind = [request("/items/3", "id-3"), request("/items/4", "id-4")]
+                answers = [primary_response(f"id-{n}", item(f"/items/{n}")) for n in (3, 4)]
+                expected = [ACCEPTED, COMPARE, ACCEPTED, COMPARE, REFUSED, REFUSED]
+                assert await actions_of(peer, 2, behind + answers) == expected
+                await wait_until(lambda: len(candidate.requests) == 3, SETTLE)
+                metrics.update(scrape(app))
+
+        run_asyncio(test)
+    assert compared == [{"identical": 1}]
+    responses = {
+        result: metrics[f'spoa_mirror_compare_primary_responses_total{{result="{result}"}}']
+        for result in ("paired", "unmatched", "invalid", "refused")
+    }
+    assert responses == {"paired": 1, "unmatched": 0, "invalid": 0, "refused": 3}
+    recorded = {
+        key: value for key, value in metrics.items() if key.startswith("spoa_mirror_capture_responses_total")
+    }
+    assert recorded == {
+        'spoa_mirror_capture_responses_total{result="refused",target="rec"}': 3,
+        'spoa_mirror_capture_responses_total{result="written",target="rec"}': 1,
+    }
+
+
+def test_a_response_message_that_cannot_be_read_is_counted_invalid_and_logged_once_per_reason(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """A response message without a unique-id, one with a status that is no number, and a second
+    without a unique-id: each taken in, then counted invalid (/metrics); one warning per reason,
+    with the reason and the error, the repeat held back by the log throttle."""
+    with ShadowServer(responder=json_service) as candidate:
+        config = {"targets": [target("candidate", candidate)], "compare": {"candidates": ["candidate"]}}
+        no_id = Message("mirror-response", {k: v for k, v in primary_response("id-1", b"{}").args.items()
+                                            if k != "unique_id"})  # fmt: skip
+        text_status = Message("mirror-response", {**primary_response("id-2", b"{}").args, "status": "200"})
+        metrics: dict[str, float] = {}
+        warned: list[tuple[Any, ...]] = []
+
+        async def test() -> None:
+            async with running(config) as (app, _, peer):
+                stats = app.mirror.pairing.stats
+                with capture_logs() as logs:
+                    assert await actions_of(peer, 1, [no_id, text_status, no_id]) == [ACCEPTED] * 3
+                    await wait_until(lambda: stats.primary_responses["invalid"] == 3, SETTLE)
+                warned.extend(
+                    (e["event"], e["log_level"], e["reason"], e["error"], e["suppressed"])
+                    for e in logs
+                    if e["event"].startswith("compare.")
+                )
+                metrics.update(scrape(app))
+
+        run_asyncio(test)
+    assert warned == [
+        ("compare.bad_response_message", "warning", "missing_unique_id",
+         "missing_unique_id: no unique_id argument (one of arg_unique_id, unique_id, unique-id)", 0),
+        ("compare.bad_response_message", "warning", "bad_status",
+         "bad_status: status must be an HTTP status code, got '200'", 0),
+    ]  # fmt: skip
+    assert metrics['spoa_mirror_compare_primary_responses_total{result="invalid"}'] == 3
+    assert metrics['spoa_mirror_compare_primary_responses_total{result="paired"}'] == 0
+
+
+def test_the_primarys_latency_runs_from_the_compared_request_to_its_response_message(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """The primary's latency in the comparison (spoa_mirror_compare_latency_seconds, side primary) is
+    the time from the compared request's registration in the pairing table (when the candidate sent
+    it) to the response message's arrival: here at least the pause the test made between the two,
+    and at most the time the test took from sending the request to the response's ACK."""
+    with ShadowServer(responder=json_service) as candidate:
+        config = {"targets": [target("candidate", candidate)], "compare": {"candidates": ["candidate"]}}
+        bounds: list[float] = []
+        metrics: dict[str, float] = {}
+
+        async def test() -> None:
+            async with running(config) as (app, _, peer):
+                loop = asyncio.get_running_loop()
+                engine = app.mirror.compare_engine
+                sent = loop.time()
+                assert await actions_of(peer, 1, [request("/items/1", "id-1")]) == [ACCEPTED, COMPARE]
+                await wait_until(lambda: len(candidate.requests) == 1, SETTLE)  # registered before
+                paused = loop.time()
+                await asyncio.sleep(0.05)
+                answering = loop.time()
+                assert await actions_of(peer, 2, [primary_response("id-1", item("/items/1"))]) == [ACCEPTED]
+                bounds.extend((answering - paused, loop.time() - sent))
+                await wait_until(lambda: account(engine) == (1, {"identical": 1}, 0), SETTLE)
+                metrics.update(scrape(app))
+
+        run_asyncio(test)
+    latency = {
+        key.partition("{")[0]: value
+        for key, value in metrics.items()
+        if key.startswith("spoa_mirror_compare_latency_seconds_")
+        and 'side="primary"' in key
+        and not key.startswith("spoa_mirror_compare_latency_seconds_bucket")
+    }
+    least, most = bounds
+    assert latency["spoa_mirror_compare_latency_seconds_count"] == 1
+    assert least <= latency["spoa_mirror_compare_latency_seconds_sum"] <= most
+
+
 # Compare across reloads: the section comes, stays, changes and goes ------------------------------------
 
 
@@ -287,6 +433,56 @@ def test_examples_of_a_compared_pair_are_taken_from_the_targets_redaction(
     }
     assert shown == {"nickname": ("<redacted>", "<redacted>"), "plan": ('"basic"', '"premium"')}
     assert "sekrit" not in json.dumps(report)
+
+
+def test_an_example_shows_a_header_the_targets_rules_mask_masked_and_nothing_of_what_they_cannot_redact(
+    run_asyncio: Callable[[AsyncTest], None],
+) -> None:
+    """The candidate's `X-Account-Name`, which its target's rules mask, shows masked in the example;
+    the primary's Brotli body, which redaction cannot look into, shows nothing of itself: neither
+    its Content-Encoding nor its bytes (an empty body is what the example compares)."""
+    secret = b"\x1bsekrit-primary-bytes"
+    shadow_body = b"candidate bytes"
+
+    def binary_service(req: RecordedRequest) -> Reply:
+        headers = (("Content-Type", "application/octet-stream"), ("X-Account-Name", "alice-shadow"))
+        return Reply(200, headers, shadow_body)
+
+    with ShadowServer(responder=binary_service) as candidate:
+        spec = target("candidate", candidate, redact={"headers": {"X-Account-Name": "mask"}})
+        config = {"targets": [spec], "compare": {"candidates": ["candidate"]}}
+        headers = (
+            f"content-type: application/octet-stream\r\ncontent-encoding: br\r\n"
+            f"content-length: {len(secret)}\r\n\r\n"
+        )
+        args = {"unique_id": "id-1", "status": 200, "hdrs": headers, "body": secret, "body_len": len(secret)}
+        report: list[dict[str, Any]] = []
+
+        async def test() -> None:
+            async with running(config) as (app, _, peer):
+                engine = app.mirror.compare_engine
+                await actions_of(peer, 1, [request("/files/1", "id-1")])
+                await wait_until(lambda: len(candidate.requests) == 1, SETTLE)
+                await actions_of(peer, 2, [Message("mirror-response", args)])
+                await wait_until(lambda: account(engine)[0::2] == (1, 0), SETTLE)
+                report.append(engine.report())
+
+        run_asyncio(test)
+    [endpoint] = report[0]["targets"][0]["endpoints"]
+    shown = {
+        f["field"]: (f["examples"][0]["primary"], f["examples"][0]["candidate"]) for f in endpoint["fields"]
+    }
+    empty, shadow_digest = hashlib.sha256(b"").hexdigest(), hashlib.sha256(shadow_body).hexdigest()
+    assert shown == {
+        "header content-encoding": ("<redacted>", "<redacted>"),
+        "header x-account-name": ("(absent)", "[REDACTED]"),
+        "body (bytes)": (
+            f"0 bytes, sha256 {empty[:16]}",
+            f"{len(shadow_body)} bytes, sha256 {shadow_digest[:16]}",
+        ),
+    }
+    assert endpoint["outcomes"]["different"] == 1
+    assert "sekrit" not in json.dumps(report) and "alice" not in json.dumps(report)
 
 
 # Compare: the table's bytes are part of the agent's memory budget --------------------------------------
