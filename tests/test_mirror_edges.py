@@ -838,6 +838,19 @@ def _one_target_in_64_kib(port: int) -> Mirror:
     return Mirror(parse_config({"memory_budget": 64 * KiB, "targets": [spec]}, env={}), None)
 
 
+@asynccontextmanager
+async def _one_hung_target_in_64_kib() -> AsyncIterator[tuple[Mirror, Any, Any, int]]:
+    """_one_target_in_64_kib on a shadow that never answers: the mirror, its target, the target's
+    stats and the shadow's port."""
+    server, port = await _hung_server()
+    try:
+        mirror = _one_target_in_64_kib(port)
+        [target] = mirror.targets
+        yield mirror, target, mirror.target_stats["a"], port
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize("over", [0, 1])
 def test_a_body_in_the_worker_is_held_in_the_budget_of_what_comes_after_it_to_the_byte(
     over: int, monkeypatch: pytest.MonkeyPatch
@@ -849,11 +862,7 @@ def test_a_body_in_the_worker_is_held_in_the_budget_of_what_comes_after_it_to_th
     monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
 
     async def test() -> None:
-        server, port = await _hung_server()
-        try:
-            mirror = _one_target_in_64_kib(port)
-            [a] = mirror.targets
-            stats = mirror.target_stats["a"]
+        async with _one_hung_target_in_64_kib() as (mirror, a, stats, _):
             get = mirror_message("/get")
             get_size = len(a.build(to_request(get.args)))
             body = 64 * KiB - get_size + over
@@ -867,8 +876,6 @@ def test_a_body_in_the_worker_is_held_in_the_budget_of_what_comes_after_it_to_th
                 assert (a.held_bytes(), mirror.budget.used()) == (held, held)
                 assert (stats.bytes_sent, stats.outcomes["budget_exceeded"]) == ((get_size, 0), (0, 1))[over]
             await _until(lambda: a.offloaded == 0)
-        finally:
-            server.close()
 
     loop_runner("asyncio", TEST_DEADLINE)(test)
 
@@ -885,11 +892,7 @@ def test_the_budget_check_before_the_worker_sums_queue_pool_and_worker_to_the_by
     monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
 
     async def test() -> None:
-        server, port = await _hung_server()
-        try:
-            mirror = _one_target_in_64_kib(port)
-            [a] = mirror.targets
-            stats = mirror.target_stats["a"]
+        async with _one_hung_target_in_64_kib() as (mirror, a, stats, _):
             sent, queued = mirror_message("/sent"), mirror_message("/queued")
             sent_size, queued_size = (len(a.build(to_request(m.args))) for m in (sent, queued))
             first = 4 * KiB
@@ -906,8 +909,6 @@ def test_the_budget_check_before_the_worker_sums_queue_pool_and_worker_to_the_by
                 assert (a.held_bytes(), mirror.budget.used()) == (held, held)
                 assert (a.offloaded, stats.outcomes["budget_exceeded"]) == ((2, 0), (1, 1))[over]
             await _until(lambda: a.offloaded == 0)
-        finally:
-            server.close()
 
     loop_runner("asyncio", TEST_DEADLINE)(test)
 
@@ -968,11 +969,7 @@ def test_a_body_in_the_worker_at_a_reload_stays_in_the_budget_until_it_settles(
     monkeypatch.setattr(mirror_module, "INLINE_BODY_LIMIT", 1024)
 
     async def test() -> None:
-        server, port = await _hung_server()
-        try:
-            mirror = _one_target_in_64_kib(port)
-            [old] = mirror.targets
-            stats = mirror.target_stats["a"]
+        async with _one_hung_target_in_64_kib() as (mirror, old, stats, port):
             async with worker_held():
                 mirror.handle(_post("/large/1", 40 * KiB))
                 await _until(lambda: old.offloaded == 1)
@@ -986,8 +983,6 @@ def test_a_body_in_the_worker_at_a_reload_stays_in_the_budget_until_it_settles(
                 assert stats.outcomes["budget_exceeded"] == 1, stats.outcomes
                 assert 40 * KiB <= mirror.budget.used() <= 64 * KiB
             await _until(lambda: old.offloaded == 0)
-        finally:
-            server.close()
 
     loop_runner("asyncio", TEST_DEADLINE)(test)
 
@@ -1067,6 +1062,7 @@ def test_two_retired_targets_pools_each_count_against_the_share_of_their_success
     async def test() -> None:
         server, port = await _hung_server()
         try:
+
             def spec(name: str) -> dict[str, Any]:
                 return {"name": name, "url": f"http://127.0.0.1:{port}", "concurrency": 1, "timeout": 60}
 
