@@ -463,26 +463,34 @@ def test_pipeline_depth_is_checked(target: dict[str, object], message: str) -> N
 # -- through the agent: the account stays exact ------------------------------------------------
 
 
+def _mirror_through_the_agent(
+    shadow: PipelineShadow, paths: list[str], *, concurrency: int
+) -> tuple[dict[str, int], int]:
+    """HAProxy's copies of `paths`, in one NOTIFY, through the agent's SPOP listener to one target
+    with pipeline_depth 4 on `shadow`: the target's outcomes once every request settled, and how
+    many it sent again (spoa_mirror_pipeline_resent_total)."""
+    target = {"name": "t", "url": f"http://127.0.0.1:{shadow.port}", "pipeline_depth": 4,
+              "concurrency": concurrency}  # fmt: skip
+    outcomes: dict[str, int] = {}
+    resent: list[int] = []
+
+    async def test() -> None:
+        async with running({"targets": [target]}) as (app, _, peer):
+            await send_and_ack(peer, 1, [mirror_message(path) for path in paths])
+            outcomes.update(await settled(app.mirror.target_stats["t"], len(paths)))
+            resent.append(app.mirror.target_stats["t"].resent)
+
+    loop_runner("uvloop", 30)(test)
+    return outcomes, resent[0]
+
+
 def test_the_agents_account_holds_when_a_connection_drops_mid_pipeline(shadow: PipelineShadow) -> None:
     """HAProxy's copies through the agent's SPOP listener to a target with pipeline_depth 4 and one
     connection: the shadow drops the connection at the third request, so it and every request
     behind it on that connection (those the freed slots placed there before the EOF arrived too)
     end as error_reset, each once, never retried; the rest are answered. received = Σ outcomes."""
     paths = ["/s201", "/s202", "/drop", "/s206", "/s207", "/s208"]
-
-    outcomes: dict[str, int] = {}
-
-    async def test() -> None:
-        config = {
-            "targets": [
-                {"name": "t", "url": f"http://127.0.0.1:{shadow.port}", "pipeline_depth": 4, "concurrency": 1}
-            ]
-        }
-        async with running(config) as (app, _, peer):
-            await send_and_ack(peer, 1, [mirror_message(path) for path in paths])
-            outcomes.update(await settled(app.mirror.target_stats["t"], len(paths)))
-
-    loop_runner("uvloop", 30)(test)
+    outcomes, _ = _mirror_through_the_agent(shadow, paths, concurrency=1)
     seen = [request.path for request in shadow.requests]
     assert len(seen) == len(set(seen))  # nothing retried
     answered = 0  # requests ahead of /drop on their connection: answered by the shadow
@@ -498,24 +506,10 @@ def test_the_agents_account_holds_when_the_shadow_closes_connections_like_nginx(
     agent with pipeline_depth 4, every mirrored request reaches the shadow exactly once and ends
     sent_2xx; no error outcome, received = Σ outcomes."""
     paths = [f"/s{210 + index}" for index in range(24)]
-    outcomes: dict[str, int] = {}
-
-    async def test() -> None:
-        config = {
-            "targets": [
-                {"name": "t", "url": f"http://127.0.0.1:{shadow.port}", "pipeline_depth": 4, "concurrency": 2}
-            ]
-        }
-        async with running(config) as (app, _, peer):
-            await send_and_ack(peer, 1, [mirror_message(path) for path in paths])
-            outcomes.update(await settled(app.mirror.target_stats["t"], len(paths)))
-            resent.append(app.mirror.target_stats["t"].resent)
-
-    resent: list[int] = []
     with PipelineShadow(close_after=3) as shadow:
-        loop_runner("uvloop", 30)(test)
+        outcomes, resent = _mirror_through_the_agent(shadow, paths, concurrency=2)
     assert sorted(request.path for request in shadow.requests) == sorted(paths)
     assert outcomes == {"sent_2xx": len(paths)}
     # Each request a close response left unprocessed went again, and the target's count
     # (spoa_mirror_pipeline_resent_total) says how many.
-    assert shadow.unprocessed > 0 and resent == [shadow.unprocessed]
+    assert shadow.unprocessed > 0 and resent == shadow.unprocessed
