@@ -575,9 +575,7 @@ class _Connection(asyncio.Protocol):
         # Interim (100 Continue, 103 Early Hints): llhttp ends it, the final follows. No exchange: a
         # stray response, whose status must not replace that of the response not yet handed over.
         if status < 200 or self.exchange is None:
-            self.interim += 1
-            if self.interim > self.pool.max_interim_responses:  # stops the parser, see data_received
-                raise ProtocolError(f"more than {self.pool.max_interim_responses} interim responses")
+            self.interim = count_interim(self.interim, self.pool.max_interim_responses)
             return
         self.status = status
         if self.head:
@@ -594,6 +592,15 @@ class _Connection(asyncio.Protocol):
         if self.exchange is not None and self.status:
             self.reusable = self.parser.should_keep_alive()
             self._complete()
+
+
+def count_interim(interim: int, limit: int) -> int:
+    """One more interim (or stray) response on a connection: the new count, or ProtocolError past
+    `limit`, raised from the parser's callback so that it stops the parser (see data_received).
+    Shared by Pool's and PipelinedPool's connections."""
+    if interim >= limit:
+        raise ProtocolError(f"more than {limit} interim responses")
+    return interim + 1
 
 
 def head_over_cap(received: list[bytes], limit: int) -> ProtocolError | None:

@@ -54,6 +54,7 @@ from .transport import (
     _body_ends_at_eof,
     _Exchange,
     _StaleConnection,
+    count_interim,
     final_head,
     head_over_cap,
 )
@@ -472,9 +473,7 @@ class _PipelinedConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if status < 200 or not self.inflight:  # interim, or a stray whose status must not count
-            self.interim += 1
-            if self.interim > self.pool.max_interim_responses:  # stops the parser, see data_received
-                raise ProtocolError(f"more than {self.pool.max_interim_responses} interim responses")
+            self.interim = count_interim(self.interim, self.pool.max_interim_responses)
             return
         self.status = status
         if self.inflight[0].head:  # nothing is pipelined behind a HEAD: see the module docstring
