@@ -109,18 +109,17 @@ class MemoryBudget:
         self.targets, self.retired = targets, retired
         # A retired target's queue and the bodies it has in the redaction worker stay its own until
         # they settle, even when its successor kept its pool (then counted once, under the successor).
-        current_pools = {id(target.pool) for target in targets}
-        pools = {id(t.pool): t.pool.bytes_held for t in retired if id(t.pool) not in current_pools}
-        retired_held = sum(t.queued_bytes + t.offloaded_bytes for t in retired) + sum(pools.values())
+        retired_held = _held(retired, but_pools={id(target.pool) for target in targets})
         share = max(0, self.limit - retired_held) // max(1, len(targets))
         for target in targets:
             target.share = min(share, target.memory_budget)
 
 
-def _held(targets: list[Target]) -> int:
+def _held(targets: list[Target], but_pools: set[int] | frozenset[int] = frozenset()) -> int:
     """Bytes these targets hold: their queues, the bodies in the redaction worker, and their pools
-    (a pool shared by a target and the one it replaced counted once)."""
-    pools = {id(target.pool): target.pool.bytes_held for target in targets}
+    (a pool shared by a target and the one it replaced counted once; those in `but_pools`, by id,
+    not at all: counted with the targets that kept them)."""
+    pools = {id(t.pool): t.pool.bytes_held for t in targets if id(t.pool) not in but_pools}
     own = sum(target.queued_bytes + target.offloaded_bytes for target in targets)
     return own + sum(pools.values())
 
