@@ -424,21 +424,14 @@ def _resolve(future: asyncio.Future[int], result: int | Exception, _elapsed: flo
             future.set_result(result)
 
 
-class _Connection(asyncio.Protocol):
-    """One connection and the one request in flight on it (no pipelining).
-
-    The parser's callbacks end the exchange; llhttp decides where each response ends (Content-Length,
-    chunked, 1xx, 204/304) except in two cases it cannot see: a HEAD response, which ends with its
-    headers, and a close-delimited body, which ends at EOF. The pool hears of a response only once
-    `feed_data` has returned, so that what follows it in the same read is judged with this exchange
-    (a stray response makes the connection unusable) before the pool can start the next one here."""
+class _ResponseConnection(asyncio.Protocol):
+    """What Pool's and PipelinedPool's connections share: the pool, the socket, a response parser
+    whose callbacks are the subclass's, and what is known of the response being read (its status,
+    the bytes before its body, interim responses ahead of it), whether the connection can carry
+    another request, and its idle and deadline times (loop time)."""
 
     __slots__ = (
         "deadline",
-        "exchange",
-        "exchanges",
-        "finished",
-        "head",
         "head_parser_abandoned",
         "idle_since",
         "interim",
@@ -454,19 +447,45 @@ class _Connection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self.parser = HttpResponseParser(self)
-        self.exchange: _Exchange | None = None
-        self.finished: _Exchange | None = None  # complete, not yet handed to the pool
-        self.head = False
         self.status = 0
         # What arrived of the response until its final head was parsed: evidence for connection_lost
         # (were there any bytes? was the body length declared?) that costs nothing to keep.
         self.received_before_body: list[bytes] = []
-        self.interim = 0  # interim (1xx) responses to the current request
+        self.interim = 0  # interim (1xx) or stray responses ahead of the final one
         self.head_parser_abandoned = False  # feed_data of the parser a HEAD response ended is unwinding
-        self.exchanges = 0
         self.reusable = True
         self.idle_since = 0.0
         self.deadline = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def _count_interim(self) -> None:
+        """One more interim (or stray) response; ProtocolError past the pool's bound, raised from the
+        parser's callback so that it stops the parser (see data_received)."""
+        limit = self.pool.max_interim_responses
+        if self.interim >= limit:
+            raise ProtocolError(f"more than {limit} interim responses")
+        self.interim += 1
+
+
+class _Connection(_ResponseConnection):
+    """One connection and the one request in flight on it (no pipelining).
+
+    The parser's callbacks end the exchange; llhttp decides where each response ends (Content-Length,
+    chunked, 1xx, 204/304) except in two cases it cannot see: a HEAD response, which ends with its
+    headers, and a close-delimited body, which ends at EOF. The pool hears of a response only once
+    `feed_data` has returned, so that what follows it in the same read is judged with this exchange
+    (a stray response makes the connection unusable) before the pool can start the next one here."""
+
+    __slots__ = ("exchange", "exchanges", "finished", "head")
+
+    def __init__(self, pool: Pool) -> None:
+        super().__init__(pool)
+        self.exchange: _Exchange | None = None
+        self.finished: _Exchange | None = None  # complete, not yet handed to the pool
+        self.head = False
+        self.exchanges = 0
 
     # -- driven by Pool --------------------------------------------------------------------------
 
@@ -503,9 +522,6 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         if self.exchange is None:  # nothing asked for: the connection is out of step, never reuse it
@@ -575,7 +591,7 @@ class _Connection(asyncio.Protocol):
         # Interim (100 Continue, 103 Early Hints): llhttp ends it, the final follows. No exchange: a
         # stray response, whose status must not replace that of the response not yet handed over.
         if status < 200 or self.exchange is None:
-            self.interim = count_interim(self.interim, self.pool.max_interim_responses)
+            self._count_interim()
             return
         self.status = status
         if self.head:
@@ -592,15 +608,6 @@ class _Connection(asyncio.Protocol):
         if self.exchange is not None and self.status:
             self.reusable = self.parser.should_keep_alive()
             self._complete()
-
-
-def count_interim(interim: int, limit: int) -> int:
-    """One more interim (or stray) response on a connection: the new count, or ProtocolError past
-    `limit`, raised from the parser's callback so that it stops the parser (see data_received).
-    Shared by Pool's and PipelinedPool's connections."""
-    if interim >= limit:
-        raise ProtocolError(f"more than {limit} interim responses")
-    return interim + 1
 
 
 def head_over_cap(received: list[bytes], limit: int) -> ProtocolError | None:

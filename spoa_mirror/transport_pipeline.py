@@ -53,8 +53,8 @@ from .transport import (
     TransportError,
     _body_ends_at_eof,
     _Exchange,
+    _ResponseConnection,
     _StaleConnection,
-    count_interim,
     final_head,
     head_over_cap,
 )
@@ -281,7 +281,7 @@ class _PipelinedExchange(_Exchange):
     __slots__ = ("resent",)
 
 
-class _PipelinedConnection(asyncio.Protocol):
+class _PipelinedConnection(_ResponseConnection):
     """One connection and the requests in flight on it, oldest (the one being answered) first.
 
     As in `transport._Connection`, the pool hears of responses only once `feed_data` has returned;
@@ -292,32 +292,21 @@ class _PipelinedConnection(asyncio.Protocol):
     __slots__ = (
         "behind_close",
         "completed_in_read",
-        "deadline",
         "filling",
         "finished",
-        "head_parser_abandoned",
-        "idle_since",
         "inflight",
-        "interim",
         "mid_read_start",
         "outbox",
-        "parser",
-        "pool",
         "pushed",
         "quiet",
-        "received_before_body",
-        "reusable",
         "served",
-        "status",
         "tail_is_head",
-        "transport",
         "unanswered_bytes",
     )
+    pool: PipelinedPool
 
     def __init__(self, pool: PipelinedPool) -> None:
-        self.pool = pool
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
-        self.parser = HttpResponseParser(self)
+        super().__init__(pool)
         self.inflight: deque[_Exchange] = deque()
         self.outbox: list[bytes] = []  # placed in this loop iteration, not written yet
         self.unanswered_bytes = 0
@@ -325,18 +314,11 @@ class _PipelinedConnection(asyncio.Protocol):
         self.tail_is_head = False  # the last request placed is a HEAD: nothing may follow it
         self.finished: list[tuple[_Exchange, int]] = []  # answered in this read, not handed over yet
         self.behind_close: list[_PipelinedExchange] = []  # behind a close response, not handed over yet
-        self.status = 0
-        self.interim = 0
-        self.received_before_body: list[bytes] = []
         self.completed_in_read = False
         self.mid_read_start = False
-        self.head_parser_abandoned = False
         self.quiet = True  # nothing received since the connection last had nothing in flight
         self.served = 0
         self.pushed = 0  # requests placed on this connection, ever
-        self.reusable = True
-        self.idle_since = 0.0
-        self.deadline = 0.0
 
     # -- driven by the pool ----------------------------------------------------------------------
 
@@ -390,9 +372,6 @@ class _PipelinedConnection(asyncio.Protocol):
         self.received_before_body.clear()
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         inflight = self.inflight
@@ -473,7 +452,7 @@ class _PipelinedConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if status < 200 or not self.inflight:  # interim, or a stray whose status must not count
-            self.interim = count_interim(self.interim, self.pool.max_interim_responses)
+            self._count_interim()
             return
         self.status = status
         if self.inflight[0].head:  # nothing is pipelined behind a HEAD: see the module docstring
