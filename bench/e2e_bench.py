@@ -971,9 +971,9 @@ def agent_python(agent: str) -> str:
 
 
 def interpreter(python: str) -> str:
-    """Which CPython runs the agent, and how it was built: the same code costs ~6% more CPU per
-    mirrored GET at saturation, ~14% more in bench/hotpath_count.py, under a CPython built without
-    profile-guided optimisation (pyenv's default) than under Debian's python3 or python:3.11-slim."""
+    """Which CPython runs the agent, and how it was built: the same code costs 5-15% more CPU under
+    a CPython built without profile-guided optimisation (pyenv's default) than under Debian's python3
+    or python:3.11-slim (the README's Performance section has the runs)."""
     probe = (
         "import platform, sys, sysconfig; "
         "print(platform.python_version(), sys.base_prefix, sysconfig.get_config_var('CONFIG_ARGS') or '')"

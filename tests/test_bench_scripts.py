@@ -80,11 +80,8 @@ def test_bench_run_measures_the_given_agent_in_every_e2e_step() -> None:
     """`bench/run --agent PATH` (another virtualenv, another interpreter) must reach every e2e run,
     the fixed-rate one too: one step left on .venv's agent would put two interpreters in one table."""
     run = _module("bench_run", BENCH / "run")
-    e2e_steps = [
-        step
-        for step in run.steps(False, None, "/opt/other/bin/spoa-mirror")
-        if "bench/e2e_bench.py" in step.cmd
-    ]  # type: ignore[attr-defined]
+    steps = run.steps(False, None, "/opt/other/bin/spoa-mirror")  # type: ignore[attr-defined]
+    e2e_steps = [step for step in steps if "bench/e2e_bench.py" in step.cmd]
     assert len(e2e_steps) == 5
     for step in e2e_steps:
         assert step.cmd[step.cmd.index("--agent") + 1] == "/opt/other/bin/spoa-mirror", step.name
