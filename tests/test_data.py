@@ -545,3 +545,26 @@ def test_a_learned_shape_never_reads_into_the_next_message() -> None:
     eight = {f"k{i}": "v" for i in range(8)}
     payload = encode_messages([Message("m", {"a": "1"}), Message("b", eight)])
     assert decode_messages(payload) == [Message("m", {"a": "1"}), Message("b", eight)]
+
+
+def test_a_message_repeating_an_arg_name_decodes_alike_after_its_first() -> None:
+    """HAProxy lets a spoe-message name an arg twice; the value decoded last is the one kept. Such a
+    message is not read by a learned shape (a shape counts what it read by the args it filled in),
+    so a later message of that name that differs after the repeated name still decodes whole: here
+    a NULL where the shape had a STRING."""
+
+    def message(*args: tuple[str, Any]) -> bytes:
+        return (
+            encode_string("dup")
+            + bytes((len(args),))
+            + b"".join(encode_string(name) + encode_data(value) for name, value in args)
+        )
+
+    first = message(("a", "1"), ("a", "2"), ("b", "x"))
+    assert decode_messages(first) == [Message("dup", {"a": "2", "b": "x"})]
+    differing = message(("a", "1"), ("a", "2"), ("b", None))
+    after = encode_messages([Message("next", {"c": "3"})])
+    assert decode_messages(differing + after) == [
+        Message("dup", {"a": "2", "b": None}),
+        Message("next", {"c": "3"}),
+    ]
