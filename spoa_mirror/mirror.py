@@ -924,13 +924,18 @@ def is_truncated(req: MirrorRequest) -> bool:
     return (len(digits) > 19 or int(digits or "0") > size) and req.header("transfer-encoding") is None
 
 
+# A tuple, not `bytes | str`: that expression builds a union object at every call, and isinstance
+# with one takes 103 ns against 18 with the tuple (timeit), twice for every message in the intake.
+_SIZED = (bytes, str)
+
+
 def _message_bytes(args: dict[str, Any]) -> int:
     """What a message in the intake holds, near enough: its body and header block (the C agent's
     arg names, or the plain ones)."""
     body = args.get("arg_body") or args.get("body") or b""
     headers = args.get("arg_hdrs") or args.get("hdrs") or args.get("headers") or b""
-    return (len(body) if isinstance(body, bytes | str) else 0) + (
-        len(headers) if isinstance(headers, bytes | str) else 0
+    return (len(body) if isinstance(body, _SIZED) else 0) + (
+        len(headers) if isinstance(headers, _SIZED) else 0
     )
 
 
