@@ -730,6 +730,9 @@ MALFORMED = {
     ),
     "string-past-the-end": raw_frame(FrameType.NOTIFY, b"\x10abc", stream_id=1, frame_id=1),
     "endless-varint-id": _prefixed(_header(FrameType.NOTIFY) + b"\xff" * 12),
+    # Seven bytes, as an unfragmented NOTIFY needs, but they end with a two-byte stream id.
+    "notify-without-frame-id": _prefixed(_header(FrameType.NOTIFY) + b"\xf0\x10"),
+    "notify-with-frame-id-cut": _prefixed(_header(FrameType.NOTIFY) + b"\x01\xf0"),
     "truncated-disconnect": raw_frame(FrameType.HAPROXY_DISCONNECT, encode_string("status-code")),
     "ack-from-haproxy": raw_frame(FrameType.ACK, stream_id=1, frame_id=1),
     "second-hello": hello_2x(),
