@@ -191,7 +191,10 @@ class Connection:
             if self.state is State.CLOSED:
                 return NEED_DATA
             try:
-                frame = self._next_frame()
+                # Nothing held (a read of whole frames, all taken) and no EOF: no frame to look for,
+                # the usual end of a read, without a call (`_next_frame` empties `_in` when it takes
+                # the last byte).
+                frame = self._next_frame() if self._in or self._eof else None
                 if frame is None:
                     if self._events:  # EOF: `_next_frame` queued a Closed without a frame
                         break

@@ -335,11 +335,12 @@ class SpopProtocol(asyncio.Protocol):
             elif type(event) is NotifyAborted:
                 agent.stats.aborted += 1
         self._flush()
-        if self._writing_paused or conn.unacked >= agent.max_inflight:
+        if self._writing_paused or conn._unacked_count >= max_inflight:
             self._pause_reading()
             self._incomplete_mark = None  # bytes waiting on us, not on the peer
         else:
-            self._resume_reading()
+            if self._reading_paused:  # asked here, not by a call on every read
+                self._resume_reading()
             mark = conn.incomplete_mark
             if mark != self._incomplete_mark:
                 self._incomplete_mark = mark
