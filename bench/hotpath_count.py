@@ -14,6 +14,10 @@ Per-request figures come from two runs that differ only in N (start-up cancels o
     valgrind --tool=callgrind --callgrind-out-file=/dev/null .venv/bin/python bench/hotpath_count.py -n 6000
     # instructions per request = (Ir of the second - Ir of the first) / 4000
 
+`--shadow` replaces the sink by the target's own pool (HTTP/1.1, pipelined as by default) and a
+shadow on loopback in this process, so the replay transport's side (its writes, the responses'
+parsing, the outcomes) counts too, with the shadow's own few instructions.
+
 `--count-instructions` does both runs and prints the figure; `--request get|browser|post` picks
 wrk's bare GET, a browser's ten-header GET or a 1 KB JSON POST; `--batch 1` is a moderate fixed rate
 (one NOTIFY per read, the intake run per request), larger batches are saturation. Without valgrind
@@ -221,6 +225,51 @@ async def drive_socket(count: int, kind: str) -> tuple[float, SinkPool]:
     return elapsed, sink
 
 
+# What nginx 1.22 answers `return 200 ok;` with, for `--shadow`.
+SHADOW_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 05 Dec 2026 05:55:29 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+)
+
+
+class Shadow(asyncio.Protocol):
+    """The `--shadow` server, in this process: one canned response per request head it reads."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(SHADOW_RESPONSE * data.count(b"\r\n\r\n"))  # type: ignore[attr-defined]
+
+
+async def drive_shadow(count: int, batch: int, kind: str) -> tuple[float, Any]:
+    """`drive`, with the target's own pool (HTTP/1.1, pipelined as by default) sending to a shadow on
+    loopback in this process: the transport's side of a request too (its write, the response's
+    parsing, the outcome), and the shadow's few instructions a request. Each batch is answered
+    before the next is fed."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Shadow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    app = new_app(f"http://127.0.0.1:{port}/")
+    (target,) = app.mirror.targets
+    protocol = SpopProtocol(app.agent)
+    protocol.connection_made(SinkTransport())  # type: ignore[arg-type]
+    protocol.data_received(hello())
+    args = request_args(kind)
+    packets = [b"".join(notify(2288 + i + j, args) for j in range(batch)) for i in range(0, 1024, batch)]
+    outcomes = target.stats.outcomes
+    start = time.perf_counter()
+    for i in range(count // batch):
+        protocol.data_received(packets[i % len(packets)])
+        answered = (i + 1) * batch
+        while outcomes["sent_2xx"] < answered:
+            await asyncio.sleep(0)
+    elapsed = time.perf_counter() - start
+    server.close()
+    assert target.stats.balanced() and outcomes["sent_2xx"] == count // batch * batch, outcomes
+    return elapsed, target.pool
+
+
 def feed(port: int, count: int, kind: str) -> None:
     """The HAProxy side of `--socket`: HELLO, then one NOTIFY at a time."""
 
@@ -240,9 +289,9 @@ def feed(port: int, count: int, kind: str) -> None:
             assert os.read(0, 1) == b"!"  # the request reached the sink
 
 
-def new_app() -> App:
+def new_app(url: str = "http://127.0.0.1:9/") -> App:
     config = parse_config(
-        {"targets": [{"name": "shadow", "url": "http://127.0.0.1:9/"}]}, env={}
+        {"targets": [{"name": "shadow", "url": url}]}, env={}
     )  # every default on: redaction, loop marker, byte budgets
     app = App(config, config_path=None, overrides={})
     # Under valgrind a batch takes ~50x longer: a time slice would split it, differently each run.
@@ -267,12 +316,18 @@ def count_instructions(args: argparse.Namespace) -> None:
             "--request",
             args.request,
             *(["--socket"] if args.socket else []),
+            *(["--shadow"] if args.shadow else []),
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
         counts.append(int(re.search(r"Collected : (\d+)", out)[1]))  # type: ignore[index]
     per_request = (counts[1] - counts[0]) / (2 * args.count)
-    mode = "socket" if args.socket else f"batch {args.batch}"
-    print(f"{args.request} {mode}: {per_request:,.0f} instructions per request")
+    print(f"{args.request} {mode(args)}: {per_request:,.0f} instructions per request")
+
+
+def mode(args: argparse.Namespace) -> str:
+    if args.socket:
+        return "socket"
+    return f"batch {args.batch}" + (", to an in-process shadow" if args.shadow else "")
 
 
 def main() -> None:
@@ -284,6 +339,9 @@ def main() -> None:
     parser.add_argument("--request", choices=("get", "browser", "post"), default="get")
     parser.add_argument("--count-instructions", action="store_true", help="run under callgrind twice")
     parser.add_argument("--socket", action="store_true", help="a real SPOP socket, one request at a time")
+    parser.add_argument(
+        "--shadow", action="store_true", help="the target's own pool to a shadow in this process, not a sink"
+    )
     parser.add_argument("--feed", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the feeder process
     args = parser.parse_args()
     if args.feed:
@@ -295,13 +353,12 @@ def main() -> None:
         return
     if args.socket:
         elapsed, sink = uvloop.run(drive_socket(args.count, args.request))
+    elif args.shadow:
+        elapsed, sink = uvloop.run(drive_shadow(args.count, args.batch, args.request))
     else:
         elapsed, sink = uvloop.run(drive(args.count, args.batch, args.request))
-    mode = "socket" if args.socket else f"batch {args.batch}"
-    print(
-        f"{args.request} {mode}: {elapsed / args.count * 1e6:.2f} us per request (wall), "
-        f"{sink.request_bytes // max(1, sink.requests)} bytes each"
-    )
+    sizes = f", {sink.request_bytes // max(1, sink.requests)} bytes each" if not args.shadow else ""
+    print(f"{args.request} {mode(args)}: {elapsed / args.count * 1e6:.2f} us per request (wall){sizes}")
 
 
 if __name__ == "__main__":
