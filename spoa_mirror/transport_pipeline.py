@@ -253,7 +253,8 @@ class PipelinedPool(Pool):
         else:
             for exchange in lost:
                 self._settle(exchange, error)  # type: ignore[arg-type]
-        self._fill_from_backlog()
+        if self._backlog:  # usually empty: no call then
+            self._fill_from_backlog()
 
     def _settle(self, exchange: _Exchange, result: int | Exception) -> None:
         done = exchange.done
