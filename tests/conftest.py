@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.config_schema import as_json, recording_accepted_configs, validator
+from tests.support.live_agent import TEST_DEADLINE, AsyncTest, loop_runner
 from tests.support.procs import (
     HAPROXY_RELEASES,
     NGINX,
@@ -127,6 +128,13 @@ def echo_agent(tmp_path: Path) -> EchoAgentFactory:
         return run_process(argv, ready_port=port, name="echo-agent", log_dir=tmp_path, cwd=ROOT)
 
     return start
+
+
+@pytest.fixture
+def run_asyncio() -> Callable[[AsyncTest], None]:
+    """Runs a test coroutine on asyncio's own loop under TEST_DEADLINE (the in-process App tests of
+    test_pipeline.py, test_mirror_edges.py and test_mirror_wiring.py)."""
+    return loop_runner("asyncio", TEST_DEADLINE)
 
 
 @pytest.fixture(scope="session")

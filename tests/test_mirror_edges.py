@@ -37,6 +37,7 @@ from tests.test_pipeline import (
     SETTLE,
     TEST_DEADLINE,
     mirror_message,
+    reload,
     request_message,
     running,
     send_and_ack,
@@ -45,15 +46,6 @@ from tests.test_pipeline import (
 )
 
 KiB = 1024
-
-
-@pytest.fixture
-def run_asyncio() -> Callable[[AsyncTest], None]:
-    return loop_runner("asyncio", TEST_DEADLINE)
-
-
-def reload(app: Any, config: dict[str, Any]) -> None:
-    app.mirror.apply(parse_config(config, env={}), None)
 
 
 # What a reload carries over -------------------------------------------------------------------------

@@ -28,12 +28,12 @@ from spoa_mirror.config import parse_config
 from spoa_mirror.errors import ConfigError
 from spoa_mirror.mirror import Mirror
 from spoe import Message, SetVar, VarScope
-from tests.support.live_agent import AsyncTest, loop_runner, wait_until
+from tests.support.live_agent import AsyncTest, wait_until
 from tests.support.mirror_stack import parse_metrics
 from tests.support.shadow import RecordedRequest, Reply, ShadowServer
 from tests.support.shadow_h2 import H2ShadowServer
 from tests.support.spop_peer import TcpPeer, ack_actions, notify
-from tests.test_pipeline import SETTLE, TEST_DEADLINE, running, settled, target
+from tests.test_pipeline import SETTLE, reload, running, settled, target
 from tests.test_transport_pipelining import PipelineShadow
 
 KiB = 1024
@@ -44,15 +44,6 @@ REFUSED = SetVar(VarScope.TRANSACTION, "accepted", 0)
 COMPARISONS = re.compile(
     r'spoa_mirror_compare_comparisons_total\{endpoint=".*",outcome="(?P<outcome>\w+)",target="(?P<target>.*)"\}'
 )
-
-
-@pytest.fixture
-def run_asyncio() -> Callable[[AsyncTest], None]:
-    return loop_runner("asyncio", TEST_DEADLINE)
-
-
-def reload(app: App, config: dict[str, Any]) -> None:
-    app.mirror.apply(parse_config(config, env={}), None)
 
 
 def request(

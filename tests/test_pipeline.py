@@ -30,12 +30,11 @@ from spoa_mirror.config import parse_config
 from spoa_mirror.message import to_request
 from spoe import Message
 from spoe.frames import FrameType
-from tests.support.live_agent import LOOPS, AsyncTest, Served, loop_runner, serving, wait_until
+from tests.support.live_agent import LOOPS, TEST_DEADLINE, AsyncTest, Served, loop_runner, serving, wait_until
 from tests.support.recording import record_writes
 from tests.support.shadow import ShadowServer, self_signed_tls
 from tests.support.spop_peer import FrameParser, TcpPeer, notify
 
-TEST_DEADLINE = 30.0
 SETTLE = 5.0  # hang bound: every wait below normally ends in milliseconds
 
 
@@ -44,9 +43,9 @@ def run(request: pytest.FixtureRequest) -> Callable[[AsyncTest], None]:
     return loop_runner(request.param, TEST_DEADLINE)
 
 
-@pytest.fixture
-def run_asyncio() -> Callable[[AsyncTest], None]:
-    return loop_runner("asyncio", TEST_DEADLINE)
+def reload(app: App, config: dict[str, Any]) -> None:
+    """What SIGHUP does after reading the file: the mirror takes the new config in place."""
+    app.mirror.apply(parse_config(config, env={}), None)
 
 
 def mirror_message(path: str = "/x", *, body: bytes = b"", headers: str = "host: example\r\n") -> Message:
@@ -329,7 +328,7 @@ def test_what_a_retired_target_held_is_given_back_to_the_agents_budget(
                 await wait_until(lambda: a.held_bytes() > 4096, SETTLE)
                 held = a.held_bytes()
                 reloaded = {"memory_budget": "1MiB", "drain_timeout": 0.05, "targets": [target("b", shadow)]}
-                app.mirror.apply(parse_config(reloaded, env={}), None)
+                reload(app, reloaded)
                 [b] = app.mirror.targets
                 assert b.share == 1024 * 1024 - held
                 await wait_until(lambda: not app.mirror.retired, SETTLE)
@@ -1009,7 +1008,7 @@ def test_shutdown_counts_add_up_across_a_reload_of_the_same_target(
             hung = target("a", shadow, concurrency=1, timeout=60)
             async with running({"targets": [hung], "drain_timeout": 0.05}) as (app, _, peer):
                 await send_and_ack(peer, 1, [mirror_message(f"/old/{n}") for n in range(3)])
-                app.mirror.apply(parse_config({"targets": [hung], "drain_timeout": 0.05}, env={}), None)
+                reload(app, {"targets": [hung], "drain_timeout": 0.05})
                 await wait_until(lambda: not app.mirror.retired, SETTLE)
                 await send_and_ack(peer, 2, [mirror_message(f"/new/{n}") for n in range(2)])
                 assert await app.mirror.drain(0.05) == (0, 5)

@@ -24,6 +24,7 @@ from tests.support.spop_peer import TcpPeer
 
 AsyncTest = Callable[[], Awaitable[None]]
 LOOPS = ["asyncio", "uvloop"]
+TEST_DEADLINE = 30.0  # an in-process App test's hang bound (the `run_asyncio` fixture's, in conftest.py)
 
 
 def loop_runner(loop: str, deadline: float) -> Callable[[AsyncTest], None]:
