@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import Any
 
-from .data import _SMALL_VARINTS, UINT32_BE, Uint32, decode_varint, encode_varint
+from .data import UINT32_BE, Uint32, decode_varint, encode_varint
 from .errors import (
     FragmentationNotSupported,
     FrameIdNotFound,
@@ -123,7 +123,9 @@ class Connection:
         self._eof = False
         self._out: list[bytes] = []
         self._events: list[Event] = []
-        self._unacked: dict[tuple[int, int], int] = {}
+        # Pending NOTIFYs by (stream id, frame id): how many, and the two ids as the NOTIFY carried
+        # them (varints), which its ACK echoes instead of encoding them again.
+        self._unacked: dict[tuple[int, int], tuple[int, bytes]] = {}
         # The sum of `_unacked`, kept since the adapter reads it before every event: summing 256
         # pending NOTIFYs costs 1.3 us.
         self._unacked_count = 0
@@ -208,9 +210,10 @@ class Connection:
         """Queue the ACK. Actions that cannot be encoded, or do not fit the frame size, raise before
         the NOTIFY stops being pending, so the caller can still acknowledge it without them."""
         key = (stream_id, frame_id)
-        count = self._unacked.get(key)
-        if count is None:
+        pending = self._unacked.get(key)
+        if pending is None:
             raise LocalProtocolError(f"ACK for stream {stream_id} frame {frame_id}, which is not pending")
+        count, ids = pending
         if self.state is not State.CLOSED:
             # The handler's constant tuple, as in the ACK before: its payload is already known
             # (wrk's GET 149.1k -> ~147k instructions per request, bench/hotpath_count.py).
@@ -228,14 +231,11 @@ class Connection:
                     self._last_actions, self._last_payload = actions, payload
             # The frame built here rather than by encode_frame, its fixed head a constant:
             # wrk's GET 162.7k -> 159.5k instructions per request (bench/hotpath_count.py, callgrind).
-            ids = encode_varint(stream_id) + (
-                _SMALL_VARINTS[frame_id] if 0 <= frame_id < 240 else encode_varint(frame_id)
-            )
             self._out.append(UINT32_BE.pack(5 + len(ids) + len(payload)) + _ACK_HEAD + ids + payload)
         if count == 1:
             del self._unacked[key]
         else:
-            self._unacked[key] = count - 1
+            self._unacked[key] = (count - 1, ids)
         self._unacked_count -= 1
 
     def close(self, status: Status = Status.NORMAL, message: str = "normal") -> Closed | None:
@@ -305,7 +305,7 @@ class Connection:
                 pos += 1
             else:
                 frame_id, pos = decode_varint(data, pos)
-            self._deliver(stream_id, frame_id, data, pos)
+            self._deliver(stream_id, frame_id, data, pos, data[5:pos])
             return
         frame = decode_frame(data)
         handler = self._dispatch[self.state].get(frame.type)
@@ -427,12 +427,19 @@ class Connection:
         self._fragment_parts = []
         self._fragment_size = 0
 
-    def _deliver(self, stream_id: int, frame_id: int, payload: bytes, start: int = 0) -> None:
+    def _deliver(
+        self, stream_id: int, frame_id: int, payload: bytes, start: int = 0, ids: bytes | None = None
+    ) -> None:
         """The messages of `payload[start:]` as a Notify event (`start`: an unfragmented NOTIFY's
-        payload is decoded inside its frame, not copied out of it first)."""
+        payload is decoded inside its frame, not copied out of it first). `ids`: the two varints as
+        the frame carried them, for the ACK to echo; a NOTIFY that came through the Frame model (the
+        first, a fragmented one) has them encoded again here."""
         messages = decode_messages(payload, self.max_notify_entries, start)
         key = (stream_id, frame_id)
-        self._unacked[key] = self._unacked.get(key, 0) + 1
+        if ids is None:
+            ids = encode_varint(stream_id) + encode_varint(frame_id)
+        pending = self._unacked.get(key)
+        self._unacked[key] = (1, ids) if pending is None else (pending[0] + 1, ids)
         self._unacked_count += 1
         self._events.append(new_notify(stream_id, frame_id, messages))
 
