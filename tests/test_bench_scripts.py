@@ -33,7 +33,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
                 "--c-agent",
             ],
         ),
-        ("hotpath_count.py", ["--count", "--batch", "--request", "--count-instructions"]),
+        ("hotpath_count.py", ["--count", "--batch", "--request", "--count-instructions", "--hash-seed"]),
         ("redaction_ack_bench.py", ["--duration", "--body-size", "--big-interval"]),
         ("capture_bench.py", ["--requests", "--json"]),
         ("compare_bench.py", ["--count", "--json"]),
