@@ -98,15 +98,26 @@ _SMALL_VARINTS = [bytes((i,)) for i in range(240)]
 
 
 def decode_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """The first three bytes unrolled: HAProxy's NOTIFY stream ids are its stream counter, three
+    bytes from the 2,288th stream of a process's life and four from the 264,432nd, and the loop
+    cost every NOTIFY ~80 bytecodes for a three-byte id against ~50 (a sys.settrace count)."""
     try:
         value = buf[pos]
+        if value < 240:
+            return value, pos + 1
+        byte = buf[pos + 1]
+        value += byte << 4
+        if byte < 128:
+            return value, pos + 2
+        byte = buf[pos + 2]
+        value += byte << 11
+        if byte < 128:
+            return value, pos + 3
     except IndexError:
         raise InvalidFrame("truncated varint") from None
-    pos += 1
-    if value < 240:
-        return value, pos
-    shift = 4
-    end = pos + VARINT_MAX_BYTES - 1
+    pos += 3
+    shift = 18
+    end = pos + VARINT_MAX_BYTES - 3
     while True:
         try:
             byte = buf[pos]
