@@ -931,9 +931,14 @@ _SIZED = (bytes, str)
 
 def _message_bytes(args: dict[str, Any]) -> int:
     """What a message in the intake holds, near enough: its body and header block (the C agent's
-    arg names, or the plain ones)."""
-    body = args.get("arg_body") or args.get("body") or b""
-    headers = args.get("arg_hdrs") or args.get("hdrs") or args.get("headers") or b""
+    arg names, or the plain ones). The usual message, a BINARY arg_body and a STRING arg_hdrs, is
+    measured first without the general lookup, as to_request reads it."""
+    body = args.get("arg_body")
+    headers = args.get("arg_hdrs")
+    if type(body) is bytes and type(headers) is str:
+        return len(body) + len(headers)
+    body = body or args.get("body") or b""
+    headers = headers or args.get("hdrs") or args.get("headers") or b""
     return (len(body) if isinstance(body, _SIZED) else 0) + (
         len(headers) if isinstance(headers, _SIZED) else 0
     )
