@@ -164,7 +164,10 @@ def decode_messages(buf: bytes, max_entries: int = 1 << 62, start: int = 0) -> l
                 if not startswith(prefix, pos):
                     break
                 pos += size
-                length = buf[pos] if pos < end else 240
+                try:  # zero-cost until the frame ends after the type byte; a test costs 4 bytecodes
+                    length = buf[pos]
+                except IndexError:
+                    raise InvalidFrame("truncated varint") from None
                 if length < 240:
                     pos += 1
                 else:
