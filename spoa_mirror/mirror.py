@@ -931,11 +931,12 @@ _SIZED = (bytes, str)
 
 def _message_bytes(args: dict[str, Any]) -> int:
     """What a message in the intake holds, near enough: its body and header block (the C agent's
-    arg names, or the plain ones). The usual message, a BINARY arg_body and a STRING arg_hdrs, is
-    measured first without the general lookup, as to_request reads it."""
+    arg names, or the plain ones). The usual message, a BINARY arg_body and a STRING arg_hdrs that
+    is not empty, is measured first without the general lookup; an empty arg_body counts `body`
+    when the message has one too, as the or-chains below read it."""
     body = args.get("arg_body")
     headers = args.get("arg_hdrs")
-    if type(body) is bytes and type(headers) is str:
+    if type(body) is bytes and type(headers) is str and headers and (body or "body" not in args):
         return len(body) + len(headers)
     body = body or args.get("body") or b""
     headers = headers or args.get("hdrs") or args.get("headers") or b""

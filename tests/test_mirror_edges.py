@@ -590,6 +590,8 @@ def test_a_drained_target_closes_its_connections() -> None:
         ({"body": b"x" * 10, "hdrs": b"h" * 5}, 15),  # the shipped primary-response message's
         ({"body": "x" * 7, "headers": "h" * 3}, 10),
         ({"arg_body": b"", "body": b"x" * 4, "arg_hdrs": "", "hdrs": "h" * 2}, 6),
+        ({"arg_body": b"", "body": b"x" * 4, "arg_hdrs": "h" * 2}, 6),
+        ({"arg_body": b"x" * 3, "arg_hdrs": "", "hdrs": "h" * 2}, 5),
         ({"arg_body": 5, "arg_hdrs": None}, 0),  # neither bytes nor text: not counted, never raising
         ({}, 0),
     ],
