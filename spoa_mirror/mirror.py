@@ -53,6 +53,7 @@ from .request import MirrorRequest
 from .sampling import always_sampled, build_sampler
 from .tls import client_context
 from .transport import TransportError
+from .transport_pipeline import PipelinedPool
 from .wire import WireError
 
 log = structlog.get_logger("spoa_mirror")
@@ -645,6 +646,8 @@ class Mirror:
         targets = [target for target, _ in plan]
         retiring = [target for target in self.targets if target not in targets]
         self.targets = targets
+        # The pools whose writes the intake holds while it places a batch (see _process_intake).
+        self._batching_pools = tuple(t.pool for t in targets if isinstance(t.pool, PipelinedPool))
         self._use_pairing(pairing, config)
         self._use_recorders(targets)
         # The pairing table's bytes are part of the agent's budget: the targets share the rest.
@@ -806,42 +809,51 @@ class Mirror:
         intake = self._intake
         clock = time.perf_counter
         deadline = clock() + slice_seconds
-        while intake:
-            if clock() > deadline:
-                self._scheduled = True
-                asyncio.get_running_loop().call_soon(self._process_intake)
-                return
-            args, size = intake.popleft()
-            self._intake_bytes -= size
-            if type(args) is tuple:  # the primary's response (compare), see _take_primary_response
-                self._pair_primary_response(*args)
-                continue
-            try:
-                req = to_request(args)
-            except BadMessage as error:
-                # Without a method or a path (to_request's first checks) it is no mirror request,
-                # unless message names say which messages are: asked here, not of every message.
-                if not self.message_names and not is_mirror_message(args):
-                    self.messages.not_mirror += 1
+        # The pipelined pools write what this batch places when it ends, in this loop iteration,
+        # instead of from a callback in the next.
+        batching = self._batching_pools
+        for pool in batching:
+            pool.hold_writes()
+        try:
+            while intake:
+                if clock() > deadline:
+                    self._scheduled = True
+                    asyncio.get_running_loop().call_soon(self._process_intake)
+                    return
+                args, size = intake.popleft()
+                self._intake_bytes -= size
+                if type(args) is tuple:  # the primary's response (compare), see _take_primary_response
+                    self._pair_primary_response(*args)
                     continue
-                self.messages.invalid[error.reason] = self.messages.invalid.get(error.reason, 0) + 1
-                suppressed = self._log_throttle.allow(error.reason)
-                if suppressed is not None:
-                    log.warning(
-                        "mirror.bad_message", reason=error.reason, error=str(error), suppressed=suppressed
-                    )
-                continue
-            self.messages.mirrored += 1
-            marker = req.header(self.loop_header)
-            # Only our own marker is a loop: a client sending the header with any other value is
-            # mirrored (the targets replace its value), so it cannot opt out of mirroring.
-            if marker is not None and hmac.compare_digest(
-                marker.encode("utf-8", "surrogateescape"), self.loop_value
-            ):
-                self._drop_for_every_target("loop")
-                continue
-            for target in self.targets:
-                target.offer(req)
+                try:
+                    req = to_request(args)
+                except BadMessage as error:
+                    # Without a method or a path (to_request's first checks) it is no mirror request,
+                    # unless message names say which messages are: asked here, not of every message.
+                    if not self.message_names and not is_mirror_message(args):
+                        self.messages.not_mirror += 1
+                        continue
+                    self.messages.invalid[error.reason] = self.messages.invalid.get(error.reason, 0) + 1
+                    suppressed = self._log_throttle.allow(error.reason)
+                    if suppressed is not None:
+                        log.warning(
+                            "mirror.bad_message", reason=error.reason, error=str(error), suppressed=suppressed
+                        )
+                    continue
+                self.messages.mirrored += 1
+                marker = req.header(self.loop_header)
+                # Only our own marker is a loop: a client sending the header with any other value is
+                # mirrored (the targets replace its value), so it cannot opt out of mirroring.
+                if marker is not None and hmac.compare_digest(
+                    marker.encode("utf-8", "surrogateescape"), self.loop_value
+                ):
+                    self._drop_for_every_target("loop")
+                    continue
+                for target in self.targets:
+                    target.offer(req)
+        finally:
+            for pool in batching:
+                pool.release_writes()
 
     def _drop_for_every_target(self, outcome: str) -> None:
         """A request dropped before the targets see it still gets one outcome on each of them."""

@@ -97,6 +97,7 @@ class PipelinedPool(Pool):
         self.requests_per_connection = UNLEARNED
         self._filling: list[_PipelinedConnection] = []  # written to in this loop iteration
         self._flush_handle: asyncio.Handle | None = None
+        self._holding = False  # between hold_writes and release_writes
 
     def submit(self, request: bytes, done: Done, *, head: bool = False) -> _Exchange:
         loop = self._loop
@@ -117,6 +118,20 @@ class PipelinedPool(Pool):
             self._flush_handle = None
         self._filling.clear()
         await super().close()
+
+    def hold_writes(self) -> None:
+        """Requests placed from now until `release_writes` are written by it, not by a callback in
+        the next loop iteration: the agent's intake places a batch and writes it in the iteration
+        that ran it. One loop iteration less per read at moderate rates (each costs uvloop's
+        ready-queue turn and an epoll_wait)."""
+        self._holding = True
+
+    def release_writes(self) -> None:
+        """One write per connection placed on since `hold_writes`, unless a flush is already
+        scheduled (requests placed earlier in this iteration): it then writes these too."""
+        self._holding = False
+        if self._filling and self._flush_handle is None:
+            self._flush()
 
     # -- placement and writes --------------------------------------------------------------------
 
@@ -152,7 +167,7 @@ class PipelinedPool(Pool):
         if not connection.filling:
             connection.filling = True
             self._filling.append(connection)
-            if self._flush_handle is None:
+            if self._flush_handle is None and not self._holding:
                 self._flush_handle = self._loop.call_soon(self._flush)  # type: ignore[union-attr]
         if self._deadline_sweep is None:
             self._deadline_sweep = self._loop.call_later(  # type: ignore[union-attr]

@@ -33,10 +33,11 @@ import httptools
 import pytest
 
 from spoa_mirror.config import ConfigError, parse_config
+from spoa_mirror.mirror import Mirror
 from spoa_mirror.protocols import build_pool
 from spoa_mirror.transport_pipeline import PipelinedPool
 from spoa_mirror.wire import build_request
-from tests.support.live_agent import loop_runner
+from tests.support.live_agent import loop_runner, wait_until
 from tests.support.shadow import LoopThreadServer
 from tests.test_pipeline import mirror_message, running, send_and_ack, settled
 
@@ -216,6 +217,52 @@ def test_requests_of_one_iteration_go_in_one_write_and_responses_match_in_order(
     assert shadow.connections == 1
     assert shadow.reads[0] == (1, b"".join(requests))  # the shadow got them in one read, in order
     assert [seen.path for seen in shadow.requests] == ["/s201", "/s202", "/s203", "/s206", "/s299"]
+
+
+def test_writes_held_for_a_batch_go_out_at_its_release_in_the_same_iteration(shadow: PipelineShadow) -> None:
+    """The agent's intake holds a pipelined pool's writes while it places a batch: at release the
+    batch is written at once, in one write, not by a callback in the next loop iteration."""
+    pool = make_pool(shadow)
+
+    async def test() -> list[object]:
+        assert await pool.send(get("/s200")) == 200  # a connection, open and idle
+        before = pool.writes
+        reported: list[object] = []
+        pool.hold_writes()
+        for status in (201, 202, 203):
+            pool.submit(get(f"/s{status}"), lambda result, _elapsed: reported.append(result))
+        assert pool.writes == before  # held
+        pool.release_writes()
+        assert pool.writes == before + 1  # written now, before the loop turns
+        await wait_until(lambda: len(reported) == 3, 5)
+        await pool.close()
+        return reported
+
+    assert run(test) == [201, 202, 203]
+    assert shadow.reads[-1] == (1, get("/s201") + get("/s202") + get("/s203"))
+
+
+def test_the_intake_writes_the_batch_it_placed_before_the_loop_turns(shadow: PipelineShadow) -> None:
+    """Three copies taken in, then the intake run once: the target's pipelined pool has written
+    them, in one write, when the intake returns (the shipped wiring: pipeline_depth 8)."""
+    config = parse_config({"targets": [{"name": "t", "url": f"http://127.0.0.1:{shadow.port}"}]}, env={})
+
+    async def test() -> dict[str, int]:
+        mirror = Mirror(config, None)
+        stats = mirror.target_stats["t"]
+        mirror.handle(mirror_message("/s201"))
+        await settled(stats, 1)  # a connection, open and idle
+        pool = mirror.targets[0].pool
+        before = pool.writes
+        for path in ("/s202", "/s203", "/s204"):
+            mirror.handle(mirror_message(path))
+        mirror._process_intake()
+        assert pool.writes == before + 1
+        outcomes = await settled(stats, 4)
+        await mirror.drain(0.1)
+        return outcomes
+
+    assert run(test) == {"sent_2xx": 4}
 
 
 def test_depth_bounds_requests_in_flight_per_connection(shadow: PipelineShadow) -> None:
