@@ -7,6 +7,8 @@ import asyncio
 from spoa_mirror.config import parse_config
 from spoa_mirror.mirror import INTAKE_BYTES, INTAKE_LIMIT, Mirror
 from spoe import Message
+from tests.support.shadow import ShadowServer
+from tests.test_pipeline import mirror_message, settled
 
 
 def test_the_intake_is_bounded_in_bytes() -> None:
@@ -37,3 +39,29 @@ def test_the_intake_is_bounded_in_bytes() -> None:
     assert 0 < held <= INTAKE_BYTES
     assert outcomes["queue_full"] == burst - INTAKE_BYTES // (len(body) + len("\r\n"))
     assert received == sum(outcomes.values()) == burst
+
+
+def test_the_intake_writes_the_batch_it_placed_before_the_loop_turns() -> None:
+    """Three copies taken in, then the intake run once: the target's pipelined pool (the shipped
+    wiring, pipeline_depth 8) has written them, in one write, when the intake returns, not from a
+    callback in the next loop iteration."""
+
+    async def test(shadow: ShadowServer) -> dict[str, int]:
+        config = parse_config({"targets": [{"name": "t", "url": shadow.url}]}, env={})
+        mirror = Mirror(config, None)
+        stats = mirror.target_stats["t"]
+        mirror.handle(mirror_message("/a"))
+        await settled(stats, 1)  # a connection, open and idle
+        pool = mirror.targets[0].pool
+        before = pool.writes
+        for path in ("/b", "/c", "/d"):
+            mirror.handle(mirror_message(path))
+        mirror._process_intake()
+        assert pool.writes == before + 1
+        outcomes = await settled(stats, 4)
+        await mirror.drain(0.1)
+        return outcomes
+
+    with ShadowServer() as shadow:
+        assert asyncio.run(asyncio.wait_for(test(shadow), 30)) == {"sent_2xx": 4}
+        assert [request.target for request in shadow.wait_for(4)] == ["/a", "/b", "/c", "/d"]

@@ -33,7 +33,6 @@ import httptools
 import pytest
 
 from spoa_mirror.config import ConfigError, parse_config
-from spoa_mirror.mirror import Mirror
 from spoa_mirror.protocols import build_pool
 from spoa_mirror.transport_pipeline import PipelinedPool
 from spoa_mirror.wire import build_request
@@ -240,29 +239,6 @@ def test_writes_held_for_a_batch_go_out_at_its_release_in_the_same_iteration(sha
 
     assert run(test) == [201, 202, 203]
     assert shadow.reads[-1] == (1, get("/s201") + get("/s202") + get("/s203"))
-
-
-def test_the_intake_writes_the_batch_it_placed_before_the_loop_turns(shadow: PipelineShadow) -> None:
-    """Three copies taken in, then the intake run once: the target's pipelined pool has written
-    them, in one write, when the intake returns (the shipped wiring: pipeline_depth 8)."""
-    config = parse_config({"targets": [{"name": "t", "url": f"http://127.0.0.1:{shadow.port}"}]}, env={})
-
-    async def test() -> dict[str, int]:
-        mirror = Mirror(config, None)
-        stats = mirror.target_stats["t"]
-        mirror.handle(mirror_message("/s201"))
-        await settled(stats, 1)  # a connection, open and idle
-        pool = mirror.targets[0].pool
-        before = pool.writes
-        for path in ("/s202", "/s203", "/s204"):
-            mirror.handle(mirror_message(path))
-        mirror._process_intake()
-        assert pool.writes == before + 1
-        outcomes = await settled(stats, 4)
-        await mirror.drain(0.1)
-        return outcomes
-
-    assert run(test) == {"sent_2xx": 4}
 
 
 def test_depth_bounds_requests_in_flight_per_connection(shadow: PipelineShadow) -> None:
