@@ -593,6 +593,8 @@ def test_a_drained_target_closes_its_connections() -> None:
         ({"arg_body": b"", "body": b"x" * 4, "arg_hdrs": "h" * 2}, 6),
         ({"arg_body": b"x" * 3, "arg_hdrs": "", "hdrs": "h" * 2}, 5),
         ({"arg_body": 5, "arg_hdrs": None}, 0),  # neither bytes nor text: not counted, never raising
+        ({"arg_body": 5, "arg_hdrs": "h" * 2}, 2),
+        ({"arg_body": b"x", "arg_hdrs": 7}, 1),
         ({}, 0),
     ],
 )
