@@ -161,17 +161,28 @@ class SinkPool:
         self.answer()
 
 
+def handshaken(app: App) -> SpopProtocol:
+    """The agent's SPOP adapter on a SinkTransport, past HAPROXY-HELLO."""
+    protocol = SpopProtocol(app.agent)
+    protocol.connection_made(SinkTransport())  # type: ignore[arg-type]
+    protocol.data_received(hello())
+    return protocol
+
+
+def notify_packets(batch: int, kind: str) -> list[bytes]:
+    """What one read brings: `batch` NOTIFYs of the request `kind`, three-byte stream ids as HAProxy's
+    after its 2,288th stream; 1,024 NOTIFYs in all, fed round and round."""
+    args = request_args(kind)
+    return [b"".join(notify(2288 + i + j, args) for j in range(batch)) for i in range(0, 1024, batch)]
+
+
 async def drive(count: int, batch: int, kind: str) -> tuple[float, SinkPool]:
     app = new_app()
     sink = SinkPool()
     (target,) = app.mirror.targets
     target.pool = sink  # type: ignore[assignment]
-    protocol = SpopProtocol(app.agent)
-    spop = SinkTransport()
-    protocol.connection_made(spop)  # type: ignore[arg-type]
-    protocol.data_received(hello())
-    args = request_args(kind)
-    packets = [b"".join(notify(2288 + i + j, args) for j in range(batch)) for i in range(0, 1024, batch)]
+    protocol = handshaken(app)
+    packets = notify_packets(batch, kind)
     start = time.perf_counter()
     for i in range(count // batch):
         protocol.data_received(packets[i % len(packets)])
@@ -257,11 +268,8 @@ async def drive_shadow(count: int, batch: int, kind: str) -> tuple[float, Any]:
     port = server.sockets[0].getsockname()[1]
     app = new_app(f"http://127.0.0.1:{port}/")
     (target,) = app.mirror.targets
-    protocol = SpopProtocol(app.agent)
-    protocol.connection_made(SinkTransport())  # type: ignore[arg-type]
-    protocol.data_received(hello())
-    args = request_args(kind)
-    packets = [b"".join(notify(2288 + i + j, args) for j in range(batch)) for i in range(0, 1024, batch)]
+    protocol = handshaken(app)
+    packets = notify_packets(batch, kind)
     outcomes = target.stats.outcomes
     start = time.perf_counter()
     for i in range(count // batch):
