@@ -53,7 +53,6 @@ from .request import MirrorRequest
 from .sampling import always_sampled, build_sampler
 from .tls import client_context
 from .transport import TransportError
-from .transport_pipeline import PipelinedPool
 from .wire import WireError
 
 log = structlog.get_logger("spoa_mirror")
@@ -647,7 +646,7 @@ class Mirror:
         retiring = [target for target in self.targets if target not in targets]
         self.targets = targets
         # The pools whose writes the intake holds while it places a batch (see _process_intake).
-        self._batching_pools = tuple(t.pool for t in targets if isinstance(t.pool, PipelinedPool))
+        self._batching_pools = tuple(target.pool for target in targets)
         self._use_pairing(pairing, config)
         self._use_recorders(targets)
         # The pairing table's bytes are part of the agent's budget: the targets share the rest.
@@ -809,8 +808,8 @@ class Mirror:
         intake = self._intake
         clock = time.perf_counter
         deadline = clock() + slice_seconds
-        # The pipelined pools write what this batch places when it ends, in this loop iteration,
-        # instead of from a callback in the next.
+        # The pools write what this batch places when it ends, in this loop iteration, instead of
+        # from a callback in the next (the capture writer's thread is woken once, then).
         batching = self._batching_pools
         for pool in batching:
             pool.hold_writes()

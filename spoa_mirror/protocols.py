@@ -189,6 +189,16 @@ class AutoPool:
             if self._probe is None:
                 self._probe = asyncio.get_running_loop().create_task(self._run_probe())
 
+    def hold_writes(self) -> None:
+        """Both pools hold (see `Mirror._process_intake`); requests still waiting for the probe's
+        answer are not written before it anyway."""
+        self.h2_pool.hold_writes()
+        self.http1_pool.hold_writes()
+
+    def release_writes(self) -> None:
+        self.h2_pool.release_writes()
+        self.http1_pool.release_writes()
+
     async def send(self, request: AutoRequest, *, head: bool = False) -> int:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 

@@ -180,6 +180,13 @@ class Pool:
             self._cancel(exchange)
             raise
 
+    def hold_writes(self) -> None:
+        """Part of every pool's interface (see `Mirror._process_intake`); this pool writes each
+        request as it starts, on a connection of its own, so there is nothing to hold."""
+
+    def release_writes(self) -> None:
+        """See `hold_writes`."""
+
     def submit(self, request: bytes, done: Done, *, head: bool = False) -> _Exchange:
         """`send` without a coroutine: the same request, retry and failures, reported by calling
         `done(status or exception, seconds)` exactly once, from a later event loop callback (never

@@ -114,6 +114,9 @@ class H2Pool:
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
         self.bytes_held = 0  # of the requests submitted and not settled (the memory budget reads it)
+        self.writes = 0  # to connections, for tests and benchmarks
+        self._holding = False  # between hold_writes and release_writes
+        self._held: list[_H2Connection] = []  # connections with output waiting for release_writes
 
     @property
     def where(self) -> str:
@@ -152,6 +155,19 @@ class H2Pool:
         if self._sweep is None:
             self._sweep = loop.call_later(self._tick, self._sweep_deadlines, loop)
         return stream
+
+    def hold_writes(self) -> None:
+        """Streams begun from now until `release_writes` are written by it, not by a callback in the
+        next loop iteration: the agent's intake begins a batch and writes it in the iteration that
+        ran it, as it does with the pipelined HTTP/1.1 pool."""
+        self._holding = True
+
+    def release_writes(self) -> None:
+        """One write per connection that has output since `hold_writes`."""
+        self._holding = False
+        held, self._held = self._held, []
+        for connection in held:
+            connection._flush()
 
     async def close(self) -> None:
         """Fails everything in flight or waiting with PoolClosed and closes every connection."""
@@ -457,7 +473,11 @@ class _H2Connection(asyncio.Protocol):
     def _schedule_flush(self) -> None:
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            self.pool._loop.call_soon(self._flush)  # type: ignore[union-attr]
+            pool = self.pool
+            if pool._holding:
+                pool._held.append(self)
+            else:
+                pool._loop.call_soon(self._flush)  # type: ignore[union-attr]
 
     def _flush(self) -> None:
         self.flush_scheduled = False
@@ -466,6 +486,7 @@ class _H2Connection(asyncio.Protocol):
         data = self.h2.data_to_send()
         if data:
             self.transport.write(data)
+            self.pool.writes += 1
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 

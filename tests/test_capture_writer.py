@@ -10,6 +10,7 @@ from typing import Any
 
 from spoa_mirror.accounting import TargetStats
 from spoa_mirror.capture import gor
+from spoa_mirror.capture import writer as writer_module
 from spoa_mirror.capture.target import CaptureTarget, payload_id, record_response
 from spoa_mirror.config import parse_config
 from spoa_mirror.mirror import MemoryBudget, loop_marker_value
@@ -145,3 +146,28 @@ def test_a_reload_moves_the_capture_and_keeps_the_account(tmp_path: Path) -> Non
     ]
     assert all(p.name.endswith(".gor.gz") for p in (tmp_path / "one").iterdir())
     assert stats.capture.files_rotated == 2
+
+
+def test_a_held_batch_wakes_the_writer_thread_once_at_its_release(tmp_path: Path, monkeypatch) -> None:
+    """The agent's intake holds the writer while it offers a batch: the writer thread is not woken
+    by each payload (it would contend for the GIL with the loop still offering the rest) but once,
+    at release, and then writes the whole batch. The thread's idle tick is made a minute long, so
+    a release that did not wake it would leave the batch unwritten past the test's bound."""
+    monkeypatch.setattr(writer_module, "_TICK", 60.0)
+
+    async def main() -> tuple[bool, dict[str, int]]:
+        target = build_target({"directory": str(tmp_path)})
+        target.offer(request("/warm"))  # starts the writer thread
+        while target.stats.pending:
+            await asyncio.sleep(0.01)
+        writer = target.pool
+        writer.hold_writes()
+        for path in ("/a", "/b", "/c"):
+            target.offer(request(path))
+        woken_while_held = writer._wake.is_set()
+        writer.release_writes()
+        return woken_while_held, await settle(target)
+
+    assert asyncio.run(asyncio.wait_for(main(), 10)) == (False, {"written": 4})
+    paths = sorted(payload.message.split(b" ")[1] for payload in read_all(tmp_path))
+    assert paths == [b"/a", b"/b", b"/c", b"/warm"]

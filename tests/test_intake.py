@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from spoa_mirror.config import parse_config
 from spoa_mirror.mirror import INTAKE_BYTES, INTAKE_LIMIT, Mirror
 from spoe import Message
 from tests.support.shadow import ShadowServer
+from tests.support.shadow_h2 import H2ShadowServer
 from tests.test_pipeline import mirror_message, settled
 
 
@@ -41,14 +44,15 @@ def test_the_intake_is_bounded_in_bytes() -> None:
     assert received == sum(outcomes.values()) == burst
 
 
-def test_the_intake_writes_the_batch_it_placed_before_the_loop_turns() -> None:
-    """Three copies taken in, then the intake run once: the target's pipelined pool (the shipped
-    wiring, pipeline_depth 8) has written them, in one write, when the intake returns, not from a
-    callback in the next loop iteration."""
+@pytest.mark.parametrize("protocol", ["http1", "h2c"])
+def test_the_intake_writes_the_batch_it_placed_before_the_loop_turns(protocol: str) -> None:
+    """Three copies taken in, then the intake run once: the target's pool (the shipped wiring:
+    HTTP/1.1 pipelined to depth 8, or HTTP/2 with `protocol: h2c`) has written them, in one write,
+    when the intake returns, not from a callback in the next loop iteration."""
 
-    async def test(shadow: ShadowServer) -> dict[str, int]:
-        config = parse_config({"targets": [{"name": "t", "url": shadow.url}]}, env={})
-        mirror = Mirror(config, None)
+    async def test(shadow: ShadowServer | H2ShadowServer) -> dict[str, int]:
+        target = {"name": "t", "url": shadow.url, "protocol": protocol}
+        mirror = Mirror(parse_config({"targets": [target]}, env={}), None)
         stats = mirror.target_stats["t"]
         mirror.handle(mirror_message("/a"))
         await settled(stats, 1)  # a connection, open and idle
@@ -62,6 +66,8 @@ def test_the_intake_writes_the_batch_it_placed_before_the_loop_turns() -> None:
         await mirror.drain(0.1)
         return outcomes
 
-    with ShadowServer() as shadow:
+    with ShadowServer() if protocol == "http1" else H2ShadowServer() as shadow:
         assert asyncio.run(asyncio.wait_for(test(shadow), 30)) == {"sent_2xx": 4}
-        assert [request.target for request in shadow.wait_for(4)] == ["/a", "/b", "/c", "/d"]
+        received = shadow.wait_for(4)
+        paths = [r.target for r in received] if protocol == "http1" else [r.path for r in received]
+        assert sorted(paths) == ["/a", "/b", "/c", "/d"]

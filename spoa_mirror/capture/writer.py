@@ -93,6 +93,8 @@ class CaptureWriter:
         self._housekeeper = threading.Thread(target=self._keep_house, name=f"capture-gc-{name}", daemon=True)
         self._started = False
         self._stall = float(os.environ.get(SLOW_DISK_ENV) or 0)
+        self._holding = False  # between hold_writes and release_writes
+        self._wake_at_release = False
 
     @staticmethod
     def _ignore_file_size_signal() -> None:
@@ -109,7 +111,22 @@ class CaptureWriter:
             self._housekeeper.start()
         self.bytes_held += len(payload)
         self._waiting.append((payload, done, time.monotonic()))
-        self._wake.set()
+        if self._holding:
+            self._wake_at_release = True
+        else:
+            self._wake.set()
+
+    def hold_writes(self) -> None:
+        """Payloads submitted from now until `release_writes` wake the writer thread once, at release:
+        the agent's intake submits a batch, and a thread woken at its first payload would contend for
+        the GIL while the loop submits the rest (`Event.set` alone costs 0.4 us, timeit)."""
+        self._holding = True
+
+    def release_writes(self) -> None:
+        self._holding = False
+        if self._wake_at_release:
+            self._wake_at_release = False
+            self._wake.set()
 
     async def close(self) -> None:
         """Write what was handed over, close and compress the last file (for at most
