@@ -47,6 +47,10 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+# NOTIFYs a read brings at saturation, and so requests an intake batch offers.
+INTAKE_BATCH = 16
+
+
 async def capture(directory: str, count: int) -> dict[str, float]:
     from spoa_mirror.capture.target import CaptureTarget
 
@@ -68,11 +72,17 @@ async def capture(directory: str, count: int) -> dict[str, float]:
     loop_cpu = time.thread_time()
     process_cpu = time.process_time()
     wall = time.perf_counter()
+    pool = target.pool
     for index, request in enumerate(requests):
+        if index % INTAKE_BATCH == 0:  # the intake holds the writer while it offers a batch
+            pool.hold_writes()
         target.offer(request)
+        if index % INTAKE_BATCH == INTAKE_BATCH - 1:
+            pool.release_writes()
         if index % 256 == 255:  # the intake hands the loop back between batches
             while stats.pending > 2048:  # paced to what the writer takes: a measure, not a flood
                 await asyncio.sleep(0.001)
+    pool.release_writes()
     loop_cpu = time.thread_time() - loop_cpu
     while stats.pending:
         await asyncio.sleep(0.005)

@@ -179,9 +179,13 @@ class CaptureWriter:
         """On the loop: every payload of a batch to its target's callback."""
         now = time.monotonic()
         released = 0
-        for (payload, done, submitted), outcome in zip(batch, outcomes, strict=True):
-            released += len(payload)
-            done(outcome, now - submitted)
+        self.hold_writes()  # the callbacks submit the next payloads: one wake for all of them
+        try:
+            for (payload, done, submitted), outcome in zip(batch, outcomes, strict=True):
+                released += len(payload)
+                done(outcome, now - submitted)
+        finally:
+            self.release_writes()
         self.bytes_held -= released
 
     def _write_batch(self, payloads: list[bytes]) -> list[str]:
