@@ -183,6 +183,7 @@ targets:
     concurrency: {concurrency}
     queue_size: {queue_size}
     pipeline_depth: {pipeline_depth}
+    sample_percentage: {sample_percentage}
 """
 
 NGINX_CFG = """\
@@ -680,6 +681,7 @@ class Bench:
                 concurrency=args.agent_concurrency,
                 queue_size=args.agent_queue_size,
                 pipeline_depth=args.agent_pipeline_depth,
+                sample_percentage=args.agent_sample_percentage,
                 **ports,
             )
             + (f"compare: {{candidates: [{TARGET}]}}\n" if compare else "")
@@ -1006,7 +1008,8 @@ def setup_lines(args: argparse.Namespace, bench: Bench) -> list[str]:
         + ", uvloop",
         "SPOE: on-frontend-http-request, pipelining + async, timeout processing 100ms; "
         "args arg_method arg_path arg_ver arg_hdrs arg_body",
-        f"agent target: 100%, concurrency {args.agent_concurrency}, queue_size {args.agent_queue_size}, "
+        f"agent target: {args.agent_sample_percentage:g}%, concurrency {args.agent_concurrency}, "
+        f"queue_size {args.agent_queue_size}, "
         f"pipeline_depth {args.agent_pipeline_depth}; shadow nginx keepalive_requests "
         f"{args.shadow_keepalive_requests:,}",
     ]
@@ -1068,6 +1071,13 @@ def main() -> int:
         type=int,
         default=8,
         help="the target's pipeline_depth (8, the agent's default; 1: no HTTP/1.1 pipelining)",
+    )
+    parser.add_argument(
+        "--agent-sample-percentage",
+        type=float,
+        default=100.0,
+        help="the target's sample_percentage (100; 0: the agent takes every copy in and sends none, "
+        "which tells its own share of the primary's added latency from the shadow traffic's)",
     )
     parser.add_argument(
         "--workers",

@@ -31,6 +31,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
                 "--rate",
                 "--body-size",
                 "--c-agent",
+                "--agent-sample-percentage",
             ],
         ),
         ("hotpath_count.py", ["--count", "--batch", "--request", "--count-instructions", "--hash-seed"]),
