@@ -15,7 +15,7 @@ from spoa_mirror.transport import PoolClosed, ProtocolError, RequestTimeout, Tra
 from spoa_mirror.transport_h2 import H2Pool, StreamResetError
 from spoa_mirror.wire import WireError
 from spoa_mirror.wire_h2 import H2Request, build_h2_request
-from tests.support.live_agent import wait_until
+from tests.support.pools import held_batch
 from tests.support.shadow import self_signed_tls
 from tests.support.shadow_h2 import H2ShadowServer
 
@@ -161,23 +161,8 @@ def test_writes_held_for_a_batch_go_out_at_its_release_in_the_same_iteration(sha
     """The agent's intake holds the pool's writes while it begins a batch of streams: at release
     the batch's frames go out in one write per connection, not from a callback in the next loop
     iteration."""
-    pool = make_pool(shadow)
-
-    async def test() -> list[object]:
-        assert await pool.send(request()) == 200  # a connection, open and idle
-        before = pool.writes
-        reported: list[object] = []
-        pool.hold_writes()
-        for path in ("/a", "/b", "/c"):
-            pool.submit(request(path=path), lambda result, _elapsed: reported.append(result))
-        assert pool.writes == before  # held
-        pool.release_writes()
-        assert pool.writes == before + 1  # written now, before the loop turns
-        await wait_until(lambda: len(reported) == 3, 5)
-        await pool.close()
-        return reported
-
-    assert run(test) == [200, 200, 200]
+    batch = [request(path=path) for path in ("/a", "/b", "/c")]
+    assert run(lambda: held_batch(make_pool(shadow), request(), batch)) == [200, 200, 200]
     assert sorted(r.path for r in shadow.wait_for(4)[1:]) == ["/a", "/b", "/c"]
 
 

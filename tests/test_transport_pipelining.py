@@ -36,7 +36,8 @@ from spoa_mirror.config import ConfigError, parse_config
 from spoa_mirror.protocols import build_pool
 from spoa_mirror.transport_pipeline import PipelinedPool
 from spoa_mirror.wire import build_request
-from tests.support.live_agent import loop_runner, wait_until
+from tests.support.live_agent import loop_runner
+from tests.support.pools import held_batch
 from tests.support.shadow import LoopThreadServer
 from tests.test_pipeline import mirror_message, running, send_and_ack, settled
 
@@ -221,23 +222,8 @@ def test_requests_of_one_iteration_go_in_one_write_and_responses_match_in_order(
 def test_writes_held_for_a_batch_go_out_at_its_release_in_the_same_iteration(shadow: PipelineShadow) -> None:
     """The agent's intake holds a pipelined pool's writes while it places a batch: at release the
     batch is written at once, in one write, not by a callback in the next loop iteration."""
-    pool = make_pool(shadow)
-
-    async def test() -> list[object]:
-        assert await pool.send(get("/s200")) == 200  # a connection, open and idle
-        before = pool.writes
-        reported: list[object] = []
-        pool.hold_writes()
-        for status in (201, 202, 203):
-            pool.submit(get(f"/s{status}"), lambda result, _elapsed: reported.append(result))
-        assert pool.writes == before  # held
-        pool.release_writes()
-        assert pool.writes == before + 1  # written now, before the loop turns
-        await wait_until(lambda: len(reported) == 3, 5)
-        await pool.close()
-        return reported
-
-    assert run(test) == [201, 202, 203]
+    batch = [get(f"/s{status}") for status in (201, 202, 203)]
+    assert run(lambda: held_batch(make_pool(shadow), get("/s200"), batch)) == [201, 202, 203]
     assert shadow.reads[-1] == (1, get("/s201") + get("/s202") + get("/s203"))
 
 
