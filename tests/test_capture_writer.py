@@ -16,6 +16,7 @@ from spoa_mirror.capture.target import CaptureTarget, payload_id, record_respons
 from spoa_mirror.config import parse_config
 from spoa_mirror.mirror import MemoryBudget, loop_marker_value
 from spoa_mirror.request import MirrorRequest
+from tests.support.live_agent import wait_until
 
 MONKEYS = "🐵🙈🙉".encode()
 
@@ -41,6 +42,7 @@ async def settle(target: CaptureTarget) -> dict[str, int]:
         await asyncio.sleep(0.01)
     await target.drain(asyncio.get_running_loop().time() + 5)
     assert target.stats.balanced()
+    assert target.pool.bytes_held == 0  # what the memory budget reads: every payload handed back
     return {name: count for name, count in target.stats.outcomes.items() if count}
 
 
@@ -167,11 +169,14 @@ def test_a_held_batch_wakes_the_writer_thread_once_at_its_release(tmp_path: Path
             target.offer(request(path))
         woken_while_held = writer._wake.is_set()
         writer.release_writes()
+        await wait_until(lambda: not target.stats.pending, 5)
+        target.offer(request("/after"))  # outside a hold: wakes the writer itself
+        await wait_until(lambda: not target.stats.pending, 5)  # before the drain's close wakes it
         return woken_while_held, await settle(target)
 
-    assert asyncio.run(asyncio.wait_for(main(), 10)) == (False, {"written": 4})
+    assert asyncio.run(asyncio.wait_for(main(), 10)) == (False, {"written": 5})
     paths = sorted(payload.message.split(b" ")[1] for payload in read_all(tmp_path))
-    assert paths == [b"/a", b"/b", b"/c", b"/warm"]
+    assert paths == [b"/a", b"/after", b"/b", b"/c", b"/warm"]
 
 
 class CountingEvent(threading.Event):
@@ -201,6 +206,8 @@ def test_the_payloads_a_settled_batch_lets_through_wake_the_writer_once(tmp_path
             target.offer(request(f"/r{n}"))
         target.pool.release_writes()
         outcomes = await settle(target)
+        latency = target.stats.latency
+        assert latency.count == 40 and 0 <= latency.total < 40 * 5  # each write's own time
         return wake.sets, outcomes
 
     sets, outcomes = asyncio.run(asyncio.wait_for(main(), 10))
