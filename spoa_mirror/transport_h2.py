@@ -7,7 +7,8 @@ library driven from asyncio Protocol callbacks, as our SPOP core is. What HTTP/2
 - Requests are streams, multiplexed on a connection up to the server's SETTINGS_MAX_CONCURRENT_STREAMS
   (and `MAX_STREAMS_PER_CONNECTION`); a new connection is opened only when every open one is full,
   up to `max_connections`. Writes are coalesced: one `transport.write` per loop iteration and
-  connection, whatever number of streams began in it.
+  connection, whatever number of streams began in it; those the agent's intake begins go out when
+  it ends (`hold_writes`, `release_writes`), not from a callback in the next iteration.
 - Flow control both ways: request bodies are sent as the peer's windows allow (the rest waits for
   WINDOW_UPDATE), response bodies are acknowledged as they arrive and dropped.
 - GOAWAY: the connection takes no new streams; those above the server's last stream id were not
