@@ -24,6 +24,9 @@ and, on request (`--scenarios`):
     fixed_ack       the same through the SPOE filter to a minimal agent that only ACKs
                     (tests/support/echo_agent.py on the same engine): HAProxy's own SPOE round trip
     fixed_mirror    the same to this agent mirroring every request to the shadow
+    fixed_sampled_out  the same with the target's sample_percentage 0: the agent takes every copy
+                    in (decodes it, runs its checks) and sends none, so its own share of the
+                    primary's added latency shows apart from the copies' traffic's
 
 `--body-size N` sends N-byte POSTs instead of GETs (wrk with a Lua script, hey with -D).
 
@@ -37,7 +40,8 @@ run (drain included), its memory VmRSS from /proc/<pid>/status when wrk ends.
     .venv/bin/python bench/e2e_bench.py --quick          # a few seconds each, for smoke
     .venv/bin/python bench/e2e_bench.py --scenarios mirror --profile     # py-spy the agent
     .venv/bin/python bench/e2e_bench.py --haproxy scripts/haproxy-sid --json bench/out/e2e-3.2.json
-    .venv/bin/python bench/e2e_bench.py --scenarios fixed_baseline,fixed_ack,fixed_mirror --rate 5000
+    .venv/bin/python bench/e2e_bench.py --rate 5000 \
+        --scenarios fixed_baseline,fixed_ack,fixed_sampled_out,fixed_mirror
     .venv/bin/python bench/e2e_bench.py --scenarios baseline,c_agent,mirror --c-agent PATH --body-size 1024
     .venv/bin/python bench/e2e_bench.py --scenarios mirror --workers 2    # the agent with -n 2
     .venv/bin/python bench/e2e_bench.py --scenarios mirror --agent-pipeline-depth 1    # no pipelining
@@ -568,6 +572,7 @@ SCENARIOS = (
     "fixed_baseline",
     "fixed_ack",
     "fixed_mirror",
+    "fixed_sampled_out",
     "json_mirror",
     "json_compare",
 )
@@ -636,7 +641,7 @@ class Bench:
         shadow = f"http://{HOST}:{self.shadow.port}/"
         if name in ("baseline", "fixed_baseline"):
             return self._run(name, seconds, shadow_url=None)
-        if name in ("mirror", "fixed_mirror"):
+        if name in ("mirror", "fixed_mirror", "fixed_sampled_out"):
             return self._run(name, seconds, shadow_url=shadow)
         if name == "c_agent":
             return self._run(name, seconds, shadow_url=shadow, agent_kind="c")
@@ -681,7 +686,7 @@ class Bench:
                 concurrency=args.agent_concurrency,
                 queue_size=args.agent_queue_size,
                 pipeline_depth=args.agent_pipeline_depth,
-                sample_percentage=args.agent_sample_percentage,
+                sample_percentage=0 if name == "fixed_sampled_out" else args.agent_sample_percentage,
                 **ports,
             )
             + (f"compare: {{candidates: [{TARGET}]}}\n" if compare else "")
@@ -752,7 +757,7 @@ class Bench:
             profiler = self._profile(agent.pid, name, seconds) if agent and args.profile else None
             wrk = self.load(ports["web"], seconds, fixed)
             rss = memory_mb(agent.pid) if agent else None
-            delivering = shadow_url is not None and not name.startswith("shadow_")
+            delivering = shadow_url is not None and not name.startswith(("shadow_", "fixed_sampled_out"))
             settle(logs if delivering else [primary])  # faults: only the primary's log flush
             if compare:  # and every comparison settled
                 deadline = time.monotonic() + 15
@@ -1008,7 +1013,8 @@ def setup_lines(args: argparse.Namespace, bench: Bench) -> list[str]:
         + ", uvloop",
         "SPOE: on-frontend-http-request, pipelining + async, timeout processing 100ms; "
         "args arg_method arg_path arg_ver arg_hdrs arg_body",
-        f"agent target: {args.agent_sample_percentage:g}%, concurrency {args.agent_concurrency}, "
+        f"agent target: {args.agent_sample_percentage:g}% (fixed_sampled_out: 0%), concurrency "
+        f"{args.agent_concurrency}, "
         f"queue_size {args.agent_queue_size}, "
         f"pipeline_depth {args.agent_pipeline_depth}; shadow nginx keepalive_requests "
         f"{args.shadow_keepalive_requests:,}",
