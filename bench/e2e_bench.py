@@ -576,6 +576,8 @@ SCENARIOS = (
     "json_mirror",
     "json_compare",
 )
+# Scenarios whose copies reach no shadow that answers (or are never sent).
+NOTHING_DELIVERED = ("shadow_down", "shadow_hang", "fixed_sampled_out")
 DEFAULT_SCENARIOS = ("baseline", "mirror", "shadow_down", "shadow_hang", "json_mirror", "json_compare")
 
 
@@ -757,7 +759,8 @@ class Bench:
             profiler = self._profile(agent.pid, name, seconds) if agent and args.profile else None
             wrk = self.load(ports["web"], seconds, fixed)
             rss = memory_mb(agent.pid) if agent else None
-            delivering = shadow_url is not None and not name.startswith(("shadow_", "fixed_sampled_out"))
+            # Delivered is counted where copies go to a shadow that answers them.
+            delivering = shadow_url is not None and name not in NOTHING_DELIVERED
             settle(logs if delivering else [primary])  # faults: only the primary's log flush
             if compare:  # and every comparison settled
                 deadline = time.monotonic() + 15
