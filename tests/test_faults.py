@@ -53,6 +53,7 @@ from tests.support.procs import (
     HAProxyProcess,
     HAProxyRelease,
     ManagedProcess,
+    current_haproxy,
     free_port,
     log_events,
     run_haproxy,
@@ -717,8 +718,13 @@ def test_sighup_under_load_switches_targets_and_keeps_spop_connections(
             result = load.result()
         # HAProxy 3.2 may purge idle SPOP connections from its pool once the load stops (seen once
         # in CI: closed by peer during the settle), its own choice. The promise is the agent's: it
-        # closes none of them, ever, and HAProxy closes none while the load runs.
-        closed_by_peer_under_load = spop_closes(agent, by_peer=True) & connections
+        # closes none of them, ever, and HAProxy closes none while the load runs over something the
+        # agent did. HAProxy 3.x purges idle connections during the load too (half of the idle ones
+        # every pool-purge-delay, 5 s by default) with a reset and no DISCONNECT: 2 of 40 runs
+        # failed on that, before and after the 2026-12-05 hot-path session alike. What HAProxy drops
+        # over the agent's doing comes with a DISCONNECT saying why, and still fails the test.
+        resets_count = not current_haproxy().at_least_3_1
+        closed_by_peer_under_load = spop_closes(agent, by_peer=True, resets=resets_count) & connections
         accounts = settle(agent, ["a", "b"])
         closed = sorted((spop_closes(agent, by_peer=False) & connections) | closed_by_peer_under_load)
         rss = check_rss(agent)
@@ -743,13 +749,14 @@ def spop_connections(agent: Agent) -> set[int]:
     return {record["conn"] for record in agent.events("spop.hello") if not record.get("healthcheck")}
 
 
-def spop_closes(agent: Agent, *, by_peer: bool) -> set[int]:
+def spop_closes(agent: Agent, *, by_peer: bool, resets: bool = True) -> set[int]:
     """Ids of the SPOP connections closed so far by HAProxy (`by_peer`), or by the agent: normally
-    or on a protocol error, which has its own event."""
+    or on a protocol error, which has its own event. `resets`: count HAProxy's resets (a close
+    without a DISCONNECT) too."""
     closes = {
         record["conn"]
         for record in agent.events("spop.connection.closed")
-        if bool(record.get("by_peer")) is by_peer
+        if bool(record.get("by_peer")) is by_peer and (resets or record.get("reason") != "reset by peer")
     }
     if not by_peer:
         closes |= {record["conn"] for record in agent.events("spop.protocol_error")}
