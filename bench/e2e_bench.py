@@ -1017,10 +1017,8 @@ def setup_lines(args: argparse.Namespace, bench: Bench) -> list[str]:
         "SPOE: on-frontend-http-request, pipelining + async, timeout processing 100ms; "
         "args arg_method arg_path arg_ver arg_hdrs arg_body",
         f"agent target: {args.agent_sample_percentage:g}% (fixed_sampled_out: 0%), concurrency "
-        f"{args.agent_concurrency}, "
-        f"queue_size {args.agent_queue_size}, "
-        f"pipeline_depth {args.agent_pipeline_depth}; shadow nginx keepalive_requests "
-        f"{args.shadow_keepalive_requests:,}",
+        f"{args.agent_concurrency}, queue_size {args.agent_queue_size}, pipeline_depth "
+        f"{args.agent_pipeline_depth}; shadow nginx keepalive_requests {args.shadow_keepalive_requests:,}",
     ]
 
 
