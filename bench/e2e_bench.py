@@ -983,7 +983,7 @@ def agent_python(agent: str) -> str:
 def interpreter(python: str) -> str:
     """Which CPython runs the agent, and how it was built: the same code costs 5-15% more CPU under
     a CPython built without profile-guided optimisation (pyenv's default) than under Debian's python3
-    or python:3.11-slim (the README's Performance section has the runs)."""
+    or python:3.11-slim (docs/performance.md has the runs)."""
     probe = (
         "import platform, sys, sysconfig; "
         "print(platform.python_version(), sys.base_prefix, sysconfig.get_config_var('CONFIG_ARGS') or '')"
@@ -1050,7 +1050,7 @@ def render_markdown(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=15, help="seconds of baseline and mirror (15)")
     parser.add_argument(
@@ -1111,12 +1111,17 @@ def main() -> int:
         "--agent",
         default=str(AGENT),
         help=f"this agent's executable ({AGENT.relative_to(ROOT)}); the ACK-only agent runs under the python "
-        "beside it, so both measure the same interpreter (see the README's Performance section)",
+        "beside it, so both measure the same interpreter (see docs/performance.md)",
     )
     parser.add_argument("--haproxy", default=HAPROXY, help=f"the HAProxy binary ({HAPROXY})")
     parser.add_argument(
         "--json", type=Path, default=OUT / "e2e.json", help="where the figures go (bench/out/e2e.json)"
     )
+    return parser
+
+
+def main() -> int:
+    parser = build_parser()
     args = parser.parse_args()
     if args.quick:
         args.duration = args.fault_duration = 3

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import platform
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -86,3 +88,18 @@ def test_bench_run_measures_the_given_agent_in_every_e2e_step() -> None:
     assert len(e2e_steps) == 5
     for step in e2e_steps:
         assert step.cmd[step.cmd.index("--agent") + 1] == "/opt/other/bin/spoa-mirror", step.name
+
+
+def test_bench_run_names_the_interpreter_that_ran_the_agent() -> None:
+    """bench/run's report names the interpreter of the e2e runs' agent, read from e2e_bench.py's
+    setup line: with --agent it is not the python of the in-process benches, and a report that named
+    only that one put Debian's figures under pyenv's name."""
+    e2e = _module("e2e_bench", BENCH / "e2e_bench.py")
+    run = _module("bench_run", BENCH / "run")
+    agent = str(Path(sys.executable).parent / "spoa-mirror")
+    args = e2e.build_parser().parse_args(["--agent", agent])  # type: ignore[attr-defined]
+    setup = e2e.setup_lines(args, SimpleNamespace(haproxy_threads=2))  # type: ignore[attr-defined]
+    step = next(step for step in run.steps(True, None, agent) if "bench/e2e_bench.py" in step.cmd)  # type: ignore[attr-defined]
+    step.output = {"setup": setup}
+    named = run.agent_interpreter([step])["agent"]  # type: ignore[attr-defined]
+    assert named.startswith(f"{agent}, CPython {platform.python_version()} from ")
