@@ -176,8 +176,8 @@ def notify_packets(batch: int, kind: str) -> list[bytes]:
     return [b"".join(notify(2288 + i + j, args) for j in range(batch)) for i in range(0, 1024, batch)]
 
 
-async def drive(count: int, batch: int, kind: str) -> tuple[float, SinkPool]:
-    app = new_app()
+async def drive(count: int, batch: int, kind: str, redact_defaults: bool = True) -> tuple[float, SinkPool]:
+    app = new_app(redact_defaults=redact_defaults)
     sink = SinkPool()
     (target,) = app.mirror.targets
     target.pool = sink  # type: ignore[assignment]
@@ -216,11 +216,11 @@ class SignallingSinkPool(SinkPool):
             self._finished.set_result(None)
 
 
-async def drive_socket(count: int, kind: str) -> tuple[float, SinkPool]:
+async def drive_socket(count: int, kind: str, redact_defaults: bool = True) -> tuple[float, SinkPool]:
     """The agent on a real SPOP socket, fed by a separate process (not under valgrind) that sends one
     NOTIFY, waits for its ACK and for the request to reach the sink, then sends the next: the loop's
     wake-ups and system calls of a moderate fixed rate, one request at a time."""
-    app = new_app()
+    app = new_app(redact_defaults=redact_defaults)
     ((_, port), *_) = await app.agent.start("127.0.0.1", 0)
     feeder = subprocess.Popen(
         [sys.executable, __file__, "--feed", str(port), "-n", str(count), "--request", kind],
@@ -258,7 +258,7 @@ class Shadow(asyncio.Protocol):
         self.transport.write(SHADOW_RESPONSE * data.count(b"\r\n\r\n"))  # type: ignore[attr-defined]
 
 
-async def drive_shadow(count: int, batch: int, kind: str) -> tuple[float, Any]:
+async def drive_shadow(count: int, batch: int, kind: str, redact_defaults: bool = True) -> tuple[float, Any]:
     """`drive`, with the target's own pool (HTTP/1.1, pipelined as by default) sending to a shadow on
     loopback in this process: the transport's side of a request too (its write, the response's
     parsing, the outcome), and the shadow's few instructions a request. Each batch is answered
@@ -266,7 +266,7 @@ async def drive_shadow(count: int, batch: int, kind: str) -> tuple[float, Any]:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(Shadow, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    app = new_app(f"http://127.0.0.1:{port}/")
+    app = new_app(f"http://127.0.0.1:{port}/", redact_defaults=redact_defaults)
     (target,) = app.mirror.targets
     protocol = handshaken(app)
     packets = notify_packets(batch, kind)
@@ -302,10 +302,13 @@ def feed(port: int, count: int, kind: str) -> None:
             assert os.read(0, 1) == b"!"  # the request reached the sink
 
 
-def new_app(url: str = "http://127.0.0.1:9/") -> App:
-    config = parse_config(
-        {"targets": [{"name": "shadow", "url": url}]}, env={}
-    )  # every default on: redaction, loop marker, byte budgets
+def new_app(url: str = "http://127.0.0.1:9/", *, redact_defaults: bool = True) -> App:
+    """Every default on (redaction, loop marker, byte budgets), unless `redact_defaults` is False:
+    then `redact: {defaults: false}`, to tell what the default redaction list costs a request."""
+    document: dict[str, Any] = {"targets": [{"name": "shadow", "url": url}]}
+    if not redact_defaults:
+        document["redact"] = {"defaults": False}
+    config = parse_config(document, env={})
     app = App(config, config_path=None, overrides={})
     # Under valgrind a batch takes ~50x longer: a time slice would split it, differently each run.
     app.mirror._process_intake.__func__.__defaults__ = (60.0,)  # type: ignore[attr-defined]
@@ -330,6 +333,7 @@ def count_instructions(args: argparse.Namespace) -> None:
             args.request,
             *(["--socket"] if args.socket else []),
             *(["--shadow"] if args.shadow else []),
+            *(["--no-default-redaction"] if args.no_default_redaction else []),
         ]
         env = {**os.environ, "PYTHONHASHSEED": str(args.hash_seed)}
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stderr
@@ -357,6 +361,11 @@ def main() -> None:
     parser.add_argument(
         "--shadow", action="store_true", help="the target's own pool to a shadow in this process, not a sink"
     )
+    parser.add_argument(
+        "--no-default-redaction",
+        action="store_true",
+        help="redact: {defaults: false}, to tell what the default redaction list costs",
+    )
     parser.add_argument("--feed", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the feeder process
     args = parser.parse_args()
     if args.feed:
@@ -366,12 +375,13 @@ def main() -> None:
     if args.count_instructions:
         count_instructions(args)
         return
+    defaults = not args.no_default_redaction
     if args.socket:
-        elapsed, sink = uvloop.run(drive_socket(args.count, args.request))
+        elapsed, sink = uvloop.run(drive_socket(args.count, args.request, defaults))
     elif args.shadow:
-        elapsed, sink = uvloop.run(drive_shadow(args.count, args.batch, args.request))
+        elapsed, sink = uvloop.run(drive_shadow(args.count, args.batch, args.request, defaults))
     else:
-        elapsed, sink = uvloop.run(drive(args.count, args.batch, args.request))
+        elapsed, sink = uvloop.run(drive(args.count, args.batch, args.request, defaults))
     sizes = f", {sink.request_bytes // max(1, sink.requests)} bytes each" if not args.shadow else ""
     print(f"{args.request} {mode(args)}: {elapsed / args.count * 1e6:.2f} us per request (wall){sizes}")
 

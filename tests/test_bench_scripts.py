@@ -36,7 +36,17 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
                 "--agent-sample-percentage",
             ],
         ),
-        ("hotpath_count.py", ["--count", "--batch", "--request", "--count-instructions", "--hash-seed"]),
+        (
+            "hotpath_count.py",
+            [
+                "--count",
+                "--batch",
+                "--request",
+                "--count-instructions",
+                "--hash-seed",
+                "--no-default-redaction",
+            ],
+        ),
         ("redaction_ack_bench.py", ["--duration", "--body-size", "--big-interval"]),
         ("capture_bench.py", ["--requests", "--json"]),
         ("compare_bench.py", ["--count", "--json"]),
