@@ -955,7 +955,8 @@ def details(results: dict[str, Result]) -> list[str]:
             parts.append(f"in flight at the end {r.in_flight_at_end}")
             parts.append(f"agent CPU {r.agent_cpu_s:.2f}s, peak RSS {r.agent_peak_rss_mb:.1f} MB")
         if r.comparisons:
-            parts.append("comparisons " + ", ".join(f"{k}={v:,}" for k, v in sorted(r.comparisons.items())))
+            outcomes = ", ".join(f"{k}={v:,}" for k, v in sorted(r.comparisons.items()))
+            parts.append(f"comparisons, warm-up included: {outcomes}")
         if r.spoe_errors:
             parts.append(
                 "HAProxy SPOE errors " + ", ".join(f"{k}={v:,}" for k, v in sorted(r.spoe_errors.items()))
