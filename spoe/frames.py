@@ -145,7 +145,20 @@ def decode_messages(buf: bytes, max_entries: int = 1 << 62, start: int = 0) -> l
     arg_names = _ARG_NAMES
     shapes = _SHAPES
     while pos < end:
-        name, pos = decode_string(buf, pos)
+        # The message name, like an arg's, is looked up by its bytes, not decoded again: HAProxy
+        # sends the same few names in every NOTIFY.
+        length = buf[pos]
+        stop = pos + 1 + length
+        if length < 240 and stop <= end:
+            raw_name = buf[pos + 1 : stop]
+            name = arg_names.get(raw_name)
+            if name is None:
+                name = raw_name.decode("utf-8", "surrogateescape")
+                if len(arg_names) < _ARG_NAMES_LIMIT:
+                    arg_names[raw_name] = name
+            pos = stop
+        else:
+            name, pos = decode_string(buf, pos)
         if pos >= end:
             raise InvalidFrame(f"message {name!r} has no argument count")
         count = buf[pos]
@@ -236,7 +249,7 @@ _SHAPES: dict[str, tuple[tuple[bytes, int, str, bool], ...]] = {}
 _SHAPES_LIMIT = 64
 
 
-# Arg names by their bytes (see decode_messages); bounded, as a peer could send any names.
+# Message and arg names by their bytes (see decode_messages); bounded: a peer could send any names.
 _ARG_NAMES: dict[bytes, str] = {}
 _ARG_NAMES_LIMIT = 256
 
