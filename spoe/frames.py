@@ -181,19 +181,22 @@ def decode_messages(buf: bytes, max_entries: int = 1 << 62, start: int = 0) -> l
                     length = buf[pos]
                 except IndexError:
                     raise InvalidFrame("truncated varint") from None
-                if length < 240:
-                    pos += 1
-                else:
-                    length, pos = decode_varint(buf, pos)
+                if length < 240:  # one length byte: the value ends where the next arg starts
+                    value_start = pos + 1
+                    pos = value_start + length
+                    if pos > end:
+                        raise InvalidFrame(f"string of {length} bytes runs past the end of the frame")
+                    value = buf[value_start:pos]
+                    args[arg_name] = value.decode("utf-8", "surrogateescape") if is_text else value
+                    continue
+                length, pos = decode_varint(buf, pos)
                 stop = pos + length
                 if stop > end:
                     raise InvalidFrame(f"string of {length} bytes runs past the end of the frame")
-                if not is_text:
-                    args[arg_name] = buf[pos:stop]
-                elif length < 240:
-                    args[arg_name] = buf[pos:stop].decode("utf-8", "surrogateescape")
-                else:  # see decode_string: no copy of a long value's bytes first
+                if is_text:  # see decode_string: no copy of a long value's bytes first
                     args[arg_name] = str(memoryview(buf)[pos:stop], "utf-8", "surrogateescape")
+                else:
+                    args[arg_name] = buf[pos:stop]
                 pos = stop
             else:
                 messages.append(_new_message(name, args))
