@@ -415,8 +415,13 @@ def assert_outcomes(
 
 
 PLANTS = ("status", "price", "slow")
-# The planted slow search sleeps 48-108 ms on the candidate against the primary's 12-27 ms.
+# The primary's and the baseline's searches sleep 12-27 ms; the candidate's planted slow search,
+# 4x theirs and twice their factor again, 96-216 ms. At 4x alone (48-108 ms), once in about
+# seventeen CI runs, the loaded machine held one primary search up long enough to lift the
+# primary's p99 for GET /api/search past 108 / 1.5 = 72 ms, and the verdict then rightly judged the
+# candidate's p99 within its goal.
 SLOWNESS = 3.0
+CANDIDATE_SLOWNESS = 2 * SLOWNESS
 
 
 @dataclass
@@ -433,14 +438,14 @@ class PlantedRun:
 @pytest.fixture(scope="module")
 def planted_shop(tmp_path_factory: pytest.TempPathFactory, haproxy_release: object) -> Iterator[PlantedRun]:
     """Primary, baseline and candidate run the engine tests' shop; the candidate has the planted
-    differences (half the orders answer 500, items[3].price changed, search 4x slower), and every
+    differences (half the orders answer 500, items[3].price changed, search 8x slower), and every
     server has its own timestamps, trace ids, cookies and ETags. Run once per HAProxy release, for
     the tests below that each read one of the agent's outputs."""
     traffic = shop_requests(700)
     responders = {
         "primary": shop_responder(Shop("primary"), SLOWNESS),
         "baseline": shop_responder(Shop("baseline"), SLOWNESS),
-        "candidate": shop_responder(Shop("candidate", plants=PLANTS), SLOWNESS),
+        "candidate": shop_responder(Shop("candidate", plants=PLANTS), CANDIDATE_SLOWNESS),
     }
     with (
         pytest.MonkeyPatch.context() as monkeypatch,
@@ -664,7 +669,7 @@ def test_the_live_metrics_count_exactly_the_planted_differences(planted_shop: Pl
                     "spoa_mirror_compare_latency_seconds_count", target, endpoint=endpoint, side=side
                 )
                 assert count == compared, (target, endpoint, side)
-    for search in SEARCHES:  # the planted sleep is at least 4 x 4 ms x SLOWNESS = 48 ms
+    for search in SEARCHES:  # the planted sleep is at least 4 x 4 ms x CANDIDATE_SLOWNESS = 96 ms
         assert (
             value("spoa_mirror_compare_latency_seconds_bucket", endpoint=search, side="shadow", le="0.025")
             == 0
